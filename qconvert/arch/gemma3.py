@@ -1,0 +1,78 @@
+"""Gemma 3 (text): GGUF architecture "gemma3".
+
+Transforms llama.cpp expects: RMSNorm weights stored as (1 + w), because Gemma3RMSNorm
+multiplies by (1 + weight); token embedding rows beyond the real vocabulary dropped.
+"""
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+
+from qconvert.arch.base import Family, PlannedTensor
+from qconvert.read import tokenizer
+from qconvert.read.checkpoint import Tensor
+
+
+def shift_norm(a: np.ndarray, src_dtype: str) -> np.ndarray:
+    # llama.cpp's converter adds 1 in the checkpoint's dtype when that is F16 (F32 otherwise)
+    if src_dtype == "F16":
+        return (a.astype(np.float16) + np.float16(1.0)).astype(np.float32)
+    return a + np.float32(1.0)
+
+
+class Gemma3(Family):
+    hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
+    gguf_arch = gguf.MODEL_ARCH.GEMMA3
+    example = "google/gemma-3-270m"
+
+    def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
+        self.check_float(t)
+        name = self.map_name(hf_name)
+        if hf_name.endswith("norm.weight"):
+            return [PlannedTensor(name, t.shape, t, transform=shift_norm)]
+        if "embed_tokens.weight" in hf_name:
+            n = min(self.real_vocab(), t.shape[0])
+            return [PlannedTensor(name, (n, *t.shape[1:]), t, rows=n)]
+        return [PlannedTensor(name, t.shape, t)]
+
+    def real_vocab(self) -> int:
+        if self.has_spm():
+            return tokenizer.spm_piece_count(self.ckpt.path, self.cfg.get(int, "vocab_size"))
+        tj = json.loads((self.ckpt.path / "tokenizer.json").read_text(encoding="utf-8"))
+        return len(tj["model"]["vocab"]) + len(tj.get("added_tokens", []))
+
+    def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
+        self.generic_hparams(kv, file_type)
+        c = self.cfg
+        kv.add_context_length(c.get(int, "max_position_embeddings", default=131072))
+        kv.add_head_count(c.get(int, "num_attention_heads", default=8))
+        kv.add_layer_norm_rms_eps(c.get(float, "rms_norm_eps", default=1e-6))
+        head_dim = c.get(int, "head_dim", default=256)
+        kv.add_key_length(head_dim)
+        kv.add_value_length(head_dim)
+        kv.add_rope_freq_base(self.rope_parameters().get("rope_theta", 1_000_000.0))
+        if softcap := c.data.get("final_logit_softcapping"):
+            kv.add_final_logit_softcapping(softcap)
+        if c.data.get("sliding_window_pattern") != 1:
+            kv.add_sliding_window(c.need(int, "sliding_window"))
+            pattern = self.swa_layers()
+            if pattern is not None and pattern != [i % 6 < 5 for i in range(self.n_layers)]:
+                # llama.cpp assumes 5 sliding layers then 1 global unless told; llama.cpp's
+                # converter never tells, which breaks checkpoints with another layout
+                kv.add_sliding_window_pattern(pattern)
+        kv.add_head_count_kv(c.get(int, "num_key_value_heads", default=4))
+
+    def swa_layers(self) -> list[bool] | None:
+        types = self.cfg.data.get("layer_types")
+        if not isinstance(types, list) or len(types) != self.n_layers:
+            return None
+        return [t == "sliding_attention" for t in types]
+
+    def write_vocab(self, kv: gguf.GGUFWriter) -> None:
+        if self.has_spm():
+            tokenizer.spm_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)
+            kv.add_add_space_prefix(False)
+        else:
+            tokenizer.bpe_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)

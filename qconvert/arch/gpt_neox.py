@@ -1,0 +1,48 @@
+"""GPT-NeoX / Pythia: GGUF architecture "gptneox" (fused qkv regrouped, partial rotary)."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from qconvert.arch.base import Family, PlannedTensor
+from qconvert.read.checkpoint import Tensor
+
+
+def regroup_qkv(a: np.ndarray, n_head: int) -> np.ndarray:
+    """HF interleaves q,k,v per head ([head][q|k|v][dim]); GGUF wants all q, then k, then v."""
+    per = a.shape[0] // (3 * n_head)
+    g = a.reshape(n_head, 3, per, *a.shape[1:])
+    return np.concatenate([g[:, i].reshape(n_head * per, *a.shape[1:]) for i in range(3)], axis=0)
+
+
+class GPTNeoX(Family):
+    hf_architectures = ("GPTNeoXForCausalLM",)
+    gguf_arch = gguf.MODEL_ARCH.GPTNEOX
+    example = "EleutherAI/pythia-70m"
+
+    def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
+        self.check_float(t)
+        name = self.map_name(hf_name)
+        if ".attention.query_key_value." in hf_name:
+            n_head = self.cfg.need(int, "num_attention_heads")
+            return [PlannedTensor(name, t.shape, t, transform=lambda a, _dt: regroup_qkv(a, n_head))]
+        return [PlannedTensor(name, t.shape, t)]
+
+    def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
+        c = self.cfg
+        hidden, n_head = c.need(int, "hidden_size"), c.need(int, "num_attention_heads")
+        rope = self.rope_parameters()
+        pct = c.get(float, "rotary_pct", default=rope.get("partial_rotary_factor", 0.25))
+        kv.add_context_length(c.need(int, "max_position_embeddings"))
+        kv.add_embedding_length(hidden)
+        kv.add_block_count(self.n_layers)
+        kv.add_feed_forward_length(c.need(int, "intermediate_size"))
+        kv.add_rope_dimension_count(int(pct * (hidden // n_head)))
+        kv.add_head_count(n_head)
+        kv.add_parallel_residual(c.data.get("use_parallel_residual", True))
+        kv.add_layer_norm_eps(c.need(float, "layer_norm_eps"))
+        # llama.cpp's converter writes neither; llama.cpp then assumes theta 10000 and no file type
+        theta = rope.get("rope_theta", 10000.0)
+        if theta != 10000.0:
+            kv.add_rope_freq_base(theta)
+        kv.add_file_type(file_type)

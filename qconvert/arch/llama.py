@@ -1,0 +1,101 @@
+"""Llama 2/3, SmolLM, TinyLlama, Mistral: GGUF architecture "llama"."""
+from __future__ import annotations
+
+import math
+
+import gguf
+import numpy as np
+
+from qconvert.arch.base import Family, PlannedTensor
+from qconvert.errors import InputError
+from qconvert.read import tokenizer
+from qconvert.read.checkpoint import Tensor
+
+
+def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF stores q/k rows with the rotary halves split; GGUF's llama wants them interleaved."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class Llama(Family):
+    hf_architectures = ("LLaMAForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
+    gguf_arch = gguf.MODEL_ARCH.LLAMA
+    example = "HuggingFaceTB/SmolLM2-135M"
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        self.n_head = self.cfg.need(int, "num_attention_heads", "n_heads")
+        self.n_head_kv = self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=self.n_head)
+
+    def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
+        self.check_float(t)
+        heads = None
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = self.n_head
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = self.n_head_kv
+        if heads is None:
+            return [PlannedTensor(self.map_name(hf_name), t.shape, t)]
+        if t.shape[0] % (2 * heads):
+            raise InputError(f"{self.ckpt.path}: tensor {t.name!r} has {t.shape[0]} rows, not a multiple of "
+                             f"2*{heads} heads")
+        return [PlannedTensor(self.map_name(hf_name), t.shape, t, transform=lambda a, _dt, h=heads: permute_rope(a, h))]
+
+    def extra_tensors(self) -> list[PlannedTensor]:
+        rope = self.rope_parameters()
+        if str(rope.get("rope_type", "")).lower() != "llama3":
+            return []
+        factors = llama3_rope_factors(rope, self.head_dim())
+        return [PlannedTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors.shape, None,
+                              make=lambda: factors, force_f32=True)]
+
+    def head_dim(self) -> int:
+        return self.cfg.get(int, "head_dim") or self.cfg.need(int, "hidden_size") // self.n_head
+
+    def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
+        self.generic_hparams(kv, file_type)
+        kv.add_vocab_size(self.cfg.need(int, "vocab_size"))
+        kv.add_rope_dimension_count(self.head_dim())
+
+    def write_vocab(self, kv: gguf.GGUFWriter) -> None:
+        tcfg = self.ckpt.path / "tokenizer_config.json"
+        if tcfg.is_file():
+            data = tokenizer._json_or_empty(tcfg)
+            if data.get("add_prefix_space") is not None:
+                kv.add_add_space_prefix(data["add_prefix_space"])
+        vocab_size = self.cfg.get(int, "vocab_size")
+        if self.has_spm():
+            tokenizer.spm_vocab(self.ckpt.path, vocab_size, kv)
+        else:
+            tokenizer.bpe_vocab(self.ckpt.path, vocab_size, kv)
+        # llama.cpp's converter: CodeLlama's infill tokens, and no BOS for 49152-token vocabularies
+        if vocab_size == 32016:
+            sv = gguf.SpecialVocab(self.ckpt.path, load_merges=False,
+                                   special_token_types=["prefix", "suffix", "middle", "eot"])
+            for kind, i in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
+                sv._set_special_token(kind, i)
+            sv.add_to_gguf(kv, quiet=True)
+        if vocab_size == 49152:
+            kv.add_add_bos_token(False)
+
+
+def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:
+    """Llama 3.1 rope scaling as per-frequency factors (the rope_freqs tensor llama.cpp reads)."""
+    base = rope.get("rope_theta", 10000.0)
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    factor = rope.get("factor", 8.0)
+    low, high = rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+    old = rope.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old / low, old / high
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / float(f)
+        if wavelen < high_wavelen:
+            out.append(1.0)
+        elif wavelen > low_wavelen:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)

@@ -1,0 +1,188 @@
+"""The command line: the only module that imports typer/rich and turns errors into exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from qconvert import __version__
+from qconvert.errors import Interrupted, QConvertError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Turn a Hugging Face causal-LM checkpoint into quantized files: GGUF for llama.cpp.")
+out = Console()
+err = Console(stderr=True)
+
+# ---- options, defined once ---------------------------------------------------------------------
+Model = Annotated[str, typer.Argument(help="Model directory, or a hub id (resolved through the local cache "
+                                           "when HF_HUB_OFFLINE=1).", show_default=False)]
+To = Annotated[str, typer.Option("--to", "-t", help="Target(s), comma-separated: f32, f16, bf16, q8_0. "
+                                                    "Several targets read the checkpoint once.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory, or a .gguf file name for "
+                                                                        "one target. Default: MODEL-TYPE.gguf here.")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Print the plan (every tensor, its type and size) and stop.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON report on stdout.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
+Threads = Annotated[int, typer.Option("--threads", "-j", min=0, help="Threads for the kernels; 0 means all cores.")]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@app.command("convert")
+def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: Revision = None,
+                dry_run: DryRun = False, json_: Json = False, quiet: Quiet = False, force: Force = False,
+                threads: Threads = 0) -> None:
+    """Convert MODEL to one or more GGUF files ([bold]convert[/bold] is the default command).
+
+    [b]Examples[/b]
+
+      qconvert ./SmolLM2-135M --to q8_0                 [dim]# -> SmolLM2-135M-Q8_0.gguf[/dim]
+
+      qconvert Qwen/Qwen2.5-0.5B --to f16,q8_0 -o out/  [dim]# one read, two files[/dim]
+
+      qconvert ./model --to q8_0 --dry-run              [dim]# the plan, no output[/dim]
+
+      qconvert ./model --to q8_0 --json > report.json   [dim]# for CI and scripts[/dim]
+    """
+    from qconvert.pipeline import convert
+    from qconvert.quant.recipes import parse_targets
+
+    recipes = parse_targets(to)
+    n_threads = threads or _cores()
+    progress = None if (quiet or json_ or dry_run or not err.is_terminal) else _progress_factory
+    report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress)
+    if json_:
+        print(json.dumps(report.as_dict(), indent=2))
+    elif quiet:
+        pass
+    elif dry_run:
+        _print_plan(report)
+    else:
+        _print_done(report)
+
+
+@app.command("inspect")
+def inspect_cmd(file: Annotated[Path, typer.Argument(help="A GGUF file.", show_default=False)],
+                json_: Json = False, tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False) -> None:
+    """Show a GGUF file's metadata, tensor types and bits per weight.
+
+    [b]Examples[/b]
+
+      qconvert inspect out/SmolLM2-135M-Q8_0.gguf
+
+      qconvert inspect model.gguf --json | jq .types
+    """
+    from qconvert.inspect import inspect_gguf
+
+    info = inspect_gguf(file)
+    if json_:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    out.print(f"[bold]{info['path']}[/bold]  {info['bytes'] / 1e6:.1f} MB, {info['n_params'] / 1e6:.1f}M params, "
+              f"{info['bits_per_weight']:.2f} bits per weight")
+    out.print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(info["types"].items())))
+    meta = Table("key", "value", box=None, show_header=False)
+    for k, v in info["metadata"].items():
+        meta.add_row(k, str(v))
+    out.print(meta)
+    if tensors:
+        t = Table("tensor", "type", "shape", "bytes", box=None)
+        for x in info["tensors"]:
+            t.add_row(x["name"], x["type"], str(x["shape"]), f"{x['bytes']:,}")
+        out.print(t)
+
+
+def _progress_factory(plan):
+    total = plan.n_params
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[tensor]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                   console=err, transient=True)
+    bar.start()
+    task = bar.add_task("converting", total=total, tensor="")
+
+    def update(done: int, name: str) -> None:
+        bar.update(task, completed=done, tensor=name)
+        if done >= total:
+            bar.stop()
+    return update
+
+
+def _print_plan(r) -> None:
+    t = Table(title=f"plan: {r.source} ({r.architecture}, {r.n_params / 1e6:.1f}M params)", box=None)
+    t.add_column("tensor")
+    t.add_column("shape")
+    for o in r.outputs:
+        t.add_column(o["target"])
+    for x in r.tensors:
+        t.add_row(x["name"], str(x["shape"]), *[f"{ty} {b / 1e6:.2f}MB" for ty, b in zip(x["types"], x["bytes"])])
+    out.print(t)
+    for o in r.outputs:
+        out.print(f"{o['path']}: {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bits per weight")
+
+
+def _print_done(r) -> None:
+    for o in r.outputs:
+        out.print(f"[green]wrote[/green] {o['path']}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bpw, "
+                  f"sha256 {o['sha256'][:16]}…")
+    out.print(f"{r.n_params / 1e6:.1f}M params in {r.seconds:.1f}s, peak memory {r.peak_rss_bytes / 1e9:.2f} GB")
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+COMMANDS = {"convert", "inspect"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: `qconvert MODEL ...` means `qconvert convert MODEL ...`."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("--version", "-V"):
+        print(f"qconvert {__version__}")
+        raise SystemExit(0)
+    if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help"):
+        args.insert(0, "convert")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        app(args, prog_name="qconvert", standalone_mode=False)
+    except QConvertError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise SystemExit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err.print(f"[red]error:[/red] {Interrupted('interrupted; no output was left behind')}", highlight=False)
+        raise SystemExit(130) from None
+    except typer.Exit as e:
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        err.print("[red]error:[/red] interrupted", highlight=False)
+        raise SystemExit(130) from None
+    except typer.TyperException as e:  # bad flags or arguments: click's own message and usage line
+        e.show()
+        raise SystemExit(UsageError.exit_code) from None
+    except Exception as e:
+        if os.environ.get("QCONVERT_DEBUG"):
+            traceback.print_exc()
+        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set QCONVERT_DEBUG=1 for a traceback)",
+                  highlight=False, soft_wrap=True)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

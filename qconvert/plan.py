@@ -1,0 +1,138 @@
+"""The plan: a metadata-only pass that decides every output tensor's name, type and size and
+finds every problem (unknown architecture, unmappable tensor, missing tokenizer, existing or
+unwritable output, not enough disk) before any tensor data is read."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+from gguf import GGUFValueType as VT
+from gguf.gguf_writer import GGUFValue
+
+from qconvert.arch import family_for
+from qconvert.arch.base import Family, PlannedTensor
+from qconvert.errors import InputError, OutputError, UsageError
+from qconvert.quant.blocks import BlockType
+from qconvert.quant.recipes import Recipe
+from qconvert.read.checkpoint import Checkpoint, open_checkpoint
+from qconvert.writers.gguf import GGUFWriter, TensorInfo
+
+QUANTIZATION_VERSION = 2
+
+
+@dataclass
+class OutputPlan:
+    recipe: Recipe
+    path: Path
+    types: list[type[BlockType]]  # one per plan tensor
+    writer: GGUFWriter
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(t.nbytes for t in self.writer.tensors)
+
+
+@dataclass
+class Plan:
+    ckpt: Checkpoint
+    family: Family
+    tensors: list[PlannedTensor]
+    outputs: list[OutputPlan]
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_elements for t in self.tensors)
+
+
+def model_label(ckpt: Checkpoint) -> str:
+    if Path(ckpt.source).expanduser().is_dir():
+        return Path(ckpt.source).expanduser().resolve().name
+    return ckpt.source.rstrip("/").split("/")[-1]
+
+
+def output_paths(ckpt: Checkpoint, recipes: list[Recipe], output: Path | None) -> list[Path]:
+    """Default: MODEL-TYPE.gguf in the current directory. `-o DIR/` (or an existing directory)
+    puts them there; `-o FILE.gguf` names the file when there is one target."""
+    names = [f"{model_label(ckpt)}-{r.label}.gguf" for r in recipes]
+    if output is None:
+        return [Path.cwd() / n for n in names]
+    if output.is_dir() or str(output).endswith(os.sep) or output.suffix.lower() != ".gguf":
+        return [output / n for n in names]
+    if len(recipes) > 1:
+        raise UsageError(f"-o {output}: several targets need an output directory, not a file name")
+    return [output]
+
+
+def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFValue]:
+    """Every key/value of the file, gathered with gguf's own helpers (authorship heuristics,
+    special tokens) so keys, values and value types are those llama.cpp's converter writes."""
+    ckpt = family.ckpt
+    kv = gguf.GGUFWriter(None, family.arch_name)  # used only to collect key/values
+    kv.add_type(gguf.GGUFType.MODEL)
+    total = sum(t.n_elements for t in tensors)
+    hub_name = None if Path(ckpt.source).expanduser().is_dir() else ckpt.source
+    for name in ("metadata", "gguf.gguf_writer", "gguf.vocab"):  # gguf's helpers chat on the root logger
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        meta = gguf.Metadata.load(None, ckpt.path, hub_name, total)
+    except Exception as e:  # a malformed model card is not worth failing a conversion over
+        raise InputError(f"{ckpt.path}: cannot read model metadata (README.md / config.json): {e}") from None
+    if meta.name is None:
+        meta.name = model_label(ckpt)
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, total, 0, 0)
+    meta.set_gguf_meta_model(kv)
+    family.write_hparams(kv, int(gguf.LlamaFileType.ALL_F32))  # file_type set per output below
+    kv.add_quantization_version(QUANTIZATION_VERSION)
+    family.write_vocab(kv)
+    return dict(kv.kv_data[0])
+
+
+def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
+              force: bool = False, dry_run: bool = False) -> Plan:
+    ckpt = open_checkpoint(source, revision)
+    try:
+        family = family_for(ckpt)
+        family.check_tokenizer()
+        tensors = family.plan_tensors()
+        kv = metadata_kv(family, tensors)
+        paths = output_paths(ckpt, recipes, output)
+    except BaseException:
+        ckpt.close()
+        raise
+    outputs = []
+    for recipe, path in zip(recipes, paths):
+        types = [recipe.choose(t) for t in tensors]
+        infos = [TensorInfo(t.name, t.shape, int(ty.ggml), ty.nbytes(t.shape)) for t, ty in zip(tensors, types)]
+        out_kv = dict(kv)
+        out_kv["general.file_type"] = GGUFValue(int(recipe.file_type), VT.UINT32)
+        outputs.append(OutputPlan(recipe, path, types, GGUFWriter(path, out_kv, infos, force=force)))
+    plan = Plan(ckpt, family, tensors, outputs)
+    check_outputs(plan, force, create=not dry_run)
+    return plan
+
+
+def check_outputs(plan: Plan, force: bool, create: bool) -> None:
+    need: dict[Path, int] = {}
+    for o in plan.outputs:
+        d = o.path.parent
+        if o.path.exists() and not force:
+            raise OutputError(f"{o.path}: already exists (use --force to overwrite)")
+        if not create:
+            continue
+        if not d.is_dir():
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"{d}: cannot create output directory ({e.strerror})") from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise OutputError(f"{d}: output directory is not writable")
+        need[d] = need.get(d, 0) + o.writer.file_size
+    for d, n in need.items():
+        free = shutil.disk_usage(d).free
+        if n > free:
+            raise OutputError(f"{d}: not enough disk space: outputs need {n / 1e9:.2f} GB, {free / 1e9:.2f} GB free")

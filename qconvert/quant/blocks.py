@@ -1,0 +1,170 @@
+"""GGUF block types, and the one place that chooses the C kernels or the numpy reference.
+
+Each block type is a class declared with its sizes and registered by subclassing; a second
+class with the same name is an error. `QCONVERT_PUREPYTHON=1` selects the numpy reference;
+otherwise the C extension must import, and a broken build is a loud error.
+"""
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import numpy as np
+from gguf import GGMLQuantizationType as GT
+
+from qconvert.quant.reference import floats, q8_0
+
+PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
+
+if PURE_PYTHON:
+    _k = None
+else:
+    try:
+        from qconvert import _kernels as _k
+    except ImportError as e:  # pragma: no cover - exercised by a broken install only
+        raise ImportError(
+            f"qconvert's C kernels (qconvert._kernels) failed to import: {e}. Rebuild with "
+            "`pip install -e .`, or set QCONVERT_PUREPYTHON=1 to run the (slow) numpy reference."
+        ) from e
+
+BACKEND = "numpy" if _k is None else "c"
+
+REGISTRY: dict[str, type[BlockType]] = {}
+
+
+class BlockType:
+    """Bytes of one GGUF tensor type: `block` weights stored in `block_bytes` bytes."""
+
+    name: ClassVar[str]
+    ggml: ClassVar[GT]
+    block: ClassVar[int]
+    block_bytes: ClassVar[int]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name in REGISTRY:
+            raise TypeError(f"block type {cls.name} is declared twice ({REGISTRY[cls.name].__qualname__} "
+                            f"and {cls.__qualname__})")
+        REGISTRY[cls.name] = cls
+
+    @classmethod
+    def fits(cls, n_per_row: int) -> bool:
+        return n_per_row % cls.block == 0
+
+    @classmethod
+    def nbytes(cls, shape: tuple[int, ...]) -> int:
+        n = int(np.prod(shape, dtype=np.int64))
+        return n // cls.block * cls.block_bytes
+
+    @classmethod
+    def bits_per_weight(cls) -> float:
+        return cls.block_bytes * 8 / cls.block
+
+    @classmethod
+    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+        """float32 [nrows, n_per_row] (C-contiguous) -> the tensor's bytes, as a numpy array."""
+        raise NotImplementedError
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, shape: tuple[int, ...], threads: int = 1) -> np.ndarray:
+        raise NotImplementedError
+
+
+class F32(BlockType):
+    name, ggml, block, block_bytes = "F32", GT.F32, 1, 4
+
+    @classmethod
+    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, shape: tuple[int, ...], threads: int = 1) -> np.ndarray:
+        return np.frombuffer(data, dtype=np.float32).reshape(shape)
+
+
+class F16(BlockType):
+    name, ggml, block, block_bytes = "F16", GT.F16, 1, 2
+
+    @classmethod
+    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+        if _k is None:
+            return floats.f32_to_f16(rows)
+        out = np.empty(rows.shape, dtype=np.float16)
+        _k.convert("f32>f16", rows, out, threads)
+        return out
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, shape: tuple[int, ...], threads: int = 1) -> np.ndarray:
+        return to_float32("F16", np.frombuffer(data, dtype=np.uint16).reshape(shape), threads)
+
+
+class BF16(BlockType):
+    name, ggml, block, block_bytes = "BF16", GT.BF16, 1, 2
+
+    @classmethod
+    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+        if _k is None:
+            return floats.f32_to_bf16(rows)
+        out = np.empty(rows.shape, dtype=np.uint16)
+        _k.convert("f32>bf16", rows, out, threads)
+        return out
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, shape: tuple[int, ...], threads: int = 1) -> np.ndarray:
+        return to_float32("BF16", np.frombuffer(data, dtype=np.uint16).reshape(shape), threads)
+
+
+class Q8_0(BlockType):
+    name, ggml, block, block_bytes = "Q8_0", GT.Q8_0, 32, 34
+
+    @classmethod
+    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+        nrows, n = rows.shape
+        if not cls.fits(n):
+            raise ValueError(f"Q8_0: row length must be a multiple of 32, got {n}")
+        if _k is None:
+            return q8_0.quantize(rows)
+        out = np.empty((nrows, n // 32 * 34), dtype=np.uint8)
+        _k.quantize("Q8_0", rows, out, nrows, n, threads)
+        return out
+
+    @classmethod
+    def dequantize(cls, data: np.ndarray, shape: tuple[int, ...], threads: int = 1) -> np.ndarray:
+        n = shape[-1]
+        data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+        if _k is None:
+            return q8_0.dequantize(data, n).reshape(shape)
+        out = np.empty(shape, dtype=np.float32)
+        _k.dequantize("Q8_0", data, out, out.size // n, n, threads)
+        return out
+
+
+def get(name: str) -> type[BlockType]:
+    try:
+        return REGISTRY[name.upper()]
+    except KeyError:
+        raise ValueError(f"unknown block type {name!r}; known: {', '.join(sorted(REGISTRY))}") from None
+
+
+def to_float32(dtype: str, a: np.ndarray, threads: int = 1) -> np.ndarray:
+    """A checkpoint array (F32/F16/BF16 bits/F64) as C-contiguous float32."""
+    if dtype == "F32":
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if dtype in ("F16", "BF16"):
+        a = np.ascontiguousarray(a).view(np.uint16)
+        if _k is None:
+            return floats.f16_to_f32(a) if dtype == "F16" else floats.bf16_to_f32(a)
+        out = np.empty(a.shape, dtype=np.float32)
+        _k.convert("f16>f32" if dtype == "F16" else "bf16>f32", a, out, threads)
+        return out
+    if dtype == "F64":
+        return np.ascontiguousarray(a, dtype=np.float32)
+    raise ValueError(f"cannot read {dtype} as float")
+
+
+def first_nonfinite(a: np.ndarray) -> int:
+    """Index (flat) of the first NaN or Inf in a float32 array, or -1."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if _k is None:
+        return floats.first_nonfinite(a)
+    return int(_k.first_nonfinite(a))

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.models import build
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(family, dtype="float32") -> directory of a tiny random checkpoint, built once a session."""
+    root = tmp_path_factory.mktemp("models")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(family: str, dtype: str = "float32") -> Path:
+        key = (family, dtype)
+        if key not in cache:
+            cache[key] = build(family, root / f"{family}-{dtype}", dtype=dtype)
+        return cache[key]
+    return get

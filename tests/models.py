@@ -1,0 +1,139 @@
+"""Tiny random models of every family, built the way their authors' tools save them:
+transformers writes config.json and safetensors, a tokenizer is trained on the spot."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.text import TEXT
+
+LLAMA3_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+             "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+QWEN2_RE = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+            "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer(out: Path, style: str, bos: str | None, eos: str, vocab_size: int = 400) -> dict[str, int]:
+    """Train a byte-level BPE tokenizer.json in one of the pre-tokenizer styles llama.cpp knows."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=style in ("gpt2", "smollm"))
+    if style == "gpt2":
+        tok.pre_tokenizer = byte_level
+    elif style == "smollm":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        regex = {"llama3": LLAMA3_RE, "qwen2": QWEN2_RE}[style]
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"), byte_level])
+    tok.decoder = decoders.ByteLevel()
+    specials = [s for s in (bos, eos, "<|im_start|>", "<|im_end|>") if s]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT] * 4, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos,
+           "add_bos_token": bool(bos), "add_eos_token": False, "clean_up_tokenization_spaces": False,
+           "model_max_length": 256, "chat_template": CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    ids = {s: tok.token_to_id(s) for s in specials}
+    ids["vocab_size"] = tok.get_vocab_size()
+    return ids
+
+
+def spm_tokenizer(out: Path, vocab_size: int = 320) -> dict[str, int]:
+    """Train a SentencePiece tokenizer.model (Gemma/Llama-2 style: <pad> <eos> <bos> <unk>)."""
+    import io
+
+    import sentencepiece as spm
+
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT.splitlines() * 3), model_writer=buf,
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True,
+                                   pad_id=0, eos_id=1, bos_id=2, unk_id=3, character_coverage=1.0, add_dummy_prefix=False,
+                                   minloglevel=2)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    cfg = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+           "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    return {"vocab_size": vocab_size, "<s>": 2, "</s>": 1, "<pad>": 0}
+
+
+def _save(model, out: Path, seed: int) -> None:
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:  # random norms catch a wrong norm mapping
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.save_pretrained(out, safe_serialization=True)
+
+
+def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path:
+    """A tiny random checkpoint of `family` in `out`; returns `out`."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    common = dict(initializer_range=0.08, tie_word_embeddings=False)
+    if family in ("llama", "llama-tied", "mistral"):
+        style = "llama3" if family == "llama" else "smollm"
+        ids = bpe_tokenizer(out, style, "<|begin_of_text|>", "<|end_of_text|>")
+        cls = tf.MistralConfig if family == "mistral" else tf.LlamaConfig
+        extra = {"sliding_window": None} if family == "mistral" else {}
+        cfg = cls(vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"], **common, **extra)
+        cfg.tie_word_embeddings = family == "llama-tied"
+        model = (tf.MistralForCausalLM if family == "mistral" else tf.LlamaForCausalLM)(cfg)
+    elif family in ("qwen2", "qwen3"):
+        ids = bpe_tokenizer(out, "qwen2", None, "<|endoftext|>")
+        kw = dict(vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  eos_token_id=ids["<|endoftext|>"], **common)
+        if family == "qwen2":
+            model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**kw))
+        else:
+            model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=32, **kw))
+    elif family == "gemma3":
+        ids = spm_tokenizer(out)
+        cfg = tf.Gemma3TextConfig(vocab_size=ids["vocab_size"] + 8, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=256, sliding_window=16, rms_norm_eps=1e-6,
+                                  query_pre_attn_scalar=16, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                                  initializer_range=0.08, tie_word_embeddings=True,
+                                  layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+        model = tf.Gemma3ForCausalLM(cfg)
+    elif family == "gpt_neox":
+        ids = bpe_tokenizer(out, "gpt2", None, "<|endoftext|>")
+        cfg = tf.GPTNeoXConfig(vocab_size=ids["vocab_size"], hidden_size=80, intermediate_size=160,
+                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
+                               rotary_pct=0.5, layer_norm_eps=1e-5, use_parallel_residual=True,
+                               eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"], **common)
+        model = tf.GPTNeoXForCausalLM(cfg)
+    elif family == "gpt2":
+        ids = bpe_tokenizer(out, "gpt2", None, "<|endoftext|>")
+        cfg = tf.GPT2Config(vocab_size=ids["vocab_size"], n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                            layer_norm_epsilon=1e-5, eos_token_id=ids["<|endoftext|>"],
+                            bos_token_id=ids["<|endoftext|>"], initializer_range=0.08)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(family)
+    model = model.to(getattr(torch, dtype)).eval()
+    _save(model, out, seed)
+    return out
+
+
+FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3", "gpt_neox", "gpt2"]

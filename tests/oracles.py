@@ -1,0 +1,62 @@
+"""Code nobody on this team wrote, wrapped for the tests: ggml's quantizers through ctypes
+(llama-cpp-python's libggml-base.so), llama.cpp itself, transformers' forward."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import numpy as np
+
+
+@functools.cache
+def ggml() -> ctypes.CDLL:
+    import llama_cpp
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return lib
+
+
+def ggml_quantize(type_id: int, rows: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk(type, rows) -> bytes as uint8 [nrows, row_size]."""
+    lib = ggml()
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    nrows, n = rows.shape
+    lib.ggml_quantize_init(type_id)
+    row_size = lib.ggml_row_size(type_id, n)
+    out = np.zeros((nrows, row_size), dtype=np.uint8)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    written = lib.ggml_quantize_chunk(type_id, rows.ctypes.data, out.ctypes.data, 0, nrows, n,
+                                      None if qw is None else qw.ctypes.data)
+    assert written == out.size
+    return out
+
+
+def llama_logits(path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits for every position of `ids`."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), logits_all=True, n_ctx=128, n_threads=2, verbose=False)
+    llm.eval(ids)
+    out = np.array(llm.scores[: len(ids)], dtype=np.float32)
+    llm.close()
+    return out
+
+
+def hf_logits(model_dir, ids: list[int]) -> np.ndarray:
+    import torch
+    import transformers
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(torch.tensor([ids])).logits[0].numpy()
+
+
+def rel_rms(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.sqrt(((a - ref) ** 2).mean()) / np.sqrt((ref ** 2).mean()))
