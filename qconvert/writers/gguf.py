@@ -100,6 +100,7 @@ class GGUFWriter:
         self._next = 0  # index of the next tensor whose data is due
         self._written = 0  # bytes written of the current tensor
         self._file: AtomicFile | None = None
+        self._header: bytes | None = None
 
     def _expect(self, *states: State) -> None:
         if self.state not in states:
@@ -107,6 +108,11 @@ class GGUFWriter:
             raise RuntimeError(f"GGUF writer for {self.path}: expected state {want}, got {self.state.value}")
 
     def header(self) -> bytes:
+        if self._header is None:
+            self._header = self._pack_header()
+        return self._header
+
+    def _pack_header(self) -> bytes:
         parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(self.tensors), len(self.kv))]
         for key, value in self.kv.items():
             parts.append(_string(key))
