@@ -20,8 +20,10 @@ from qconvert.errors import Interrupted, QConvertError, UsageError
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Turn a Hugging Face causal-LM checkpoint into quantized files: GGUF for llama.cpp.")
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)  # never wrap a path in two when piped
+err = Console(stderr=True, soft_wrap=True)
+if not out.is_terminal:
+    out.width = 240  # tables for files and pipes: wide rather than truncated
 
 # ---- options, defined once ---------------------------------------------------------------------
 Model = Annotated[str, typer.Argument(help="Model directory, or a hub id (resolved through the local cache "

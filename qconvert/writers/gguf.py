@@ -56,7 +56,7 @@ def pack_value(v: GGUFValue) -> bytes:
         items = v.value
         if len(items) == 0:
             raise ValueError("GGUF arrays must not be empty")
-        sub = v.sub_type or _element_type(items[0])
+        sub = v.sub_type if v.sub_type is not None else _element_type(items[0])  # UINT8 is 0
         head = struct.pack("<IIQ", VT.ARRAY, sub, len(items))
         if sub == VT.STRING:
             return head + b"".join(_string(s) for s in items)

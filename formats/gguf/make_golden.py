@@ -1,0 +1,44 @@
+"""Regenerate formats/gguf/golden: ggml's quantizer output for fixed, seeded inputs.
+
+usage: python formats/gguf/make_golden.py   (needs llama-cpp-python installed: its libggml-base.so
+is the oracle; its version is recorded in the manifest)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.oracles import ggml_quantize  # noqa: E402
+from tests.quant.test_blocks import cases  # noqa: E402
+
+TYPES = {"Q8_0": 8}
+
+
+def main() -> None:
+    import llama_cpp
+
+    out = ROOT / "formats" / "gguf" / "golden"
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for case, rows in cases(64).items():
+        rows = rows[:4]
+        inp = f"{case}.f32"
+        rows.astype("<f4").tofile(out / inp)
+        for name, type_id in TYPES.items():
+            q = ggml_quantize(type_id, rows)
+            fname = f"{case}.{name.lower()}"
+            q.tofile(out / fname)
+            entries.append({"type": name, "input": inp, "output": fname, "nrows": rows.shape[0],
+                            "n_per_row": rows.shape[1]})
+    manifest = {"oracle": "ggml_quantize_chunk from libggml-base.so", "llama_cpp_python": llama_cpp.__version__,
+                "made_by": "formats/gguf/make_golden.py", "entries": entries}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

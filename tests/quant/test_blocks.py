@@ -1,0 +1,158 @@
+"""Block kernels against ggml's own quantizers, byte for byte, and C against the numpy reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+
+from qconvert import _kernels
+from qconvert.quant import blocks
+from qconvert.quant.reference import floats, q8_0
+from tests.oracles import ggml_quantize
+
+
+def cases(n: int = 256) -> dict[str, np.ndarray]:
+    """Rows that exercise every branch: 16 rows each."""
+    rng = np.random.default_rng(1)
+    ties = np.tile(np.arange(-63.5, 64.5, 1.0, dtype=np.float32)[:32], (16, n // 32))
+    ties[:, ::32] = 127.0  # amax 127 -> id 1: every x*id lands exactly on a .5 tie of roundf
+    outlier = rng.normal(size=(16, n)).astype(np.float32)
+    outlier[np.arange(16), rng.integers(0, n, 16)] = 1e4
+    return {
+        "gaussian": rng.normal(size=(16, n)).astype(np.float32),
+        "student_t": rng.standard_t(2.0, size=(16, n)).astype(np.float32),
+        "outliers": outlier,
+        "zeros": np.zeros((16, n), np.float32),
+        "constant": np.full((16, n), 0.3, np.float32),
+        "mixed_zero_blocks": np.where(np.arange(n) // 32 % 2 == 0, rng.normal(size=(16, n)), 0).astype(np.float32),
+        "tiny": (rng.normal(size=(16, n)) * 1e-30).astype(np.float32),
+        "subnormal_scale": (rng.normal(size=(16, n)) * 1e-6).astype(np.float32),
+        "huge": (rng.normal(size=(16, n)) * 1e30).astype(np.float32),
+        "ties": ties,
+        "negative_ties": -ties,
+    }
+
+
+@pytest.mark.parametrize("case", list(cases()))
+def test_q8_0_is_ggml(case):
+    rows = cases()[case]
+    expect = ggml_quantize(int(GT.Q8_0), rows)
+    assert np.array_equal(blocks.Q8_0.quantize(rows), expect)
+    assert np.array_equal(q8_0.quantize(rows), expect)  # the numpy reference, in every mode
+
+
+@pytest.mark.parametrize("case", list(cases()))
+def test_q8_0_c_kernel_is_reference(case):
+    rows = cases()[case]
+    out = np.empty((rows.shape[0], rows.shape[1] // 32 * 34), np.uint8)
+    _kernels.quantize("Q8_0", rows, out, rows.shape[0], rows.shape[1], 1)
+    assert np.array_equal(out, q8_0.quantize(rows))
+
+
+def test_q8_0_on_real_weights_and_gguf_reference():
+    import gguf
+
+    rng = np.random.default_rng(7)
+    rows = (rng.standard_t(4, size=(64, 576)) * 0.02).astype(np.float32)  # SmolLM2's row length
+    assert np.array_equal(blocks.Q8_0.quantize(rows).reshape(-1), gguf.quants.quantize(rows, GT.Q8_0).reshape(-1))
+
+
+def test_bytes_do_not_depend_on_threads():
+    rows = np.random.default_rng(3).normal(size=(97, 1024)).astype(np.float32)
+    outs = []
+    for threads in (1, 2, 3, 8):
+        out = np.empty((97, 1024 // 32 * 34), np.uint8)
+        _kernels.quantize("Q8_0", rows, out, 97, 1024, threads)
+        outs.append(out)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
+def test_q8_0_dequantize_is_gguf():
+    import gguf
+
+    rows = np.random.default_rng(5).normal(size=(8, 128)).astype(np.float32)
+    data = blocks.Q8_0.quantize(rows)
+    expect = gguf.quants.dequantize(data, GT.Q8_0)
+    assert np.array_equal(blocks.Q8_0.dequantize(data, (8, 128)), expect)
+    assert np.array_equal(q8_0.dequantize(data, 128), expect)
+
+
+def every_float_class() -> np.ndarray:
+    u = np.arange(0, 2**32, 4099, dtype=np.uint64).astype(np.uint32)  # a sweep of all bit patterns
+    edges = np.array([0x00000000, 0x80000000, 0x33000000, 0x33000001, 0x387FE000, 0x387FF000, 0x38800000,
+                      0x477FE000, 0x477FEFFF, 0x477FF000, 0x47800000, 0x7F7FFFFF, 0x7F800000, 0xFF800000],
+                     dtype=np.uint32)
+    f = np.concatenate([u, edges]).view(np.float32)
+    return f[np.isfinite(f)]
+
+
+def test_f16_and_bf16_conversions_are_gguf():
+    import gguf
+
+    f = every_float_class()[None, :]
+    with np.errstate(over="ignore"):
+        assert np.array_equal(blocks.F16.quantize(f).view(np.uint16), f.astype(np.float16).view(np.uint16))
+    expect = gguf.quants.quantize(f, GT.BF16).view(np.uint16)
+    assert np.array_equal(blocks.BF16.quantize(f).view(np.uint16), expect)
+    assert np.array_equal(floats.f32_to_bf16(f), expect)
+
+
+def test_widening_conversions():
+    h = np.arange(65536, dtype=np.uint16)
+    h = h[np.isfinite(h.view(np.float16))]
+    assert np.array_equal(blocks.to_float32("F16", h), h.view(np.float16).astype(np.float32))
+    b = np.arange(0, 65536, 7, dtype=np.uint16)
+    assert np.array_equal(blocks.to_float32("BF16", b).view(np.uint32), b.astype(np.uint32) << 16)
+
+
+def test_c_float_kernels_match_reference_in_both_modes():
+    f = every_float_class()
+    out16 = np.empty(f.shape, np.uint16)
+    _kernels.convert("f32>f16", f, out16, 2)
+    with np.errstate(over="ignore"):
+        assert np.array_equal(out16, f.astype(np.float16).view(np.uint16))
+    outb = np.empty(f.shape, np.uint16)
+    _kernels.convert("f32>bf16", f, outb, 2)
+    assert np.array_equal(outb, floats.f32_to_bf16(f))
+
+
+def test_nonfinite_scan():
+    a = np.zeros((4, 64), np.float32)
+    assert blocks.first_nonfinite(a) == -1
+    a[2, 5] = np.inf
+    a[3, 0] = np.nan
+    assert blocks.first_nonfinite(a) == 2 * 64 + 5
+    assert _kernels.first_nonfinite(a) == floats.first_nonfinite(a) == 133
+
+
+def test_rows_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        blocks.Q8_0.quantize(np.zeros((2, 48), np.float32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        _kernels.quantize("Q8_0", np.zeros(96, np.float32), np.zeros(102, np.uint8), 2, 48, 1)
+
+
+def test_duplicate_block_type_is_an_error():
+    with pytest.raises(TypeError, match="declared twice"):
+        class Q8_0Again(blocks.BlockType):  # noqa: F841
+            name = "Q8_0"
+
+
+def test_backend_follows_the_switch():
+    import os
+    assert blocks.BACKEND == ("numpy" if os.environ.get("QCONVERT_PUREPYTHON") == "1" else "c")
+
+
+def test_golden_vectors():
+    """formats/gguf/golden holds ggml's output for fixed inputs (see make_golden.py there)."""
+    import json
+    from pathlib import Path
+
+    golden = Path(__file__).resolve().parents[2] / "formats" / "gguf" / "golden"
+    meta = json.loads((golden / "manifest.json").read_text())
+    assert meta["entries"], "no golden vectors"
+    for e in meta["entries"]:
+        rows = np.fromfile(golden / e["input"], dtype="<f4").reshape(e["nrows"], e["n_per_row"])
+        expect = np.fromfile(golden / e["output"], dtype=np.uint8)
+        kind = blocks.get(e["type"])
+        assert np.array_equal(kind.quantize(rows).reshape(-1), expect), e["output"]
