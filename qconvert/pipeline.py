@@ -97,7 +97,11 @@ def write(plan: Plan, threads: int, progress: Progress | None) -> None:
             for w in writers:
                 w.begin_tensor(t.name)
             for chunk in float_chunks(t, threads):
+                amax = max(float(chunk.max()), -float(chunk.min())) if chunk.size else 0.0
                 for o in plan.outputs:
+                    if amax >= o.types[i].overflow:
+                        raise InputError(f"tensor {t.hf_name!r} holds {amax:.4g}, beyond what {o.types[i].name} can "
+                                         f"store for --to {o.recipe.name}; use --to bf16 or f32")
                     o.writer.write(o.types[i].quantize(chunk, threads))
                 done += chunk.size
                 if progress:

@@ -39,6 +39,8 @@ class BlockType:
     ggml: ClassVar[GT]
     block: ClassVar[int]
     block_bytes: ClassVar[int]
+    # magnitudes from which the type can no longer hold a value (its f16 parts overflow to inf)
+    overflow: ClassVar[float] = float("inf")
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -84,6 +86,7 @@ class F32(BlockType):
 
 class F16(BlockType):
     name, ggml, block, block_bytes = "F16", GT.F16, 1, 2
+    overflow = 65520.0  # rounds to inf
 
     @classmethod
     def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -116,6 +119,7 @@ class BF16(BlockType):
 
 class Q8_0(BlockType):
     name, ggml, block, block_bytes = "Q8_0", GT.Q8_0, 32, 34
+    overflow = 65520.0 * 127  # the f16 scale amax/127 overflows
 
     @classmethod
     def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:

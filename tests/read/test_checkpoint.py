@@ -167,3 +167,18 @@ def test_quantized_checkpoint_is_refused(model, tmp_path, capsys):
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].astype(np.int8)
     save_file(tensors, f, metadata={"format": "pt"})
     expect_input_error([model, "-o", tmp_path / "o"], capsys, "model.layers.0.mlp.up_proj.weight", "I8")
+
+
+def test_values_beyond_f16_are_refused_not_written_as_inf(model, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    f = model / "model.safetensors"
+    tensors = load_file(f)
+    w = tensors["model.layers.0.mlp.down_proj.weight"].copy()
+    w[0, 0] = 1e5
+    tensors["model.layers.0.mlp.down_proj.weight"] = w
+    save_file(tensors, f, metadata={"format": "pt"})
+    expect_input_error([model, "--to", "f16", "-o", tmp_path / "o"], capsys,
+                       "model.layers.0.mlp.down_proj.weight", "1e+05", "F16", out_dir=tmp_path / "o")
+    code, _, err = run_cli([model, "--to", "q8_0,bf16", "-o", tmp_path / "o"], capsys)
+    assert code == 0, err  # Q8_0's scale 1e5/127 fits f16

@@ -29,7 +29,8 @@ def quantize(rows: np.ndarray) -> np.ndarray:
     # quirk: the levels use the float d; only the stored scale is rounded to f16
     qs = roundf(blocks * inv).astype(np.int8)
     out = np.empty((blocks.shape[0], BLOCK_BYTES), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8)
+    with np.errstate(over="ignore"):  # as ggml: a scale beyond f16 is stored as inf (the pipeline refuses it)
+        out[:, :2] = d.astype(np.float16).view(np.uint8)
     out[:, 2:] = qs.view(np.uint8)
     return out.reshape(nrows, n // QK * BLOCK_BYTES)
 
