@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from qconvert import __version__
@@ -20,7 +20,7 @@ from qconvert.errors import Interrupted, QConvertError, UsageError
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Turn a Hugging Face causal-LM checkpoint into quantized files: GGUF for llama.cpp.")
-out = Console(soft_wrap=True)  # never wrap a path in two when piped
+out = Console(soft_wrap=True, highlight=False)  # never wrap a path in two when piped
 err = Console(stderr=True, soft_wrap=True)
 if not out.is_terminal:
     out.width = 240  # tables for files and pipes: wide rather than truncated
@@ -68,8 +68,13 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
 
     recipes = parse_targets(to)
     n_threads = threads or _cores()
-    progress = None if (quiet or json_ or dry_run or not err.is_terminal) else _progress_factory
-    report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress)
+    bars: list[Progress] = []
+    progress = None if (quiet or json_ or dry_run or not err.is_terminal) else (lambda plan: _progress(plan, bars))
+    try:
+        report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress)
+    finally:
+        for bar in bars:  # also on errors: give the terminal its cursor back
+            bar.stop()
     if json_:
         print(json.dumps(report.as_dict(), indent=2))
     elif quiet:
@@ -111,18 +116,16 @@ def inspect_cmd(file: Annotated[Path, typer.Argument(help="A GGUF file.", show_d
         out.print(t)
 
 
-def _progress_factory(plan):
-    total = plan.n_params
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("{task.fields[tensor]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+def _progress(plan, bars: list[Progress]):
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"),
                    console=err, transient=True)
+    bars.append(bar)
     bar.start()
-    task = bar.add_task("converting", total=total, tensor="")
+    task = bar.add_task(f"{len(plan.outputs)} file(s)", total=plan.n_params, tensor="")
 
     def update(done: int, name: str) -> None:
         bar.update(task, completed=done, tensor=name)
-        if done >= total:
-            bar.stop()
     return update
 
 

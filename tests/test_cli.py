@@ -198,6 +198,14 @@ def test_hub_id_from_offline_cache(tiny, tmp_path):
     rep = json.loads(r.stdout)
     assert rep["outputs"][0]["path"] == str(out / "Tiny-Qwen-Q8_0.gguf")
     assert GGUFReader(out / "Tiny-Qwen-Q8_0.gguf").fields["general.name"].contents() == "tiny-org/Tiny-Qwen"
+    # --revision picks another snapshot through its ref
+    other = snap.parent / ("b" * 40)
+    copy_model(tiny("qwen3"), other)
+    (snap.parents[1] / "refs" / "v2").write_text("b" * 40)
+    r = subprocess.run([sys.executable, "-m", "qconvert", "tiny-org/Tiny-Qwen", "--revision", "v2", "--to", "q8_0",
+                        "-o", out / "v2", "--json"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["architecture"] == "Qwen3ForCausalLM"
     r = subprocess.run([sys.executable, "-m", "qconvert", "tiny-org/Not-There", "--to", "q8_0", "-o", out],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 3
