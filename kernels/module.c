@@ -8,12 +8,20 @@ typedef struct {
     const char *name;
     int64_t block;      /* weights per block */
     int64_t bytes;      /* bytes per block */
-    void (*quantize)(const float *, uint8_t *, int64_t, int64_t);
+    void (*quantize)(const float *, uint8_t *, int64_t, int64_t, const float *);
     void (*dequantize)(const uint8_t *, float *, int64_t, int64_t);
 } qtype;
 
 static const qtype QTYPES[] = {
-    {"Q8_0", QK8_0, Q8_0_BYTES, qk_quantize_q8_0, qk_dequantize_q8_0},
+    {"Q8_0", 32, 34, qk_quantize_q8_0, qk_dequantize_q8_0},
+    {"Q4_0", 32, 18, qk_quantize_q4_0, qk_dequantize_q4_0},
+    {"Q4_1", 32, 20, qk_quantize_q4_1, qk_dequantize_q4_1},
+    {"Q5_0", 32, 22, qk_quantize_q5_0, qk_dequantize_q5_0},
+    {"Q5_1", 32, 24, qk_quantize_q5_1, qk_dequantize_q5_1},
+    {"Q4_K", 256, 144, qk_quantize_q4_K, qk_dequantize_q4_K},
+    {"Q5_K", 256, 176, qk_quantize_q5_K, qk_dequantize_q5_K},
+    {"Q6_K", 256, 210, qk_quantize_q6_K, qk_dequantize_q6_K},
+    {"IQ4_NL", 32, 18, qk_quantize_iq4_nl, qk_dequantize_iq4_nl},
 };
 
 static const qtype *find_qtype(const char *name) {
@@ -30,12 +38,13 @@ typedef struct {
     float *fdst;
     const uint8_t *qsrc;
     int64_t n_per_row;
+    const float *qw;
 } rows_ctx;
 
 static void quantize_rows(void *p, int64_t b, int64_t e) {
     rows_ctx *c = p;
     const int64_t row_bytes = c->n_per_row / c->t->block * c->t->bytes;
-    c->t->quantize(c->src + b * c->n_per_row, c->dst + b * row_bytes, e - b, c->n_per_row);
+    c->t->quantize(c->src + b * c->n_per_row, c->dst + b * row_bytes, e - b, c->n_per_row, c->qw);
 }
 
 static void dequantize_rows(void *p, int64_t b, int64_t e) {
@@ -55,11 +64,17 @@ static int check_rows(const qtype *t, Py_ssize_t nrows, Py_ssize_t n_per_row) {
 
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     const char *name;
-    Py_buffer src, dst;
+    Py_buffer src, dst, qw = {0};
     Py_ssize_t nrows, n_per_row;
     int threads = 1;
+    PyObject *qw_obj = Py_None;
     (void)self;
-    if (!PyArg_ParseTuple(args, "sy*w*nn|i", &name, &src, &dst, &nrows, &n_per_row, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "sy*w*nn|iO", &name, &src, &dst, &nrows, &n_per_row, &threads, &qw_obj)) return NULL;
+    if (qw_obj != Py_None && PyObject_GetBuffer(qw_obj, &qw, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&src);
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
     PyObject *ret = NULL;
     const qtype *t = find_qtype(name);
     if (t && check_rows(t, nrows, n_per_row)) {
@@ -68,14 +83,18 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         if (src.len != need_src || dst.len != need_dst) {
             PyErr_Format(PyExc_ValueError, "%s: buffers must be %lld and %lld bytes, got %zd and %zd",
                          name, (long long)need_src, (long long)need_dst, src.len, dst.len);
+        } else if (qw.buf && qw.len != (Py_ssize_t)n_per_row * 4) {
+            PyErr_Format(PyExc_ValueError, "%s: importance weights must be %zd float32, got %zd bytes",
+                         name, n_per_row, qw.len);
         } else {
-            rows_ctx c = {t, src.buf, dst.buf, NULL, NULL, n_per_row};
+            rows_ctx c = {t, src.buf, dst.buf, NULL, NULL, n_per_row, qw.buf};
             Py_BEGIN_ALLOW_THREADS
             qk_parallel_rows(quantize_rows, &c, nrows, threads);
             Py_END_ALLOW_THREADS
             ret = Py_NewRef(Py_None);
         }
     }
+    if (qw.buf) PyBuffer_Release(&qw);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     return ret;
@@ -97,7 +116,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "%s: buffers must be %lld and %lld bytes, got %zd and %zd",
                          name, (long long)need_src, (long long)need_dst, src.len, dst.len);
         } else {
-            rows_ctx c = {t, NULL, NULL, dst.buf, src.buf, n_per_row};
+            rows_ctx c = {t, NULL, NULL, dst.buf, src.buf, n_per_row, NULL};
             Py_BEGIN_ALLOW_THREADS
             qk_parallel_rows(dequantize_rows, &c, nrows, threads);
             Py_END_ALLOW_THREADS
@@ -173,7 +192,8 @@ static PyObject *py_first_nonfinite(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
-     "quantize(type, src_f32, dst, nrows, n_per_row, threads=1): rows of float32 -> blocks"},
+     "quantize(type, src_f32, dst, nrows, n_per_row, threads=1, imatrix=None): float32 rows -> blocks; "
+     "imatrix: n_per_row float32 importance weights"},
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(type, src, dst_f32, nrows, n_per_row, threads=1): blocks -> float32 rows"},
     {"convert", py_convert, METH_VARARGS,

@@ -24,7 +24,8 @@ static void quantize_block(const float *x, uint8_t *out) {
     }
 }
 
-void qk_quantize_q8_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n_per_row) {
+void qk_quantize_q8_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n_per_row, const float *qw) {
+    (void)qw;  /* ggml's quantize_q8_0 ignores the importance matrix too */
     const int64_t nb = nrows * (n_per_row / QK8_0);
     for (int64_t i = 0; i < nb; i++) quantize_block(src + i * QK8_0, dst + i * Q8_0_BYTES);
 }

@@ -5,9 +5,43 @@
 #define QK_H
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #define QK8_0 32
 #define Q8_0_BYTES 34
+#define QK_K 256
+#define QK_GROUP_MAX_EPS 1e-15f
+#define QK_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define QK_MIN(a, b) ((a) < (b) ? (a) : (b))
+
+/* round half to even, |x| < 2^22 (ggml nearest_int) */
+static inline int qk_nearest_int(float fval) {
+    const float val = fval + 12582912.f;
+    int i;
+    memcpy(&i, &val, sizeof(int));
+    return (i & 0x007fffff) - 0x00400000;
+}
+
+/* scale searches (search.c), as ggml-quants.c defines them */
+float qk_make_qx_quants(int n, int nmax, const float *x, int8_t *L, int rmse_type, const float *qw);
+float qk_make_qkx_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
+                         uint8_t *Laux, float rmin, float rdelta, int nstep, int v3);
+float qk_make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw);
+int qk_best_index_int8(int n, const int8_t *val, float x);
+
+/* Every block type: quantize rows (qw: per-column importance or NULL), dequantize rows. */
+#define QK_DECLARE(T) \
+    void qk_quantize_##T(const float *src, uint8_t *dst, int64_t nrows, int64_t n_per_row, const float *qw); \
+    void qk_dequantize_##T(const uint8_t *src, float *dst, int64_t nrows, int64_t n_per_row);
+QK_DECLARE(q8_0)
+QK_DECLARE(q4_0)
+QK_DECLARE(q4_1)
+QK_DECLARE(q5_0)
+QK_DECLARE(q5_1)
+QK_DECLARE(q4_K)
+QK_DECLARE(q5_K)
+QK_DECLARE(q6_K)
+QK_DECLARE(iq4_nl)
 
 /* float conversions, round-to-nearest-even, NaN kept quiet */
 uint16_t qk_f32_to_f16(float f);
@@ -21,9 +55,6 @@ void qk_bf16_to_f32_n(const uint16_t *src, float *dst, int64_t n);
 /* index of the first NaN/Inf in src[0..n), or -1 */
 int64_t qk_first_nonfinite(const float *src, int64_t n);
 
-/* Q8_0: n_per_row % 32 == 0; rows are independent */
-void qk_quantize_q8_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n_per_row);
-void qk_dequantize_q8_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n_per_row);
 
 /* run fn(ctx, row_begin, row_end) over [0, nrows) split into contiguous ranges, one per
  * thread; the split never changes what a row produces */

@@ -7,12 +7,13 @@ otherwise the C extension must import, and a broken build is a loud error.
 from __future__ import annotations
 
 import os
-from typing import ClassVar
+from functools import partial
+from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, q8_0
+from qconvert.quant.reference import floats, iq4_nl, kquants, legacy, q8_0
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -44,6 +45,8 @@ class BlockType:
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            return  # an abstract family of types, such as Blocks
         if cls.name in REGISTRY:
             raise TypeError(f"block type {cls.name} is declared twice ({REGISTRY[cls.name].__qualname__} "
                             f"and {cls.__qualname__})")
@@ -63,8 +66,9 @@ class BlockType:
         return cls.block_bytes * 8 / cls.block
 
     @classmethod
-    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
-        """float32 [nrows, n_per_row] (C-contiguous) -> the tensor's bytes, as a numpy array."""
+    def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
+        """float32 [nrows, n_per_row] (C-contiguous) -> the tensor's bytes, as a numpy array.
+        `imatrix`: per-column importance (n_per_row float32), used by the types that take one."""
         raise NotImplementedError
 
     @classmethod
@@ -76,7 +80,7 @@ class F32(BlockType):
     name, ggml, block, block_bytes = "F32", GT.F32, 1, 4
 
     @classmethod
-    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+    def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
         return np.ascontiguousarray(rows, dtype=np.float32)
 
     @classmethod
@@ -89,7 +93,7 @@ class F16(BlockType):
     overflow = 65520.0  # rounds to inf
 
     @classmethod
-    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+    def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
         if _k is None:
             return floats.f32_to_f16(rows)
         out = np.empty(rows.shape, dtype=np.float16)
@@ -105,7 +109,7 @@ class BF16(BlockType):
     name, ggml, block, block_bytes = "BF16", GT.BF16, 1, 2
 
     @classmethod
-    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+    def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
         if _k is None:
             return floats.f32_to_bf16(rows)
         out = np.empty(rows.shape, dtype=np.uint16)
@@ -117,19 +121,26 @@ class BF16(BlockType):
         return to_float32("BF16", np.frombuffer(data, dtype=np.uint16).reshape(shape), threads)
 
 
-class Q8_0(BlockType):
-    name, ggml, block, block_bytes = "Q8_0", GT.Q8_0, 32, 34
-    overflow = 65520.0 * 127  # the f16 scale amax/127 overflows
+class Blocks(BlockType):
+    """A block-quantized type: C kernel `_k.quantize(name, ...)` or the numpy `reference`."""
+
+    reference: ClassVar[Ref]
 
     @classmethod
-    def quantize(cls, rows: np.ndarray, threads: int = 1) -> np.ndarray:
+    def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
         nrows, n = rows.shape
         if not cls.fits(n):
-            raise ValueError(f"Q8_0: row length must be a multiple of 32, got {n}")
+            raise ValueError(f"{cls.name}: row length must be a multiple of {cls.block}, got {n}")
+        qw = None
+        if imatrix is not None:
+            qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
+            if qw.size != n:
+                raise ValueError(f"{cls.name}: importance weights must have {n} values, got {qw.size}")
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
         if _k is None:
-            return q8_0.quantize(rows)
-        out = np.empty((nrows, n // 32 * 34), dtype=np.uint8)
-        _k.quantize("Q8_0", rows, out, nrows, n, threads)
+            return cls.reference.quantize(rows, qw)
+        out = np.empty((nrows, n // cls.block * cls.block_bytes), dtype=np.uint8)
+        _k.quantize(cls.name, rows, out, nrows, n, threads, qw)
         return out
 
     @classmethod
@@ -137,10 +148,67 @@ class Q8_0(BlockType):
         n = shape[-1]
         data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
         if _k is None:
-            return q8_0.dequantize(data, n).reshape(shape)
+            return cls.reference.dequantize(data, n).reshape(shape)
         out = np.empty(shape, dtype=np.float32)
-        _k.dequantize("Q8_0", data, out, out.size // n, n, threads)
+        _k.dequantize(cls.name, data, out, out.size // n, n, threads)
         return out
+
+
+class Ref(NamedTuple):
+    """A type's numpy reference: quantize(rows, imatrix) and dequantize(data, n_per_row)."""
+
+    quantize: Callable[[np.ndarray, np.ndarray | None], np.ndarray]
+    dequantize: Callable[[np.ndarray, int], np.ndarray]
+
+
+def _by_name(module, name: str) -> Ref:
+    return Ref(partial(module.quantize, name), partial(module.dequantize, name))
+
+
+class Q8_0(Blocks):
+    name, ggml, block, block_bytes = "Q8_0", GT.Q8_0, 32, 34
+    overflow = 65520.0 * 127  # the f16 scale amax/127 overflows
+    reference = Ref(lambda rows, qw: q8_0.quantize(rows), q8_0.dequantize)  # ggml ignores qw for Q8_0
+
+
+class Q4_0(Blocks):
+    name, ggml, block, block_bytes = "Q4_0", GT.Q4_0, 32, 18
+    reference = _by_name(legacy, "Q4_0")
+
+
+class Q4_1(Blocks):
+    name, ggml, block, block_bytes = "Q4_1", GT.Q4_1, 32, 20
+    reference = _by_name(legacy, "Q4_1")
+
+
+class Q5_0(Blocks):
+    name, ggml, block, block_bytes = "Q5_0", GT.Q5_0, 32, 22
+    reference = _by_name(legacy, "Q5_0")
+
+
+class Q5_1(Blocks):
+    name, ggml, block, block_bytes = "Q5_1", GT.Q5_1, 32, 24
+    reference = _by_name(legacy, "Q5_1")
+
+
+class Q4_K(Blocks):
+    name, ggml, block, block_bytes = "Q4_K", GT.Q4_K, 256, 144
+    reference = _by_name(kquants, "Q4_K")
+
+
+class Q5_K(Blocks):
+    name, ggml, block, block_bytes = "Q5_K", GT.Q5_K, 256, 176
+    reference = _by_name(kquants, "Q5_K")
+
+
+class Q6_K(Blocks):
+    name, ggml, block, block_bytes = "Q6_K", GT.Q6_K, 256, 210
+    reference = _by_name(kquants, "Q6_K")
+
+
+class IQ4_NL(Blocks):
+    name, ggml, block, block_bytes = "IQ4_NL", GT.IQ4_NL, 32, 18
+    reference = Ref(iq4_nl.quantize, iq4_nl.dequantize)
 
 
 def get(name: str) -> type[BlockType]:

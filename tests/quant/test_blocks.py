@@ -33,20 +33,51 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("case", list(cases()))
-def test_q8_0_is_ggml(case):
-    rows = cases()[case]
-    expect = ggml_quantize(int(GT.Q8_0), rows)
-    assert np.array_equal(blocks.Q8_0.quantize(rows), expect)
-    assert np.array_equal(q8_0.quantize(rows), expect)  # the numpy reference, in every mode
+QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
 
 
-@pytest.mark.parametrize("case", list(cases()))
-def test_q8_0_c_kernel_is_reference(case):
-    rows = cases()[case]
-    out = np.empty((rows.shape[0], rows.shape[1] // 32 * 34), np.uint8)
-    _kernels.quantize("Q8_0", rows, out, rows.shape[0], rows.shape[1], 1)
-    assert np.array_equal(out, q8_0.quantize(rows))
+def importance(n: int, seed: int = 11) -> np.ndarray:
+    """An importance-matrix row as llama-imatrix makes them: positive, skewed, a few large."""
+    rng = np.random.default_rng(seed)
+    return (rng.lognormal(0, 1.5, n) * (rng.random(n) < 0.97) + 1e-3).astype(np.float32)
+
+
+@pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("kind", QUANT_TYPES)
+def test_every_type_is_ggml(kind, imatrix):
+    """Every case, byte for byte against ggml_quantize_chunk, in the active backend (C, or
+    numpy under QCONVERT_PUREPYTHON=1) and in the numpy reference itself."""
+    bt = blocks.get(kind)
+    for case, rows in cases(512).items():
+        qw = importance(rows.shape[1]) if imatrix else None
+        expect = ggml_quantize(int(bt.ggml), rows, qw)
+        assert np.array_equal(bt.quantize(rows, 2, qw).reshape(-1), expect.reshape(-1)), case
+        assert np.array_equal(bt.reference.quantize(rows, qw).reshape(-1), expect.reshape(-1)), case
+
+
+@pytest.mark.parametrize("kind", QUANT_TYPES)
+def test_c_kernel_is_reference(kind):
+    bt = blocks.get(kind)
+    rows = cases(256)["student_t"]
+    for qw in (None, importance(256)):
+        out = np.empty((rows.shape[0], 256 // bt.block * bt.block_bytes), np.uint8)
+        _kernels.quantize(kind, rows, out, rows.shape[0], 256, 1, qw)
+        assert np.array_equal(out, bt.reference.quantize(rows, qw))
+
+
+@pytest.mark.parametrize("kind", QUANT_TYPES)
+def test_dequantize_is_gguf(kind):
+    import gguf
+
+    bt = blocks.get(kind)
+    rows = cases(512)["student_t"]
+    data = ggml_quantize(int(bt.ggml), rows)
+    expect = gguf.quants.dequantize(data, bt.ggml).reshape(rows.shape)
+    assert np.array_equal(bt.dequantize(data, rows.shape), expect)
+    assert np.array_equal(bt.reference.dequantize(data.reshape(-1), 512).reshape(rows.shape), expect)
+    out = np.empty(rows.shape, np.float32)
+    _kernels.dequantize(kind, data.reshape(-1), out, rows.shape[0], 512, 2)
+    assert np.array_equal(out, expect)
 
 
 def test_q8_0_on_real_weights_and_gguf_reference():
@@ -57,12 +88,15 @@ def test_q8_0_on_real_weights_and_gguf_reference():
     assert np.array_equal(blocks.Q8_0.quantize(rows).reshape(-1), gguf.quants.quantize(rows, GT.Q8_0).reshape(-1))
 
 
-def test_bytes_do_not_depend_on_threads():
-    rows = np.random.default_rng(3).normal(size=(97, 1024)).astype(np.float32)
+@pytest.mark.parametrize("kind", QUANT_TYPES)
+def test_bytes_do_not_depend_on_threads(kind):
+    bt = blocks.get(kind)
+    rows = np.random.default_rng(3).normal(size=(37, 512)).astype(np.float32)
+    qw = importance(512)
     outs = []
     for threads in (1, 2, 3, 8):
-        out = np.empty((97, 1024 // 32 * 34), np.uint8)
-        _kernels.quantize("Q8_0", rows, out, 97, 1024, threads)
+        out = np.empty((37, 512 // bt.block * bt.block_bytes), np.uint8)
+        _kernels.quantize(kind, rows, out, 37, 512, threads, qw)
         outs.append(out)
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
@@ -128,8 +162,12 @@ def test_nonfinite_scan():
 def test_rows_that_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         blocks.Q8_0.quantize(np.zeros((2, 48), np.float32))
+    with pytest.raises(ValueError, match="Q4_K: row length must be a multiple of 256, got 576"):
+        blocks.Q4_K.quantize(np.zeros((2, 576), np.float32))
     with pytest.raises(ValueError, match="multiple of 32"):
         _kernels.quantize("Q8_0", np.zeros(96, np.float32), np.zeros(102, np.uint8), 2, 48, 1)
+    with pytest.raises(ValueError, match="importance weights must have 256 values, got 255"):
+        blocks.IQ4_NL.quantize(np.zeros((2, 256), np.float32), 1, np.ones(255, np.float32))
 
 
 def test_duplicate_block_type_is_an_error():
@@ -153,6 +191,7 @@ def test_golden_vectors():
     assert meta["entries"], "no golden vectors"
     for e in meta["entries"]:
         rows = np.fromfile(golden / e["input"], dtype="<f4").reshape(e["nrows"], e["n_per_row"])
+        qw = np.fromfile(golden / e["imatrix"], dtype="<f4") if e.get("imatrix") else None
         expect = np.fromfile(golden / e["output"], dtype=np.uint8)
         kind = blocks.get(e["type"])
-        assert np.array_equal(kind.quantize(rows).reshape(-1), expect), e["output"]
+        assert np.array_equal(kind.quantize(rows, 1, qw).reshape(-1), expect), e["output"]

@@ -1,0 +1,82 @@
+/* IQ4_NL: 32 weights, f16 scale d, qs[16] of indices into a non-linear table; value =
+ * d*kvalues[q]. Oracle: ggml quantize_iq4_nl -> quantize_row_iq4_nl_impl(32, 32, ..., ntry 7)
+ * (ggml/src/ggml-quants.c); llama-quantize always calls it this way, imatrix or not.
+ * Quirks reproduced: weights x^2 without an imatrix, qw*sqrt(sigma2 + x^2) with one (sigma2 =
+ * 2*mean x^2 of the block); d starts at max/127 (max: signed value of largest magnitude), is refit
+ * by least squares, then 15 trial scales (itry-127)/max; best_index_int8 takes the upper index
+ * on ties; the final levels use the float d, the file stores f16(d); a zero block is d=0, 0x88. */
+#include <math.h>
+#include <string.h>
+#include "qk.h"
+
+static const int8_t KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+static void iq4_nl_block(const float *xb, const float *qw, uint8_t *y) {
+    const int ntry = 7;
+    float weight[32];
+    uint8_t L[32];
+    float sigma2 = 0;
+    for (int j = 0; j < 32; ++j) sigma2 += xb[j] * xb[j];
+    sigma2 *= 2.f / 32;
+    if (qw) {
+        for (int j = 0; j < 32; ++j) weight[j] = qw[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+    } else {
+        for (int j = 0; j < 32; ++j) weight[j] = xb[j] * xb[j];
+    }
+    float amax = 0, max = 0;
+    for (int j = 0; j < 32; ++j) {
+        const float ax = fabsf(xb[j]);
+        if (ax > amax) { amax = ax; max = xb[j]; }
+    }
+    float d = 0;
+    if (amax >= QK_GROUP_MAX_EPS) {
+        d = -max / KVALUES[0];
+        float id = 1 / d;
+        float sumqx = 0, sumq2 = 0;
+        for (int j = 0; j < 32; ++j) {
+            const int l = qk_best_index_int8(16, KVALUES, id * xb[j]);
+            const float q = KVALUES[l], w = weight[j];
+            sumqx += w * q * xb[j];
+            sumq2 += w * q * q;
+        }
+        d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
+        float best = d * sumqx;
+        for (int itry = -ntry; itry <= ntry; ++itry) {
+            id = (float)(itry + KVALUES[0]) / max;
+            sumqx = sumq2 = 0;
+            for (int j = 0; j < 32; ++j) {
+                const int l = qk_best_index_int8(16, KVALUES, id * xb[j]);
+                const float q = KVALUES[l], w = weight[j];
+                sumqx += w * q * xb[j];
+                sumq2 += w * q * q;
+            }
+            if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+                d = sumqx / sumq2;
+                best = d * sumqx;
+            }
+        }
+    }
+    const uint16_t dh = qk_f32_to_f16(d);
+    y[0] = (uint8_t)(dh & 0xff);
+    y[1] = (uint8_t)(dh >> 8);
+    const float id = d ? 1 / d : 0;
+    for (int j = 0; j < 32; ++j) L[j] = (uint8_t)qk_best_index_int8(16, KVALUES, id * xb[j]);
+    for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
+}
+
+void qk_quantize_iq4_nl(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    for (int64_t r = 0; r < nrows; ++r)
+        for (int64_t ib = 0; ib < n / 32; ++ib)
+            iq4_nl_block(src + r * n + 32 * ib, qw ? qw + 32 * ib : NULL, dst + (r * (n / 32) + ib) * 18);
+}
+
+void qk_dequantize_iq4_nl(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
+    for (int64_t b = 0; b < nrows * n / 32; ++b) {
+        const uint8_t *y = src + b * 18;
+        const float d = qk_f16_to_f32((uint16_t)(y[0] | (y[1] << 8)));
+        for (int j = 0; j < 16; ++j) {
+            dst[32 * b + j] = d * KVALUES[y[2 + j] & 0xf];
+            dst[32 * b + j + 16] = d * KVALUES[y[2 + j] >> 4];
+        }
+    }
+}

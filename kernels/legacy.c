@@ -1,0 +1,224 @@
+/* Q4_0, Q4_1, Q5_0, Q5_1: 32 weights per block, the types llama.cpp falls back to when a row is
+ * not a multiple of 256. Oracles: ggml quantize_row_q{4,5}_{0,1}_ref (no importance matrix) and
+ * quantize_row_q{4,5}_{0,1}_impl (with one), ggml/src/ggml-quants.c.
+ * Quirks reproduced: the _ref scales use the signed value of largest magnitude (d = max/-8,
+ * max/-16) and quantize by truncation, (int8)(x*id + 8.5f) clamped to 15 (16.5f/31 for Q5_0;
+ * Q4_1/Q5_1 add 0.5f, Q5_1 without a clamp); the _impl paths weight by qw*sqrt(sigma2 + x^2)
+ * with sigma2 the mean square of the whole row. */
+#include <float.h>
+#include <math.h>
+#include <string.h>
+#include "qk.h"
+
+static void put_f16(uint8_t *p, float f) {
+    const uint16_t h = qk_f32_to_f16(f);
+    p[0] = (uint8_t)(h & 0xff);
+    p[1] = (uint8_t)(h >> 8);
+}
+
+static float get_f16(const uint8_t *p) { return qk_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
+
+static float row_sigma2(const float *x, int64_t n) {
+    float sum_x2 = 0;
+    for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
+    return sum_x2 / (float)n;
+}
+
+static void importance(const float *xb, const float *qw, float sigma2, float *w) {
+    for (int j = 0; j < 32; ++j) w[j] = qw[j] * sqrtf(sigma2 + xb[j] * xb[j]);
+}
+
+/* 5th bits of 32 levels -> qh, nibbles -> qs (elements j and j+16 share a byte) */
+static void pack_q5(const uint8_t *L, uint8_t *qs, uint8_t *qh_out) {
+    uint32_t qh = 0;
+    for (int j = 0; j < 16; ++j) {
+        const uint8_t a = L[j], b = L[j + 16];
+        qs[j] = (uint8_t)((a & 0x0F) | ((b & 0x0F) << 4));
+        qh |= ((a & 0x10u) >> 4) << (j + 0);
+        qh |= ((b & 0x10u) >> 4) << (j + 16);
+    }
+    memcpy(qh_out, &qh, 4);  /* little-endian hosts, as ggml */
+}
+
+/* ---- Q4_0: d f16, qs[16] ; value = d*(q-8) ---------------------------------------------- */
+
+static void q4_0_block_ref(const float *x, uint8_t *y) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++) {
+        if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
+    }
+    const float d = max / -8;
+    const float id = d ? 1.0f / d : 0.0f;
+    put_f16(y, d);
+    for (int j = 0; j < 16; ++j) {
+        const float x0 = x[j] * id, x1 = x[16 + j] * id;
+        const uint8_t a = (uint8_t)QK_MIN(15, (int8_t)(x0 + 8.5f));
+        const uint8_t b = (uint8_t)QK_MIN(15, (int8_t)(x1 + 8.5f));
+        y[2 + j] = (uint8_t)(a | (b << 4));
+    }
+}
+
+void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float *x = src + r * n;
+        uint8_t *y = dst + r * (n / 32) * 18;
+        const float sigma2 = qw ? row_sigma2(x, n) : 0;
+        for (int64_t ib = 0; ib < n / 32; ++ib, y += 18) {
+            if (!qw) { q4_0_block_ref(x + 32 * ib, y); continue; }
+            float w[32];
+            int8_t L[32];
+            importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
+            put_f16(y, qk_make_qx_quants(32, 8, x + 32 * ib, L, 1, w));
+            for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+        }
+    }
+}
+
+void qk_dequantize_q4_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
+    for (int64_t b = 0; b < nrows * n / 32; ++b) {
+        const uint8_t *y = src + b * 18;
+        const float d = get_f16(y);
+        for (int j = 0; j < 16; ++j) {
+            dst[32 * b + j] = (float)((y[2 + j] & 0x0F) - 8) * d;
+            dst[32 * b + j + 16] = (float)((y[2 + j] >> 4) - 8) * d;
+        }
+    }
+}
+
+/* ---- Q4_1: d f16, m f16, qs[16] ; value = d*q + m ------------------------------------------ */
+
+static void q4_1_block_ref(const float *x, uint8_t *y) {
+    float min = FLT_MAX, max = -FLT_MAX;
+    for (int j = 0; j < 32; j++) {
+        if (x[j] < min) min = x[j];
+        if (x[j] > max) max = x[j];
+    }
+    const float d = (max - min) / 15;
+    const float id = d ? 1.0f / d : 0.0f;
+    put_f16(y, d);
+    put_f16(y + 2, min);
+    for (int j = 0; j < 16; ++j) {
+        const float x0 = (x[j] - min) * id, x1 = (x[16 + j] - min) * id;
+        const uint8_t a = (uint8_t)QK_MIN(15, (int8_t)(x0 + 0.5f));
+        const uint8_t b = (uint8_t)QK_MIN(15, (int8_t)(x1 + 0.5f));
+        y[4 + j] = (uint8_t)(a | (b << 4));
+    }
+}
+
+void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float *x = src + r * n;
+        uint8_t *y = dst + r * (n / 32) * 20;
+        const float sigma2 = qw ? row_sigma2(x, n) : 0;
+        for (int64_t ib = 0; ib < n / 32; ++ib, y += 20) {
+            if (!qw) { q4_1_block_ref(x + 32 * ib, y); continue; }
+            float w[32], min;
+            uint8_t L[32], Laux[32];
+            importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
+            const float d = qk_make_qkx_quants(32, 15, x + 32 * ib, w, L, &min, Laux, -0.9f, 0.05f, 36, 1);
+            put_f16(y, d);
+            put_f16(y + 2, -min);
+            for (int j = 0; j < 16; ++j) y[4 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+        }
+    }
+}
+
+void qk_dequantize_q4_1(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
+    for (int64_t b = 0; b < nrows * n / 32; ++b) {
+        const uint8_t *y = src + b * 20;
+        const float d = get_f16(y), m = get_f16(y + 2);
+        for (int j = 0; j < 16; ++j) {
+            dst[32 * b + j] = (float)(y[4 + j] & 0x0F) * d + m;
+            dst[32 * b + j + 16] = (float)(y[4 + j] >> 4) * d + m;
+        }
+    }
+}
+
+/* ---- Q5_0: d f16, qh u32, qs[16] ; value = d*(q-16) --------------------------------------- */
+
+static void q5_0_block_ref(const float *x, uint8_t *y) {
+    float amax = 0.0f, max = 0.0f;
+    for (int j = 0; j < 32; j++) {
+        if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
+    }
+    const float d = max / -16;
+    const float id = d ? 1.0f / d : 0.0f;
+    put_f16(y, d);
+    uint8_t L[32];
+    for (int j = 0; j < 32; ++j) L[j] = (uint8_t)QK_MIN(31, (int8_t)(x[j] * id + 16.5f));
+    pack_q5(L, y + 6, y + 2);
+}
+
+void qk_quantize_q5_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float *x = src + r * n;
+        uint8_t *y = dst + r * (n / 32) * 22;
+        const float sigma2 = qw ? row_sigma2(x, n) : 0;
+        for (int64_t ib = 0; ib < n / 32; ++ib, y += 22) {
+            if (!qw) { q5_0_block_ref(x + 32 * ib, y); continue; }
+            float w[32];
+            int8_t L[32];
+            importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
+            put_f16(y, qk_make_qx_quants(32, 16, x + 32 * ib, L, 1, w));
+            pack_q5((const uint8_t *)L, y + 6, y + 2);
+        }
+    }
+}
+
+static int q5_level(const uint8_t *y, int j, int hi_off) {
+    uint32_t qh;
+    memcpy(&qh, y + hi_off, 4);
+    const int lo = j < 16 ? (y[hi_off + 4 + j] & 0x0F) : (y[hi_off + 4 + j - 16] >> 4);
+    return lo | (int)(((qh >> j) & 1u) << 4);
+}
+
+void qk_dequantize_q5_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
+    for (int64_t b = 0; b < nrows * n / 32; ++b) {
+        const uint8_t *y = src + b * 22;
+        const float d = get_f16(y);
+        for (int j = 0; j < 32; ++j) dst[32 * b + j] = (float)(q5_level(y, j, 2) - 16) * d;
+    }
+}
+
+/* ---- Q5_1: d f16, m f16, qh u32, qs[16] ; value = d*q + m ---------------------------------- */
+
+static void q5_1_block_ref(const float *x, uint8_t *y) {
+    float min = FLT_MAX, max = -FLT_MAX;
+    for (int j = 0; j < 32; j++) {
+        if (x[j] < min) min = x[j];
+        if (x[j] > max) max = x[j];
+    }
+    const float d = (max - min) / 31;
+    const float id = d ? 1.0f / d : 0.0f;
+    put_f16(y, d);
+    put_f16(y + 2, min);
+    uint8_t L[32];
+    for (int j = 0; j < 32; ++j) L[j] = (uint8_t)((x[j] - min) * id + 0.5f);
+    pack_q5(L, y + 8, y + 4);
+}
+
+void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float *x = src + r * n;
+        uint8_t *y = dst + r * (n / 32) * 24;
+        const float sigma2 = qw ? row_sigma2(x, n) : 0;
+        for (int64_t ib = 0; ib < n / 32; ++ib, y += 24) {
+            if (!qw) { q5_1_block_ref(x + 32 * ib, y); continue; }
+            float w[32], min;
+            uint8_t L[32], Laux[32];
+            importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
+            const float d = qk_make_qkx_quants(32, 31, x + 32 * ib, w, L, &min, Laux, -0.9f, 0.05f, 36, 1);
+            put_f16(y, d);
+            put_f16(y + 2, -min);
+            pack_q5(L, y + 8, y + 4);
+        }
+    }
+}
+
+void qk_dequantize_q5_1(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
+    for (int64_t b = 0; b < nrows * n / 32; ++b) {
+        const uint8_t *y = src + b * 24;
+        const float d = get_f16(y), m = get_f16(y + 2);
+        for (int j = 0; j < 32; ++j) dst[32 * b + j] = (float)q5_level(y, j, 4) * d + m;
+    }
+}
