@@ -9,6 +9,7 @@ setup(
         Extension(
             "qconvert._kernels",
             sources=sorted(glob.glob("kernels/*.c")),
+            depends=sorted(glob.glob("kernels/*.h")),
             include_dirs=["kernels"],
             extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra",
                                 "-D_GNU_SOURCE"],

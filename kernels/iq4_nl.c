@@ -8,6 +8,7 @@
 #include <math.h>
 #include <string.h>
 #include "qk.h"
+#include "search.h"
 
 static const int8_t KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
@@ -64,10 +65,101 @@ static void iq4_nl_block(const float *xb, const float *qw, uint8_t *y) {
     for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
 }
 
+QK_CLONES /* best_index_int8 for one lane, branch-free: the entries either side of x, the upper on ties */
+QK_INLINE int32_t nl_index(float al) {
+    int32_t cnt = 0;
+    for (int k = 0; k < 16; ++k) cnt += !(al < (float)KVALUES[k]);  /* NaN counts as above all, as ggml's search */
+    const int32_t mu = cnt < 1 ? 1 : cnt > 15 ? 15 : cnt;
+    const float lo = (float)KVALUES[mu - 1], hi = (float)KVALUES[mu];
+    int32_t idx = al - lo < hi - al ? mu - 1 : mu;
+    idx = al <= (float)KVALUES[0] ? 0 : idx;
+    return al >= (float)KVALUES[15] ? 15 : idx;
+}
+
+/* iq4_nl_block for QK_LANES blocks at once (block b in lane b): the same float operations in
+ * the same order per lane, so the bytes are those of the scalar code; lanes let SIMD work. */
+QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *ys) {
+    float X[32][QK_LANES], W[32][QK_LANES], A[32][QK_LANES];
+    int32_t I[32][QK_LANES];
+    float sigma2[QK_LANES], amax[QK_LANES], mx[QK_LANES], d[QK_LANES], best[QK_LANES], id[QK_LANES];
+    float sumqx[QK_LANES], sumq2[QK_LANES];
+    for (int b = 0; b < QK_LANES; ++b)
+        for (int j = 0; j < 32; ++j) X[j][b] = xs[32 * b + j];
+    for (int b = 0; b < QK_LANES; ++b) sigma2[b] = amax[b] = mx[b] = 0;
+    for (int j = 0; j < 32; ++j)
+        for (int b = 0; b < QK_LANES; ++b) {
+            sigma2[b] += X[j][b] * X[j][b];
+            const float ax = fabsf(X[j][b]);
+            const int take = ax > amax[b];
+            amax[b] = take ? ax : amax[b];
+            mx[b] = take ? X[j][b] : mx[b];
+        }
+    for (int b = 0; b < QK_LANES; ++b) sigma2[b] *= 2.f / 32;
+    for (int j = 0; j < 32; ++j)
+        for (int b = 0; b < QK_LANES; ++b)
+            W[j][b] = qws ? qws[32 * b + j] * sqrtf(sigma2[b] + X[j][b] * X[j][b]) : X[j][b] * X[j][b];
+    for (int b = 0; b < QK_LANES; ++b) {
+        if (amax[b] < QK_GROUP_MAX_EPS) mx[b] = 1.0f;  /* a zero block: results discarded below */
+        d[b] = -mx[b] / KVALUES[0];
+        id[b] = 1 / d[b];
+    }
+    for (int itry = -8; itry <= 7; ++itry) {  /* -8: the least-squares refit of d = max/127 */
+        if (itry > -8)
+            for (int b = 0; b < QK_LANES; ++b) id[b] = (float)(itry + KVALUES[0]) / mx[b];
+        for (int b = 0; b < QK_LANES; ++b) sumqx[b] = sumq2[b] = 0;
+        for (int j = 0; j < 32; ++j)
+            for (int b = 0; b < QK_LANES; ++b) {
+                const float al = id[b] * X[j][b];
+                int32_t cnt = 0;
+                for (int k = 0; k < 16; ++k) cnt += !(al < (float)KVALUES[k]);  /* NaN counts as above all, as ggml's search */
+                A[j][b] = al;
+                I[j][b] = cnt;
+            }
+        for (int j = 0; j < 32; ++j)
+            for (int b = 0; b < QK_LANES; ++b) {
+                const float al = A[j][b];
+                const int32_t cnt = I[j][b];
+                const int32_t mu = cnt < 1 ? 1 : cnt > 15 ? 15 : cnt;
+                const float lo = (float)KVALUES[mu - 1], hi = (float)KVALUES[mu];
+                float q = al - lo < hi - al ? lo : hi;
+                q = al <= (float)KVALUES[0] ? (float)KVALUES[0] : q;
+                q = al >= (float)KVALUES[15] ? (float)KVALUES[15] : q;
+                const float w = W[j][b];
+                sumqx[b] += w * q * X[j][b];
+                sumq2[b] += w * q * q;
+            }
+        for (int b = 0; b < QK_LANES; ++b) {
+            if (itry == -8) {
+                d[b] = sumq2[b] > 0 ? sumqx[b] / sumq2[b] : 0.f;
+                best[b] = d[b] * sumqx[b];
+            } else if (sumq2[b] > 0 && sumqx[b] * sumqx[b] > best[b] * sumq2[b]) {
+                d[b] = sumqx[b] / sumq2[b];
+                best[b] = d[b] * sumqx[b];
+            }
+        }
+    }
+    for (int b = 0; b < QK_LANES; ++b) {
+        if (amax[b] < QK_GROUP_MAX_EPS) d[b] = 0;
+        const uint16_t dh = qk_f32_to_f16(d[b]);
+        uint8_t *y = ys + 18 * b;
+        y[0] = (uint8_t)(dh & 0xff);
+        y[1] = (uint8_t)(dh >> 8);
+        const float inv = d[b] ? 1 / d[b] : 0;
+        uint8_t L[32];
+        for (int j = 0; j < 32; ++j) L[j] = (uint8_t)nl_index(inv * X[j][b]);
+        for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
+    }
+}
+
 void qk_quantize_iq4_nl(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    for (int64_t r = 0; r < nrows; ++r)
-        for (int64_t ib = 0; ib < n / 32; ++ib)
-            iq4_nl_block(src + r * n + 32 * ib, qw ? qw + 32 * ib : NULL, dst + (r * (n / 32) + ib) * 18);
+    const int64_t nb = n / 32;
+    for (int64_t r = 0; r < nrows; ++r) {
+        int64_t ib = 0;
+        for (; ib + QK_LANES <= nb; ib += QK_LANES)
+            iq4_nl_lanes(src + r * n + 32 * ib, qw ? qw + 32 * ib : NULL, dst + (r * nb + ib) * 18);
+        for (; ib < nb; ++ib)
+            iq4_nl_block(src + r * n + 32 * ib, qw ? qw + 32 * ib : NULL, dst + (r * nb + ib) * 18);
+    }
 }
 
 void qk_dequantize_iq4_nl(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {

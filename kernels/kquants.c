@@ -8,6 +8,7 @@
 #include <math.h>
 #include <string.h>
 #include "qk.h"
+#include "search.h"
 
 static void put_f16(uint8_t *p, float f) {
     const uint16_t h = qk_f32_to_f16(f);
@@ -40,20 +41,23 @@ static void get_scale_min(const uint8_t *q, int j, uint8_t *d, uint8_t *m) {
 }
 
 /* the common part of Q4_K and Q5_K: scales/mins of 8 sub-blocks of 32, then levels 0..nmax */
-static void kx_superblock(const float *x, const float *qw, int nmax, float rmin_ref, int nstep_ref,
+QK_CLONES static void kx_superblock(const float *x, const float *qw, int nmax, float rmin_ref, int nstep_ref,
                           uint8_t *d_out, uint8_t *scales12, uint8_t *L) {
-    uint8_t Laux[32];
-    float weights[32], mins[8], scales[8];
+    float X[32][QK_LANES], W[32][QK_LANES], mins[8], scales[8];
+    uint8_t LT[32][QK_LANES];
     memset(scales12, 0, 12);
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 32; ++l) X[l][j] = x[32 * j + l];
     if (!qw) {
         float max_scale = 0, max_min = 0;
         for (int j = 0; j < 8; ++j) {
             float sum_x2 = 0;
             for (int l = 0; l < 32; ++l) sum_x2 += x[32 * j + l] * x[32 * j + l];
             const float av_x = sqrtf(sum_x2 / 32);
-            for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
-            scales[j] = qk_make_qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux,
-                                           rmin_ref, 0.1f, nstep_ref, 0);
+            for (int l = 0; l < 32; ++l) W[l][j] = av_x + fabsf(x[32 * j + l]);
+        }
+        qk_make_qkx_lanes(X, W, nmax, rmin_ref, 0.1f, nstep_ref, 0, scales, mins, LT);
+        for (int j = 0; j < 8; ++j) {
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -72,19 +76,22 @@ static void kx_superblock(const float *x, const float *qw, int nmax, float rmin_
         const float sigma2 = 2 * sum_x2 / QK_K;
         uint8_t Ls[8], Lm[8];
         for (int j = 0; j < 8; ++j) {
-            for (int l = 0; l < 32; ++l) weights[l] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
             float sumw = 0;
-            for (int l = 0; l < 32; ++l) sumw += weights[l];
+            for (int l = 0; l < 32; ++l) {
+                W[l][j] = qw[32 * j + l] * sqrtf(sigma2 + x[32 * j + l] * x[32 * j + l]);
+                sumw += W[l][j];
+            }
             sw[j] = sumw;
-            scales[j] = qk_make_qkx_quants(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux,
-                                           -0.9f, 0.05f, 36, 1);
         }
+        qk_make_qkx_lanes(X, W, nmax, -0.9f, 0.05f, 36, 1, scales, mins, LT);
         const float d_block = qk_make_qp_quants(8, 63, scales, Ls, sw);
         const float m_block = qk_make_qp_quants(8, 63, mins, Lm, sw);
         for (int j = 0; j < 8; ++j) put_scale_min(scales12, j, QK_MIN(63, Ls[j]), QK_MIN(63, Lm[j]));
         put_f16(d_out, d_block);
         put_f16(d_out + 2, m_block);
     }
+    for (int j = 0; j < 8; ++j)
+        for (int l = 0; l < 32; ++l) L[32 * j + l] = LT[l][j];
     const float dd = get_f16(d_out), dmin = get_f16(d_out + 2);
     for (int j = 0; j < 8; ++j) {
         uint8_t sc, m;
@@ -101,7 +108,7 @@ static void kx_superblock(const float *x, const float *qw, int nmax, float rmin_
 
 /* ---- Q4_K: d, dmin, scales[12], qs[128] ----------------------------------------------------- */
 
-void qk_quantize_q4_K(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+QK_CLONES void qk_quantize_q4_K(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
     uint8_t L[QK_K];
     for (int64_t r = 0; r < nrows; ++r) {
         for (int64_t i = 0; i < n / QK_K; ++i) {
@@ -134,7 +141,7 @@ void qk_dequantize_q4_K(const uint8_t *src, float *dst, int64_t nrows, int64_t n
 
 /* ---- Q5_K: d, dmin, scales[12], qh[32], qs[128] --------------------------------------------- */
 
-void qk_quantize_q5_K(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+QK_CLONES void qk_quantize_q5_K(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
     uint8_t L[QK_K];
     for (int64_t r = 0; r < nrows; ++r) {
         for (int64_t i = 0; i < n / QK_K; ++i) {
@@ -182,7 +189,7 @@ void qk_dequantize_q5_K(const uint8_t *src, float *dst, int64_t nrows, int64_t n
  * Quirk: the block scale is -128/max_scale with max_scale the signed sub-block scale of
  * largest magnitude; with an imatrix, make_qx_quants takes the raw qw as weights. */
 
-void qk_quantize_q6_K(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+QK_CLONES void qk_quantize_q6_K(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
     int8_t L[QK_K];
     float scales[16];
     for (int64_t r = 0; r < nrows; ++r) {

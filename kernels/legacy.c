@@ -5,12 +5,12 @@
  * max/-16) and quantize by truncation, (int8)(x*id + 8.5f) clamped to 15 (16.5f/31 for Q5_0;
  * Q4_1/Q5_1 add 0.5f, Q5_1 without a clamp); the _impl paths weight by qw*sqrt(sigma2 + x^2)
  * with sigma2 the mean square of the whole row. */
-#include <float.h>
 #include <math.h>
 #include <string.h>
 #include "qk.h"
+#include "search.h"
 
-static void put_f16(uint8_t *p, float f) {
+QK_INLINE void put_f16(uint8_t *p, float f) {
     const uint16_t h = qk_f32_to_f16(f);
     p[0] = (uint8_t)(h & 0xff);
     p[1] = (uint8_t)(h >> 8);
@@ -18,18 +18,18 @@ static void put_f16(uint8_t *p, float f) {
 
 static float get_f16(const uint8_t *p) { return qk_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
 
-static float row_sigma2(const float *x, int64_t n) {
+QK_INLINE float row_sigma2(const float *x, int64_t n) {
     float sum_x2 = 0;
     for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
     return sum_x2 / (float)n;
 }
 
-static void importance(const float *xb, const float *qw, float sigma2, float *w) {
+QK_INLINE void importance(const float *xb, const float *qw, float sigma2, float *w) {
     for (int j = 0; j < 32; ++j) w[j] = qw[j] * sqrtf(sigma2 + xb[j] * xb[j]);
 }
 
 /* 5th bits of 32 levels -> qh, nibbles -> qs (elements j and j+16 share a byte) */
-static void pack_q5(const uint8_t *L, uint8_t *qs, uint8_t *qh_out) {
+QK_INLINE void pack_q5(const uint8_t *L, uint8_t *qs, uint8_t *qh_out) {
     uint32_t qh = 0;
     for (int j = 0; j < 16; ++j) {
         const uint8_t a = L[j], b = L[j + 16];
@@ -42,11 +42,9 @@ static void pack_q5(const uint8_t *L, uint8_t *qs, uint8_t *qh_out) {
 
 /* ---- Q4_0: d f16, qs[16] ; value = d*(q-8) ---------------------------------------------- */
 
-static void q4_0_block_ref(const float *x, uint8_t *y) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < 32; j++) {
-        if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
-    }
+QK_INLINE void q4_0_block_ref(const float *x, uint8_t *y) {
+    float amax;
+    const float max = qk_signed_absmax32(x, &amax);
     const float d = max / -8;
     const float id = d ? 1.0f / d : 0.0f;
     put_f16(y, d);
@@ -58,7 +56,7 @@ static void q4_0_block_ref(const float *x, uint8_t *y) {
     }
 }
 
-void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+QK_CLONES void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
     for (int64_t r = 0; r < nrows; ++r) {
         const float *x = src + r * n;
         uint8_t *y = dst + r * (n / 32) * 18;
@@ -87,12 +85,9 @@ void qk_dequantize_q4_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n
 
 /* ---- Q4_1: d f16, m f16, qs[16] ; value = d*q + m ------------------------------------------ */
 
-static void q4_1_block_ref(const float *x, uint8_t *y) {
-    float min = FLT_MAX, max = -FLT_MAX;
-    for (int j = 0; j < 32; j++) {
-        if (x[j] < min) min = x[j];
-        if (x[j] > max) max = x[j];
-    }
+QK_INLINE void q4_1_block_ref(const float *x, uint8_t *y) {
+    float min, max;
+    qk_minmax32(x, &min, &max);
     const float d = (max - min) / 15;
     const float id = d ? 1.0f / d : 0.0f;
     put_f16(y, d);
@@ -105,13 +100,42 @@ static void q4_1_block_ref(const float *x, uint8_t *y) {
     }
 }
 
-void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+/* Q4_1 / Q5_1 with importance: QK_LANES blocks of a row searched at once (make_qkx3 per lane) */
+QK_INLINE void qkx_blocks(const float *x, const float *qw, float sigma2, int nmax, float *d, float *min,
+                          uint8_t L[32][QK_LANES]) {
+    float X[32][QK_LANES], W[32][QK_LANES];
+    for (int b = 0; b < QK_LANES; ++b) {
+        float w[32];
+        importance(x + 32 * b, qw + 32 * b, sigma2, w);
+        for (int j = 0; j < 32; ++j) {
+            X[j][b] = x[32 * b + j];
+            W[j][b] = w[j];
+        }
+    }
+    qk_make_qkx_lanes(X, W, nmax, -0.9f, 0.05f, 36, 1, d, min, L);
+}
+
+QK_CLONES void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
     for (int64_t r = 0; r < nrows; ++r) {
         const float *x = src + r * n;
         uint8_t *y = dst + r * (n / 32) * 20;
         const float sigma2 = qw ? row_sigma2(x, n) : 0;
         for (int64_t ib = 0; ib < n / 32; ++ib, y += 20) {
             if (!qw) { q4_1_block_ref(x + 32 * ib, y); continue; }
+            if (ib % QK_LANES == 0 && ib + QK_LANES <= n / 32) {
+                float d[QK_LANES], min[QK_LANES];
+                uint8_t L[32][QK_LANES];
+                qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, 15, d, min, L);
+                for (int b = 0; b < QK_LANES; ++b) {
+                    uint8_t *yb = y + 20 * b;
+                    put_f16(yb, d[b]);
+                    put_f16(yb + 2, -min[b]);
+                    for (int j = 0; j < 16; ++j) yb[4 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
+                }
+                ib += QK_LANES - 1;
+                y += 20 * (QK_LANES - 1);
+                continue;
+            }
             float w[32], min;
             uint8_t L[32], Laux[32];
             importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
@@ -136,11 +160,9 @@ void qk_dequantize_q4_1(const uint8_t *src, float *dst, int64_t nrows, int64_t n
 
 /* ---- Q5_0: d f16, qh u32, qs[16] ; value = d*(q-16) --------------------------------------- */
 
-static void q5_0_block_ref(const float *x, uint8_t *y) {
-    float amax = 0.0f, max = 0.0f;
-    for (int j = 0; j < 32; j++) {
-        if (amax < fabsf(x[j])) { amax = fabsf(x[j]); max = x[j]; }
-    }
+QK_INLINE void q5_0_block_ref(const float *x, uint8_t *y) {
+    float amax;
+    const float max = qk_signed_absmax32(x, &amax);
     const float d = max / -16;
     const float id = d ? 1.0f / d : 0.0f;
     put_f16(y, d);
@@ -149,7 +171,7 @@ static void q5_0_block_ref(const float *x, uint8_t *y) {
     pack_q5(L, y + 6, y + 2);
 }
 
-void qk_quantize_q5_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+QK_CLONES void qk_quantize_q5_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
     for (int64_t r = 0; r < nrows; ++r) {
         const float *x = src + r * n;
         uint8_t *y = dst + r * (n / 32) * 22;
@@ -182,12 +204,9 @@ void qk_dequantize_q5_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n
 
 /* ---- Q5_1: d f16, m f16, qh u32, qs[16] ; value = d*q + m ---------------------------------- */
 
-static void q5_1_block_ref(const float *x, uint8_t *y) {
-    float min = FLT_MAX, max = -FLT_MAX;
-    for (int j = 0; j < 32; j++) {
-        if (x[j] < min) min = x[j];
-        if (x[j] > max) max = x[j];
-    }
+QK_INLINE void q5_1_block_ref(const float *x, uint8_t *y) {
+    float min, max;
+    qk_minmax32(x, &min, &max);
     const float d = (max - min) / 31;
     const float id = d ? 1.0f / d : 0.0f;
     put_f16(y, d);
@@ -197,13 +216,28 @@ static void q5_1_block_ref(const float *x, uint8_t *y) {
     pack_q5(L, y + 8, y + 4);
 }
 
-void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+QK_CLONES void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
     for (int64_t r = 0; r < nrows; ++r) {
         const float *x = src + r * n;
         uint8_t *y = dst + r * (n / 32) * 24;
         const float sigma2 = qw ? row_sigma2(x, n) : 0;
         for (int64_t ib = 0; ib < n / 32; ++ib, y += 24) {
             if (!qw) { q5_1_block_ref(x + 32 * ib, y); continue; }
+            if (ib % QK_LANES == 0 && ib + QK_LANES <= n / 32) {
+                float d[QK_LANES], min[QK_LANES];
+                uint8_t L[32][QK_LANES], Lb[32];
+                qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, 31, d, min, L);
+                for (int b = 0; b < QK_LANES; ++b) {
+                    uint8_t *yb = y + 24 * b;
+                    put_f16(yb, d[b]);
+                    put_f16(yb + 2, -min[b]);
+                    for (int j = 0; j < 32; ++j) Lb[j] = L[j][b];
+                    pack_q5(Lb, yb + 8, yb + 4);
+                }
+                ib += QK_LANES - 1;
+                y += 24 * (QK_LANES - 1);
+                continue;
+            }
             float w[32], min;
             uint8_t L[32], Laux[32];
             importance(x + 32 * ib, qw + 32 * ib, sigma2, w);

@@ -6,13 +6,10 @@
 #include <math.h>
 #include <string.h>
 #include "qk.h"
+#include "search.h"
 
-static void quantize_block(const float *x, uint8_t *out) {
-    float amax = 0.0f;
-    for (int j = 0; j < QK8_0; j++) {
-        const float v = fabsf(x[j]);
-        amax = amax > v ? amax : v;
-    }
+QK_INLINE void quantize_block(const float *x, uint8_t *out) {
+    const float amax = qk_absmax32(x);
     const float d = amax / 127.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     const uint16_t dh = qk_f32_to_f16(d);
@@ -24,7 +21,7 @@ static void quantize_block(const float *x, uint8_t *out) {
     }
 }
 
-void qk_quantize_q8_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n_per_row, const float *qw) {
+QK_CLONES void qk_quantize_q8_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n_per_row, const float *qw) {
     (void)qw;  /* ggml's quantize_q8_0 ignores the importance matrix too */
     const int64_t nb = nrows * (n_per_row / QK8_0);
     for (int64_t i = 0; i < nb; i++) quantize_block(src + i * QK8_0, dst + i * Q8_0_BYTES);

@@ -22,12 +22,19 @@ static inline int qk_nearest_int(float fval) {
     return (i & 0x007fffff) - 0x00400000;
 }
 
-/* scale searches (search.c), as ggml-quants.c defines them */
-float qk_make_qx_quants(int n, int nmax, const float *x, int8_t *L, int rmse_type, const float *qw);
-float qk_make_qkx_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
-                         uint8_t *Laux, float rmin, float rdelta, int nstep, int v3);
-float qk_make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw);
-int qk_best_index_int8(int n, const int8_t *val, float x);
+/* Hot kernels are compiled twice, for AVX2 and for the baseline, and picked at load time. The
+ * float operations and their order are the same in both (no FMA: -ffp-contract=off). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define QK_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define QK_CLONES
+#endif
+/* helpers are forced inline so that each clone gets its own copy compiled for its CPU */
+#if defined(__GNUC__)
+#define QK_INLINE static inline __attribute__((always_inline))
+#else
+#define QK_INLINE static inline
+#endif
 
 /* Every block type: quantize rows (qw: per-column importance or NULL), dequantize rows. */
 #define QK_DECLARE(T) \
