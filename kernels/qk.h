@@ -10,6 +10,7 @@
 #define QK8_0 32
 #define Q8_0_BYTES 34
 #define QK_K 256
+#define QK_LANES 8  /* blocks searched at once, one per SIMD lane */
 #define QK_GROUP_MAX_EPS 1e-15f
 #define QK_MAX(a, b) ((a) > (b) ? (a) : (b))
 #define QK_MIN(a, b) ((a) < (b) ? (a) : (b))
@@ -35,6 +36,13 @@ static inline int qk_nearest_int(float fval) {
 #else
 #define QK_INLINE static inline
 #endif
+
+/* the 8-lane scale search in AVX2 (lanes_avx2.c), used when the CPU has it and
+ * QCONVERT_NO_SIMD is not set; search.h's plain C computes the same bytes otherwise */
+int qk_have_avx2(void);
+void qk_make_qkx_lanes_avx2(const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax, float rmin,
+                            float rdelta, int nstep, int v3, float *scale_out, float *the_min_out,
+                            uint8_t L[32][QK_LANES]);
 
 /* Every block type: quantize rows (qw: per-column importance or NULL), dequantize rows. */
 #define QK_DECLARE(T) \

@@ -207,7 +207,6 @@ QK_INLINE int qk_best_index_int8(int n, const int8_t *val, float x) {
 /* make_qkx2/3_quants for QK_LANES independent blocks of 32 at once, block b in lane b of
  * X[i][b]. Each lane performs exactly the scalar function's float operations in the same order
  * (its sums still run i = 0..31); lanes only let the compiler use SIMD across blocks. */
-#define QK_LANES 8
 
 /* Extremes of a block of 32, computed in 8 partial lanes so that they vectorize. A maximum or
  * minimum of non-NaN floats does not depend on the order it is taken in, except between +0 and
@@ -268,7 +267,7 @@ QK_INLINE int32_t qk_lane_int(float f) {
     return (u.i & 0x007fffff) - 0x00400000;
 }
 
-QK_INLINE void qk_make_qkx_lanes(const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax,
+QK_INLINE void qk_make_qkx_lanes_c(const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax,
                                      float rmin, float rdelta, int nstep, int v3, float *scale_out,
                                      float *the_min_out, uint8_t L[32][QK_LANES]) {
     float mn[QK_LANES], mx[QK_LANES], sum_w[QK_LANES], sum_x[QK_LANES];
@@ -373,6 +372,15 @@ QK_INLINE void qk_make_qkx_lanes(const float X[32][QK_LANES], const float W[32][
             the_min_out[b] = -minv[b];
         }
     }
+}
+
+QK_INLINE void qk_make_qkx_lanes(const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax, float rmin,
+                                 float rdelta, int nstep, int v3, float *scale_out, float *the_min_out,
+                                 uint8_t L[32][QK_LANES]) {
+    if (qk_have_avx2())
+        qk_make_qkx_lanes_avx2(X, W, nmax, rmin, rdelta, nstep, v3, scale_out, the_min_out, L);
+    else
+        qk_make_qkx_lanes_c(X, W, nmax, rmin, rdelta, nstep, v3, scale_out, the_min_out, L);
 }
 
 #endif
