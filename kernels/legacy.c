@@ -48,12 +48,12 @@ QK_INLINE void q4_0_block_ref(const float *x, uint8_t *y) {
     const float d = max / -8;
     const float id = d ? 1.0f / d : 0.0f;
     put_f16(y, d);
-    for (int j = 0; j < 16; ++j) {
-        const float x0 = x[j] * id, x1 = x[16 + j] * id;
-        const uint8_t a = (uint8_t)QK_MIN(15, (int8_t)(x0 + 8.5f));
-        const uint8_t b = (uint8_t)QK_MIN(15, (int8_t)(x1 + 8.5f));
-        y[2 + j] = (uint8_t)(a | (b << 4));
+    int32_t L[32];
+    for (int j = 0; j < 32; ++j) {
+        const int32_t l = (int32_t)(x[j] * id + 8.5f);  /* truncation, as (int8_t) of it */
+        L[j] = l < 15 ? l : 15;
     }
+    for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
 }
 
 QK_CLONES void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
@@ -92,12 +92,12 @@ QK_INLINE void q4_1_block_ref(const float *x, uint8_t *y) {
     const float id = d ? 1.0f / d : 0.0f;
     put_f16(y, d);
     put_f16(y + 2, min);
-    for (int j = 0; j < 16; ++j) {
-        const float x0 = (x[j] - min) * id, x1 = (x[16 + j] - min) * id;
-        const uint8_t a = (uint8_t)QK_MIN(15, (int8_t)(x0 + 0.5f));
-        const uint8_t b = (uint8_t)QK_MIN(15, (int8_t)(x1 + 0.5f));
-        y[4 + j] = (uint8_t)(a | (b << 4));
+    int32_t L[32];
+    for (int j = 0; j < 32; ++j) {
+        const int32_t l = (int32_t)((x[j] - min) * id + 0.5f);  /* truncation, as (int8_t) of it */
+        L[j] = l < 15 ? l : 15;
     }
+    for (int j = 0; j < 16; ++j) y[4 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
 }
 
 /* Q4_1 / Q5_1 with importance: QK_LANES blocks of a row searched at once (make_qkx3 per lane) */

@@ -230,9 +230,15 @@ QK_INLINE float qk_signed_absmax32(const float *x, float *amax_out) {
     const float amax = qk_absmax32(x);
     *amax_out = amax;
     if (amax == 0) return 0.0f;
-    for (int j = 0; j < 32; ++j)
-        if (fabsf(x[j]) == amax) return x[j];
-    return 0.0f;
+    uint32_t hit = 0;  /* which elements reach amax; the first of them is ggml's `max` */
+    for (int j = 0; j < 32; ++j) hit |= (uint32_t)(fabsf(x[j]) == amax) << j;
+#if defined(__GNUC__)
+    return x[__builtin_ctz(hit)];
+#else
+    int j = 0;
+    while (!(hit & 1u)) { hit >>= 1; ++j; }
+    return x[j];
+#endif
 }
 
 QK_INLINE void qk_minmax32(const float *x, float *min_out, float *max_out) {

@@ -136,6 +136,10 @@ class Blocks(BlockType):
             qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
             if qw.size != n:
                 raise ValueError(f"{cls.name}: importance weights must have {n} values, got {qw.size}")
+            bad = np.flatnonzero(~np.isfinite(qw) | (qw < 0))
+            if bad.size:
+                raise ValueError(f"{cls.name}: importance weights must be finite and >= 0, got {qw[bad[0]]} "
+                                 f"at column {bad[0]}")
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if _k is None:
             return cls.reference.quantize(rows, qw)

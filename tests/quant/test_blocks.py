@@ -168,6 +168,10 @@ def test_rows_that_do_not_fit_are_refused():
         _kernels.quantize("Q8_0", np.zeros(96, np.float32), np.zeros(102, np.uint8), 2, 48, 1)
     with pytest.raises(ValueError, match="importance weights must have 256 values, got 255"):
         blocks.IQ4_NL.quantize(np.zeros((2, 256), np.float32), 1, np.ones(255, np.float32))
+    qw = np.ones(256, np.float32)
+    qw[7] = np.nan
+    with pytest.raises(ValueError, match="finite and >= 0, got nan at column 7"):
+        blocks.Q4_K.quantize(np.zeros((2, 256), np.float32), 1, qw)
 
 
 def test_duplicate_block_type_is_an_error():
