@@ -12,11 +12,12 @@ REAL = Path(os.environ.get("QCONVERT_REAL", Path.home() / ".cache" / "qconvert-r
 LLAMACPP = Path(os.environ.get("QCONVERT_LLAMACPP", Path.home() / ".cache" / "qconvert-llamacpp"))
 CONVERT = LLAMACPP / "llama.cpp" / "convert_hf_to_gguf.py"
 CONVERT_PY = LLAMACPP / "venv" / "bin" / "python"
+QUANTIZE = LLAMACPP / "llama.cpp" / "build" / "bin" / "llama-quantize"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "tools"
 
 
 def need_reference() -> None:
-    missing = [p for p in (CONVERT, CONVERT_PY, REAL / "hf") if not p.exists()]
+    missing = [p for p in (CONVERT, CONVERT_PY, QUANTIZE, REAL / "hf") if not p.exists()]
     if missing:
         sys.exit(f"missing {missing[0]}: run {SHARED}/real-models.sh and {SHARED}/llama-cpp-tools.sh first")
 

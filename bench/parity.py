@@ -1,10 +1,14 @@
-"""Byte parity with llama.cpp's convert_hf_to_gguf.py on the real models.
+"""Byte parity with llama.cpp's tools on the real models.
 
-usage: python bench/parity.py [MODEL ...]   (default: smollm2-135m qwen2.5-0.5b; targets q8_0 f16)
+usage: python bench/parity.py [--targets q8_0,f16,q4_k_m,iq4_nl] [MODEL ...]
+       (default models: smollm2-135m qwen2.5-0.5b)
 
-For each model and target: same tensor names, shapes and types, tensor data byte-identical,
-same metadata keys and values (order aside; documented differences listed), and identical
-greedy generation of 32 tokens through llama-cpp-python. Exits non-zero on any mismatch.
+The reference for q8_0/f16 is convert_hf_to_gguf.py --outtype X; for q4_k_m/iq4_nl it is
+convert_hf_to_gguf.py --outtype f32 followed by llama-quantize (no imatrix), against
+`qconvert --to X --no-calib`. For each: same tensor names, shapes and types, tensor data
+byte-identical, same metadata keys and values, identical greedy generation of 32 tokens through
+llama-cpp-python; whether the whole files are byte-identical is reported too. Exits non-zero on
+any mismatch.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REAL, measure, need_reference, qconvert_cmd, reference_convert_cmd  # noqa: E402
+from common import QUANTIZE, REAL, measure, need_reference, qconvert_cmd, reference_convert_cmd  # noqa: E402
 
 PROMPT = "The history of the city of London begins"
 
@@ -70,24 +74,42 @@ def compare(ours: Path, ref: Path) -> list[str]:
     return problems
 
 
+MIXTURES = {"q4_k_m": "Q4_K_M", "iq4_nl": "IQ4_NL"}
+
+
 def main() -> int:
+    import argparse
+    import filecmp
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--targets", default="q8_0,f16,q4_k_m,iq4_nl")
+    ap.add_argument("models", nargs="*", default=["smollm2-135m", "qwen2.5-0.5b"])
+    args = ap.parse_args()
     need_reference()
-    models = sys.argv[1:] or ["smollm2-135m", "qwen2.5-0.5b"]
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for m in models:
+        for m in args.models:
             src = REAL / "hf" / m
-            for target in ("q8_0", "f16"):
+            for target in args.targets.split(","):
                 ours, ref = tmp / f"ours-{m}-{target}.gguf", tmp / f"ref-{m}-{target}.gguf"
-                measure(qconvert_cmd() + [str(src), "--to", target, "-o", str(ours), "--quiet", "--force"])
-                measure(reference_convert_cmd(src, target, ref))
+                extra = ["--no-calib"] if target in MIXTURES else []
+                measure(qconvert_cmd() + [str(src), "--to", target, "-o", str(ours), "--quiet", "--force"] + extra)
+                if target in MIXTURES:
+                    f32 = tmp / f"ref-{m}-f32.gguf"
+                    if not f32.exists():
+                        measure(reference_convert_cmd(src, "f32", f32))
+                    measure([str(QUANTIZE), str(f32), str(ref), MIXTURES[target], "2"])
+                else:
+                    measure(reference_convert_cmd(src, target, ref))
                 problems = compare(ours, ref)
+                whole = filecmp.cmp(ours, ref, shallow=False)
                 same_gen = generate(ours) == generate(ref)
                 if not same_gen:
                     problems.append("greedy generation differs")
                 status = "IDENTICAL" if not problems else "DIFFERENT"
-                print(f"{m:14s} {target:5s} {status}: tensors, metadata, 32-token greedy generation"
+                print(f"{m:14s} {target:6s} {status}: tensors, metadata, 32-token greedy generation; "
+                      f"whole file {'byte-identical' if whole else 'differs (key or tensor order)'}"
                       + ("" if not problems else "\n  " + "\n  ".join(problems[:20])), flush=True)
                 failed |= bool(problems)
                 ours.unlink()

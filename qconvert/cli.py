@@ -28,8 +28,17 @@ if not out.is_terminal:
 # ---- options, defined once ---------------------------------------------------------------------
 Model = Annotated[str, typer.Argument(help="Model directory, or a hub id (resolved through the local cache "
                                            "when HF_HUB_OFFLINE=1).", show_default=False)]
-To = Annotated[str, typer.Option("--to", "-t", help="Target(s), comma-separated: f32, f16, bf16, q8_0. "
-                                                    "Several targets read the checkpoint once.")]
+To = Annotated[str, typer.Option("--to", "-t", help="Target(s), comma-separated: f32, f16, bf16, q8_0, q4_k_m, "
+                                                    "iq4_nl. Several targets read the checkpoint once.")]
+NoCalib = Annotated[bool, typer.Option("--no-calib", help="q4_k_m/iq4_nl: plain round-to-nearest, no importance "
+                                                          "matrix (llama-quantize without --imatrix).")]
+TensorType = Annotated[Optional[list[str]], typer.Option("--tensor-type", help="q4_k_m/iq4_nl: REGEX=TYPE for the "
+                                                         "tensors whose GGUF name matches (repeatable; first wins).")]
+OutputType = Annotated[Optional[str], typer.Option("--output-tensor-type", help="q4_k_m/iq4_nl: type of output.weight.")]
+EmbedType = Annotated[Optional[str], typer.Option("--token-embedding-type",
+                                                  help="q4_k_m/iq4_nl: type of token_embd.weight.")]
+Pure = Annotated[bool, typer.Option("--pure", help="q4_k_m/iq4_nl: the base type for every quantizable tensor, "
+                                                   "no per-tensor mixture.")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory, or a .gguf file name for "
                                                                         "one target. Default: MODEL-TYPE.gguf here.")]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
@@ -50,7 +59,9 @@ def _cores() -> int:
 @app.command("convert")
 def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: Revision = None,
                 dry_run: DryRun = False, json_: Json = False, quiet: Quiet = False, force: Force = False,
-                threads: Threads = 0) -> None:
+                threads: Threads = 0, no_calib: NoCalib = False, tensor_type: TensorType = None,
+                output_tensor_type: OutputType = None, token_embedding_type: EmbedType = None,
+                pure: Pure = False) -> None:
     """Convert MODEL to one or more GGUF files ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -62,16 +73,27 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
       qconvert ./model --to q8_0 --dry-run              [dim]# the plan, no output[/dim]
 
       qconvert ./model --to q8_0 --json > report.json   [dim]# for CI and scripts[/dim]
+
+      qconvert ./model --to q4_k_m --no-calib           [dim]# llama-quantize Q4_K_M, one step[/dim]
     """
     from qconvert.pipeline import convert
-    from qconvert.quant.recipes import parse_targets
+    from qconvert.quant.recipes import Overrides, parse_targets, parse_tensor_types, parse_type
 
     recipes = parse_targets(to)
+    mixtures = [r.name for r in recipes if r.quantizes_like_llama_quantize]
+    if mixtures and not no_calib:
+        raise UsageError(f"--to {mixtures[0]}: calibrated 4-bit files (the coming default) are not built yet; "
+                         "pass --no-calib for llama-quantize's uncalibrated mixture")
+    overrides = Overrides(
+        tensor_types=parse_tensor_types(tensor_type or []),
+        output=parse_type("--output-tensor-type", output_tensor_type) if output_tensor_type else None,
+        token_embedding=parse_type("--token-embedding-type", token_embedding_type) if token_embedding_type else None,
+        pure=pure)
     n_threads = threads or _cores()
     bars: list[Progress] = []
     progress = None if (quiet or json_ or dry_run or not err.is_terminal) else (lambda plan: _progress(plan, bars))
     try:
-        report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress)
+        report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress, overrides)
     finally:
         for bar in bars:  # also on errors: give the terminal its cursor back
             bar.stop()

@@ -19,7 +19,7 @@ from qconvert.arch.base import PlannedTensor
 from qconvert.errors import InputError, Interrupted
 from qconvert.plan import Plan, make_plan
 from qconvert.quant import blocks
-from qconvert.quant.recipes import Recipe
+from qconvert.quant.recipes import Overrides, Recipe
 
 CHUNK_ELEMENTS = 1 << 22  # rows are streamed in chunks of about 16 MB of float32
 
@@ -54,9 +54,9 @@ def peak_rss_bytes() -> int:
 
 def convert(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
             force: bool = False, threads: int = 1, dry_run: bool = False,
-            progress: Callable[[Plan], Progress] | None = None) -> Report:
+            progress: Callable[[Plan], Progress] | None = None, overrides: Overrides | None = None) -> Report:
     start = time.perf_counter()
-    plan = make_plan(source, recipes, output, revision, force, dry_run)
+    plan = make_plan(source, recipes, output, revision, force, dry_run, overrides)
     try:
         report = describe(plan, threads, dry_run)
         if not dry_run:

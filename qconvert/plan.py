@@ -17,7 +17,7 @@ from qconvert.arch import family_for
 from qconvert.arch.base import Family, PlannedTensor
 from qconvert.errors import InputError, OutputError, UsageError
 from qconvert.quant.blocks import BlockType
-from qconvert.quant.recipes import Recipe
+from qconvert.quant.recipes import Overrides, Recipe, layer_order_key
 from qconvert.read.checkpoint import Checkpoint, open_checkpoint
 from qconvert.writers.gguf import GGUFWriter, TensorInfo
 
@@ -93,12 +93,13 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFV
 
 
 def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
-              force: bool = False, dry_run: bool = False) -> Plan:
+              force: bool = False, dry_run: bool = False, overrides: Overrides | None = None) -> Plan:
     ckpt = open_checkpoint(source, revision)
     try:
         family = family_for(ckpt)
         family.check_tokenizer()
-        tensors = family.plan_tensors()
+        # one order for every output, llama-quantize's, so that one read feeds them all
+        tensors = sorted(family.plan_tensors(), key=lambda t: layer_order_key(t.name))
         kv = metadata_kv(family, tensors)
         paths = output_paths(ckpt, recipes, output)
     except BaseException:
@@ -106,9 +107,17 @@ def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, re
         raise
     outputs = []
     for recipe, path in zip(recipes, paths):
-        types = [recipe.choose(t) for t in tensors]
+        types = recipe.assign(tensors, family.shape(), overrides)
+        for t, ty in zip(tensors, types):
+            if not ty.fits(t.shape[-1]):
+                raise UsageError(f"{t.name}: rows of {t.shape[-1]} do not fit {ty.name} (blocks of {ty.block}); "
+                                 "choose another type for it")
         infos = [TensorInfo(t.name, t.shape, int(ty.ggml), ty.nbytes(t.shape)) for t, ty in zip(tensors, types)]
         out_kv = dict(kv)
+        if recipe.quantizes_like_llama_quantize:
+            # llama-quantize copies the converted file's keys, then sets these two, which moves them last
+            for key in ("general.quantization_version", "general.file_type"):
+                out_kv[key] = out_kv.pop(key)
         out_kv["general.file_type"] = GGUFValue(int(recipe.file_type), VT.UINT32)
         outputs.append(OutputPlan(recipe, path, types, GGUFWriter(path, out_kv, infos, force=force)))
     plan = Plan(ckpt, family, tensors, outputs)

@@ -88,14 +88,19 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
 
     torch.manual_seed(seed)
     common = dict(initializer_range=0.08, tie_word_embeddings=False)
-    if family in ("llama", "llama-tied", "mistral"):
-        style = "llama3" if family == "llama" else "smollm"
+    if family in ("llama", "llama-tied", "mistral", "llama-wide"):
+        style = "llama3" if family in ("llama", "llama-wide") else "smollm"
         ids = bpe_tokenizer(out, style, "<|begin_of_text|>", "<|end_of_text|>")
         cls = tf.MistralConfig if family == "mistral" else tf.LlamaConfig
         extra = {"sliding_window": None} if family == "mistral" else {}
-        cfg = cls(vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                  bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"], **common, **extra)
+        # llama-wide: rows of 256 and 512 so the K-quants apply, 8 layers so llama-quantize's
+        # per-layer choices vary, 4 query heads per KV head
+        dims = (dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
+                     num_key_value_heads=2) if family == "llama-wide" else
+                dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2))
+        cfg = cls(vocab_size=ids["vocab_size"], max_position_embeddings=256, rms_norm_eps=1e-5,
+                  bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"], **dims, **common, **extra)
         cfg.tie_word_embeddings = family == "llama-tied"
         model = (tf.MistralForCausalLM if family == "mistral" else tf.LlamaForCausalLM)(cfg)
     elif family in ("qwen2", "qwen3"):

@@ -88,6 +88,13 @@ class Family:
             seen.add(p.name)
         return out
 
+    def shape(self):
+        """Head counts and depth, as llama-quantize's choices read them."""
+        from qconvert.quant.recipes import ModelShape
+
+        n_head = self.cfg.need(int, "num_attention_heads", "n_head", "n_heads")
+        return ModelShape(self.n_layers, n_head, self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=n_head))
+
     def skip(self, hf_name: str) -> bool:
         return False
 

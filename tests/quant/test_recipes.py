@@ -1,0 +1,112 @@
+"""q4_k_m and iq4_nl against llama.cpp's own quantizer: llama_model_quantize (the code behind
+llama-quantize, through llama-cpp-python) applied to our F32 conversion must produce the very
+file `--to q4_k_m --no-calib` writes in one step, byte for byte."""
+from __future__ import annotations
+
+import ctypes
+import filecmp
+import re
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf import GGUFReader
+
+from qconvert.pipeline import convert
+from qconvert.quant import blocks
+from qconvert.quant.recipes import Overrides, parse_targets, use_more_bits
+from tests.helpers import one_line_error, run_cli
+
+FTYPES = {"q4_k_m": 15, "iq4_nl": 25}
+
+
+def llama_quantize(src, dst, ftype: int, **params) -> None:
+    import llama_cpp
+
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.nthread = 2
+    for k, v in params.items():
+        setattr(p, k, v)
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
+
+
+@pytest.mark.parametrize("recipe", ["q4_k_m", "iq4_nl"])
+@pytest.mark.parametrize("family", ["llama-wide", "llama-tied", "qwen2", "gpt2", "gemma3"])
+def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_path):
+    src = tiny(family)
+    f32 = convert(str(src), parse_targets("f32"), tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(f32, ref, FTYPES[recipe])
+    ours = convert(str(src), parse_targets(recipe), tmp_path / "ours.gguf", threads=2).outputs[0]["path"]
+    assert filecmp.cmp(ours, ref, shallow=False), "not byte-identical to llama-quantize's file"
+
+
+def test_the_mixture_varies_by_layer(tiny, tmp_path):
+    """On the 8-layer model the mixture is really mixed: Q6_K where use_more_bits says so."""
+    rep = convert(str(tiny("llama-wide")), parse_targets("q4_k_m"), tmp_path / "x.gguf", threads=2)
+    types = {t.name: t.tensor_type for t in GGUFReader(rep.outputs[0]["path"]).tensors}
+    downs = [types[f"blk.{i}.ffn_down.weight"] for i in range(8)]
+    assert downs == [GT.Q6_K if use_more_bits(i, 8) else GT.Q4_K for i in range(8)]
+    assert types["blk.3.ffn_up.weight"] == GT.Q4_K and types["output.weight"] == GT.Q6_K
+    assert types["blk.0.attn_norm.weight"] == GT.F32
+
+
+@pytest.mark.parametrize("recipe", ["q4_k_m", "iq4_nl"])
+def test_overrides_match_llama_quantize(recipe, tiny, tmp_path):
+    src = tiny("llama-wide")
+    f32 = convert(str(src), parse_targets("f32"), tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(f32, ref, FTYPES[recipe], output_tensor_type=int(GT.Q8_0), token_embedding_type=int(GT.Q5_K))
+    o = Overrides(output=blocks.Q8_0, token_embedding=blocks.Q5_K)
+    ours = convert(str(src), parse_targets(recipe), tmp_path / "ours.gguf", threads=2, overrides=o).outputs[0]["path"]
+    assert filecmp.cmp(ours, ref, shallow=False)
+    pure = tmp_path / "pure.gguf"
+    llama_quantize(f32, pure, FTYPES[recipe], pure=True)
+    ours = convert(str(src), parse_targets(recipe), tmp_path / "ours-pure.gguf", threads=2,
+                   overrides=Overrides(pure=True)).outputs[0]["path"]
+    assert filecmp.cmp(ours, pure, shallow=False)
+
+
+def test_tensor_type_override(tiny, tmp_path, capsys):
+    src = tiny("llama-wide")
+    out = tmp_path / "x.gguf"
+    code, _, err = run_cli([src, "--to", "q4_k_m", "--no-calib", "-o", out, "--tensor-type", r"ffn_up=q8_0",
+                            "--tensor-type", r"blk\.0\.attn_q=Q6_K"], capsys)
+    assert code == 0, err
+    types = {t.name: t.tensor_type for t in GGUFReader(out).tensors}
+    assert all(types[f"blk.{i}.ffn_up.weight"] == GT.Q8_0 for i in range(8))
+    assert types["blk.0.attn_q.weight"] == GT.Q6_K and types["blk.1.attn_q.weight"] == GT.Q4_K
+    code, _, err = run_cli([src, "--to", "q4_k_m", "--no-calib", "-o", out, "-f", "--tensor-type", "ffn_up"], capsys)
+    assert code == 2
+    one_line_error(err, "REGEX=TYPE")
+    code, _, err = run_cli([src, "--to", "q4_k_m", "--no-calib", "-o", out, "-f", "--output-tensor-type", "q9"], capsys)
+    assert code == 2
+    one_line_error(err, "--output-tensor-type", "q9")
+
+
+def test_rows_that_fit_no_block_fall_back_like_llama_quantize(tiny, tmp_path):
+    """gpt_neox here has rows of 80: Q4_K -> Q5_0 does not fit either, so F16, as llama-quantize."""
+    rep = convert(str(tiny("gpt_neox")), parse_targets("q4_k_m"), tmp_path / "x.gguf", threads=2)
+    types = {t.name: t.tensor_type for t in GGUFReader(rep.outputs[0]["path"]).tensors}
+    assert types["blk.0.ffn_up.weight"] == GT.F16  # rows of 80
+    assert types["blk.0.ffn_down.weight"] in (GT.Q5_0, GT.Q8_0)  # rows of 160: 32-blocks fit
+
+
+def test_mixtures_need_no_calib_for_now(tiny, tmp_path, capsys):
+    code, _, err = run_cli([tiny("qwen2"), "--to", "q4_k_m", "-o", tmp_path / "x.gguf"], capsys)
+    assert code == 2
+    one_line_error(err, "--no-calib")
+
+
+def test_dry_run_shows_the_mixture(tiny, capsys, tmp_path):
+    code, out, err = run_cli([tiny("llama-wide"), "--to", "q4_k_m,iq4_nl", "--no-calib", "--dry-run", "--json",
+                              "-o", tmp_path], capsys)
+    assert code == 0, err
+    import json
+    plan = json.loads(out)
+    down0 = next(t for t in plan["tensors"] if t["name"] == "blk.0.ffn_down.weight")
+    assert down0["types"] == ["Q6_K", "Q5_K"]  # q4_k_m: use_more_bits(0); iq4_nl: first eighth, no imatrix
+    assert all(re.match(r"^\d+\.\d+$", str(o["bits_per_weight"])) for o in plan["outputs"])
+    assert np.isclose(plan["outputs"][0]["bits_per_weight"], plan["outputs"][0]["tensor_bytes"] * 8 / plan["n_params"],
+                      atol=1e-3)
