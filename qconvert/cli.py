@@ -37,6 +37,8 @@ TensorType = Annotated[Optional[list[str]], typer.Option("--tensor-type", help="
 OutputType = Annotated[Optional[str], typer.Option("--output-tensor-type", help="q4_k_m/iq4_nl: type of output.weight.")]
 EmbedType = Annotated[Optional[str], typer.Option("--token-embedding-type",
                                                   help="q4_k_m/iq4_nl: type of token_embd.weight.")]
+ImatrixFile = Annotated[Optional[Path], typer.Option("--imatrix", help="q4_k_m/iq4_nl: use this llama.cpp importance "
+                                                                   "matrix (.gguf or legacy .dat) instead of calibrating.")]
 Pure = Annotated[bool, typer.Option("--pure", help="q4_k_m/iq4_nl: the base type for every quantizable tensor, "
                                                    "no per-tensor mixture.")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory, or a .gguf file name for "
@@ -61,7 +63,7 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
                 dry_run: DryRun = False, json_: Json = False, quiet: Quiet = False, force: Force = False,
                 threads: Threads = 0, no_calib: NoCalib = False, tensor_type: TensorType = None,
                 output_tensor_type: OutputType = None, token_embedding_type: EmbedType = None,
-                pure: Pure = False) -> None:
+                pure: Pure = False, imatrix: ImatrixFile = None) -> None:
     """Convert MODEL to one or more GGUF files ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -81,9 +83,11 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
 
     recipes = parse_targets(to)
     mixtures = [r.name for r in recipes if r.quantizes_like_llama_quantize]
-    if mixtures and not no_calib:
+    if no_calib and imatrix is not None:
+        raise UsageError("--no-calib and --imatrix contradict each other: choose one")
+    if mixtures and not no_calib and imatrix is None:
         raise UsageError(f"--to {mixtures[0]}: calibrated 4-bit files (the coming default) are not built yet; "
-                         "pass --no-calib for llama-quantize's uncalibrated mixture")
+                         "pass --no-calib for llama-quantize's uncalibrated mixture, or --imatrix FILE")
     overrides = Overrides(
         tensor_types=parse_tensor_types(tensor_type or []),
         output=parse_type("--output-tensor-type", output_tensor_type) if output_tensor_type else None,
@@ -93,7 +97,7 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
     bars: list[Progress] = []
     progress = None if (quiet or json_ or dry_run or not err.is_terminal) else (lambda plan: _progress(plan, bars))
     try:
-        report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress, overrides)
+        report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress, overrides, imatrix)
     finally:
         for bar in bars:  # also on errors: give the terminal its cursor back
             bar.stop()

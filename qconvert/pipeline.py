@@ -20,6 +20,7 @@ from qconvert.errors import InputError, Interrupted
 from qconvert.plan import Plan, make_plan
 from qconvert.quant import blocks
 from qconvert.quant.recipes import Overrides, Recipe
+from qconvert.read.imatrix import load_imatrix
 
 CHUNK_ELEMENTS = 1 << 22  # rows are streamed in chunks of about 16 MB of float32
 
@@ -54,9 +55,11 @@ def peak_rss_bytes() -> int:
 
 def convert(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
             force: bool = False, threads: int = 1, dry_run: bool = False,
-            progress: Callable[[Plan], Progress] | None = None, overrides: Overrides | None = None) -> Report:
+            progress: Callable[[Plan], Progress] | None = None, overrides: Overrides | None = None,
+            imatrix: Path | None = None) -> Report:
     start = time.perf_counter()
-    plan = make_plan(source, recipes, output, revision, force, dry_run, overrides)
+    im = load_imatrix(imatrix) if imatrix is not None else None
+    plan = make_plan(source, recipes, output, revision, force, dry_run, overrides, im)
     try:
         report = describe(plan, threads, dry_run)
         if not dry_run:
@@ -102,7 +105,7 @@ def write(plan: Plan, threads: int, progress: Progress | None) -> None:
                     if amax >= o.types[i].overflow:
                         raise InputError(f"tensor {t.hf_name!r} holds {amax:.4g}, beyond what {o.types[i].name} can "
                                          f"store for --to {o.recipe.name}; use --to bf16 or f32")
-                    o.writer.write(o.types[i].quantize(chunk, threads))
+                    o.writer.write(o.types[i].quantize(chunk, threads, o.weights[i]))
                 done += chunk.size
                 if progress:
                     progress(done, t.name)

@@ -19,6 +19,7 @@ from qconvert.errors import InputError, OutputError, UsageError
 from qconvert.quant.blocks import BlockType
 from qconvert.quant.recipes import Overrides, Recipe, layer_order_key
 from qconvert.read.checkpoint import Checkpoint, open_checkpoint
+from qconvert.read.imatrix import Imatrix
 from qconvert.writers.gguf import GGUFWriter, TensorInfo
 
 QUANTIZATION_VERSION = 2
@@ -30,6 +31,7 @@ class OutputPlan:
     path: Path
     types: list[type[BlockType]]  # one per plan tensor
     writer: GGUFWriter
+    weights: list  # per plan tensor: importance weights for its quantizer, or None
 
     @property
     def tensor_bytes(self) -> int:
@@ -93,7 +95,8 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFV
 
 
 def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
-              force: bool = False, dry_run: bool = False, overrides: Overrides | None = None) -> Plan:
+              force: bool = False, dry_run: bool = False, overrides: Overrides | None = None,
+              imatrix: Imatrix | None = None) -> Plan:
     ckpt = open_checkpoint(source, revision)
     try:
         family = family_for(ckpt)
@@ -107,7 +110,11 @@ def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, re
         raise
     outputs = []
     for recipe, path in zip(recipes, paths):
-        types = recipe.assign(tensors, family.shape(), overrides)
+        mixture = recipe.quantizes_like_llama_quantize
+        im = imatrix if mixture else None  # convert-style targets (q8_0 ...) take no importance matrix
+        types = recipe.assign(tensors, family.shape(), overrides, has_imatrix=im is not None)
+        weights = [im.for_tensor(t.name, t.shape[-1]) if im is not None and ty.block > 1 else None
+                   for t, ty in zip(tensors, types)]
         for t, ty in zip(tensors, types):
             if not ty.fits(t.shape[-1]):
                 raise UsageError(f"{t.name}: rows of {t.shape[-1]} do not fit {ty.name} (blocks of {ty.block}); "
@@ -119,10 +126,23 @@ def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, re
             for key in ("general.quantization_version", "general.file_type"):
                 out_kv[key] = out_kv.pop(key)
         out_kv["general.file_type"] = GGUFValue(int(recipe.file_type), VT.UINT32)
-        outputs.append(OutputPlan(recipe, path, types, GGUFWriter(path, out_kv, infos, force=force)))
+        if im is not None:
+            out_kv.update(imatrix_kv(im))
+        outputs.append(OutputPlan(recipe, path, types, GGUFWriter(path, out_kv, infos, force=force), weights))
     plan = Plan(ckpt, family, tensors, outputs)
     check_outputs(plan, force, create=not dry_run)
     return plan
+
+
+def imatrix_kv(im: Imatrix) -> dict[str, GGUFValue]:
+    """The keys llama-quantize adds for --imatrix (as KV overrides: strings cut at 127 bytes)."""
+    kv = {"quantize.imatrix.file": GGUFValue(str(im.path)[:127], VT.STRING)}
+    if im.datasets:
+        kv["quantize.imatrix.dataset"] = GGUFValue(im.datasets[0][:127], VT.STRING)
+    kv["quantize.imatrix.entries_count"] = GGUFValue(len(im.entries), VT.UINT32)
+    if im.chunk_count > 0:
+        kv["quantize.imatrix.chunks_count"] = GGUFValue(im.chunk_count, VT.UINT32)
+    return kv
 
 
 def check_outputs(plan: Plan, force: bool, create: bool) -> None:

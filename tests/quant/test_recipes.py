@@ -110,3 +110,102 @@ def test_dry_run_shows_the_mixture(tiny, capsys, tmp_path):
     assert all(re.match(r"^\d+\.\d+$", str(o["bits_per_weight"])) for o in plan["outputs"])
     assert np.isclose(plan["outputs"][0]["bits_per_weight"], plan["outputs"][0]["tensor_bytes"] * 8 / plan["n_params"],
                       atol=1e-3)
+
+
+# ---- --imatrix ----------------------------------------------------------------------------------
+
+def fake_imatrix(tensors: dict[str, int], seed: int = 5) -> dict[str, tuple[np.ndarray, float]]:
+    """name -> (sum of squares per column, count), as llama-imatrix accumulates them."""
+    rng = np.random.default_rng(seed)
+    return {name: ((rng.lognormal(0, 1.2, n) * 300).astype(np.float32), 300.0) for name, n in tensors.items()}
+
+
+def write_gguf_imatrix(path, data) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch="llama")  # arch is required by the writer, unused by readers
+    w.add_type("imatrix")
+    w.add_array("imatrix.datasets", ["austen.txt"])
+    w.add_uint32("imatrix.chunk_count", 3)
+    w.add_uint32("imatrix.chunk_size", 512)
+    for name, (sums, count) in data.items():
+        w.add_tensor(f"{name}.in_sum2", sums.reshape(1, -1))
+        w.add_tensor(f"{name}.counts", np.array([[count]], dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_dat_imatrix(path, data, ncall: int = 3) -> None:
+    """Legacy format: values stored as (sum/count)*ncall."""
+    import struct
+
+    out = [struct.pack("<i", len(data))]
+    for name, (sums, count) in data.items():
+        b = name.encode()
+        vals = (sums / np.float32(count) * np.float32(ncall)).astype("<f4")
+        out += [struct.pack("<i", len(b)), b, struct.pack("<ii", ncall, vals.size), vals.tobytes()]
+    out += [struct.pack("<i", 7), struct.pack("<i", 6), b"emma.t"]
+    path.write_bytes(b"".join(out))
+
+
+def llama_quantize_with_imatrix(src, dst, ftype, weights: dict[str, np.ndarray]) -> None:
+    import llama_cpp
+
+    Entry = llama_cpp.llama_model_imatrix_data
+    keep = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+    arr = (Entry * (len(keep) + 1))()
+    for i, (k, v) in enumerate(keep.items()):
+        arr[i].name = k.encode()
+        arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        arr[i].size = v.size
+    llama_quantize(src, dst, ftype, imatrix=ctypes.cast(arr, type(llama_cpp.llama_model_quantize_default_params().imatrix)))
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "dat"])
+@pytest.mark.parametrize("recipe", ["q4_k_m", "iq4_nl"])
+def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
+    src = tiny("llama-wide")
+    f32 = convert(str(src), parse_targets("f32"), tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    reader = GGUFReader(f32)
+    quantizable = {t.name: int(t.shape[0]) for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    data = fake_imatrix(quantizable)
+    path = tmp_path / f"m.{fmt}"
+    (write_gguf_imatrix if fmt == "gguf" else write_dat_imatrix)(path, data)
+    # llama-quantize's normalisation: sum / count (GGUF) or value / ncall (legacy)
+    if fmt == "gguf":
+        weights = {k: s / np.float32(c) for k, (s, c) in data.items()}
+    else:
+        weights = {k: (s / np.float32(c) * np.float32(3)).astype(np.float32) / np.float32(3) for k, (s, c) in data.items()}
+    ref = tmp_path / "ref.gguf"
+    llama_quantize_with_imatrix(f32, ref, FTYPES[recipe], weights)
+    out = convert(str(src), parse_targets(recipe), tmp_path / "ours.gguf", threads=2, imatrix=path).outputs[0]["path"]
+    ours_r, ref_r = GGUFReader(out), GGUFReader(ref)
+    a = {t.name: t for t in ours_r.tensors}
+    for t in ref_r.tensors:
+        assert a[t.name].tensor_type == t.tensor_type, t.name
+        assert np.array_equal(np.asarray(a[t.name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), t.name
+    f = ours_r.fields
+    assert f["quantize.imatrix.file"].contents() == str(path)
+    assert f["quantize.imatrix.entries_count"].contents() == len(data)
+    assert f["quantize.imatrix.dataset"].contents() == ("austen.txt" if fmt == "gguf" else "emma.t")
+    assert f["quantize.imatrix.chunks_count"].contents() == (3 if fmt == "gguf" else 7)
+    if recipe == "iq4_nl":  # with an imatrix llama-quantize drops the first-eighth ffn_down bump
+        assert a["blk.0.ffn_down.weight"].tensor_type == GT.IQ4_NL
+
+
+def test_imatrix_problems_are_input_errors(tiny, tmp_path, capsys):
+    src = tiny("llama-wide")
+    bad = tmp_path / "bad.dat"
+    bad.write_bytes(b"\x00\x00\x00\x00garbage")
+    code, _, err = run_cli([src, "--to", "q4_k_m", "--imatrix", bad, "-o", tmp_path / "x.gguf"], capsys)
+    assert code == 3
+    one_line_error(err, "bad.dat", "importance matrix")
+    wrong = tmp_path / "wrong.gguf"
+    write_gguf_imatrix(wrong, {"blk.0.ffn_down.weight": (np.ones(7, np.float32), 1.0)})
+    code, _, err = run_cli([src, "--to", "q4_k_m", "--imatrix", wrong, "-o", tmp_path / "x.gguf"], capsys)
+    assert code == 3
+    one_line_error(err, "wrong.gguf", "blk.0.ffn_down.weight", "7 values")
+    code, _, err = run_cli([src, "--to", "q4_k_m", "--imatrix", wrong, "--no-calib", "-o", tmp_path / "x.gguf"], capsys)
+    assert code == 2
