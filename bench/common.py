@@ -13,6 +13,7 @@ LLAMACPP = Path(os.environ.get("QCONVERT_LLAMACPP", Path.home() / ".cache" / "qc
 CONVERT = LLAMACPP / "llama.cpp" / "convert_hf_to_gguf.py"
 CONVERT_PY = LLAMACPP / "venv" / "bin" / "python"
 QUANTIZE = LLAMACPP / "llama.cpp" / "build" / "bin" / "llama-quantize"
+IMATRIX = LLAMACPP / "llama.cpp" / "build" / "bin" / "llama-imatrix"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "tools"
 
 

@@ -4,8 +4,9 @@ usage: python bench/parity.py [--targets q8_0,f16,q4_k_m,iq4_nl] [MODEL ...]
        (default models: smollm2-135m qwen2.5-0.5b)
 
 The reference for q8_0/f16 is convert_hf_to_gguf.py --outtype X; for q4_k_m/iq4_nl it is
-convert_hf_to_gguf.py --outtype f32 followed by llama-quantize (no imatrix), against
-`qconvert --to X --no-calib`. For each: same tensor names, shapes and types, tensor data
+convert_hf_to_gguf.py --outtype f32 followed by llama-quantize, without an imatrix against
+`qconvert --to X --no-calib`, and with one made by llama-imatrix (8 chunks of 256 tokens of
+emma.txt) against `qconvert --to X --imatrix` on the same file (targets q4_k_m+im, iq4_nl+im). For each: same tensor names, shapes and types, tensor data
 byte-identical, same metadata keys and values, identical greedy generation of 32 tokens through
 llama-cpp-python; whether the whole files are byte-identical is reported too. Exits non-zero on
 any mismatch.
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import QUANTIZE, REAL, measure, need_reference, qconvert_cmd, reference_convert_cmd  # noqa: E402
+from common import IMATRIX, QUANTIZE, REAL, measure, need_reference, qconvert_cmd, reference_convert_cmd  # noqa: E402
 
 PROMPT = "The history of the city of London begins"
 
@@ -82,7 +83,7 @@ def main() -> int:
     import filecmp
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--targets", default="q8_0,f16,q4_k_m,iq4_nl")
+    ap.add_argument("--targets", default="q8_0,f16,q4_k_m,iq4_nl,q4_k_m+im,iq4_nl+im")
     ap.add_argument("models", nargs="*", default=["smollm2-135m", "qwen2.5-0.5b"])
     args = ap.parse_args()
     need_reference()
@@ -93,13 +94,18 @@ def main() -> int:
             src = REAL / "hf" / m
             for target in args.targets.split(","):
                 ours, ref = tmp / f"ours-{m}-{target}.gguf", tmp / f"ref-{m}-{target}.gguf"
-                extra = ["--no-calib"] if target in MIXTURES else []
-                measure(qconvert_cmd() + [str(src), "--to", target, "-o", str(ours), "--quiet", "--force"] + extra)
-                if target in MIXTURES:
-                    f32 = tmp / f"ref-{m}-f32.gguf"
-                    if not f32.exists():
-                        measure(reference_convert_cmd(src, "f32", f32))
-                    measure([str(QUANTIZE), str(f32), str(ref), MIXTURES[target], "2"])
+                recipe, _, im = target.partition("+")
+                f32, imat = tmp / f"ref-{m}-f32.gguf", tmp / f"{m}.imatrix.gguf"
+                if recipe in MIXTURES and not f32.exists():
+                    measure(reference_convert_cmd(src, "f32", f32))
+                if im and not imat.exists():
+                    measure([str(IMATRIX), "-m", str(f32), "-f", str(REAL / "text" / "emma.txt"), "-o", str(imat),
+                             "-c", "256", "--chunks", "8", "-t", "2"])
+                extra = (["--imatrix", str(imat)] if im else ["--no-calib"]) if recipe in MIXTURES else []
+                measure(qconvert_cmd() + [str(src), "--to", recipe, "-o", str(ours), "--quiet", "--force"] + extra)
+                if recipe in MIXTURES:
+                    measure([str(QUANTIZE)] + (["--imatrix", str(imat)] if im else [])
+                            + [str(f32), str(ref), MIXTURES[recipe], "2"])
                 else:
                     measure(reference_convert_cmd(src, target, ref))
                 problems = compare(ours, ref)
@@ -108,7 +114,7 @@ def main() -> int:
                 if not same_gen:
                     problems.append("greedy generation differs")
                 status = "IDENTICAL" if not problems else "DIFFERENT"
-                print(f"{m:14s} {target:6s} {status}: tensors, metadata, 32-token greedy generation; "
+                print(f"{m:14s} {target:9s} {status}: tensors, metadata, 32-token greedy generation; "
                       f"whole file {'byte-identical' if whole else 'differs (key or tensor order)'}"
                       + ("" if not problems else "\n  " + "\n  ".join(problems[:20])), flush=True)
                 failed |= bool(problems)
