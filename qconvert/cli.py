@@ -39,6 +39,12 @@ EmbedType = Annotated[Optional[str], typer.Option("--token-embedding-type",
                                                   help="q4_k_m/iq4_nl: type of token_embd.weight.")]
 ImatrixFile = Annotated[Optional[Path], typer.Option("--imatrix", help="q4_k_m/iq4_nl: use this llama.cpp importance "
                                                                    "matrix (.gguf or legacy .dat) instead of calibrating.")]
+Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text: plain text, or JSON Lines with a "
+                                                               "\"text\" field. Default: public-domain prose shipped "
+                                                               "with qconvert.")]
+CalibSamples = Annotated[int, typer.Option("--calib-samples", min=1, help="Calibration samples.")]
+CalibSeqLen = Annotated[int, typer.Option("--calib-seq-len", min=16, help="Tokens per calibration sample.")]
+Seed = Annotated[int, typer.Option("--seed", help="Which samples of a long text; same inputs, same file.")]
 Pure = Annotated[bool, typer.Option("--pure", help="q4_k_m/iq4_nl: the base type for every quantizable tensor, "
                                                    "no per-tensor mixture.")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory, or a .gguf file name for "
@@ -63,7 +69,8 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
                 dry_run: DryRun = False, json_: Json = False, quiet: Quiet = False, force: Force = False,
                 threads: Threads = 0, no_calib: NoCalib = False, tensor_type: TensorType = None,
                 output_tensor_type: OutputType = None, token_embedding_type: EmbedType = None,
-                pure: Pure = False, imatrix: ImatrixFile = None) -> None:
+                pure: Pure = False, imatrix: ImatrixFile = None, calib: Calib = None, calib_samples: CalibSamples = 32,
+                calib_seq_len: CalibSeqLen = 512, seed: Seed = 0) -> None:
     """Convert MODEL to one or more GGUF files ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -76,18 +83,19 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
 
       qconvert ./model --to q8_0 --json > report.json   [dim]# for CI and scripts[/dim]
 
-      qconvert ./model --to q4_k_m --no-calib           [dim]# llama-quantize Q4_K_M, one step[/dim]
+      qconvert ./model --to q4_k_m                      [dim]# calibrated Q4_K_M, one step[/dim]
+
+      qconvert ./model --to iq4_nl --calib my.txt       [dim]# calibrated on your own text[/dim]
+
+      qconvert ./model --to q4_k_m --no-calib           [dim]# = llama-quantize without an imatrix[/dim]
     """
-    from qconvert.pipeline import convert
+    from qconvert.pipeline import CalibrationOptions, convert
     from qconvert.quant.recipes import Overrides, parse_targets, parse_tensor_types, parse_type
 
     recipes = parse_targets(to)
-    mixtures = [r.name for r in recipes if r.quantizes_like_llama_quantize]
     if no_calib and imatrix is not None:
         raise UsageError("--no-calib and --imatrix contradict each other: choose one")
-    if mixtures and not no_calib and imatrix is None:
-        raise UsageError(f"--to {mixtures[0]}: calibrated 4-bit files (the coming default) are not built yet; "
-                         "pass --no-calib for llama-quantize's uncalibrated mixture, or --imatrix FILE")
+    calibration = None if no_calib else CalibrationOptions(calib, calib_samples, calib_seq_len, seed)
     overrides = Overrides(
         tensor_types=parse_tensor_types(tensor_type or []),
         output=parse_type("--output-tensor-type", output_tensor_type) if output_tensor_type else None,
@@ -95,9 +103,13 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
         pure=pure)
     n_threads = threads or _cores()
     bars: list[Progress] = []
-    progress = None if (quiet or json_ or dry_run or not err.is_terminal) else (lambda plan: _progress(plan, bars))
+    show = not (quiet or json_ or dry_run or not err.is_terminal)
+    progress = (lambda plan: _progress(plan, bars)) if show else None
+    if calibration is not None and show:
+        calibration.progress = _layer_progress(bars, "calibrating")
     try:
-        report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress, overrides, imatrix)
+        report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress, overrides, imatrix,
+                         calibration)
     finally:
         for bar in bars:  # also on errors: give the terminal its cursor back
             bar.stop()
@@ -142,6 +154,73 @@ def inspect_cmd(file: Annotated[Path, typer.Argument(help="A GGUF file.", show_d
         out.print(t)
 
 
+@app.command("imatrix")
+def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--output", "-o", help="The .gguf "
+                                                "file to write. Default: MODEL.imatrix.gguf here.")] = None,
+                revision: Revision = None, calib: Calib = None, calib_samples: CalibSamples = 32,
+                calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, json_: Json = False, quiet: Quiet = False,
+                force: Force = False, threads: Threads = 0) -> None:
+    """Compute an importance matrix and write it in llama.cpp's GGUF imatrix format.
+
+    llama-quantize --imatrix accepts the file, and so does qconvert --imatrix.
+
+    [b]Examples[/b]
+
+      qconvert imatrix ./SmolLM2-135M -o smollm2.imatrix.gguf
+
+      qconvert imatrix ./model --calib wiki.txt --calib-samples 64
+    """
+    import time
+
+    from qconvert.calibrate import imatrix as im
+    from qconvert.calibrate import text
+    from qconvert.plan import make_plan, model_label
+    from qconvert.pipeline import peak_rss_bytes
+
+    start = time.perf_counter()
+    plan = make_plan(model, [], None, revision, force, dry_run=True)
+    try:
+        path = output or Path.cwd() / f"{model_label(plan.ckpt)}.imatrix.gguf"
+        if path.exists() and not force:
+            from qconvert.errors import OutputError
+            raise OutputError(f"{path}: already exists (use --force to overwrite)")
+        samples = text.samples(plan.ckpt.path, calib, calib_samples, calib_seq_len, seed, plan.bos_for_calibration())
+        bars: list[Progress] = []
+        show = not (quiet or json_ or not err.is_terminal)
+        try:
+            _, rec = im.collect(plan.family, samples, threads or _cores(), _layer_progress(bars, "calibrating") if show else None)
+        finally:
+            for bar in bars:
+                bar.stop()
+        size, sha = im.write_imatrix(path, rec, [samples.dataset], *samples.tokens.shape, force=force)
+    finally:
+        plan.ckpt.close()
+    report = {"path": str(path), "bytes": size, "sha256": sha, "entries": len(rec.sums), "dataset": samples.dataset,
+              "samples": int(samples.tokens.shape[0]), "seq_len": int(samples.tokens.shape[1]),
+              "seconds": round(time.perf_counter() - start, 3), "peak_rss_bytes": peak_rss_bytes()}
+    if json_:
+        print(json.dumps(report, indent=2))
+    elif not quiet:
+        out.print(f"[green]wrote[/green] {path}  {len(rec.sums)} entries from {report['samples']} x {report['seq_len']} "
+                  f"tokens in {report['seconds']:.1f}s")
+
+
+def _layer_progress(bars: list[Progress], what: str):
+    state: dict = {}
+
+    def update(done: int, total: int) -> None:
+        if "bar" not in state:
+            bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
+                           TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
+            bars.append(bar)
+            bar.start()
+            state["bar"], state["task"] = bar, bar.add_task(what, total=total)
+        state["bar"].update(state["task"], completed=done)
+        if done >= total:
+            state["bar"].stop()
+    return update
+
+
 def _progress(plan, bars: list[Progress]):
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"),
@@ -179,7 +258,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
-COMMANDS = {"convert", "inspect"}
+COMMANDS = {"convert", "imatrix", "inspect"}
 
 
 def main(argv: list[str] | None = None) -> None:

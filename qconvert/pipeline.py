@@ -20,11 +20,22 @@ from qconvert.errors import InputError, Interrupted
 from qconvert.plan import Plan, make_plan
 from qconvert.quant import blocks
 from qconvert.quant.recipes import Overrides, Recipe
+from qconvert.calibrate import imatrix as imatrix_mod
+from qconvert.calibrate import text
 from qconvert.read.imatrix import load_imatrix
 
 CHUNK_ELEMENTS = 1 << 22  # rows are streamed in chunks of about 16 MB of float32
 
 Progress = Callable[[int, str], None]  # (elements done so far, current tensor name)
+
+
+@dataclass
+class CalibrationOptions:
+    text: Path | None = None  # None: the text that ships with qconvert
+    samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    progress: Callable[[int, int], None] | None = None  # (layers done, layers)
 
 
 @dataclass
@@ -42,6 +53,7 @@ class Report:
     backend: str = blocks.BACKEND
     dry_run: bool = False
     tensors: list[dict] = field(default_factory=list)
+    calibration: dict | None = None
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -56,12 +68,24 @@ def peak_rss_bytes() -> int:
 def convert(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
             force: bool = False, threads: int = 1, dry_run: bool = False,
             progress: Callable[[Plan], Progress] | None = None, overrides: Overrides | None = None,
-            imatrix: Path | None = None) -> Report:
+            imatrix: Path | None = None, calibration: CalibrationOptions | None = None) -> Report:
+    """`imatrix`: a llama.cpp importance matrix file for the mixtures; `calibration`: compute one
+    (one layer-streamed pass over calibration text) when a mixture has none; neither: plain RTN."""
     start = time.perf_counter()
     im = load_imatrix(imatrix) if imatrix is not None else None
-    plan = make_plan(source, recipes, output, revision, force, dry_run, overrides, im)
+    plan = make_plan(source, recipes, output, revision, force, dry_run, overrides, im,
+                     calibrate=im is None and calibration is not None)
     try:
         report = describe(plan, threads, dry_run)
+        if not dry_run and plan.needs_calibration:
+            assert calibration is not None
+            calib = text.samples(plan.ckpt.path, calibration.text, calibration.samples, calibration.seq_len,
+                                 calibration.seed, plan.bos_for_calibration())
+            made, _ = imatrix_mod.collect(plan.family, calib, threads, calibration.progress)
+            made.path = Path("qconvert:calibration")
+            plan.use_imatrix(made)
+            report.calibration = {"dataset": calib.dataset, "samples": int(calib.tokens.shape[0]),
+                                  "seq_len": int(calib.tokens.shape[1]), "entries": len(made.entries)}
         if not dry_run:
             write(plan, threads, progress(plan) if progress else None)
             for o, entry in zip(plan.outputs, report.outputs):

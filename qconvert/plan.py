@@ -31,7 +31,7 @@ class OutputPlan:
     path: Path
     types: list[type[BlockType]]  # one per plan tensor
     writer: GGUFWriter
-    weights: list  # per plan tensor: importance weights for its quantizer, or None
+    weights: list | None  # per plan tensor: importance weights for its quantizer, or None; None until calibrated
 
     @property
     def tensor_bytes(self) -> int:
@@ -44,10 +44,29 @@ class Plan:
     family: Family
     tensors: list[PlannedTensor]
     outputs: list[OutputPlan]
+    kv: dict[str, GGUFValue]  # the converted model's keys, before per-output ones
 
     @property
     def n_params(self) -> int:
         return sum(t.n_elements for t in self.tensors)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(o.recipe.quantizes_like_llama_quantize and o.weights is None for o in self.outputs)
+
+    def bos_for_calibration(self) -> int | None:
+        """The BOS id when the model adds one (llama-imatrix starts each chunk with it)."""
+        add = self.kv.get("tokenizer.ggml.add_bos_token")
+        bos = self.kv.get("tokenizer.ggml.bos_token_id")
+        return int(bos.value) if add is not None and add.value and bos is not None else None
+
+    def use_imatrix(self, im: Imatrix) -> None:
+        """Give the mixtures their importance weights (made by calibration after planning)."""
+        for o in self.outputs:
+            if o.recipe.quantizes_like_llama_quantize:
+                o.weights = tensor_weights(self.tensors, o.types, im)
+                o.writer.kv.update(imatrix_kv(im))
+                o.writer.invalidate_header()
 
 
 def model_label(ckpt: Checkpoint) -> str:
@@ -96,7 +115,9 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFV
 
 def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
               force: bool = False, dry_run: bool = False, overrides: Overrides | None = None,
-              imatrix: Imatrix | None = None) -> Plan:
+              imatrix: Imatrix | None = None, calibrate: bool = False) -> Plan:
+    """`imatrix`: importance weights for the mixtures, or `calibrate`: they will be computed
+    (the tensor types depend only on there being some; use_imatrix() supplies them)."""
     ckpt = open_checkpoint(source, revision)
     try:
         family = family_for(ckpt)
@@ -112,9 +133,9 @@ def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, re
     for recipe, path in zip(recipes, paths):
         mixture = recipe.quantizes_like_llama_quantize
         im = imatrix if mixture else None  # convert-style targets (q8_0 ...) take no importance matrix
-        types = recipe.assign(tensors, family.shape(), overrides, has_imatrix=im is not None)
-        weights = [im.for_tensor(t.name, t.shape[-1]) if im is not None and ty.block > 1 else None
-                   for t, ty in zip(tensors, types)]
+        types = recipe.assign(tensors, family.shape(), overrides, has_imatrix=mixture and (im is not None or calibrate))
+        weights = tensor_weights(tensors, types, im) if im is not None else (None if mixture and calibrate else
+                                                                               [None] * len(tensors))
         for t, ty in zip(tensors, types):
             if not ty.fits(t.shape[-1]):
                 raise UsageError(f"{t.name}: rows of {t.shape[-1]} do not fit {ty.name} (blocks of {ty.block}); "
@@ -129,9 +150,13 @@ def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, re
         if im is not None:
             out_kv.update(imatrix_kv(im))
         outputs.append(OutputPlan(recipe, path, types, GGUFWriter(path, out_kv, infos, force=force), weights))
-    plan = Plan(ckpt, family, tensors, outputs)
+    plan = Plan(ckpt, family, tensors, outputs, kv)
     check_outputs(plan, force, create=not dry_run)
     return plan
+
+
+def tensor_weights(tensors: list[PlannedTensor], types: list[type[BlockType]], im: Imatrix) -> list:
+    return [im.for_tensor(t.name, t.shape[-1]) if ty.block > 1 else None for t, ty in zip(tensors, types)]
 
 
 def imatrix_kv(im: Imatrix) -> dict[str, GGUFValue]:

@@ -76,3 +76,11 @@ class Gemma3(Family):
             kv.add_add_space_prefix(False)
         else:
             tokenizer.bpe_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)
+
+
+def _forward(self):
+    from qconvert.arch.forward import Gemma3Forward
+    return Gemma3Forward(self)
+
+
+Gemma3.forward = _forward

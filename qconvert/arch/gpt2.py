@@ -32,3 +32,11 @@ class GPT2(Family):
         kv.add_head_count(c.need(int, "n_head", "num_attention_heads"))
         kv.add_layer_norm_eps(c.need(float, "layer_norm_epsilon", "layer_norm_eps"))
         kv.add_file_type(file_type)
+
+
+def _forward(self):
+    from qconvert.arch.forward import GPT2Forward
+    return GPT2Forward(self)
+
+
+GPT2.forward = _forward

@@ -46,3 +46,11 @@ class GPTNeoX(Family):
         if theta != 10000.0:
             kv.add_rope_freq_base(theta)
         kv.add_file_type(file_type)
+
+
+def _forward(self):
+    from qconvert.arch.forward import GPTNeoXForward
+    return GPTNeoXForward(self)
+
+
+GPTNeoX.forward = _forward

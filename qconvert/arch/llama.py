@@ -99,3 +99,11 @@ def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:
             smooth = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
+
+
+def _forward(self):
+    from qconvert.arch.forward import LlamaForward
+    return LlamaForward(self)
+
+
+Llama.forward = _forward

@@ -17,3 +17,11 @@ class Qwen2(Family):
             tokenizer.spm_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)
         else:
             tokenizer.bpe_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)
+
+
+def _forward(self):
+    from qconvert.arch.forward import LlamaForward
+    return LlamaForward(self)
+
+
+Qwen2.forward = _forward

@@ -126,6 +126,11 @@ class GGUFWriter:
         head = b"".join(parts)
         return head + b"\0" * _pad(len(head), self.alignment)
 
+    def invalidate_header(self) -> None:
+        """The key/values changed before open(): the header is packed again."""
+        self._expect(State.NEW)
+        self._header = None
+
     @property
     def file_size(self) -> int:
         return len(self.header()) + sum(t.nbytes + _pad(t.nbytes, self.alignment) for t in self.tensors)

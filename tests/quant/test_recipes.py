@@ -93,12 +93,6 @@ def test_rows_that_fit_no_block_fall_back_like_llama_quantize(tiny, tmp_path):
     assert types["blk.0.ffn_down.weight"] in (GT.Q5_0, GT.Q8_0)  # rows of 160: 32-blocks fit
 
 
-def test_mixtures_need_no_calib_for_now(tiny, tmp_path, capsys):
-    code, _, err = run_cli([tiny("qwen2"), "--to", "q4_k_m", "-o", tmp_path / "x.gguf"], capsys)
-    assert code == 2
-    one_line_error(err, "--no-calib")
-
-
 def test_dry_run_shows_the_mixture(tiny, capsys, tmp_path):
     code, out, err = run_cli([tiny("llama-wide"), "--to", "q4_k_m,iq4_nl", "--no-calib", "--dry-run", "--json",
                               "-o", tmp_path], capsys)

@@ -1,0 +1,319 @@
+"""The model families' forward passes in plain torch, one decoder layer at a time.
+
+Calibration runs the model from the memory-mapped checkpoint layer by layer: a layer's weights
+are read when it runs and dropped after, so memory holds one layer and the activations. Every
+linear layer's input is offered to a recorder under the GGUF name of its weight (the name an
+importance matrix uses). The forwards are checked against transformers' in the tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qconvert.quant.blocks import to_float32
+
+Recorder = Callable[[str, torch.Tensor], None]  # (GGUF weight name, the linear's input [..., n_in])
+
+
+def _none(name: str, x: torch.Tensor) -> None:
+    pass
+
+
+class Forward:
+    """Base: weight access by HF name (float32 torch, read from the mmap on demand)."""
+
+    def __init__(self, family):
+        self.family = family
+        self.cfg = family.cfg
+        self.tensors = {n.replace("language_model.", ""): t for n, t in family.ckpt.tensors.items()}
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def w(self, name: str) -> torch.Tensor:
+        """A weight as float32, read on first use and kept until clear()."""
+        if name not in self._cache:
+            t = self.tensors[name]
+            self._cache[name] = torch.from_numpy(np.array(to_float32(t.dtype, t.array()), dtype=np.float32, copy=True))
+            t.release()
+        return self._cache[name]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def linear(self, x: torch.Tensor, hf: str, rec: Recorder, bias: bool | None = None) -> torch.Tensor:
+        rec(self.family.map_name(hf + ".weight"), x)
+        b = self.w(hf + ".bias") if (bias is None and self.has(hf + ".bias")) or bias else None
+        return F.linear(x, self.w(hf + ".weight"), b)
+
+    # the three phases; subclasses implement them
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer(self, i: int, h: torch.Tensor, rec: Recorder = _none) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for i in range(self.family.n_layers):
+            h = self.layer(i, h)
+        return self.head(h)
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, plus_one: bool = False) -> torch.Tensor:
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * (1.0 + w) if plus_one else y * w
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rope_tables(dim: int, theta: float, n: int, factors: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if factors is not None:
+        inv = inv / torch.from_numpy(factors)
+    freqs = torch.outer(torch.arange(n, dtype=torch.float32), inv)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; HF's rotate-half convention on the first cos.shape[-1] dims."""
+    d = cos.shape[-1]
+    rot, rest = x[..., :d], x[..., d:]
+    rot = rot * cos + rotate_half(rot) * sin
+    return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
+
+
+def attention(q, k, v, scale: float, window: int | None = None) -> torch.Tensor:
+    """Causal attention, GQA by repeating k/v heads; q [B, H, T, D], k/v [B, Hkv, T, D]."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    T = q.shape[2]
+    if window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    i = torch.arange(T)
+    allowed = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
+
+
+def heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    B, T, _ = x.shape
+    return x.view(B, T, n, -1).transpose(1, 2)
+
+
+def merge(x: torch.Tensor) -> torch.Tensor:
+    B, H, T, D = x.shape
+    return x.transpose(1, 2).reshape(B, T, H * D)
+
+
+def act(name: str):
+    name = (name or "silu").lower()
+    if name in ("silu", "swish"):
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class LlamaForward(Forward):
+    """Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), with Llama 3 rope scaling."""
+
+    def __init__(self, family):
+        super().__init__(family)
+        c = self.cfg
+        self.n_head = c.need(int, "num_attention_heads")
+        self.n_kv = c.get(int, "num_key_value_heads", default=self.n_head)
+        self.head_dim = c.get(int, "head_dim") or c.need(int, "hidden_size") // self.n_head
+        self.eps = c.get(float, "rms_norm_eps", default=1e-6)
+        rope = family.rope_parameters()
+        self.theta = float(rope.get("rope_theta", 10000.0))
+        self.factors = None
+        if str(rope.get("rope_type", "")).lower() == "llama3":
+            from qconvert.arch.llama import llama3_rope_factors
+            self.factors = llama3_rope_factors(rope, self.head_dim)
+        self.act = act(c.data.get("hidden_act"))
+        self._rope: dict[int, tuple] = {}
+
+    def rope(self, T: int):
+        if T not in self._rope:
+            self._rope = {T: rope_tables(self.head_dim, self.theta, T, self.factors)}
+        return self._rope[T]
+
+    def embed(self, ids):
+        return F.embedding(ids, self.w("model.embed_tokens.weight"))
+
+    def attn_core(self, p: str, x, rec, T):
+        q = heads(self.linear(x, p + "self_attn.q_proj", rec), self.n_head)
+        k = heads(self.linear(x, p + "self_attn.k_proj", rec), self.n_kv)
+        v = heads(self.linear(x, p + "self_attn.v_proj", rec), self.n_kv)
+        if self.has(p + "self_attn.q_norm.weight"):  # Qwen3
+            q = rms_norm(q, self.w(p + "self_attn.q_norm.weight"), self.eps)
+            k = rms_norm(k, self.w(p + "self_attn.k_norm.weight"), self.eps)
+        cos, sin = self.rope(T)
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 1.0 / math.sqrt(self.head_dim))
+        return self.linear(merge(o), p + "self_attn.o_proj", rec)
+
+    def mlp(self, p: str, x, rec):
+        g = self.linear(x, p + "mlp.gate_proj", rec)
+        u = self.linear(x, p + "mlp.up_proj", rec)
+        return self.linear(self.act(g) * u, p + "mlp.down_proj", rec)
+
+    def layer(self, i, h, rec=_none):
+        p = f"model.layers.{i}."
+        x = rms_norm(h, self.w(p + "input_layernorm.weight"), self.eps)
+        h = h + self.attn_core(p, x, rec, h.shape[1])
+        x = rms_norm(h, self.w(p + "post_attention_layernorm.weight"), self.eps)
+        return h + self.mlp(p, x, rec)
+
+    def head(self, h):
+        h = rms_norm(h, self.w("model.norm.weight"), self.eps)
+        name = "lm_head.weight" if self.has("lm_head.weight") else "model.embed_tokens.weight"
+        return F.linear(h, self.w(name))
+
+
+class Gemma3Forward(LlamaForward):
+    """Gemma 3: (1 + w) norms around attention and MLP, scaled embeddings, q/k norms, local and
+    global rope, sliding-window layers, tanh-GELU, optional final logit soft-capping."""
+
+    def __init__(self, family):
+        super().__init__(family)
+        c = self.cfg
+        self.head_dim = c.get(int, "head_dim", default=256)
+        self.scale = c.get(float, "query_pre_attn_scalar", default=float(self.head_dim)) ** -0.5
+        self.window = c.get(int, "sliding_window")
+        self.local_theta = float(family.local_rope_theta() or 10000.0)
+        self.sliding = family.swa_layers() or [i % 6 < 5 for i in range(family.n_layers)]
+        self.act = act(c.data.get("hidden_activation") or c.data.get("hidden_act") or "gelu_pytorch_tanh")
+        self._tables: dict = {}
+
+    def tables(self, T: int, local: bool):
+        key = (T, local)
+        if key not in self._tables:
+            self._tables[key] = rope_tables(self.head_dim, self.local_theta if local else self.theta, T)
+        return self._tables[key]
+
+    def embed(self, ids):
+        e = F.embedding(ids, self.w("model.embed_tokens.weight"))
+        return e * torch.tensor(self.cfg.need(int, "hidden_size") ** 0.5, dtype=e.dtype)
+
+    def norm(self, x, name):
+        return rms_norm(x, self.w(name), self.eps, plus_one=True)
+
+    def layer(self, i, h, rec=_none):
+        p = f"model.layers.{i}."
+        T = h.shape[1]
+        x = self.norm(h, p + "input_layernorm.weight")
+        q = heads(self.linear(x, p + "self_attn.q_proj", rec), self.n_head)
+        k = heads(self.linear(x, p + "self_attn.k_proj", rec), self.n_kv)
+        v = heads(self.linear(x, p + "self_attn.v_proj", rec), self.n_kv)
+        q, k = self.norm(q, p + "self_attn.q_norm.weight"), self.norm(k, p + "self_attn.k_norm.weight")
+        cos, sin = self.tables(T, self.sliding[i])
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scale,
+                      self.window if self.sliding[i] else None)
+        h = h + self.norm(self.linear(merge(o), p + "self_attn.o_proj", rec), p + "post_attention_layernorm.weight")
+        x = self.norm(h, p + "pre_feedforward_layernorm.weight")
+        return h + self.norm(self.mlp(p, x, rec), p + "post_feedforward_layernorm.weight")
+
+    def head(self, h):
+        h = self.norm(h, "model.norm.weight")
+        name = "lm_head.weight" if self.has("lm_head.weight") else "model.embed_tokens.weight"
+        logits = F.linear(h, self.w(name))
+        cap = self.cfg.data.get("final_logit_softcapping")
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class GPTNeoXForward(Forward):
+    """GPT-NeoX / Pythia: LayerNorm, fused qkv per head, partial rotary, parallel residual."""
+
+    def __init__(self, family):
+        super().__init__(family)
+        c = self.cfg
+        self.n_head = c.need(int, "num_attention_heads")
+        self.head_dim = c.need(int, "hidden_size") // self.n_head
+        rope = family.rope_parameters()
+        pct = c.get(float, "rotary_pct", default=rope.get("partial_rotary_factor", 0.25))
+        self.rot = int(self.head_dim * pct)
+        self.theta = float(rope.get("rope_theta", 10000.0))
+        self.eps = c.need(float, "layer_norm_eps")
+        self.parallel = c.data.get("use_parallel_residual", True)
+        self.act = act(c.data.get("hidden_act", "gelu"))
+
+    def ln(self, x, p):
+        return F.layer_norm(x, (x.shape[-1],), self.w(p + ".weight"), self.w(p + ".bias"), self.eps)
+
+    def embed(self, ids):
+        return F.embedding(ids, self.w("gpt_neox.embed_in.weight"))
+
+    def layer(self, i, h, rec=_none):
+        p = f"gpt_neox.layers.{i}."
+        B, T, _ = h.shape
+        x = self.ln(h, p + "input_layernorm")
+        qkv = self.linear(x, p + "attention.query_key_value", rec).view(B, T, self.n_head, 3 * self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split(self.head_dim, dim=-1))
+        cos, sin = rope_tables(self.rot, self.theta, T)
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 1.0 / math.sqrt(self.head_dim))
+        a = self.linear(merge(o), p + "attention.dense", rec)
+        if self.parallel:
+            m = self.mlp(p, self.ln(h, p + "post_attention_layernorm"), rec)
+            return h + a + m
+        h = h + a
+        return h + self.mlp(p, self.ln(h, p + "post_attention_layernorm"), rec)
+
+    def mlp(self, p, x, rec):
+        return self.linear(self.act(self.linear(x, p + "mlp.dense_h_to_4h", rec)), p + "mlp.dense_4h_to_h", rec)
+
+    def head(self, h):
+        return F.linear(self.ln(h, "gpt_neox.final_layer_norm"), self.w("embed_out.weight"))
+
+
+class GPT2Forward(Forward):
+    """GPT-2: learned positions, LayerNorm, Conv1D weights ([in, out]), tanh-GELU."""
+
+    def __init__(self, family):
+        super().__init__(family)
+        c = self.cfg
+        self.n_head = c.need(int, "n_head", "num_attention_heads")
+        self.eps = c.need(float, "layer_norm_epsilon", "layer_norm_eps")
+        self.act = act(c.data.get("activation_function", "gelu_new"))
+        self.prefix = "transformer." if self.has("transformer.wte.weight") else ""
+
+    def conv1d(self, x, name, rec):
+        rec(self.family.map_name(name + ".weight"), x)
+        return x @ self.w(name + ".weight") + self.w(name + ".bias")
+
+    def ln(self, x, p):
+        return F.layer_norm(x, (x.shape[-1],), self.w(p + ".weight"), self.w(p + ".bias"), self.eps)
+
+    def embed(self, ids):
+        pos = torch.arange(ids.shape[1])
+        return F.embedding(ids, self.w(self.prefix + "wte.weight")) + F.embedding(pos, self.w(self.prefix + "wpe.weight"))
+
+    def layer(self, i, h, rec=_none):
+        p = f"{self.prefix}h.{i}."
+        x = self.ln(h, p + "ln_1")
+        q, k, v = (heads(t, self.n_head) for t in self.conv1d(x, p + "attn.c_attn", rec).split(h.shape[-1], dim=-1))
+        o = attention(q, k, v, 1.0 / math.sqrt(q.shape[-1]))
+        h = h + self.conv1d(merge(o), p + "attn.c_proj", rec)
+        x = self.ln(h, p + "ln_2")
+        return h + self.conv1d(self.act(self.conv1d(x, p + "mlp.c_fc", rec)), p + "mlp.c_proj", rec)
+
+    def head(self, h):
+        h = self.ln(h, self.prefix + "ln_f")
+        name = "lm_head.weight" if self.has("lm_head.weight") else self.prefix + "wte.weight"
+        return F.linear(h, self.w(name))

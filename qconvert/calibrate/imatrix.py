@@ -1,0 +1,104 @@
+"""The importance matrix: for every linear layer, the sum over calibration tokens of each input
+column's square, and the token count (llama-imatrix's in_sum2 and counts), collected while the
+model runs one decoder layer at a time from the memory-mapped checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as GT
+from gguf import GGUFValueType as VT
+from gguf.gguf_writer import GGUFValue
+
+from qconvert.calibrate.text import Calibration
+from qconvert.read.imatrix import Imatrix
+from qconvert.writers.gguf import GGUFWriter, TensorInfo
+
+BATCH = 4  # samples run through a layer together
+
+
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold as large blocks are freed, after which activations come
+    from the heap and are never given back: memory then grows layer after layer. A fixed
+    threshold keeps every large tensor in its own mapping, returned when freed."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB
+        except (OSError, AttributeError):
+            pass  # not glibc: nothing to tune
+
+
+class Collector:
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        if not name.startswith("blk."):
+            return  # llama-imatrix's default: decoder blocks only
+        flat = x.reshape(-1, x.shape[-1])
+        s = flat.square().sum(0, dtype=torch.float64)
+        if name in self.sums:
+            self.sums[name] += s
+        else:
+            self.sums[name] = s
+        self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
+
+    def to_imatrix(self, path: Path, dataset: str, chunk_count: int, chunk_size: int) -> Imatrix:
+        entries = {n: (self.sums[n] / self.counts[n]).float().numpy() for n in sorted(self.sums)}
+        return Imatrix(path, entries, [dataset], chunk_count, chunk_size)
+
+
+def collect(family, calib: Calibration, threads: int, progress: Callable[[int, int], None] | None = None,
+            path: Path = Path("(in memory)")) -> tuple[Imatrix, Collector]:
+    """Run the calibration samples through the model layer by layer; returns the imatrix."""
+    torch.set_num_threads(max(1, threads))
+    _return_freed_memory()
+    fw = family.forward()
+    rec = Collector()
+    tokens = torch.from_numpy(calib.tokens)
+    with torch.inference_mode():
+        h = torch.cat([fw.embed(tokens[i:i + BATCH]) for i in range(0, len(tokens), BATCH)])
+        fw.clear()
+        for layer in range(family.n_layers):
+            h = torch.cat([fw.layer(layer, h[i:i + BATCH], rec) for i in range(0, len(h), BATCH)])
+            fw.clear()  # this layer's weights go; the next layer's are read when it runs
+            if progress:
+                progress(layer + 1, family.n_layers)
+    n, T = calib.tokens.shape
+    return rec.to_imatrix(path, calib.dataset, n, T), rec
+
+
+def write_imatrix(path: Path, rec: Collector, datasets: list[str], chunk_count: int, chunk_size: int,
+                  force: bool = False) -> tuple[int, str]:
+    """A GGUF imatrix file as llama-imatrix writes it; llama-quantize --imatrix accepts it."""
+    kv = {
+        "general.type": GGUFValue("imatrix", VT.STRING),
+        "imatrix.datasets": GGUFValue(list(datasets), VT.ARRAY, VT.STRING),
+        "imatrix.chunk_count": GGUFValue(chunk_count, VT.UINT32),
+        "imatrix.chunk_size": GGUFValue(chunk_size, VT.UINT32),
+    }
+    infos, data = [], []
+    for name in sorted(rec.sums):
+        s = rec.sums[name].float().numpy().reshape(1, -1)
+        c = np.array([[float(rec.counts[name])]], dtype=np.float32)
+        infos += [TensorInfo(f"{name}.in_sum2", s.shape, int(GT.F32), s.nbytes),
+                  TensorInfo(f"{name}.counts", c.shape, int(GT.F32), c.nbytes)]
+        data += [s, c]
+    w = GGUFWriter(path, kv, infos, force=force)
+    w.open()
+    try:
+        for info, arr in zip(infos, data):
+            w.begin_tensor(info.name)
+            w.write(arr)
+            w.end_tensor()
+        return w.finish()
+    except BaseException:
+        w.abort()
+        raise
