@@ -29,6 +29,10 @@ test: venv
 
 bench: venv
 	$(PY) bench/convert.py
+	$(PY) bench/kernels.py
+	$(PY) bench/parity.py
+	$(PY) bench/gguf.py
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf build *.egg-info qconvert/_kernels*.so

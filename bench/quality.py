@@ -1,0 +1,101 @@
+"""Quality of the 4-bit files, qconvert against llama.cpp, on text no calibration saw.
+
+usage: python bench/quality.py [--model qwen2.5-0.5b] [--chunks 16] [--ctx 512]
+
+Files compared (all from the same checkpoint):
+  qconvert --to q4_k_m / iq4_nl            calibrated by default (its shipped text, 32 x 512 tokens)
+  llama.cpp convert f32 + llama-imatrix + llama-quantize, on the same calibration text
+  llama.cpp convert f32 + llama-quantize without an imatrix
+Scored by llama.cpp itself (llama-cpp-python) on northangerabbey.txt from real-models.sh:
+perplexity, KL divergence from the F32 model and top-1 agreement with it, over the second half
+of each ctx-token chunk (llama-perplexity's convention).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import IMATRIX, QUANTIZE, REAL, measure, need_reference, qconvert_cmd  # noqa: E402
+
+CALIB = Path(__file__).resolve().parents[1] / "qconvert" / "calibrate" / "data" / "emma.txt"
+
+
+def logprobs(path: Path, chunks: list[list[int]]) -> list[np.ndarray]:
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), n_ctx=len(chunks[0]), logits_all=True, n_threads=2, n_batch=512, verbose=False)
+    out = []
+    for ids in chunks:
+        llm.reset()
+        llm.eval(ids)
+        z = np.array(llm.scores[: len(ids)], dtype=np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        out.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
+    llm.close()
+    return out
+
+
+def score(lp: list[np.ndarray], base: list[np.ndarray], chunks: list[list[int]]) -> tuple[float, float, float]:
+    nll, kld, top1, n = 0.0, 0.0, 0, 0
+    for q, p, ids in zip(lp, base, chunks):
+        half = len(ids) // 2
+        for t in range(half, len(ids) - 1):
+            nll -= q[t, ids[t + 1]]
+            pp = np.exp(p[t])
+            kld += float((pp * (p[t] - q[t])).sum())
+            top1 += int(q[t].argmax() == p[t].argmax())
+            n += 1
+    return float(np.exp(nll / n)), kld / n, top1 / n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--ctx", type=int, default=512)
+    args = ap.parse_args()
+    need_reference()
+    src = REAL / "hf" / args.model
+    text = (REAL / "text" / "northangerabbey.txt").read_text(encoding="utf-8")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        f32 = tmp / "f32.gguf"
+        measure(qconvert_cmd() + [str(src), "--to", "f32", "-o", str(f32), "-q"])  # = convert_hf_to_gguf f32
+        imat = tmp / "llama.imatrix.gguf"
+        measure([str(IMATRIX), "-m", str(f32), "-f", str(CALIB), "-o", str(imat), "-c", "512", "--chunks", "32",
+                 "-t", "2"])
+        files = {}
+        for recipe, label in (("q4_k_m", "Q4_K_M"), ("iq4_nl", "IQ4_NL")):
+            files[f"qconvert {recipe} (calibrated)"] = tmp / f"q-{recipe}.gguf"
+            measure(qconvert_cmd() + [str(src), "--to", recipe, "-o", str(files[f"qconvert {recipe} (calibrated)"]), "-q"])
+            files[f"llama.cpp {recipe} + llama-imatrix"] = tmp / f"l-{recipe}-im.gguf"
+            measure([str(QUANTIZE), "--imatrix", str(imat), str(f32), str(files[f"llama.cpp {recipe} + llama-imatrix"]),
+                     label, "2"])
+            files[f"llama.cpp {recipe}, no imatrix"] = tmp / f"l-{recipe}.gguf"
+            measure([str(QUANTIZE), str(f32), str(files[f"llama.cpp {recipe}, no imatrix"]), label, "2"])
+        from llama_cpp import Llama
+
+        tok = Llama(str(f32), vocab_only=True, verbose=False)
+        ids = tok.tokenize(text.encode(), add_bos=False)
+        tok.close()
+        chunks = [ids[i * args.ctx:(i + 1) * args.ctx] for i in range(args.chunks)]
+        base = logprobs(f32, chunks)
+        p0, _, _ = score(base, base, chunks)
+        print(f"{args.model}, northangerabbey.txt, {args.chunks} x {args.ctx} tokens; F32 perplexity {p0:.3f}")
+        print(f"{'file':38s} {'MB':>7s} {'bpw':>6s} {'PPL':>8s} {'KLD':>8s} {'top-1':>7s}")
+        from gguf import GGUFReader
+        for name, path in files.items():
+            r = GGUFReader(path)
+            n = sum(int(np.prod(t.shape)) for t in r.tensors)
+            bpw = sum(int(t.n_bytes) for t in r.tensors) * 8 / n
+            ppl, kld, top1 = score(logprobs(path, chunks), base, chunks)
+            print(f"{name:38s} {path.stat().st_size / 1e6:7.1f} {bpw:6.3f} {ppl:8.3f} {kld:8.4f} {top1:7.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
