@@ -95,6 +95,10 @@ class Family:
         n_head = self.cfg.need(int, "num_attention_heads", "n_head", "n_heads")
         return ModelShape(self.n_layers, n_head, self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=n_head))
 
+    def forward(self):
+        """The family's torch forward for calibration; every family module provides one."""
+        raise NotImplementedError(f"no calibration forward for {self.arch_name}")
+
     def skip(self, hf_name: str) -> bool:
         return False
 

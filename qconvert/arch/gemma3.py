@@ -27,6 +27,11 @@ class Gemma3(Family):
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     example = "google/gemma-3-270m"
 
+    def forward(self):
+        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
+        from qconvert.arch.forward import Gemma3Forward
+        return Gemma3Forward(self)
+
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
         name = self.map_name(hf_name)
@@ -76,11 +81,3 @@ class Gemma3(Family):
             kv.add_add_space_prefix(False)
         else:
             tokenizer.bpe_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)
-
-
-def _forward(self):
-    from qconvert.arch.forward import Gemma3Forward
-    return Gemma3Forward(self)
-
-
-Gemma3.forward = _forward

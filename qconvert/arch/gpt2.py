@@ -15,6 +15,11 @@ class GPT2(Family):
     gguf_arch = gguf.MODEL_ARCH.GPT2
     example = "openai-community/gpt2"
 
+    def forward(self):
+        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
+        from qconvert.arch.forward import GPT2Forward
+        return GPT2Forward(self)
+
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
         name = self.map_name(hf_name)
@@ -32,11 +37,3 @@ class GPT2(Family):
         kv.add_head_count(c.need(int, "n_head", "num_attention_heads"))
         kv.add_layer_norm_eps(c.need(float, "layer_norm_epsilon", "layer_norm_eps"))
         kv.add_file_type(file_type)
-
-
-def _forward(self):
-    from qconvert.arch.forward import GPT2Forward
-    return GPT2Forward(self)
-
-
-GPT2.forward = _forward

@@ -20,6 +20,11 @@ class GPTNeoX(Family):
     gguf_arch = gguf.MODEL_ARCH.GPTNEOX
     example = "EleutherAI/pythia-70m"
 
+    def forward(self):
+        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
+        from qconvert.arch.forward import GPTNeoXForward
+        return GPTNeoXForward(self)
+
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
         name = self.map_name(hf_name)
@@ -46,11 +51,3 @@ class GPTNeoX(Family):
         if theta != 10000.0:
             kv.add_rope_freq_base(theta)
         kv.add_file_type(file_type)
-
-
-def _forward(self):
-    from qconvert.arch.forward import GPTNeoXForward
-    return GPTNeoXForward(self)
-
-
-GPTNeoX.forward = _forward

@@ -23,6 +23,11 @@ class Llama(Family):
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     example = "HuggingFaceTB/SmolLM2-135M"
 
+    def forward(self):
+        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
+        from qconvert.arch.forward import LlamaForward
+        return LlamaForward(self)
+
     def __init__(self, ckpt):
         super().__init__(ckpt)
         self.n_head = self.cfg.need(int, "num_attention_heads", "n_heads")
@@ -99,11 +104,3 @@ def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:
             smooth = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
-
-
-def _forward(self):
-    from qconvert.arch.forward import LlamaForward
-    return LlamaForward(self)
-
-
-Llama.forward = _forward

@@ -12,16 +12,13 @@ class Qwen2(Family):
     gguf_arch = gguf.MODEL_ARCH.QWEN2
     example = "Qwen/Qwen2.5-0.5B"
 
+    def forward(self):
+        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
+        from qconvert.arch.forward import LlamaForward
+        return LlamaForward(self)
+
     def write_vocab(self, kv: gguf.GGUFWriter) -> None:
         if self.has_spm():
             tokenizer.spm_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)
         else:
             tokenizer.bpe_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)
-
-
-def _forward(self):
-    from qconvert.arch.forward import LlamaForward
-    return LlamaForward(self)
-
-
-Qwen2.forward = _forward
