@@ -31,7 +31,7 @@ bench: venv
 	$(PY) bench/convert.py
 	$(PY) bench/kernels.py
 	$(PY) bench/parity.py
-	$(PY) bench/gguf.py
+	$(PY) bench/workflow.py
 	$(PY) bench/quality.py
 
 clean:

@@ -4,7 +4,7 @@ same model and calibration text (qconvert's shipped text, 32 chunks of 512 token
 Targets on Qwen2.5-0.5B: at most 0.5x the time and 0.5x the peak memory; calibration throughput
 (tokens/s) at least llama-imatrix's with the same threads.
 
-usage: python bench/gguf.py [--model qwen2.5-0.5b] [--recipe q4_k_m]
+usage: python bench/workflow.py [--model qwen2.5-0.5b] [--recipe q4_k_m]
 """
 from __future__ import annotations
 
