@@ -1,6 +1,6 @@
 """Quality of the 4-bit files, qconvert against llama.cpp, on text no calibration saw.
 
-usage: python bench/quality.py [--model qwen2.5-0.5b] [--chunks 16] [--ctx 512]
+usage: python bench/quality.py [--model qwen2.5-0.5b] [--chunks 12] [--ctx 512]
 
 Files compared (all from the same checkpoint):
   qconvert --to q4_k_m / iq4_nl            calibrated by default (its shipped text, 32 x 512 tokens)
@@ -25,38 +25,41 @@ from common import IMATRIX, QUANTIZE, REAL, measure, need_reference, qconvert_cm
 CALIB = Path(__file__).resolve().parents[1] / "qconvert" / "calibrate" / "data" / "emma.txt"
 
 
-def logprobs(path: Path, chunks: list[list[int]]) -> list[np.ndarray]:
+def logprobs(path: Path, chunks: list[list[int]]):
+    """Yield each chunk's log-probabilities over its second half (float32 [ctx/2, vocab])."""
     from llama_cpp import Llama
 
     llm = Llama(str(path), n_ctx=len(chunks[0]), logits_all=True, n_threads=2, n_batch=512, verbose=False)
-    out = []
-    for ids in chunks:
-        llm.reset()
-        llm.eval(ids)
-        z = np.array(llm.scores[: len(ids)], dtype=np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        out.append(z - np.log(np.exp(z).sum(axis=1, keepdims=True)))
-    llm.close()
-    return out
+    try:
+        for ids in chunks:
+            llm.reset()
+            llm.eval(ids)
+            z = np.asarray(llm.scores[len(ids) // 2: len(ids) - 1], dtype=np.float32)
+            z = z - z.max(axis=1, keepdims=True)
+            yield z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    finally:
+        llm.close()
 
 
-def score(lp: list[np.ndarray], base: list[np.ndarray], chunks: list[list[int]]) -> tuple[float, float, float]:
+def score(lp, base: np.ndarray, chunks: list[list[int]]) -> tuple[float, float, float]:
+    """Perplexity, mean KL(base || q) and top-1 agreement, streaming over chunks; `base` is the
+    F32 model's log-probabilities kept on disk (a memmap), so memory holds one chunk."""
     nll, kld, top1, n = 0.0, 0.0, 0, 0
-    for q, p, ids in zip(lp, base, chunks):
+    for c, (q, ids) in enumerate(zip(lp, chunks)):
+        p = base[c]
         half = len(ids) // 2
-        for t in range(half, len(ids) - 1):
-            nll -= q[t, ids[t + 1]]
-            pp = np.exp(p[t])
-            kld += float((pp * (p[t] - q[t])).sum())
-            top1 += int(q[t].argmax() == p[t].argmax())
-            n += 1
+        targets = np.asarray(ids[half + 1:])
+        nll -= float(q[np.arange(len(targets)), targets].sum())
+        kld += float((np.exp(p) * (p - q)).sum())
+        top1 += int((q.argmax(1) == p.argmax(1)).sum())
+        n += len(targets)
     return float(np.exp(nll / n)), kld / n, top1 / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
-    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--chunks", type=int, default=12)
     ap.add_argument("--ctx", type=int, default=512)
     args = ap.parse_args()
     need_reference()
@@ -84,8 +87,12 @@ def main() -> None:
         ids = tok.tokenize(text.encode(), add_bos=False)
         tok.close()
         chunks = [ids[i * args.ctx:(i + 1) * args.ctx] for i in range(args.chunks)]
-        base = logprobs(f32, chunks)
-        p0, _, _ = score(base, base, chunks)
+        first = next(logprobs(f32, chunks[:1]))
+        base = np.lib.format.open_memmap(tmp / "base.npy", mode="w+", dtype=np.float32,
+                                         shape=(len(chunks), *first.shape))
+        for c, lp in enumerate(logprobs(f32, chunks)):
+            base[c] = lp
+        p0, _, _ = score((base[c] for c in range(len(chunks))), base, chunks)
         print(f"{args.model}, northangerabbey.txt, {args.chunks} x {args.ctx} tokens; F32 perplexity {p0:.3f}")
         print(f"{'file':38s} {'MB':>7s} {'bpw':>6s} {'PPL':>8s} {'KLD':>8s} {'top-1':>7s}")
         from gguf import GGUFReader
