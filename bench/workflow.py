@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -47,12 +46,10 @@ def main() -> None:
         # qconvert, one command; its calibration time from a separate `qconvert imatrix` run
         ours = measure(qconvert_cmd() + [str(src), "--to", args.recipe, "-o", str(tmp / "ours.gguf"), "-q",
                                          "--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ)])
-        t = time.perf_counter()
         out = subprocess.run(qconvert_cmd() + ["imatrix", str(src), "-o", str(tmp / "ours.imatrix.gguf"), "--json",
                                                "--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ)],
                              capture_output=True, text=True, check=True)
         calib_s = json.loads(out.stdout)["seconds"]
-        del t
     tokens = SAMPLES * SEQ
     print(f"{args.model} -> {args.recipe}, calibration {SAMPLES} x {SEQ} tokens, {threads} threads")
     for name, (s, r) in steps.items():

@@ -81,8 +81,8 @@ def convert(source: str, recipes: list[Recipe], output: Path | None = None, revi
             assert calibration is not None
             calib = text.samples(plan.ckpt.path, calibration.text, calibration.samples, calibration.seq_len,
                                  calibration.seed, plan.bos_for_calibration())
-            made, _ = imatrix_mod.collect(plan.family, calib, threads, calibration.progress)
-            made.path = Path("qconvert:calibration")
+            made, _ = imatrix_mod.collect(plan.family, calib, threads, calibration.progress,
+                                          path=Path("qconvert:calibration"))
             plan.use_imatrix(made)
             report.calibration = {"dataset": calib.dataset, "samples": int(calib.tokens.shape[0]),
                                   "seq_len": int(calib.tokens.shape[1]), "entries": len(made.entries)}

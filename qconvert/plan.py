@@ -134,15 +134,19 @@ def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, re
         mixture = recipe.quantizes_like_llama_quantize
         im = imatrix if mixture else None  # convert-style targets (q8_0 ...) take no importance matrix
         types = recipe.assign(tensors, family.shape(), overrides, has_imatrix=mixture and (im is not None or calibrate))
-        weights = tensor_weights(tensors, types, im) if im is not None else (None if mixture and calibrate else
-                                                                               [None] * len(tensors))
+        if im is not None:
+            weights = tensor_weights(tensors, types, im)
+        elif mixture and calibrate:
+            weights = None  # supplied by use_imatrix() once calibration has run
+        else:
+            weights = [None] * len(tensors)
         for t, ty in zip(tensors, types):
             if not ty.fits(t.shape[-1]):
                 raise UsageError(f"{t.name}: rows of {t.shape[-1]} do not fit {ty.name} (blocks of {ty.block}); "
                                  "choose another type for it")
         infos = [TensorInfo(t.name, t.shape, int(ty.ggml), ty.nbytes(t.shape)) for t, ty in zip(tensors, types)]
         out_kv = dict(kv)
-        if recipe.quantizes_like_llama_quantize:
+        if mixture:
             # llama-quantize copies the converted file's keys, then sets these two, which moves them last
             for key in ("general.quantization_version", "general.file_type"):
                 out_kv[key] = out_kv.pop(key)

@@ -167,10 +167,11 @@ def fallback(kind: type[BlockType], ncols: int) -> type[BlockType]:
     and F16 when even that does not fit."""
     if ncols % kind.block == 0:
         return kind
-    out = _FALLBACK.get(kind.name, kind) if kind.block > 32 else kind
-    if kind.block > 32 and kind.name not in _FALLBACK:
-        raise UsageError(f"no fallback type for {kind.name} on rows of {ncols}")
-    return out if ncols % out.block == 0 else blocks.F16
+    if kind.block > 32:
+        if kind.name not in _FALLBACK:
+            raise UsageError(f"no fallback type for {kind.name} on rows of {ncols}")
+        kind = _FALLBACK[kind.name]
+    return kind if ncols % kind.block == 0 else blocks.F16
 
 
 def _llama_quantize_types(recipe: Recipe, tensors: list[PlannedTensor], shape: ModelShape, o: Overrides,
