@@ -205,6 +205,60 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
                   f"tokens in {report['seconds']:.1f}s")
 
 
+@app.command("eval")
+def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF model directory or hub id.",
+                                                  show_default=False)],
+             text: Annotated[Path, typer.Option("--text", help="Text to score: plain text, or JSON Lines with a "
+                                                "\"text\" field.", show_default=False)],
+             base: Annotated[Optional[str], typer.Option("--base", help="Reference model (HF directory, hub id or "
+                                                         "GGUF): adds KL divergence and top-1 agreement.")] = None,
+             tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Directory or hub id with the "
+                                                              "tokenizer; default: the model's, else the base's.")] = None,
+             ctx: Annotated[int, typer.Option("--ctx", help="Tokens per chunk; the second half of each is scored.")] = 512,
+             chunks: Annotated[Optional[int], typer.Option("--chunks", help="Score at most this many chunks "
+                                                           "(default: the whole text).")] = None,
+             revision: Revision = None, json_: Json = False, quiet: Quiet = False, threads: Threads = 0) -> None:
+    """Perplexity of MODEL on a text and, with --base, KL divergence and top-1 agreement against it.
+
+    qconvert's own forward runs on the dequantized weights; scoring follows llama-perplexity
+    (chunks of --ctx tokens, BOS first when the model adds one, second half of each scored).
+
+    [b]Examples[/b]
+
+      qconvert eval SmolLM2-135M-Q4_K_M.gguf --text book.txt --base ./SmolLM2-135M
+
+      qconvert eval model-Q8_0.gguf --text book.txt --tokenizer ./model --chunks 20 --json
+    """
+    from qconvert.evaluate import evaluate
+
+    bars: list[Progress] = []
+    show = not (quiet or json_ or not err.is_terminal)
+    updates: dict = {}
+
+    def progress(what: str, done: int, total: int) -> None:
+        if what not in updates:
+            updates[what] = _layer_progress(bars, what)
+        updates[what](done, total)
+    try:
+        r = evaluate(model, text, base, tokenizer, ctx, chunks, threads or _cores(), revision,
+                     progress if show else None)
+    finally:
+        for bar in bars:
+            bar.stop()
+    if json_:
+        print(json.dumps(r.as_dict(), indent=2))
+        return
+    if quiet:
+        return
+    out.print(f"{r.model}: {r.chunks} chunks x {r.ctx} tokens of {r.text}, {r.tokens_scored} tokens scored")
+    out.print(f"perplexity {r.perplexity:.4f} ± {r.perplexity_stderr:.4f}")
+    if r.base is not None:
+        out.print(f"base perplexity {r.base_perplexity:.4f} ({r.base})")
+        out.print(f"KL divergence {r.kl_divergence:.6f} ± {r.kl_divergence_stderr:.6f} (99th percentile "
+                  f"{r.kl_divergence_p99:.6f}), top-1 agreement {100 * r.top1_agreement:.2f}%")
+    out.print(f"{r.seconds:.1f}s, peak memory {r.peak_rss_bytes / 1e9:.2f} GB")
+
+
 def _layer_progress(bars: list[Progress], what: str):
     state: dict = {}
 
@@ -258,7 +312,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
-COMMANDS = {"convert", "imatrix", "inspect"}
+COMMANDS = {"convert", "eval", "imatrix", "inspect"}
 
 
 def main(argv: list[str] | None = None) -> None:

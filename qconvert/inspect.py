@@ -6,20 +6,15 @@ from pathlib import Path
 
 import numpy as np
 
-from qconvert.errors import InputError
-
 _LONG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
 
 
 def inspect_gguf(path: Path) -> dict:
-    from gguf import GGUFReader, GGUFValueType
+    from gguf import GGUFValueType
 
-    if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    try:
-        r = GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
-        raise InputError(f"{path}: not a readable GGUF file: {e}") from None
+    from qconvert.read.gguf_model import read_gguf
+
+    r = read_gguf(path)
     meta: dict[str, object] = {}
     for name, f in r.fields.items():
         if name.startswith("GGUF."):

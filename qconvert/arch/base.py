@@ -60,6 +60,7 @@ class Family:
     hf_architectures: ClassVar[tuple[str, ...]]
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     example: ClassVar[str]  # a model that this family serves, for help texts
+    forward_name: ClassVar[str]  # its class in arch/forward.py
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -95,9 +96,12 @@ class Family:
         n_head = self.cfg.need(int, "num_attention_heads", "n_head", "n_heads")
         return ModelShape(self.n_layers, n_head, self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=n_head))
 
-    def forward(self):
-        """The family's torch forward for calibration; every family module provides one."""
-        raise NotImplementedError(f"no calibration forward for {self.arch_name}")
+    def forward(self, weights=None):
+        """The family's layer-by-layer torch forward (arch/forward.py), reading the checkpoint's
+        tensors, or `weights` (HF name -> tensor) such as the dequantized tensors of a GGUF."""
+        from qconvert.arch import forward
+
+        return getattr(forward, self.forward_name)(self, weights)
 
     def skip(self, hf_name: str) -> bool:
         return False
@@ -116,6 +120,38 @@ class Family:
 
     def extra_tensors(self) -> list[PlannedTensor]:
         return []
+
+    # ---- back from GGUF (evaluation of a GGUF file with the family's forward) ----------------
+
+    def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:
+        """Undo `tensor()`'s transform: GGUF data (float32) -> the checkpoint's layout."""
+        return a
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        """The config.json entries the forward reads, from a GGUF file's metadata (as llama.cpp
+        reads them). Subclasses add their own."""
+        arch = gguf.MODEL_ARCH_NAMES[cls.gguf_arch]
+
+        def get(key: str):
+            return kv.get(f"{arch}.{key}")
+        cfg = {"architectures": [cls.hf_architectures[0]],
+               "num_hidden_layers": get("block_count"),
+               "hidden_size": get("embedding_length"),
+               "intermediate_size": get("feed_forward_length"),
+               "num_attention_heads": get("attention.head_count"),
+               "num_key_value_heads": get("attention.head_count_kv"),
+               "head_dim": get("attention.key_length"),
+               "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+               "layer_norm_eps": get("attention.layer_norm_epsilon"),
+               "max_position_embeddings": get("context_length"),
+               "rope_theta": get("rope.freq_base")}
+        scaling, factor = get("rope.scaling.type"), get("rope.scaling.factor")
+        if scaling == "linear" and factor:
+            cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        elif scaling not in (None, "none") and factor not in (None, 1.0):
+            raise InputError(f"rope scaling {scaling!r} is not supported by qconvert's forward")
+        return {k: v for k, v in cfg.items() if v is not None}
 
     def check_float(self, t: Tensor) -> None:
         if t.dtype not in ("F32", "F16", "BF16", "F64"):

@@ -24,19 +24,24 @@ def _none(name: str, x: torch.Tensor) -> None:
 
 
 class Forward:
-    """Base: weight access by HF name (float32 torch, read from the mmap on demand)."""
+    """Base: weight access by HF name (float32 torch, read from the mmap on demand). `weights`
+    replaces the checkpoint's tensors: anything with `in` and `[]` by HF name giving a Tensor."""
 
-    def __init__(self, family):
+    def __init__(self, family, weights=None):
         self.family = family
         self.cfg = family.cfg
-        self.tensors = {n.replace("language_model.", ""): t for n, t in family.ckpt.tensors.items()}
+        self.tensors = weights if weights is not None else {
+            n.replace("language_model.", ""): t for n, t in family.ckpt.tensors.items()}
         self._cache: dict[str, torch.Tensor] = {}
 
     def w(self, name: str) -> torch.Tensor:
         """A weight as float32, read on first use and kept until clear()."""
         if name not in self._cache:
             t = self.tensors[name]
-            self._cache[name] = torch.from_numpy(np.array(to_float32(t.dtype, t.array()), dtype=np.float32, copy=True))
+            a = to_float32(t.dtype, t.array())
+            if not a.flags.owndata or not a.flags.writeable:
+                a = a.copy()  # a view of the mmap: torch gets its own copy; converted data is used as is
+            self._cache[name] = torch.from_numpy(a)
             t.release()
         return self._cache[name]
 
@@ -66,6 +71,38 @@ class Forward:
         for i in range(self.family.n_layers):
             h = self.layer(i, h)
         return self.head(h)
+
+
+def _return_freed_memory() -> None:
+    """glibc raises its mmap threshold as large blocks are freed, after which activations come
+    from the heap and are never given back: memory then grows layer after layer. A fixed
+    threshold keeps every large tensor in its own mapping, returned when freed."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB
+        except (OSError, AttributeError):
+            pass  # not glibc: nothing to tune
+
+
+def hidden_states(fw: Forward, tokens: torch.Tensor, rec: Recorder = _none,
+                  progress: Callable[[int, int], None] | None = None, batch: int = 4) -> torch.Tensor:
+    """Run token batches [n, T] through every decoder layer, one layer at a time for all of them
+    (a layer's weights are read once, then dropped); returns the last layer's output [n, T, D]."""
+    _return_freed_memory()
+    with torch.inference_mode():
+        h = torch.cat([fw.embed(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
+        fw.clear()
+        n = fw.family.n_layers
+        for layer in range(n):
+            h = torch.cat([fw.layer(layer, h[i:i + batch], rec) for i in range(0, len(h), batch)])
+            fw.clear()  # this layer's weights go; the next layer's are read when it runs
+            if progress:
+                progress(layer + 1, n)
+    return h
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, plus_one: bool = False) -> torch.Tensor:
@@ -134,8 +171,8 @@ def act(name: str):
 class LlamaForward(Forward):
     """Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), with Llama 3 rope scaling."""
 
-    def __init__(self, family):
-        super().__init__(family)
+    def __init__(self, family, weights=None):
+        super().__init__(family, weights)
         c = self.cfg
         self.n_head = c.need(int, "num_attention_heads")
         self.n_kv = c.get(int, "num_key_value_heads", default=self.n_head)
@@ -143,10 +180,14 @@ class LlamaForward(Forward):
         self.eps = c.get(float, "rms_norm_eps", default=1e-6)
         rope = family.rope_parameters()
         self.theta = float(rope.get("rope_theta", 10000.0))
-        self.factors = None
-        if str(rope.get("rope_type", "")).lower() == "llama3":
+        self.factors = None  # per-frequency divisors: Llama 3 scaling, or linear scaling's factor
+        if self.has("rope_freqs.weight"):  # a GGUF's own table, as llama.cpp reads it
+            self.factors = self.w("rope_freqs.weight").numpy().copy()
+        elif str(rope.get("rope_type", "")).lower() == "llama3":
             from qconvert.arch.llama import llama3_rope_factors
             self.factors = llama3_rope_factors(rope, self.head_dim)
+        elif str(rope.get("rope_type", "")).lower() == "linear":
+            self.factors = np.full(self.head_dim // 2, float(rope["factor"]), dtype=np.float32)
         self.act = act(c.data.get("hidden_act"))
         self._rope: dict[int, tuple] = {}
 
@@ -189,10 +230,11 @@ class LlamaForward(Forward):
 
 class Gemma3Forward(LlamaForward):
     """Gemma 3: (1 + w) norms around attention and MLP, scaled embeddings, q/k norms, local and
-    global rope, sliding-window layers, tanh-GELU, optional final logit soft-capping."""
+    global rope (scaling on the global layers only), sliding-window layers, tanh-GELU, optional
+    final logit soft-capping."""
 
-    def __init__(self, family):
-        super().__init__(family)
+    def __init__(self, family, weights=None):
+        super().__init__(family, weights)
         c = self.cfg
         self.head_dim = c.get(int, "head_dim", default=256)
         self.scale = c.get(float, "query_pre_attn_scalar", default=float(self.head_dim)) ** -0.5
@@ -205,7 +247,8 @@ class Gemma3Forward(LlamaForward):
     def tables(self, T: int, local: bool):
         key = (T, local)
         if key not in self._tables:
-            self._tables[key] = rope_tables(self.head_dim, self.local_theta if local else self.theta, T)
+            self._tables[key] = (rope_tables(self.head_dim, self.local_theta, T) if local else
+                                 rope_tables(self.head_dim, self.theta, T, self.factors))
         return self._tables[key]
 
     def embed(self, ids):
@@ -241,8 +284,8 @@ class Gemma3Forward(LlamaForward):
 class GPTNeoXForward(Forward):
     """GPT-NeoX / Pythia: LayerNorm, fused qkv per head, partial rotary, parallel residual."""
 
-    def __init__(self, family):
-        super().__init__(family)
+    def __init__(self, family, weights=None):
+        super().__init__(family, weights)
         c = self.cfg
         self.n_head = c.need(int, "num_attention_heads")
         self.head_dim = c.need(int, "hidden_size") // self.n_head
@@ -285,8 +328,8 @@ class GPTNeoXForward(Forward):
 class GPT2Forward(Forward):
     """GPT-2: learned positions, LayerNorm, Conv1D weights ([in, out]), tanh-GELU."""
 
-    def __init__(self, family):
-        super().__init__(family)
+    def __init__(self, family, weights=None):
+        super().__init__(family, weights)
         c = self.cfg
         self.n_head = c.need(int, "n_head", "num_attention_heads")
         self.eps = c.need(float, "layer_norm_epsilon", "layer_norm_eps")

@@ -25,12 +25,8 @@ def shift_norm(a: np.ndarray, src_dtype: str) -> np.ndarray:
 class Gemma3(Family):
     hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
+    forward_name = "Gemma3Forward"
     example = "google/gemma-3-270m"
-
-    def forward(self):
-        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
-        from qconvert.arch.forward import Gemma3Forward
-        return Gemma3Forward(self)
 
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
@@ -41,6 +37,31 @@ class Gemma3(Family):
             n = min(self.real_vocab(), t.shape[0])
             return [PlannedTensor(name, (n, *t.shape[1:]), t, rows=n)]
         return [PlannedTensor(name, t.shape, t)]
+
+    def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:
+        return a - np.float32(1.0) if hf_name.endswith("norm.weight") else a
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        cfg = {**super().config_from_gguf(kv), "hidden_activation": "gelu_pytorch_tanh"}
+        n_layers, head_dim = cfg["num_hidden_layers"], cfg.get("head_dim", 256)
+        # llama.cpp's attention scale: 1/sqrt(head_dim), but hidden/heads for the 62-layer 27B
+        cfg["query_pre_attn_scalar"] = (cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 62
+                                        else head_dim)
+        window = kv.get("gemma3.attention.sliding_window")
+        if window:
+            pattern = kv.get("gemma3.attention.sliding_window_pattern", 6)
+            swa = ([bool(x) for x in pattern] if isinstance(pattern, list)
+                   else [i % pattern < pattern - 1 for i in range(n_layers)])
+            cfg["sliding_window"] = window
+            cfg["layer_types"] = ["sliding_attention" if x else "full_attention" for x in swa]
+        else:
+            cfg["layer_types"] = ["full_attention"] * n_layers
+        if (local := kv.get("gemma3.rope.freq_base_swa")) is not None:
+            cfg["rope_local_base_freq"] = local
+        if softcap := kv.get("gemma3.final_logit_softcapping"):
+            cfg["final_logit_softcapping"] = softcap
+        return cfg
 
     def real_vocab(self) -> int:
         if self.has_spm():

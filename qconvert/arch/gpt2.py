@@ -13,12 +13,8 @@ CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 class GPT2(Family):
     hf_architectures = ("GPT2LMHeadModel",)
     gguf_arch = gguf.MODEL_ARCH.GPT2
+    forward_name = "GPT2Forward"
     example = "openai-community/gpt2"
-
-    def forward(self):
-        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
-        from qconvert.arch.forward import GPT2Forward
-        return GPT2Forward(self)
 
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
@@ -26,6 +22,13 @@ class GPT2(Family):
         if hf_name.endswith(CONV1D):
             return [PlannedTensor(name, t.shape[::-1], t, transform=lambda a, _dt: np.ascontiguousarray(a.T))]
         return [PlannedTensor(name, t.shape, t)]
+
+    def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a.T) if hf_name.endswith(CONV1D) else a
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        return {**super().config_from_gguf(kv), "activation_function": "gelu_new"}
 
     def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
         c = self.cfg

@@ -15,15 +15,17 @@ def regroup_qkv(a: np.ndarray, n_head: int) -> np.ndarray:
     return np.concatenate([g[:, i].reshape(n_head * per, *a.shape[1:]) for i in range(3)], axis=0)
 
 
+def ungroup_qkv(a: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of regroup_qkv: all q, k, v back to per-head [q|k|v]."""
+    per = a.shape[0] // (3 * n_head)
+    return np.ascontiguousarray(a.reshape(3, n_head, per, *a.shape[1:]).swapaxes(0, 1)).reshape(a.shape)
+
+
 class GPTNeoX(Family):
     hf_architectures = ("GPTNeoXForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.GPTNEOX
+    forward_name = "GPTNeoXForward"
     example = "EleutherAI/pythia-70m"
-
-    def forward(self):
-        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
-        from qconvert.arch.forward import GPTNeoXForward
-        return GPTNeoXForward(self)
 
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
@@ -32,6 +34,20 @@ class GPTNeoX(Family):
             n_head = self.cfg.need(int, "num_attention_heads")
             return [PlannedTensor(name, t.shape, t, transform=lambda a, _dt: regroup_qkv(a, n_head))]
         return [PlannedTensor(name, t.shape, t)]
+
+    def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:
+        if ".attention.query_key_value." in hf_name:
+            return ungroup_qkv(a, self.cfg.need(int, "num_attention_heads"))
+        return a
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        cfg = {**super().config_from_gguf(kv), "hidden_act": "gelu",
+               "use_parallel_residual": bool(kv.get("gptneox.use_parallel_residual", True))}
+        rot = kv.get("gptneox.rope.dimension_count")
+        if rot is not None:
+            cfg["rotary_pct"] = rot / (cfg["hidden_size"] // cfg["num_attention_heads"])
+        return cfg
 
     def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
         c = self.cfg

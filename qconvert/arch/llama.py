@@ -18,15 +18,17 @@ def permute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of permute_rope: GGUF's interleaved q/k rows back to HF's split halves."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 class Llama(Family):
     hf_architectures = ("LLaMAForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
     gguf_arch = gguf.MODEL_ARCH.LLAMA
+    forward_name = "LlamaForward"
     example = "HuggingFaceTB/SmolLM2-135M"
-
-    def forward(self):
-        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
-        from qconvert.arch.forward import LlamaForward
-        return LlamaForward(self)
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
@@ -35,17 +37,28 @@ class Llama(Family):
 
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
-        heads = None
-        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-            heads = self.n_head
-        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-            heads = self.n_head_kv
+        heads = self.rope_heads(hf_name)
         if heads is None:
             return [PlannedTensor(self.map_name(hf_name), t.shape, t)]
         if t.shape[0] % (2 * heads):
             raise InputError(f"{self.ckpt.path}: tensor {t.name!r} has {t.shape[0]} rows, not a multiple of "
                              f"2*{heads} heads")
         return [PlannedTensor(self.map_name(hf_name), t.shape, t, transform=lambda a, _dt, h=heads: permute_rope(a, h))]
+
+    def rope_heads(self, hf_name: str) -> int | None:
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            return self.n_head
+        if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            return self.n_head_kv
+        return None
+
+    def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:
+        heads = self.rope_heads(hf_name)
+        return a if heads is None else unpermute_rope(a, heads)
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        return {**super().config_from_gguf(kv), "hidden_act": "silu"}
 
     def extra_tensors(self) -> list[PlannedTensor]:
         rope = self.rope_parameters()

@@ -10,12 +10,12 @@ from qconvert.read import tokenizer
 class Qwen2(Family):
     hf_architectures = ("Qwen2ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN2
+    forward_name = "LlamaForward"
     example = "Qwen/Qwen2.5-0.5B"
 
-    def forward(self):
-        """The layer-by-layer torch forward that calibration runs (arch/forward.py)."""
-        from qconvert.arch.forward import LlamaForward
-        return LlamaForward(self)
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        return {**super().config_from_gguf(kv), "hidden_act": "silu"}
 
     def write_vocab(self, kv: gguf.GGUFWriter) -> None:
         if self.has_spm():

@@ -12,26 +12,12 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFValueType as VT
 from gguf.gguf_writer import GGUFValue
 
+from qconvert.arch.forward import hidden_states
 from qconvert.calibrate.text import Calibration
 from qconvert.read.imatrix import Imatrix
 from qconvert.writers.gguf import GGUFWriter, TensorInfo
 
 BATCH = 4  # samples run through a layer together
-
-
-def _return_freed_memory() -> None:
-    """glibc raises its mmap threshold as large blocks are freed, after which activations come
-    from the heap and are never given back: memory then grows layer after layer. A fixed
-    threshold keeps every large tensor in its own mapping, returned when freed."""
-    import ctypes
-    import sys
-
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB
-        except (OSError, AttributeError):
-            pass  # not glibc: nothing to tune
 
 
 class Collector:
@@ -59,18 +45,8 @@ def collect(family, calib: Calibration, threads: int, progress: Callable[[int, i
             path: Path = Path("(in memory)")) -> tuple[Imatrix, Collector]:
     """Run the calibration samples through the model layer by layer; returns the imatrix."""
     torch.set_num_threads(max(1, threads))
-    _return_freed_memory()
-    fw = family.forward()
     rec = Collector()
-    tokens = torch.from_numpy(calib.tokens)
-    with torch.inference_mode():
-        h = torch.cat([fw.embed(tokens[i:i + BATCH]) for i in range(0, len(tokens), BATCH)])
-        fw.clear()
-        for layer in range(family.n_layers):
-            h = torch.cat([fw.layer(layer, h[i:i + BATCH], rec) for i in range(0, len(h), BATCH)])
-            fw.clear()  # this layer's weights go; the next layer's are read when it runs
-            if progress:
-                progress(layer + 1, family.n_layers)
+    hidden_states(family.forward(), torch.from_numpy(calib.tokens), rec, progress, BATCH)
     n, T = calib.tokens.shape
     return rec.to_imatrix(path, calib.dataset, n, T), rec
 

@@ -1,0 +1,181 @@
+"""`qconvert eval`: perplexity of a model on a text and, against a base model, KL divergence and
+top-1 agreement, with qconvert's own forward on the model's (dequantized) weights.
+
+Scoring is llama-perplexity's: the text is tokenized without special tokens and cut into
+consecutive chunks of ctx tokens; each chunk starts with BOS when the model adds one (replacing
+its first token), and only the second half of each chunk is scored (the prediction of tokens
+ctx/2+1 .. ctx-1), so every scored token sees at least ctx/2 tokens of context.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from qconvert.errors import InputError, UsageError
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+ROWS = 64  # scored positions whose vocabulary-wide log-probabilities are held at once
+
+
+@dataclass
+class Model:
+    """A model to run: a GGUF file or an HF checkpoint, with what scoring needs of it."""
+
+    source: str
+    family: object
+    forward: Callable[[], object]
+    bos_id: int | None
+    n_vocab: int
+    tokenizer_dir: Path | None  # where tokenizer.json / tokenizer.model are, if anywhere
+    close: Callable[[], None]
+
+
+def is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def open_model(source: str, revision: str | None = None) -> Model:
+    p = Path(source).expanduser()
+    if p.is_file():
+        if not is_gguf(p):
+            raise InputError(f"{p}: not a GGUF file (give a .gguf file, or a model directory or hub id)")
+        from qconvert.read.gguf_model import open_gguf
+
+        g = open_gguf(p)
+        return Model(str(p), g.family, g.forward, g.bos_id, g.n_vocab, None, lambda: None)
+    from qconvert.plan import make_plan
+
+    plan = make_plan(source, [], None, revision, dry_run=True)
+    fam = plan.family
+    return Model(source, fam, fam.forward, plan.bos_for_calibration(), fam.cfg.need(int, "vocab_size"),
+                 plan.ckpt.path, plan.ckpt.close)
+
+
+@dataclass
+class EvalReport:
+    model: str
+    text: str
+    base: str | None
+    ctx: int
+    chunks: int
+    tokens_scored: int
+    perplexity: float
+    perplexity_stderr: float
+    base_perplexity: float | None = None
+    kl_divergence: float | None = None  # mean over scored tokens of KL(base || model), nats
+    kl_divergence_stderr: float | None = None
+    kl_divergence_p99: float | None = None
+    top1_agreement: float | None = None
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def chunk_tokens(ids: list[int], ctx: int, chunks: int | None, bos_id: int | None, name: str) -> np.ndarray:
+    if ctx < 8 or ctx % 2:
+        raise UsageError(f"--ctx must be an even number >= 8, got {ctx}")
+    n = len(ids) // ctx
+    if n < 1:
+        raise InputError(f"{name}: {len(ids)} tokens, fewer than one chunk of {ctx}")
+    if chunks is not None:
+        if chunks < 1:
+            raise UsageError(f"--chunks must be >= 1, got {chunks}")
+        n = min(n, chunks)
+    out = np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx).copy()
+    if bos_id is not None:
+        out[:, 0] = bos_id
+    return out
+
+
+def _final_hidden(model: Model, tokens: torch.Tensor, progress: Progress | None, what: str) -> tuple[object, torch.Tensor]:
+    """The last layer's output at the scoring positions [n, ctx/2 - 1, D], and the forward (for its head)."""
+    from qconvert.arch.forward import hidden_states
+
+    fw = model.forward()
+    half = tokens.shape[1] // 2
+    h = hidden_states(fw, tokens, progress=(lambda d, t: progress(what, d, t)) if progress else None)
+    return fw, h[:, half:-1].contiguous()
+
+
+def evaluate(source: str, text_path: Path, base: str | None = None, tokenizer: str | None = None, ctx: int = 512,
+             chunks: int | None = None, threads: int = 1, revision: str | None = None,
+             progress: Progress | None = None) -> EvalReport:
+    from qconvert.calibrate.text import read_text, tokenize
+    from qconvert.pipeline import peak_rss_bytes
+    from qconvert.read.checkpoint import resolve
+
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, threads))
+    opened: list[Model] = []
+    try:
+        model = open_model(source, revision)
+        opened.append(model)
+        ref = open_model(base) if base is not None else None
+        if ref is not None:
+            opened.append(ref)
+        tok_dir = resolve(tokenizer) if tokenizer is not None else model.tokenizer_dir or (ref and ref.tokenizer_dir)
+        if tok_dir is None:
+            raise UsageError(f"{source}: a GGUF file needs --tokenizer DIR (or an HF --base model) to tokenize the "
+                             "text with the model's own tokenizer")
+        if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer.model").is_file():
+            raise InputError(f"{tok_dir}: no tokenizer (tokenizer.json or tokenizer.model)")
+        text, name = read_text(text_path)
+        ids = tokenize(tok_dir, text)
+        tokens = chunk_tokens(ids, ctx, chunks, model.bos_id, name)
+        n_vocab = model.n_vocab if ref is None else min(model.n_vocab, ref.n_vocab)
+        if int(tokens.max()) >= n_vocab:
+            raise InputError(f"{tok_dir}: the tokenizer gives id {int(tokens.max())}, beyond the model's "
+                             f"{n_vocab} tokens; is it the model's own tokenizer?")
+        t = torch.from_numpy(tokens)
+        fw, h = _final_hidden(model, t, progress, "model")
+        fw_ref, h_ref = _final_hidden(ref, t, progress, "base") if ref else (None, None)
+        half = ctx // 2
+        targets = t[:, half + 1:]
+        nll = torch.empty(targets.shape, dtype=torch.float64)
+        ref_nll = torch.empty_like(nll)
+        kld = torch.empty_like(nll)
+        same = torch.empty(targets.shape, dtype=torch.bool)
+        with torch.inference_mode():
+            for c in range(len(tokens)):
+                for a in range(0, targets.shape[1], ROWS):  # a few positions at a time: logits are vocab wide
+                    b = min(a + ROWS, targets.shape[1])
+                    tgt = targets[c, a:b, None]
+                    lq = torch.log_softmax(fw.head(h[c, a:b])[:, :n_vocab].double(), -1)
+                    nll[c, a:b] = -lq.gather(1, tgt)[:, 0]
+                    if fw_ref is not None:
+                        lp = torch.log_softmax(fw_ref.head(h_ref[c, a:b])[:, :n_vocab].double(), -1)
+                        ref_nll[c, a:b] = -lp.gather(1, tgt)[:, 0]
+                        same[c, a:b] = lq.argmax(-1) == lp.argmax(-1)
+                        lq.sub_(lp).neg_()  # in place: lp - lq
+                        kld[c, a:b] = (lp.exp_() * lq).sum(-1)
+                if progress:
+                    progress("scoring", c + 1, len(tokens))
+    finally:
+        for m in opened:
+            m.close()
+    n = nll.numel()
+    mean = float(nll.mean())
+    ppl = math.exp(mean)
+    report = EvalReport(source, name, base, ctx, len(tokens), n, ppl,
+                        ppl * float(nll.std()) / math.sqrt(n) if n > 1 else 0.0)
+    if ref is not None:
+        report.base_perplexity = math.exp(float(ref_nll.mean()))
+        report.kl_divergence = float(kld.mean())
+        report.kl_divergence_stderr = float(kld.std()) / math.sqrt(n) if n > 1 else 0.0
+        report.kl_divergence_p99 = float(torch.quantile(kld.flatten(), 0.99))
+        report.top1_agreement = float(same.double().mean())
+    report.seconds = round(time.perf_counter() - start, 3)
+    report.peak_rss_bytes = peak_rss_bytes()
+    return report

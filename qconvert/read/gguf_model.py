@@ -1,0 +1,142 @@
+"""A GGUF file as a model qconvert's forward can run: config from its metadata, tensors
+dequantized on demand and put back in the checkpoint's layout, under their HF names.
+
+Only the families qconvert writes are read; the family module knows both directions (its
+`tensor()` transforms, `from_gguf()` undoes them; `config_from_gguf()` reads the hyperparameters
+as llama.cpp does).
+"""
+from __future__ import annotations
+
+import mmap
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from qconvert.errors import InputError
+from qconvert.quant import blocks
+from qconvert.read.config import Config
+
+
+def read_gguf(path: Path) -> gguf.GGUFReader:
+    if not path.is_file():
+        raise InputError(f"{path}: file not found")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
+        raise InputError(f"{path}: not a readable GGUF file: {e}") from None
+
+
+@dataclass
+class GGUFTensor:
+    """One tensor of the file under an HF name, read as float32 in the checkpoint's layout."""
+
+    name: str  # HF name
+    gguf_name: str
+    shape: tuple[int, ...]  # numpy order
+    _t: gguf.ReaderTensor
+    _family: object
+    _map: mmap.mmap | None = None  # the reader's mapping, to drop pages from
+    dtype: str = "F32"
+
+    def array(self) -> np.ndarray:
+        t = self._t
+        kind = t.tensor_type.name
+        data = np.ascontiguousarray(t.data)
+        if kind in blocks.REGISTRY:
+            a = blocks.REGISTRY[kind].dequantize(data.view(np.uint8), self.shape)
+        else:  # a type qconvert does not write: gguf's numpy dequantizers
+            a = gguf.quants.dequantize(data, t.tensor_type).reshape(self.shape)
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        return self._family.from_gguf(self.name, a) if self.name != self.gguf_name else a
+
+    def release(self) -> None:
+        """Drop the tensor's pages from our resident memory (the page cache keeps them)."""
+        if self._map is None:
+            return
+        begin, page = int(self._t.data_offset), mmap.PAGESIZE
+        end = min(begin + int(self._t.n_bytes), len(self._map))
+        start = begin - begin % page
+        end = min(end + (-end) % page, len(self._map))
+        try:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        except (AttributeError, OSError, ValueError):
+            pass  # not every platform can drop pages; memory is then just higher
+
+
+class GGUFWeights:
+    """HF name -> GGUFTensor, found through the family's name map; GGUF-only tensors (such as
+    rope_freqs.weight) answer to their own name."""
+
+    def __init__(self, reader: gguf.GGUFReader, family):
+        self.family = family
+        self.by_gguf = {t.name: t for t in reader.tensors}
+        self.map = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap here
+
+    def _gguf_name(self, hf_name: str) -> str | None:
+        if hf_name in self.by_gguf:
+            return hf_name
+        try:
+            g = self.family.map_name(hf_name)
+        except InputError:
+            return None
+        return g if g in self.by_gguf else None
+
+    def __contains__(self, hf_name: str) -> bool:
+        return self._gguf_name(hf_name) is not None
+
+    def __getitem__(self, hf_name: str) -> GGUFTensor:
+        g = self._gguf_name(hf_name)
+        if g is None:
+            raise KeyError(hf_name)
+        t = self.by_gguf[g]
+        return GGUFTensor(hf_name, g, tuple(int(x) for x in reversed(t.shape.tolist())), t, self.family, self.map)
+
+
+@dataclass
+class _Source:
+    """What a Family needs of a checkpoint, for a GGUF file."""
+
+    path: Path
+    config: Config
+    tensors: dict
+
+
+@dataclass
+class GGUFModel:
+    path: Path
+    family: object
+    weights: GGUFWeights
+    kv: dict
+    n_vocab: int
+
+    def forward(self):
+        return self.family.forward(self.weights)
+
+    @property
+    def bos_id(self) -> int | None:
+        """BOS when the model adds one (llama.cpp's perplexity starts each chunk with it)."""
+        if self.kv.get("tokenizer.ggml.add_bos_token") and self.kv.get("tokenizer.ggml.bos_token_id") is not None:
+            return int(self.kv["tokenizer.ggml.bos_token_id"])
+        return None
+
+
+def open_gguf(path: Path) -> GGUFModel:
+    from qconvert.arch import FAMILIES
+
+    reader = read_gguf(path)
+    kv = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
+    arch = kv.get("general.architecture")
+    by_arch = {gguf.MODEL_ARCH_NAMES[f.gguf_arch]: f for f in FAMILIES.values()}
+    cls = by_arch.get(arch)
+    if cls is None:
+        raise InputError(f"{path}: architecture {arch!r} cannot be evaluated; qconvert's forward knows "
+                         f"{', '.join(sorted(by_arch))}")
+    names = {t.name for t in reader.tensors}
+    if "token_embd.weight" not in names:
+        raise InputError(f"{path}: no token_embd.weight tensor")
+    cfg = cls.config_from_gguf(kv)
+    cfg["vocab_size"] = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
+    family = cls(_Source(path, Config(cfg, path), {}))
+    return GGUFModel(path, family, GGUFWeights(reader, family), kv, cfg["vocab_size"])
