@@ -12,11 +12,13 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py $(wildcard kernels/*.c kernels/*.h)
+$(STAMP): pyproject.toml setup.py tests/loaders.txt $(wildcard kernels/*.c kernels/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0            # the CPU wheel first: a bare torch pulls CUDA
 	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -r tests/loaders.txt -c tests/constraints.txt  # GPTQModel's requirements, torch kept
+	$(PIP) install -q --no-deps gptqmodel==7.7.0
 	touch $(STAMP)
 
 demo: venv

@@ -6,6 +6,8 @@ Files compared (all from the same checkpoint):
   qconvert --to q4_k_m / iq4_nl            calibrated by default (its shipped text, 32 x 512 tokens)
   llama.cpp convert f32 + llama-imatrix + llama-quantize, on the same calibration text
   llama.cpp convert f32 + llama-quantize without an imatrix
+  llama.cpp convert f32 + llama-quantize with `qconvert imatrix`'s matrix (same text and samples
+  as qconvert's own calibration): our matrix against llama-imatrix's in the same quantizer
 Scored by llama.cpp itself (llama-cpp-python) on northangerabbey.txt from real-models.sh:
 perplexity, KL divergence from the F32 model and top-1 agreement with it, over the second half
 of each ctx-token chunk (llama-perplexity's convention).
@@ -72,6 +74,8 @@ def main() -> None:
         imat = tmp / "llama.imatrix.gguf"
         measure([str(IMATRIX), "-m", str(f32), "-f", str(CALIB), "-o", str(imat), "-c", "512", "--chunks", "32",
                  "-t", "2"])
+        ours_imat = tmp / "qconvert.imatrix.gguf"
+        measure(qconvert_cmd() + ["imatrix", str(src), "-o", str(ours_imat), "-q"])
         files = {}
         for recipe, label in (("q4_k_m", "Q4_K_M"), ("iq4_nl", "IQ4_NL")):
             files[f"qconvert {recipe} (calibrated)"] = tmp / f"q-{recipe}.gguf"
@@ -79,6 +83,9 @@ def main() -> None:
             files[f"llama.cpp {recipe} + llama-imatrix"] = tmp / f"l-{recipe}-im.gguf"
             measure([str(QUANTIZE), "--imatrix", str(imat), str(f32), str(files[f"llama.cpp {recipe} + llama-imatrix"]),
                      label, "2"])
+            files[f"llama.cpp {recipe} + qconvert imatrix"] = tmp / f"l-{recipe}-qim.gguf"
+            measure([str(QUANTIZE), "--imatrix", str(ours_imat), str(f32),
+                     str(files[f"llama.cpp {recipe} + qconvert imatrix"]), label, "2"])
             files[f"llama.cpp {recipe}, no imatrix"] = tmp / f"l-{recipe}.gguf"
             measure([str(QUANTIZE), str(f32), str(files[f"llama.cpp {recipe}, no imatrix"]), label, "2"])
         from llama_cpp import Llama

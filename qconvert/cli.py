@@ -55,6 +55,33 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON report on std
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
 Threads = Annotated[int, typer.Option("--threads", "-j", min=0, help="Threads for the kernels; 0 means all cores.")]
+Bits = Annotated[int, typer.Option("--bits", help="gptq: bits per weight (2, 4 or 8).")]
+GroupSize = Annotated[int, typer.Option("--group-size", help="gptq: input columns per scale; -1: one per output "
+                                                            "channel.")]
+ActOrder = Annotated[bool, typer.Option("--act-order", help="gptq: quantize columns by descending activation "
+                                                            "energy, with static groups (g_idx stays in order, "
+                                                            "so vLLM accepts the checkpoint).")]
+Sym = Annotated[bool, typer.Option("--sym/--asym", help="gptq: symmetric (checkpoint_format gptq) or asymmetric "
+                                                        "(gptq_v2; vLLM refuses asymmetric GPTQ).")]
+Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction of the Hessian's mean diagonal; "
+                                                    "raised by 0.01 steps if the factorisation fails.")]
+MaxShard = Annotated[str, typer.Option("--max-shard-size", help="gptq: largest safetensors shard, e.g. 5GB, "
+                                                                "500MB.")]
+
+
+def parse_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UsageError(f"--max-shard-size: cannot read {text!r}; write e.g. 5GB or 500MB")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+            "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}[unit]
+    n = int(float(m.group(1)) * mult)
+    if n < 1:
+        raise UsageError("--max-shard-size must be positive")
+    return n
 
 
 def _cores() -> int:
@@ -70,7 +97,8 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
                 threads: Threads = 0, no_calib: NoCalib = False, tensor_type: TensorType = None,
                 output_tensor_type: OutputType = None, token_embedding_type: EmbedType = None,
                 pure: Pure = False, imatrix: ImatrixFile = None, calib: Calib = None, calib_samples: CalibSamples = 32,
-                calib_seq_len: CalibSeqLen = 512, seed: Seed = 0) -> None:
+                calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, bits: Bits = 4, group_size: GroupSize = 128,
+                act_order: ActOrder = False, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB") -> None:
     """Convert MODEL to one or more GGUF files ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -88,7 +116,15 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
       qconvert ./model --to iq4_nl --calib my.txt       [dim]# calibrated on your own text[/dim]
 
       qconvert ./model --to q4_k_m --no-calib           [dim]# = llama-quantize without an imatrix[/dim]
+
+      qconvert ./model --to gptq -o model-gptq/         [dim]# GPTQ 4-bit, group 128, calibrated[/dim]
     """
+    if to.strip().lower() == "gptq":
+        from qconvert.layerwise import GPTQOptions
+
+        opts = GPTQOptions(bits, group_size, act_order, sym, damp, parse_size(max_shard_size))
+        return _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, opts,
+                           calib, calib_samples, calib_seq_len, seed)
     from qconvert.pipeline import CalibrationOptions, convert
     from qconvert.quant.recipes import Overrides, parse_targets, parse_tensor_types, parse_type
 
@@ -121,6 +157,56 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
         _print_plan(report)
     else:
         _print_done(report)
+
+
+def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, opts, calib, calib_samples,
+                calib_seq_len, seed) -> None:
+    from qconvert.calibrate import text
+    from qconvert.layerwise import plan_gptq, run_gptq
+
+    plan = plan_gptq(model, output, revision, force, opts)
+    if dry_run:
+        plan.ckpt.close()
+        if json_:
+            print(json.dumps({"source": model, "path": str(plan.path), "bytes": plan.total_bytes,
+                              "linears": len(plan.linears),
+                              "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)}
+                                          for e in plan.entries]}, indent=2))
+        else:
+            t = Table(title=f"plan: {model} -> {plan.path} (GPTQ {opts.bits}-bit, group {opts.group_size})", box=None)
+            for col in ("tensor", "dtype", "shape"):
+                t.add_column(col)
+            for e in plan.entries:
+                t.add_row(e.name, e.dtype, str(list(e.shape)))
+            out.print(t)
+            out.print(f"{len(plan.linears)} linear layers quantized, {plan.total_bytes / 1e6:.1f} MB of tensors")
+        return
+    if warn := (None if opts.sym else "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and "
+                "transformers load it, vLLM refuses asymmetric GPTQ"):
+        if not quiet:
+            err.print(f"[yellow]warning:[/yellow] {warn}")
+    try:
+        samples = text.samples(plan.ckpt.path, calib, calib_samples, calib_seq_len, seed, plan.bos,
+                               plan.family.max_positions())
+    except BaseException:
+        plan.ckpt.close()
+        raise
+    bars: list[Progress] = []
+    show = not (quiet or json_ or not err.is_terminal)
+    try:
+        report = run_gptq(plan, samples.tokens, samples.dataset, threads or _cores(),
+                          _layer_progress(bars, "quantizing layers") if show else None)
+    finally:
+        for bar in bars:
+            bar.stop()
+    if json_:
+        print(json.dumps(report.as_dict(), indent=2))
+    elif not quiet:
+        g = sum(x["gptq_error"] for x in report.layers)
+        r = sum(x["rtn_error"] for x in report.layers)
+        out.print(f"[green]wrote[/green] {report.path}  {report.bytes / 1e6:.1f} MB, GPTQ {report.bits}-bit group "
+                  f"{report.group_size}, {report.n_linears} linears; output error {g / r:.3f}x round-to-nearest's")
+        out.print(f"{report.seconds:.1f}s, peak memory {report.peak_rss_bytes / 1e9:.2f} GB")
 
 
 @app.command("inspect")
@@ -184,7 +270,8 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
         if path.exists() and not force:
             from qconvert.errors import OutputError
             raise OutputError(f"{path}: already exists (use --force to overwrite)")
-        samples = text.samples(plan.ckpt.path, calib, calib_samples, calib_seq_len, seed, plan.bos_for_calibration())
+        samples = text.samples(plan.ckpt.path, calib, calib_samples, calib_seq_len, seed, plan.bos_for_calibration(),
+                               plan.family.max_positions())
         bars: list[Progress] = []
         show = not (quiet or json_ or not err.is_terminal)
         try:

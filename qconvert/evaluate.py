@@ -53,8 +53,22 @@ def open_model(source: str, revision: str | None = None) -> Model:
 
         g = open_gguf(p)
         return Model(str(p), g.family, g.forward, g.bos_id, g.n_vocab, None, lambda: None)
-    from qconvert.plan import make_plan
+    from qconvert.arch import family_for
+    from qconvert.plan import make_plan, vocab_bos
+    from qconvert.read.checkpoint import open_checkpoint
+    from qconvert.read.quantized import QuantizedWeights, quant_method
 
+    ckpt = open_checkpoint(source, revision)
+    if quant_method(ckpt.config) is not None:  # a GPTQ checkpoint: decoded as it runs
+        try:
+            fam = family_for(ckpt)
+            weights = QuantizedWeights(ckpt, fam)
+            return Model(source, fam, lambda: fam.forward(weights), vocab_bos(fam), fam.cfg.need(int, "vocab_size"),
+                         ckpt.path, ckpt.close)
+        except BaseException:
+            ckpt.close()
+            raise
+    ckpt.close()
     plan = make_plan(source, [], None, revision, dry_run=True)
     fam = plan.family
     return Model(source, fam, fam.forward, plan.bos_for_calibration(), fam.cfg.need(int, "vocab_size"),

@@ -80,7 +80,7 @@ def convert(source: str, recipes: list[Recipe], output: Path | None = None, revi
         if not dry_run and plan.needs_calibration:
             assert calibration is not None
             calib = text.samples(plan.ckpt.path, calibration.text, calibration.samples, calibration.seq_len,
-                                 calibration.seed, plan.bos_for_calibration())
+                                 calibration.seed, plan.bos_for_calibration(), plan.family.max_positions())
             made, _ = imatrix_mod.collect(plan.family, calib, threads, calibration.progress,
                                           path=Path("qconvert:calibration"))
             plan.use_imatrix(made)

@@ -56,9 +56,7 @@ class Plan:
 
     def bos_for_calibration(self) -> int | None:
         """The BOS id when the model adds one (llama-imatrix starts each chunk with it)."""
-        add = self.kv.get("tokenizer.ggml.add_bos_token")
-        bos = self.kv.get("tokenizer.ggml.bos_token_id")
-        return int(bos.value) if add is not None and add.value and bos is not None else None
+        return bos_if_added(self.kv)
 
     def use_imatrix(self, im: Imatrix) -> None:
         """Give the mixtures their importance weights (made by calibration after planning)."""
@@ -86,6 +84,20 @@ def output_paths(ckpt: Checkpoint, recipes: list[Recipe], output: Path | None) -
     if len(recipes) > 1:
         raise UsageError(f"-o {output}: several targets need an output directory, not a file name")
     return [output]
+
+
+def bos_if_added(kv: dict[str, GGUFValue]) -> int | None:
+    add = kv.get("tokenizer.ggml.add_bos_token")
+    bos = kv.get("tokenizer.ggml.bos_token_id")
+    return int(bos.value) if add is not None and add.value and bos is not None else None
+
+
+def vocab_bos(family: Family) -> int | None:
+    """The BOS id when the model's tokenizer adds one, as its GGUF vocabulary would say."""
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
+    kv = gguf.GGUFWriter(None, family.arch_name)  # used only to collect key/values
+    family.write_vocab(kv)
+    return bos_if_added(dict(kv.kv_data[0]))
 
 
 def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFValue]:

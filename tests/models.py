@@ -121,9 +121,11 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
                                   initializer_range=0.08, tie_word_embeddings=True,
                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])
         model = tf.Gemma3ForCausalLM(cfg)
-    elif family == "gpt_neox":
+    elif family in ("gpt_neox", "gpt_neox-64"):
         ids = bpe_tokenizer(out, "gpt2", None, "<|endoftext|>")
-        cfg = tf.GPTNeoXConfig(vocab_size=ids["vocab_size"], hidden_size=80, intermediate_size=160,
+        # gpt_neox-64: widths that GPTQ's CPU kernels take (multiples of 32)
+        width = 64 if family == "gpt_neox-64" else 80
+        cfg = tf.GPTNeoXConfig(vocab_size=ids["vocab_size"], hidden_size=width, intermediate_size=2 * width,
                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256,
                                rotary_pct=0.5, layer_norm_eps=1e-5, use_parallel_residual=True,
                                eos_token_id=ids["<|endoftext|>"], bos_token_id=ids["<|endoftext|>"], **common)

@@ -121,6 +121,14 @@ class Family:
     def extra_tensors(self) -> list[PlannedTensor]:
         return []
 
+    def max_positions(self) -> int | None:
+        """The most positions the forward can take, when limited (learned position embeddings)."""
+        return None
+
+    def transposed(self, hf_name: str) -> bool:
+        """Whether a linear layer's weight is stored [in, out] (GPT-2's Conv1D) rather than [out, in]."""
+        return False
+
     # ---- back from GGUF (evaluation of a GGUF file with the family's forward) ----------------
 
     def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:

@@ -33,6 +33,17 @@ class Forward:
         self.tensors = weights if weights is not None else {
             n.replace("language_model.", ""): t for n, t in family.ckpt.tensors.items()}
         self._cache: dict[str, torch.Tensor] = {}
+        # called as hook(self, hf_prefix, input) before each linear layer runs; GPTQ quantizes
+        # the layer there and puts the dequantized weight back with set_linear_weight()
+        self.hook: Callable[[Forward, str, torch.Tensor], None] | None = None
+
+    def linear_weight(self, hf: str) -> torch.Tensor:
+        """A linear layer's weight as [out, in]."""
+        return self.w(hf + ".weight")
+
+    def set_linear_weight(self, hf: str, weight: torch.Tensor) -> None:
+        """Replace a linear layer's weight ([out, in]) for the rest of this layer's run."""
+        self._cache[hf + ".weight"] = weight
 
     def w(self, name: str) -> torch.Tensor:
         """A weight as float32, read on first use and kept until clear()."""
@@ -53,6 +64,8 @@ class Forward:
 
     def linear(self, x: torch.Tensor, hf: str, rec: Recorder, bias: bool | None = None) -> torch.Tensor:
         rec(self.family.map_name(hf + ".weight"), x)
+        if self.hook is not None:
+            self.hook(self, hf, x)
         b = self.w(hf + ".bias") if (bias is None and self.has(hf + ".bias")) or bias else None
         return F.linear(x, self.w(hf + ".weight"), b)
 
@@ -338,10 +351,18 @@ class GPT2Forward(Forward):
 
     def conv1d(self, x, name, rec):
         rec(self.family.map_name(name + ".weight"), x)
+        if self.hook is not None:
+            self.hook(self, name, x)
         return x @ self.w(name + ".weight") + self.w(name + ".bias")
 
     def ln(self, x, p):
         return F.layer_norm(x, (x.shape[-1],), self.w(p + ".weight"), self.w(p + ".bias"), self.eps)
+
+    def linear_weight(self, hf: str) -> torch.Tensor:
+        return self.w(hf + ".weight").T  # Conv1D stores [in, out]
+
+    def set_linear_weight(self, hf: str, weight: torch.Tensor) -> None:
+        self._cache[hf + ".weight"] = weight.T.contiguous()
 
     def embed(self, ids):
         pos = torch.arange(ids.shape[1])

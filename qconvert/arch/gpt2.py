@@ -23,6 +23,12 @@ class GPT2(Family):
             return [PlannedTensor(name, t.shape[::-1], t, transform=lambda a, _dt: np.ascontiguousarray(a.T))]
         return [PlannedTensor(name, t.shape, t)]
 
+    def max_positions(self) -> int | None:
+        return self.cfg.get(int, "n_positions", "n_ctx", "max_position_embeddings")
+
+    def transposed(self, hf_name: str) -> bool:
+        return hf_name.endswith(CONV1D)
+
     def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(a.T) if hf_name.endswith(CONV1D) else a
 

@@ -64,9 +64,13 @@ def tokenize(model_dir: Path, text: str) -> list[int]:
 
 
 def samples(model_dir: Path, path: Path | None, n_samples: int, seq_len: int, seed: int,
-            bos_id: int | None) -> Calibration:
+            bos_id: int | None, max_len: int | None = None) -> Calibration:
+    """`max_len`: the most positions the model can take (learned position embeddings)."""
     if n_samples < 1 or seq_len < 16:
         raise UsageError(f"--calib-samples must be >= 1 and --calib-seq-len >= 16, got {n_samples} and {seq_len}")
+    if max_len is not None and seq_len > max_len:
+        raise UsageError(f"--calib-seq-len {seq_len} is longer than the model's {max_len} positions; "
+                         f"use --calib-seq-len {max_len} or less")
     text, name = read_text(path)
     ids = np.asarray(tokenize(model_dir, text), dtype=np.int64)
     n_avail = len(ids) // seq_len

@@ -86,6 +86,9 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
+CHECKPOINT_TARGETS = ("gptq",)  # safetensors checkpoints quantized per decoder layer (layerwise.py)
+
+
 def parse_targets(spec: str) -> list[Recipe]:
     """`--to q8_0,f16` -> recipes, in order, without repeats."""
     out: list[Recipe] = []
@@ -93,8 +96,11 @@ def parse_targets(spec: str) -> list[Recipe]:
         name = part.strip().lower()
         if not name:
             continue
+        if name in CHECKPOINT_TARGETS:
+            raise UsageError(f"--to {name} writes a safetensors checkpoint directory: give it alone, not with "
+                             "GGUF targets")
         if name not in RECIPES:
-            raise UsageError(f"--to: unknown target {part.strip()!r}; known: {', '.join(RECIPES)}")
+            raise UsageError(f"--to: unknown target {part.strip()!r}; known: {', '.join([*RECIPES, *CHECKPOINT_TARGETS])}")
         if RECIPES[name] not in out:
             out.append(RECIPES[name])
     if not out:

@@ -1,0 +1,147 @@
+"""GPTQ (Frantar et al. 2022) as the reference tools implement it: codes, scales and zeros
+(the checkpoint's byte layout is writers/gptq.py's business).
+
+One linear layer at a time: W [N out, K in] and H = 2/n sum x x^T over its calibration inputs.
+Columns are quantized in order (or by descending diag(H) with act-order), each column's rounding
+error spread over the columns not yet quantized through the inverse Hessian's Cholesky factor,
+in blocks of 128 columns with lazy batch updates. Group parameters (one scale and zero per
+output row and group of input columns) come from the updated weights when a group begins, or,
+with act-order, from the original weights of each static group (so g_idx stays k // g, which
+vLLM needs). Dead columns (diag(H) == 0) get H = 1 and W = 0. Damping: damp * mean(diag(H)) on
+the diagonal, raised by 0.01 at a time when the Cholesky factorisation fails.
+
+Quantizer: symmetric s = 2 max|w| / (2^b - 1), z = 2^(b-1); asymmetric on [min, max] widened
+to include 0, s = (max - min) / (2^b - 1), z = round(-min / s); q = clamp(round(w / s) + z, 0,
+2^b - 1), w' = s (q - z).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qconvert.errors import InputError
+
+BLOCK = 128  # columns per lazy-update block
+
+
+@dataclass
+class GPTQResult:
+    q: torch.Tensor  # int codes [N, K], in the original column order
+    scales: torch.Tensor  # [G, N] float32
+    zeros: torch.Tensor  # [G, N] int (the zero point itself)
+    g_idx: torch.Tensor  # [K] int32, the group of each input column
+    weight: torch.Tensor  # dequantized [N, K] float32
+    damp: float  # the damping that factorised
+    error: float  # tr((W - W') H (W - W')^T) / N: mean output-row squared error on the inputs
+    rtn_error: float  # the same for round-to-nearest with the same groups
+
+
+def group_params(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero per row of w [N, g]. Scales are rounded to f16 (what the checkpoint
+    stores) before the codes are chosen, so the file decodes to exactly the weights GPTQ used."""
+    maxq = 2 ** bits - 1
+    if sym:
+        scale = (2 * w.abs().amax(1) / maxq).half().float()
+    else:
+        lo, hi = w.amin(1).clamp(max=0), w.amax(1).clamp(min=0)
+        scale = ((hi - lo) / maxq).half().float()
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero group
+    if sym:
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of w [N] or [N, m] given per-row scale/zero [N]."""
+    if w.dim() == 2:
+        scale, zero = scale[:, None], zero[:, None]
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
+
+
+def _hinv_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of H^-1 after damping; damping grows until it factorises."""
+    mean_diag = float(torch.mean(torch.diag(H)))
+    idx = torch.arange(H.shape[0])
+    while True:
+        Hd = H.clone()
+        Hd[idx, idx] += damp * mean_diag
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0:
+                return U, damp
+        damp = round(damp + 0.01, 6)
+        if damp > 1.0:
+            raise InputError("GPTQ: the Hessian cannot be factorised even with damping 1.0 (are the calibration "
+                             "inputs all zero or non-finite?)")
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
+         act_order: bool = False, damp: float = 0.05) -> GPTQResult:
+    """Quantize W [N, K] (float32) given H [K, K]; group_size -1 means one group per row."""
+    N, K = W.shape
+    g = K if group_size == -1 else group_size
+    if K % g:
+        raise ValueError(f"group size {g} does not divide {K} input columns")
+    W = W.clone().float()
+    W0 = W.clone()
+    H = H.clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hfull = H.clone()
+
+    n_groups = K // g
+    scales = torch.zeros(n_groups, N)
+    zeros = torch.zeros(n_groups, N)
+    if act_order:  # static groups: parameters from the original weights, g_idx = k // g
+        for j in range(n_groups):
+            scales[j], zeros[j] = group_params(W[:, j * g:(j + 1) * g], bits, sym)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    else:
+        perm = torch.arange(K)
+    U, damp = _hinv_upper(H, damp)
+
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    for i1 in range(0, K, BLOCK):
+        i2 = min(i1 + BLOCK, K)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            grp = col // g
+            if not act_order and col % g == 0:  # a group begins: parameters from the updated weights
+                scales[grp], zeros[grp] = group_params(W1[:, i:i + g] if i + g <= i2 - i1 else
+                                                       torch.cat([W1[:, i:], W[:, i2:i1 + i + g]], 1), bits, sym)
+            w = W1[:, i]
+            c = quantize_codes(w, scales[grp], zeros[grp], bits)
+            q = scales[grp] * (c - zeros[grp])
+            codes[:, i1 + i], Q[:, i1 + i] = c, q
+            err = (w - q) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    Q, codes = Q[:, inv], codes[:, inv]
+    g_idx = (torch.arange(K) // g).to(torch.int32)
+    # round-to-nearest with the same groups, for the report
+    R = torch.empty_like(W0)
+    for j in range(n_groups):
+        s, z = group_params(W0[:, j * g:(j + 1) * g], bits, sym)
+        R[:, j * g:(j + 1) * g] = s[:, None] * (quantize_codes(W0[:, j * g:(j + 1) * g], s, z, bits) - z[:, None])
+    return GPTQResult(codes.to(torch.int32), scales, zeros.to(torch.int32), g_idx, Q, damp,
+                      output_error(W0, Q, Hfull), output_error(W0, R, Hfull))
+
+
+def output_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T) / N: with H = 2/n X^T X, twice the mean squared output error per row."""
+    D = (W - Q).double()
+    return float(((D @ H.double()) * D).sum() / W.shape[0])
