@@ -194,6 +194,7 @@ class LayerwiseReport:
 def quantization_config(opts: GPTQOptions, calib: dict) -> dict:
     return {"bits": opts.bits, "group_size": opts.group_size, "desc_act": False, "sym": opts.sym,
             "lm_head": False, "quant_method": "gptq", "checkpoint_format": opts.checkpoint_format,
+            "format": opts.checkpoint_format,
             "pack_dtype": "int32", "damp_percent": opts.damp, "true_sequential": True,
             "static_groups": opts.act_order,
             "meta": {"quantizer": [f"qconvert:{__version__}"], "act_order": opts.act_order,

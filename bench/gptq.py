@@ -1,0 +1,122 @@
+"""GPTQ: qconvert against GPTQModel 7.7.0 on the same model, calibration tokens and settings.
+
+usage: python bench/gptq.py [--model qwen2.5-0.5b] [--samples 32] [--seq-len 512] [--chunks 16]
+                            [--act-order] [--depth]
+
+Both quantize with bits 4, group size 128, damping 0.05, symmetric, the same calibration token
+samples (qconvert's default text, seeded selection) and 2 threads; GPTQModel with desc_act and
+act_group_aware off unless --act-order (then qconvert --act-order against GPTQModel's
+desc_act=False + act_group_aware, its own activation-ordering default). Prints wall time, peak RSS,
+and perplexity / KL divergence from the float model on northangerabbey.txt, both checkpoints
+scored by `qconvert eval` (the same forward for both). --depth also quantizes random models of
+Qwen2.5-0.5B's width with 4 and 16 layers, to show peak memory does not grow with depth.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REAL, measure, qconvert_cmd  # noqa: E402
+
+
+def run_gptqmodel(src: str, out: str, tokens: str, act_order: bool) -> None:
+    """In a child process: GPTQModel's own quantize + save on the given token samples."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import torch
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    torch.set_num_threads(2)
+    ids = np.load(tokens)
+    cfg = QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, damp_percent=0.05,
+                         act_group_aware=act_order)
+    model = GPTQModel.load(src, cfg, device="cpu")
+    model.quantize([{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids], batch_size=1)
+    model.save(out)
+
+
+def evaluate(path: Path, src: Path, chunks: int) -> dict:
+    cmd = qconvert_cmd() + ["eval", str(path), "--text", str(REAL / "text" / "northangerabbey.txt"), "--base", str(src),
+                            "--chunks", str(chunks), "--json"]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def depth_check(tmp: Path) -> None:
+    import torch
+    import transformers as tf
+
+    src = REAL / "hf" / "qwen2.5-0.5b"
+    print("\npeak RSS against depth (random weights, Qwen2.5-0.5B widths, 8 x 512 calibration tokens):")
+    for layers in (4, 16):
+        d = tmp / f"depth{layers}"
+        cfg = tf.AutoConfig.from_pretrained(src)
+        cfg.num_hidden_layers = layers
+        torch.manual_seed(0)
+        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (d / f).write_bytes((src / f).read_bytes())
+        wall, rss = measure(qconvert_cmd() + [str(d), "--to", "gptq", "-o", str(tmp / f"q{layers}"), "-q",
+                                              "--calib-samples", "8", "-j", "2"])
+        print(f"  {layers:2d} layers: {wall:6.1f} s, peak RSS {rss / 1e6:7.0f} MB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--depth", action="store_true")
+    ap.add_argument("--run-gptqmodel", nargs=3, metavar=("SRC", "OUT", "TOKENS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_gptqmodel:
+        return run_gptqmodel(*args.run_gptqmodel, act_order=args.act_order)
+    src = REAL / "hf" / args.model
+    if not src.is_dir():
+        sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    from qconvert.calibrate import text
+    from qconvert.plan import make_plan
+
+    plan = make_plan(str(src), [], None, dry_run=True)
+    samples = text.samples(src, None, args.samples, args.seq_len, 0, plan.bos_for_calibration())
+    plan.ckpt.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tokens = tmp / "tokens.npy"
+        np.save(tokens, samples.tokens)
+        ours, theirs = tmp / "qconvert-gptq", tmp / "gptqmodel-gptq"
+        extra = ["--act-order"] if args.act_order else []
+        t_ours = measure(qconvert_cmd() + [str(src), "--to", "gptq", "-o", str(ours), "-q", "-j", "2",
+                                           "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len),
+                                           *extra])
+        env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", OMP_NUM_THREADS="2")
+        t_ref = measure([sys.executable, __file__, "--run-gptqmodel", str(src), str(theirs), str(tokens), *extra],
+                        env=env)
+        rows = {"qconvert": (ours, t_ours), "GPTQModel 7.7.0": (theirs, t_ref)}
+        print(f"{args.model}: GPTQ 4-bit group 128 sym{' act-order' if args.act_order else ''}, "
+              f"{args.samples} x {args.seq_len} calibration tokens, 2 threads; "
+              f"scored on northangerabbey.txt, {args.chunks} x 512 tokens")
+        print(f"{'tool':18s} {'s':>8s} {'peak MB':>8s} {'MB on disk':>10s} {'PPL':>9s} {'KLD':>9s} {'top-1':>7s}")
+        base = None
+        for name, (path, (wall, rss)) in rows.items():
+            r = evaluate(path, src, args.chunks)
+            base = r["base_perplexity"]
+            size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            print(f"{name:18s} {wall:8.1f} {rss / 1e6:8.0f} {size / 1e6:10.1f} {r['perplexity']:9.3f} "
+                  f"{r['kl_divergence']:9.5f} {r['top1_agreement']:7.3f}", flush=True)
+        print(f"float model perplexity {base:.3f}; time ratio {t_ours[0] / t_ref[0]:.2f}x, "
+              f"memory ratio {t_ours[1] / t_ref[1]:.2f}x")
+        if args.depth:
+            depth_check(tmp)
+
+
+if __name__ == "__main__":
+    main()
