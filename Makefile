@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml setup.py tests/loaders.txt $(wildcard kernels/*.c kerne
 	$(PIP) install -q torch==2.13.0            # the CPU wheel first: a bare torch pulls CUDA
 	$(PIP) install -q -e '.[test]'
 	$(PIP) install -q -r tests/loaders.txt -c tests/constraints.txt  # GPTQModel's requirements, torch kept
-	$(PIP) install -q --no-deps gptqmodel==7.7.0
+	$(PIP) install -q --no-deps gptqmodel==7.7.0 autoawq==0.2.9  # AutoAWQ: only its packing utilities are used
 	touch $(STAMP)
 
 demo: venv

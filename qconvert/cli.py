@@ -119,10 +119,12 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
 
       qconvert ./model --to gptq -o model-gptq/         [dim]# GPTQ 4-bit, group 128, calibrated[/dim]
     """
-    if to.strip().lower() == "gptq":
+    if to.strip().lower() in ("gptq", "awq"):
         from qconvert.layerwise import GPTQOptions
 
-        opts = GPTQOptions(bits, group_size, act_order, sym, damp, parse_size(max_shard_size))
+        method = to.strip().lower()
+        opts = GPTQOptions(method, bits, group_size, act_order, sym and method == "gptq", damp,
+                           parse_size(max_shard_size))
         return _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, opts,
                            calib, calib_samples, calib_seq_len, seed)
     from qconvert.pipeline import CalibrationOptions, convert
@@ -162,9 +164,9 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
 def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, opts, calib, calib_samples,
                 calib_seq_len, seed) -> None:
     from qconvert.calibrate import text
-    from qconvert.layerwise import plan_gptq, run_gptq
+    from qconvert.layerwise import plan_layerwise, run_layerwise
 
-    plan = plan_gptq(model, output, revision, force, opts)
+    plan = plan_layerwise(model, output, revision, force, opts)
     if dry_run:
         plan.ckpt.close()
         if json_:
@@ -173,7 +175,8 @@ def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, 
                               "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)}
                                           for e in plan.entries]}, indent=2))
         else:
-            t = Table(title=f"plan: {model} -> {plan.path} (GPTQ {opts.bits}-bit, group {opts.group_size})", box=None)
+            t = Table(title=f"plan: {model} -> {plan.path} ({opts.method.upper()} {opts.bits}-bit, group "
+                            f"{opts.group_size})", box=None)
             for col in ("tensor", "dtype", "shape"):
                 t.add_column(col)
             for e in plan.entries:
@@ -181,7 +184,7 @@ def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, 
             out.print(t)
             out.print(f"{len(plan.linears)} linear layers quantized, {plan.total_bytes / 1e6:.1f} MB of tensors")
         return
-    if warn := (None if opts.sym else "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and "
+    if warn := (None if opts.sym or opts.method == "awq" else "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and "
                 "transformers load it, vLLM refuses asymmetric GPTQ"):
         if not quiet:
             err.print(f"[yellow]warning:[/yellow] {warn}")
@@ -194,7 +197,7 @@ def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, 
     bars: list[Progress] = []
     show = not (quiet or json_ or not err.is_terminal)
     try:
-        report = run_gptq(plan, samples.tokens, samples.dataset, threads or _cores(),
+        report = run_layerwise(plan, samples.tokens, samples.dataset, threads or _cores(),
                           _layer_progress(bars, "quantizing layers") if show else None)
     finally:
         for bar in bars:
@@ -202,10 +205,13 @@ def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, 
     if json_:
         print(json.dumps(report.as_dict(), indent=2))
     elif not quiet:
-        g = sum(x["gptq_error"] for x in report.layers)
-        r = sum(x["rtn_error"] for x in report.layers)
-        out.print(f"[green]wrote[/green] {report.path}  {report.bytes / 1e6:.1f} MB, GPTQ {report.bits}-bit group "
-                  f"{report.group_size}, {report.n_linears} linears; output error {g / r:.3f}x round-to-nearest's")
+        line = (f"[green]wrote[/green] {report.path}  {report.bytes / 1e6:.1f} MB, {report.method.upper()} "
+                f"{report.bits}-bit group {report.group_size}, {report.n_linears} linears")
+        if report.method == "gptq":
+            g = sum(x["gptq_error"] for x in report.layers)
+            r = sum(x["rtn_error"] for x in report.layers)
+            line += f"; output error {g / r:.3f}x round-to-nearest's"
+        out.print(line)
         out.print(f"{report.seconds:.1f}s, peak memory {report.peak_rss_bytes / 1e9:.2f} GB")
 
 

@@ -1,4 +1,4 @@
-"""Safetensors targets quantized per decoder layer (GPTQ): plan, calibrate, quantize, write.
+"""Safetensors targets quantized per decoder layer (GPTQ, AWQ): plan, calibrate, quantize, write.
 
 The plan (metadata only) lists every output tensor and finds every problem first: layers whose
 widths do not fit the group size or the packing, an existing output, a missing tokenizer. Then
@@ -8,6 +8,11 @@ the layer is quantized, so q/k/v are quantized on the norm's output, o on the at
 of the already-quantized q/k/v, gate/up after o, down after gate/up, and the quantized layer's
 output feeds the next layer. Memory holds one decoder layer, its Hessians and the activations.
 Each finished layer is streamed into the shards of a directory that appears only when complete.
+
+AWQ follows AutoAWQ instead: the layer runs once on the float weights with every linear's input
+captured (its float output feeds the next layer); then the scale search of each group of
+linears sharing an input, the scales folded into the preceding norm or linear, the clipping
+search, and the zero-point quantization of every linear.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ GROUP_CHOICES = (32, 64, 128, 256)
 
 @dataclass
 class GPTQOptions:
+    method: str = "gptq"  # or "awq"
     bits: int = 4
     group_size: int = 128
     act_order: bool = False
@@ -40,9 +46,15 @@ class GPTQOptions:
 
     @property
     def checkpoint_format(self) -> str:
+        if self.method == "awq":
+            return "awq_gemm"
         return "gptq" if self.sym else "gptq_v2"
 
     def check(self) -> None:
+        if self.method == "awq" and self.bits != 4:
+            raise UsageError(f"--to awq writes 4-bit GEMM checkpoints; --bits {self.bits} is not available")
+        if self.method == "awq" and self.act_order:
+            raise UsageError("--act-order is a GPTQ option; AWQ has no column order")
         if self.bits not in (2, 4, 8):
             raise UsageError(f"--bits must be 2, 4 or 8, got {self.bits}")
         if self.group_size != -1 and self.group_size not in GROUP_CHOICES:
@@ -73,6 +85,7 @@ class LayerwisePlan:
     copies: dict[str, object]  # output name -> checkpoint tensor written as f16
     layer_of: dict[str, int]  # output name -> decoder layer (-1: written before the layers)
     opts: GPTQOptions
+    names: dict[str, str]  # forward (HF) name -> checkpoint name
 
     @property
     def total_bytes(self) -> int:
@@ -86,7 +99,7 @@ def _layer(family, hf: str) -> int:
     return int(g.split(".")[1]) if g.startswith("blk.") else -1
 
 
-def plan_gptq(source: str, output: Path | None, revision: str | None, force: bool, opts: GPTQOptions) -> LayerwisePlan:
+def plan_layerwise(source: str, output: Path | None, revision: str | None, force: bool, opts: GPTQOptions) -> LayerwisePlan:
     from qconvert.plan import make_plan, model_label
 
     opts.check()
@@ -96,7 +109,8 @@ def plan_gptq(source: str, output: Path | None, revision: str | None, force: boo
         if getattr(family, "forward_name", None) is None:
             raise InputError(f"{ckpt.path}: no forward for {family.arch_name}; GPTQ needs one")
         g = opts.group_size
-        path = output or Path.cwd() / f"{model_label(ckpt)}-GPTQ-{opts.bits}bit-{'g' + str(g) if g > 0 else 'perchannel'}"
+        path = output or Path.cwd() / (f"{model_label(ckpt)}-{opts.method.upper()}-{opts.bits}bit-"
+                                       f"{'g' + str(g) if g > 0 else 'perchannel'}")
         if path.exists() and not force:
             from qconvert.errors import OutputError
             raise OutputError(f"{path}: already exists (use --force to overwrite)")
@@ -120,12 +134,18 @@ def plan_gptq(source: str, output: Path | None, revision: str | None, force: boo
                 if n_in % gs or n_in % per_word or n_out % per_word:
                     misfits.append(f"{prefix} ({n_in} in, {n_out} out)")
                 linears[hp] = lin
-                n_groups = n_in // gs if n_in % gs == 0 else -(-n_in // gs)
-                entries_by_name[prefix] = [
-                    Entry(prefix + ".qweight", "I32", (n_in * opts.bits // 32, n_out)),
-                    Entry(prefix + ".qzeros", "I32", (n_groups, n_out * opts.bits // 32)),
-                    Entry(prefix + ".scales", "F16", (n_groups, n_out)),
-                    Entry(prefix + ".g_idx", "I32", (n_in,))]
+                n_groups = -(-n_in // gs)
+                if opts.method == "awq":  # packed along the output dimension, no g_idx
+                    entries_by_name[prefix] = [
+                        Entry(prefix + ".qweight", "I32", (n_in, n_out * opts.bits // 32)),
+                        Entry(prefix + ".qzeros", "I32", (n_groups, n_out * opts.bits // 32)),
+                        Entry(prefix + ".scales", "F16", (n_groups, n_out))]
+                else:
+                    entries_by_name[prefix] = [
+                        Entry(prefix + ".qweight", "I32", (n_in * opts.bits // 32, n_out)),
+                        Entry(prefix + ".qzeros", "I32", (n_groups, n_out * opts.bits // 32)),
+                        Entry(prefix + ".scales", "F16", (n_groups, n_out)),
+                        Entry(prefix + ".g_idx", "I32", (n_in,))]
                 for e in entries_by_name[prefix]:
                     layer_of[e.name] = layer
             else:
@@ -134,6 +154,10 @@ def plan_gptq(source: str, output: Path | None, revision: str | None, force: boo
                 else:
                     entries_by_name[name] = [Entry(name, t.dtype, tuple(t.shape))]
                 copies[name] = t
+                layer_of[name] = layer
+        if opts.method == "awq":
+            for name, shape, layer in family.awq_extra_tensors():
+                entries_by_name[name] = [Entry(name, "F16", shape)]
                 layer_of[name] = layer
         if misfits:
             widths = {lin.n_in for lin in linears.values()}
@@ -145,7 +169,9 @@ def plan_gptq(source: str, output: Path | None, revision: str | None, force: boo
             raise InputError(f"{ckpt.path}: no decoder linear layers found to quantize")
         order = sorted(entries_by_name, key=lambda n: (layer_of[entries_by_name[n][0].name], n))
         entries = [e for n in order for e in entries_by_name[n]]
-        return LayerwisePlan(ckpt, family, base.bos_for_calibration(), path, entries, linears, copies, layer_of, opts)
+        names = {n.replace("language_model.", ""): n for n in ckpt.tensors}
+        return LayerwisePlan(ckpt, family, base.bos_for_calibration(), path, entries, linears, copies, layer_of, opts,
+                             names)
     except BaseException:
         ckpt.close()
         raise
@@ -192,6 +218,10 @@ class LayerwiseReport:
 
 
 def quantization_config(opts: GPTQOptions, calib: dict) -> dict:
+    if opts.method == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": opts.group_size, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": None,
+                "meta": {"quantizer": [f"qconvert:{__version__}"], "calibration": calib}}
     return {"bits": opts.bits, "group_size": opts.group_size, "desc_act": False, "sym": opts.sym,
             "lm_head": False, "quant_method": "gptq", "checkpoint_format": opts.checkpoint_format,
             "format": opts.checkpoint_format,
@@ -209,15 +239,15 @@ def write_configs(plan: LayerwisePlan, directory: Path, qcfg: dict) -> None:
     if "torch_dtype" in cfg:
         cfg["torch_dtype"] = "float16"
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    (directory / "quantize_config.json").write_text(
-        json.dumps({k: v for k, v in qcfg.items()}, indent=2) + "\n", encoding="utf-8")
+    if qcfg["quant_method"] == "gptq":  # AutoGPTQ-era loaders read this file
+        (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n", encoding="utf-8")
     for name in SIDE_FILES:
         if name not in ("config.json", "README.md") and (src / name).is_file():
             shutil.copyfile(src / name, directory / name)
 
 
-def run_gptq(plan: LayerwisePlan, tokens: np.ndarray, dataset: str, threads: int,
-             progress: Callable[[int, int], None] | None = None) -> LayerwiseReport:
+def run_layerwise(plan: LayerwisePlan, tokens: np.ndarray, dataset: str, threads: int,
+                  progress: Callable[[int, int], None] | None = None) -> LayerwiseReport:
     import torch
 
     from qconvert.arch.forward import hidden_states
@@ -230,7 +260,7 @@ def run_gptq(plan: LayerwisePlan, tokens: np.ndarray, dataset: str, threads: int
     opts = plan.opts
     torch.set_num_threads(max(1, threads))
     calib = {"dataset": dataset, "samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])}
-    report = LayerwiseReport(str(plan.ckpt.source), str(plan.path), "gptq", opts.bits, opts.group_size,
+    report = LayerwiseReport(str(plan.ckpt.source), str(plan.path), opts.method, opts.bits, opts.group_size,
                              opts.act_order, opts.sym, opts.checkpoint_format, 0, len(plan.linears), calib)
     out = AtomicDir(plan.path, force=True)  # existence was checked by the plan
     writer = ShardedWriter(out.tmp, plan.entries, opts.max_shard_bytes,
@@ -266,14 +296,22 @@ def run_gptq(plan: LayerwisePlan, tokens: np.ndarray, dataset: str, threads: int
 
     def on_layer(done: int, total: int) -> None:
         state["x"] = state["H"] = None
+        if opts.method == "awq":
+            awq_layer(plan, fw, done - 1, captured, produced, errors)
+            captured.clear()
         flush(done - 1)
         if progress:
             progress(done, total)
 
+    captured: dict = {}
+
+    def capture(fw, hf: str, x) -> None:
+        captured[hf] = x
+
     try:
         flush(-1)  # embeddings and whatever precedes the decoder layers
         fw = plan.family.forward()
-        fw.hook = hook
+        fw.hook = capture if opts.method == "awq" else hook
         hidden_states(fw, torch.from_numpy(tokens), progress=on_layer, batch=len(tokens))
         flush(1 << 30)
         writer.finish()
@@ -288,9 +326,95 @@ def run_gptq(plan: LayerwisePlan, tokens: np.ndarray, dataset: str, threads: int
     report.bytes = sum(f.stat().st_size for f in plan.path.iterdir())
     for layer in sorted(errors):
         es = errors[layer]
-        report.layers.append({"layer": layer, "gptq_error": sum(e["gptq"] for e in es),
-                              "rtn_error": sum(e["rtn"] for e in es), "linears": es})
+        if opts.method == "awq":
+            report.layers.append({"layer": layer, "groups": es})
+        else:
+            report.layers.append({"layer": layer, "gptq_error": sum(e["gptq"] for e in es),
+                                  "rtn_error": sum(e["rtn"] for e in es), "linears": es})
     report.tensors = [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)} for e in plan.entries]
     report.seconds = round(time.perf_counter() - start, 3)
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+NO_CLIP = ("q_proj", "k_proj", "query", "key", "c_attn", "qkv")  # AutoAWQ leaves queries and keys unclipped
+
+
+def awq_layer(plan: LayerwisePlan, fw, i: int, captured: dict, produced: dict, errors: dict) -> None:
+    """AWQ for decoder layer i from its linears' captured float inputs; fills `produced`."""
+    import torch
+
+    from qconvert.quant import awq
+    from qconvert.writers.awq import awq_tensors
+
+    hook, fw.hook = fw.hook, None
+    g = plan.opts.group_size
+    modified: set[str] = set()
+    try:
+        for group in fw.scale_groups(i):
+            x = captured[group.linears[0]]
+            originals = [fw.linear_weight(hf).clone() for hf in group.linears]
+            inspect = group.inspect or (lambda t, hf=group.linears[0]: fw.apply_linear(hf, t))
+
+            def run(weights, group=group, inspect=inspect, x=x):
+                for hf, w in zip(group.linears, weights):
+                    fw.set_linear_weight(hf, w)
+                return torch.cat([inspect(x[j:j + 4]) for j in range(0, len(x), 4)])
+            s, ratio = awq.best_scale(x, originals, g, run)
+            for hf, w in zip(group.linears, originals):
+                fw.set_linear_weight(hf, w * s)
+            kind, name = group.prev
+            if kind == "norm":
+                fw.set(name, fw.w(name) / s)
+                modified.add(name)
+            elif kind == "norm1p":  # Gemma's (1 + w) norms
+                fw.set(name, (1 + fw.w(name)) / s - 1)
+                modified.add(name)
+            elif kind == "act":  # a new scale after the activation (act(x) / s)
+                fw.set(name, s.clone())
+                modified.add(name)
+            elif kind == "layernorm":
+                for part in (".weight", ".bias"):
+                    fw.set(name + part, fw.w(name + part) / s)
+                    modified.add(name + part)
+            else:  # a linear before: its output rows (the consumers' input channels) take 1/s
+                w = fw.linear_weight(name).clone()
+                w[-len(s):] /= s[:, None]
+                fw.set_linear_weight(name, w)
+                if fw.has(name + ".bias"):
+                    b = fw.w(name + ".bias").clone()
+                    b[-len(s):] /= s
+                    fw.set(name + ".bias", b)
+                    modified.add(name + ".bias")
+            scaled = x / s
+            for hf in group.linears:
+                captured[hf] = scaled
+            errors.setdefault(i, []).append({"linears": [plan.linears[hf].name for hf in group.linears],
+                                             "ratio": ratio})
+        for hf in [hf for hf in plan.linears if plan.linears[hf].layer == i]:
+            w = fw.linear_weight(hf)
+            if not hf.rsplit(".", 1)[-1].startswith(NO_CLIP):
+                w = awq.apply_clip(w, awq.best_clip(w, captured[hf], g), g)
+            for k, v in awq_tensors(awq.quantize(w, g)).items():
+                produced[f"{plan.linears[hf].name}.{k}"] = v
+        for name in modified:
+            out = plan.names.get(name, name)
+            produced[out] = _f16(out, _Array(fw.w(name)))
+    finally:
+        fw.hook = hook
+        fw.clear()
+
+
+class _Array:
+    """A torch tensor where _f16 expects a checkpoint tensor."""
+
+    dtype = "F32"
+
+    def __init__(self, t):
+        self.t = t
+
+    def array(self):
+        return self.t.numpy()
+
+    def release(self) -> None:
+        pass

@@ -121,6 +121,10 @@ class Family:
     def extra_tensors(self) -> list[PlannedTensor]:
         return []
 
+    def awq_extra_tensors(self) -> list[tuple[str, tuple[int, ...], int]]:
+        """Tensors an AWQ checkpoint adds for this family: (name, shape, decoder layer)."""
+        return []
+
     def max_positions(self) -> int | None:
         """The most positions the forward can take, when limited (learned position embeddings)."""
         return None

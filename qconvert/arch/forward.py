@@ -8,6 +8,7 @@ importance matrix uses). The forwards are checked against transformers' in the t
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -17,6 +18,16 @@ import torch.nn.functional as F
 from qconvert.quant.blocks import to_float32
 
 Recorder = Callable[[str, torch.Tensor], None]  # (GGUF weight name, the linear's input [..., n_in])
+
+
+@dataclass
+class ScaleGroup:
+    """Linear layers that share an input, for AWQ: the operation before them that can absorb a
+    per-channel scale, and the block whose output the scale search compares."""
+
+    prev: tuple[str, str]  # ("norm" | "norm1p" | "layernorm" | "linear", HF name or prefix)
+    linears: list[str]  # HF prefixes; the first one's input is the group's input
+    inspect: Callable[[torch.Tensor], torch.Tensor] | None = None  # None: the linear itself
 
 
 def _none(name: str, x: torch.Tensor) -> None:
@@ -45,6 +56,18 @@ class Forward:
         """Replace a linear layer's weight ([out, in]) for the rest of this layer's run."""
         self._cache[hf + ".weight"] = weight
 
+    def apply_linear(self, hf: str, x: torch.Tensor) -> torch.Tensor:
+        """x times the layer's current weight (no bias: the scale searches compare differences)."""
+        return F.linear(x, self.linear_weight(hf))
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        """Replace any weight (a norm's, a bias) for the rest of this layer's run."""
+        self._cache[name] = value
+
+    def scale_groups(self, i: int) -> list[ScaleGroup]:
+        """AWQ's groups for decoder layer i, in AutoAWQ's order."""
+        raise NotImplementedError(f"no AWQ scale groups for {self.family.arch_name}")
+
     def w(self, name: str) -> torch.Tensor:
         """A weight as float32, read on first use and kept until clear()."""
         if name not in self._cache:
@@ -60,7 +83,7 @@ class Forward:
         self._cache.clear()
 
     def has(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self._cache or name in self.tensors
 
     def linear(self, x: torch.Tensor, hf: str, rec: Recorder, bias: bool | None = None) -> torch.Tensor:
         rec(self.family.map_name(hf + ".weight"), x)
@@ -228,6 +251,18 @@ class LlamaForward(Forward):
         u = self.linear(x, p + "mlp.up_proj", rec)
         return self.linear(self.act(g) * u, p + "mlp.down_proj", rec)
 
+    def scale_groups(self, i):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        groups = [ScaleGroup(("norm", p + "input_layernorm.weight"), [a + "q_proj", a + "k_proj", a + "v_proj"],
+                             lambda x: self.attn_core(p, x, _none, x.shape[1]))]
+        if self.linear_weight(a + "v_proj").shape == self.linear_weight(a + "o_proj").shape:
+            groups.append(ScaleGroup(("linear", a + "v_proj"), [a + "o_proj"]))
+        groups.append(ScaleGroup(("norm", p + "post_attention_layernorm.weight"), [m + "gate_proj", m + "up_proj"],
+                                 lambda x: self.mlp(p, x, _none)))
+        groups.append(ScaleGroup(("linear", m + "up_proj"), [m + "down_proj"]))
+        return groups
+
     def layer(self, i, h, rec=_none):
         p = f"model.layers.{i}."
         x = rms_norm(h, self.w(p + "input_layernorm.weight"), self.eps)
@@ -271,18 +306,33 @@ class Gemma3Forward(LlamaForward):
     def norm(self, x, name):
         return rms_norm(x, self.w(name), self.eps, plus_one=True)
 
-    def layer(self, i, h, rec=_none):
+    def attn(self, i, x, rec=_none):
         p = f"model.layers.{i}."
-        T = h.shape[1]
-        x = self.norm(h, p + "input_layernorm.weight")
         q = heads(self.linear(x, p + "self_attn.q_proj", rec), self.n_head)
         k = heads(self.linear(x, p + "self_attn.k_proj", rec), self.n_kv)
         v = heads(self.linear(x, p + "self_attn.v_proj", rec), self.n_kv)
         q, k = self.norm(q, p + "self_attn.q_norm.weight"), self.norm(k, p + "self_attn.k_norm.weight")
-        cos, sin = self.tables(T, self.sliding[i])
+        cos, sin = self.tables(x.shape[1], self.sliding[i])
         o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scale,
                       self.window if self.sliding[i] else None)
-        h = h + self.norm(self.linear(merge(o), p + "self_attn.o_proj", rec), p + "post_attention_layernorm.weight")
+        return self.linear(merge(o), p + "self_attn.o_proj", rec)
+
+    def scale_groups(self, i):
+        p = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
+        groups = [ScaleGroup(("norm1p", p + "input_layernorm.weight"), [a + "q_proj", a + "k_proj", a + "v_proj"],
+                             lambda x: self.attn(i, x))]
+        if self.linear_weight(a + "v_proj").shape == self.linear_weight(a + "o_proj").shape:
+            groups.append(ScaleGroup(("linear", a + "v_proj"), [a + "o_proj"]))
+        groups.append(ScaleGroup(("norm1p", p + "pre_feedforward_layernorm.weight"), [m + "gate_proj", m + "up_proj"],
+                                 lambda x: self.mlp(p, x, _none)))
+        groups.append(ScaleGroup(("linear", m + "up_proj"), [m + "down_proj"]))
+        return groups
+
+    def layer(self, i, h, rec=_none):
+        p = f"model.layers.{i}."
+        x = self.norm(h, p + "input_layernorm.weight")
+        h = h + self.norm(self.attn(i, x, rec), p + "post_attention_layernorm.weight")
         x = self.norm(h, p + "pre_feedforward_layernorm.weight")
         return h + self.norm(self.mlp(p, x, rec), p + "post_feedforward_layernorm.weight")
 
@@ -332,7 +382,16 @@ class GPTNeoXForward(Forward):
         return h + self.mlp(p, self.ln(h, p + "post_attention_layernorm"), rec)
 
     def mlp(self, p, x, rec):
-        return self.linear(self.act(self.linear(x, p + "mlp.dense_h_to_4h", rec)), p + "mlp.dense_4h_to_h", rec)
+        a = self.act(self.linear(x, p + "mlp.dense_h_to_4h", rec))
+        if self.has(p + "mlp.act.scales"):  # AWQ checkpoints: transformers' ScaledActivation, act(x) / scales
+            a = a / self.w(p + "mlp.act.scales")
+        return self.linear(a, p + "mlp.dense_4h_to_h", rec)
+
+    def scale_groups(self, i):
+        p = f"gpt_neox.layers.{i}."
+        return [ScaleGroup(("layernorm", p + "input_layernorm"), [p + "attention.query_key_value"]),
+                ScaleGroup(("layernorm", p + "post_attention_layernorm"), [p + "mlp.dense_h_to_4h"]),
+                ScaleGroup(("act", p + "mlp.act.scales"), [p + "mlp.dense_4h_to_h"])]
 
     def head(self, h):
         return F.linear(self.ln(h, "gpt_neox.final_layer_norm"), self.w("embed_out.weight"))
@@ -357,6 +416,11 @@ class GPT2Forward(Forward):
 
     def ln(self, x, p):
         return F.layer_norm(x, (x.shape[-1],), self.w(p + ".weight"), self.w(p + ".bias"), self.eps)
+
+    def scale_groups(self, i):
+        p = f"{self.prefix}h.{i}."
+        return [ScaleGroup(("layernorm", p + "ln_1"), [p + "attn.c_attn"]),
+                ScaleGroup(("layernorm", p + "ln_2"), [p + "mlp.c_fc"])]
 
     def linear_weight(self, hf: str) -> torch.Tensor:
         return self.w(hf + ".weight").T  # Conv1D stores [in, out]

@@ -35,6 +35,12 @@ class GPTNeoX(Family):
             return [PlannedTensor(name, t.shape, t, transform=lambda a, _dt: regroup_qkv(a, n_head))]
         return [PlannedTensor(name, t.shape, t)]
 
+    def awq_extra_tensors(self) -> list[tuple[str, tuple[int, ...], int]]:
+        """transformers loads AWQ GPT-NeoX with a ScaledActivation before dense_4h_to_h, whose
+        scales the checkpoint must carry (AutoAWQ scales that activation too)."""
+        n = self.cfg.need(int, "intermediate_size")
+        return [(f"gpt_neox.layers.{i}.mlp.act.scales", (n,), i) for i in range(self.n_layers)]
+
     def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:
         if ".attention.query_key_value." in hf_name:
             return ungroup_qkv(a, self.cfg.need(int, "num_attention_heads"))

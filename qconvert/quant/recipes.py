@@ -86,7 +86,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 ]}
 
 
-CHECKPOINT_TARGETS = ("gptq",)  # safetensors checkpoints quantized per decoder layer (layerwise.py)
+CHECKPOINT_TARGETS = ("awq", "gptq")  # safetensors checkpoints quantized per decoder layer (layerwise.py)
 
 
 def parse_targets(spec: str) -> list[Recipe]:

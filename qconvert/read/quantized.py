@@ -1,5 +1,6 @@
-"""A GPTQ checkpoint as a model qconvert's forward can run: each quantized linear's weight is
-dequantized on demand (qweight, qzeros, scales, g_idx -> float32 in the checkpoint's layout)."""
+"""A GPTQ or AWQ (GEMM) checkpoint as a model qconvert's forward can run: each quantized linear's
+weight is dequantized on demand (qweight, qzeros, scales[, g_idx] -> float32 in the checkpoint's
+layout)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qconvert.errors import InputError
+from qconvert.writers.awq import dequantize_awq
 from qconvert.writers.gptq import dequantize_gptq
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -25,13 +27,17 @@ class DequantizedLinear:
     bits: int
     v2: bool
     transposed: bool
+    awq: bool = False
     dtype: str = "F32"
 
     def array(self) -> np.ndarray:
         p = self.parts
-        g_idx = np.asarray(p["g_idx"].array()) if "g_idx" in p else None
-        w = dequantize_gptq(np.asarray(p["qweight"].array()), np.asarray(p["qzeros"].array()),
-                            np.asarray(p["scales"].array()), g_idx, self.bits, self.v2)
+        qw, qz, sc = (np.asarray(p[k].array()) for k in ("qweight", "qzeros", "scales"))
+        if self.awq:
+            w = dequantize_awq(qw, qz, sc)
+        else:
+            g_idx = np.asarray(p["g_idx"].array()) if "g_idx" in p else None
+            w = dequantize_gptq(qw, qz, sc, g_idx, self.bits, self.v2)
         return np.ascontiguousarray(w.T) if self.transposed else w
 
     def release(self) -> None:
@@ -44,8 +50,11 @@ class QuantizedWeights:
 
     def __init__(self, ckpt, family):
         q = ckpt.config.data["quantization_config"]
-        if str(q.get("quant_method")).lower() != "gptq":
+        self.awq = str(q.get("quant_method")).lower() == "awq"
+        if not self.awq and str(q.get("quant_method")).lower() != "gptq":
             raise InputError(f"{ckpt.config.path}: quant_method {q.get('quant_method')!r} cannot be evaluated")
+        if self.awq and (q.get("bits", 4) != 4 or str(q.get("version", "gemm")).lower() != "gemm"):
+            raise InputError(f"{ckpt.config.path}: only 4-bit AWQ GEMM checkpoints can be decoded")
         self.bits = int(q.get("bits", 4))
         if self.bits not in (2, 4, 8):
             raise InputError(f"{ckpt.config.path}: {self.bits}-bit GPTQ cannot be decoded (2, 4 and 8 can)")
@@ -63,7 +72,9 @@ class QuantizedWeights:
         parts = {k: self.tensors[f"{prefix}.{k}"] for k in PARTS if f"{prefix}.{k}" in self.tensors}
         if "qweight" not in parts or "qzeros" not in parts or "scales" not in parts:
             raise KeyError(name)
-        k_in = parts["qweight"].shape[0] * 32 // self.bits
-        n_out = parts["qweight"].shape[1]
+        if self.awq:
+            k_in, n_out = parts["qweight"].shape[0], parts["qweight"].shape[1] * 8
+        else:
+            k_in, n_out = parts["qweight"].shape[0] * 32 // self.bits, parts["qweight"].shape[1]
         t = self.family.transposed(name)
-        return DequantizedLinear(name, (k_in, n_out) if t else (n_out, k_in), parts, self.bits, self.v2, t)
+        return DequantizedLinear(name, (k_in, n_out) if t else (n_out, k_in), parts, self.bits, self.v2, t, self.awq)

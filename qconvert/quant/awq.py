@@ -1,0 +1,116 @@
+"""AWQ (Lin et al. 2023) as AutoAWQ 0.2.9 implements it: codes, scales and zeros (the checkpoint's
+byte layout is writers/awq.py's business).
+
+Per group of linear layers that share an input (and the operation before them that can absorb
+a per-channel scale): x_mean = mean |x| per input channel, w_mean = mean over output rows of
+|W| normalised by each quantization group's max; for ratio = i/20, i = 0..19,
+s = (x_mean^ratio / (w_mean^(1-ratio) + 1e-4)).clamp(min=1e-4) / sqrt(max(s) min(s)); the ratio
+whose Q(W s)/s gives the lowest mean squared error of the inspected block's output wins. Then 1/s
+is folded into the preceding norm or linear and s into the linears. Then, for every linear but
+the ones computing attention queries and keys, a clipping search: the max of each (row, group)
+shrunk by up to 50% in 20 steps, keeping the one with the lowest output error on (up to 512)
+input tokens. Quantizer: zero point, s = (max - min) / 15, z = clamp(-round(min / s), 0, 15),
+q = clamp(round(w / s) + z, 0, 15), w' = (q - z) s.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+N_GRID = 20
+MAX_SHRINK = 0.5
+CLIP_TOKENS = 512
+
+
+@dataclass
+class AWQResult:
+    q: torch.Tensor  # int codes [N, K]
+    scales: torch.Tensor  # [G, N] float32 (f16-representable)
+    zeros: torch.Tensor  # [G, N] int
+    weight: torch.Tensor  # dequantized [N, K]
+
+
+def pseudo_quantize(w: torch.Tensor, group: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dequantized w, scales [N, G], zeros [N, G]) of w [N, K] with zero points per group."""
+    N, K = w.shape
+    g = w.reshape(-1, group)
+    hi, lo = g.amax(1, keepdim=True), g.amin(1, keepdim=True)
+    maxq = 2 ** bits - 1
+    scales = ((hi - lo).clamp(min=1e-5) / maxq).half().float()  # stored as f16: quantize with those
+    zeros = torch.clamp(-torch.round(lo / scales), 0, maxq)
+    q = torch.clamp(torch.round(g / scales) + zeros, 0, maxq)
+    return ((q - zeros) * scales).reshape(N, K), scales.reshape(N, -1), zeros.reshape(N, -1)
+
+
+def quantize(w: torch.Tensor, group: int, bits: int = 4) -> AWQResult:
+    deq, scales, zeros = pseudo_quantize(w, group, bits)
+    N, K = w.shape
+    s = scales.repeat_interleave(group, 1)
+    z = zeros.repeat_interleave(group, 1)
+    q = torch.clamp(torch.round(w / s) + z, 0, 2 ** bits - 1)
+    return AWQResult(q.to(torch.int32), scales.T.contiguous(), zeros.T.to(torch.int32).contiguous(), deq)
+
+
+def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int, run: Callable[[list[torch.Tensor]], torch.Tensor],
+               bits: int = 4) -> tuple[torch.Tensor, float]:
+    """The per-input-channel scale for linears sharing input x [tokens, K]; `run(weights)` gives the
+    inspected block's output with the given weights of those linears. Returns (scales, ratio)."""
+    W = torch.cat(weights, 0)
+    w_abs = W.abs().reshape(-1, group)
+    w_mean = (w_abs / (w_abs.amax(1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
+    x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
+    reference = run(weights)
+    best, best_ratio, best_err = None, -1.0, float("inf")
+    for i in range(N_GRID):
+        ratio = i / N_GRID
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        s[~torch.isfinite(s)] = 1
+        trial = [pseudo_quantize(w * s, group, bits)[0] / s for w in weights]
+        err = float((reference - run(trial)).pow(2).mean())
+        if err < best_err:
+            best, best_ratio, best_err = s.clone(), ratio, err
+    assert best is not None
+    return best, best_ratio
+
+
+def best_clip(w: torch.Tensor, x: torch.Tensor, group: int, bits: int = 4) -> torch.Tensor:
+    """Per (row, group) clipping maxima [N, G] for w [N, K] given inputs x [tokens, K]. The
+    per-group partial outputs x_g w_g^T are batched matrix products (AutoAWQ broadcasts a
+    [rows, tokens, groups, group] product, the same sums in another order)."""
+    N, K = w.shape
+    G = K // group
+    x = x.reshape(-1, K)
+    x = x[:: max(1, x.shape[0] // CLIP_TOKENS)]
+    xg = x.reshape(-1, G, group).transpose(0, 1)  # G, T, g
+
+    def partial(wb: torch.Tensor) -> torch.Tensor:  # wb [n, K] -> [G, T, n]
+        return torch.bmm(xg, wb.reshape(-1, G, group).permute(1, 2, 0))
+
+    out = []
+    rows = 256 if N % 256 == 0 else 64
+    for r0 in range(0, N, rows):
+        wb = w[r0:r0 + rows]
+        n = wb.shape[0]
+        org_max = wb.reshape(n, G, group).abs().amax(-1)  # n, G
+        best_max = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        org_out = partial(wb)
+        for i in range(int(MAX_SHRINK * N_GRID)):
+            mx = org_max * (1 - i / N_GRID)
+            cur = torch.clamp(wb.reshape(n, G, group), -mx[..., None], mx[..., None]).reshape(n, K)
+            q = pseudo_quantize(cur, group, bits)[0]
+            err = (partial(q) - org_out).pow(2).mean(1).T  # n, G
+            better = err < min_err
+            min_err[better] = err[better]
+            best_max[better] = mx[better]
+        out.append(best_max)
+    return torch.cat(out)
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group: int) -> torch.Tensor:
+    N, K = w.shape
+    m = max_val.reshape(N, -1, 1)
+    return torch.clamp(w.reshape(N, -1, group), -m, m).reshape(N, K)
