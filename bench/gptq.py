@@ -48,7 +48,7 @@ def evaluate(path: Path, src: Path, chunks: int) -> dict:
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
-def depth_check(tmp: Path) -> None:
+def depth_check(tmp: Path, method: str = "gptq") -> None:
     import torch
     import transformers as tf
 
@@ -62,7 +62,7 @@ def depth_check(tmp: Path) -> None:
         tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (d / f).write_bytes((src / f).read_bytes())
-        wall, rss = measure(qconvert_cmd() + [str(d), "--to", "gptq", "-o", str(tmp / f"q{layers}"), "-q",
+        wall, rss = measure(qconvert_cmd() + [str(d), "--to", method, "-o", str(tmp / f"q{layers}"), "-q",
                                               "--calib-samples", "8", "-j", "2"])
         print(f"  {layers:2d} layers: {wall:6.1f} s, peak RSS {rss / 1e6:7.0f} MB")
 

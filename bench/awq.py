@@ -1,0 +1,88 @@
+"""AWQ: qconvert against AutoAWQ 0.2.9 on the same model, calibration tokens and group size.
+
+usage: python bench/awq.py [--model qwen2.5-0.5b] [--samples 16] [--seq-len 512] [--chunks 16] [--depth]
+
+Both quantize 4-bit GEMM with zero points, group size 128, on the same calibration token samples
+(qconvert's default text, seeded selection), 2 threads. AutoAWQ 0.2.9 runs on the CPU in a
+child process (its quantizer imports and runs with transformers 5 here). Prints wall time, peak
+RSS, and perplexity / KL divergence / top-1 on northangerabbey.txt, both checkpoints scored by
+`qconvert eval` (the same forward for both). --depth: peak memory against depth, as bench/gptq.py.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REAL, measure, qconvert_cmd  # noqa: E402
+from gptq import depth_check, evaluate  # noqa: E402
+
+
+def run_autoawq(src: str, out: str, tokens: str) -> None:
+    """In a child process: AutoAWQ's own quantize + save on the given token samples."""
+    import torch
+    from awq import AutoAWQForCausalLM
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(2)
+    ids = np.load(tokens)
+    model = AutoAWQForCausalLM.from_pretrained(src, device_map="cpu")
+    model.quantize(AutoTokenizer.from_pretrained(src),
+                   quant_config={"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
+                   calib_data=[row.tolist() for row in ids], max_calib_samples=len(ids),
+                   max_calib_seq_len=ids.shape[1])
+    model.save_quantized(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--depth", action="store_true")
+    ap.add_argument("--run-autoawq", nargs=3, metavar=("SRC", "OUT", "TOKENS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run_autoawq:
+        return run_autoawq(*args.run_autoawq)
+    src = REAL / "hf" / args.model
+    if not src.is_dir():
+        sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    from qconvert.calibrate import text
+    from qconvert.plan import make_plan
+
+    plan = make_plan(str(src), [], None, dry_run=True)
+    samples = text.samples(src, None, args.samples, args.seq_len, 0, plan.bos_for_calibration())
+    plan.ckpt.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        tokens = tmp / "tokens.npy"
+        np.save(tokens, samples.tokens)
+        ours, theirs = tmp / "qconvert-awq", tmp / "autoawq-awq"
+        t_ours = measure(qconvert_cmd() + [str(src), "--to", "awq", "-o", str(ours), "-q", "-j", "2",
+                                           "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len)])
+        env = dict(os.environ, OMP_NUM_THREADS="2")
+        t_ref = measure([sys.executable, __file__, "--run-autoawq", str(src), str(theirs), str(tokens)], env=env)
+        print(f"{args.model}: AWQ 4-bit GEMM group 128, {args.samples} x {args.seq_len} calibration tokens, "
+              f"2 threads; scored on northangerabbey.txt, {args.chunks} x 512 tokens")
+        print(f"{'tool':18s} {'s':>8s} {'peak MB':>8s} {'MB on disk':>10s} {'PPL':>9s} {'KLD':>9s} {'top-1':>7s}")
+        base = None
+        for name, (path, (wall, rss)) in {"qconvert": (ours, t_ours), "AutoAWQ 0.2.9": (theirs, t_ref)}.items():
+            r = evaluate(path, src, args.chunks)
+            base = r["base_perplexity"]
+            size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+            print(f"{name:18s} {wall:8.1f} {rss / 1e6:8.0f} {size / 1e6:10.1f} {r['perplexity']:9.3f} "
+                  f"{r['kl_divergence']:9.5f} {r['top1_agreement']:7.3f}", flush=True)
+        print(f"float model perplexity {base:.3f}; time ratio {t_ours[0] / t_ref[0]:.2f}x, "
+              f"memory ratio {t_ours[1] / t_ref[1]:.2f}x")
+        if args.depth:
+            depth_check(tmp, "awq")
+
+
+if __name__ == "__main__":
+    main()
