@@ -12,6 +12,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """GPTQModel (through tokenicer) sets HF_HOME, HF_HUB_CACHE and more when imported; keep that
+    from leaking into later tests (the hub tests build their own cache)."""
+    saved = dict(os.environ)
+    yield
+    if dict(os.environ) != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """tiny(family, dtype="float32") -> directory of a tiny random checkpoint, built once a session."""
