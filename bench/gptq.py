@@ -48,18 +48,28 @@ def evaluate(path: Path, src: Path, chunks: int) -> dict:
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
-def depth_check(tmp: Path, method: str = "gptq") -> None:
-    import torch
-    import transformers as tf
+MAKE_MODEL = """
+import sys, torch, transformers as tf
+src, out, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = tf.AutoConfig.from_pretrained(src)
+cfg.num_hidden_layers = layers
+if getattr(cfg, "layer_types", None):
+    cfg.layer_types = cfg.layer_types[:layers]
+torch.manual_seed(0)
+tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+"""
 
+
+def depth_check(tmp: Path, method: str = "gptq") -> None:
+    """Random models of Qwen2.5-0.5B's widths, 4 and 16 layers. They are made in a child process:
+    a child's peak RSS (wait4's ru_maxrss) starts from its parent's at fork, so the measuring
+    process must stay small."""
     src = REAL / "hf" / "qwen2.5-0.5b"
-    print("\npeak RSS against depth (random weights, Qwen2.5-0.5B widths, 8 x 512 calibration tokens):")
+    print(f"\npeak RSS against depth ({method}; random weights, Qwen2.5-0.5B widths, 8 x 512 calibration tokens):")
     for layers in (4, 16):
         d = tmp / f"depth{layers}"
-        cfg = tf.AutoConfig.from_pretrained(src)
-        cfg.num_hidden_layers = layers
-        torch.manual_seed(0)
-        tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+        subprocess.run([sys.executable, "-c", MAKE_MODEL, str(src), str(d), str(layers)], check=True,
+                       capture_output=True)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (d / f).write_bytes((src / f).read_bytes())
         wall, rss = measure(qconvert_cmd() + [str(d), "--to", method, "-o", str(tmp / f"q{layers}"), "-q",
