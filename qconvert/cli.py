@@ -418,7 +418,11 @@ def main(argv: list[str] | None = None) -> None:
         args.insert(0, "convert")
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args, prog_name="qconvert", standalone_mode=False)
+        rc = app(args, prog_name="qconvert", standalone_mode=False)
+        if rc == 130:  # click turns a KeyboardInterrupt it sees into this return value
+            raise KeyboardInterrupt
+        if isinstance(rc, int) and rc:
+            raise SystemExit(rc)
     except QConvertError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         raise SystemExit(e.exit_code) from None

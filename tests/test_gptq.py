@@ -130,7 +130,7 @@ def test_gptqmodel_and_transformers_load_it(tiny, tmp_path, capsys, family, grou
             assert rel(ours, hf(torch.tensor([IDS])).logits[0].float()) < 5e-3
 
 
-@pytest.mark.parametrize("opts", [["--asym"], ["--act-order"], ["--bits", "8"], ["--group-size", "-1"]])
+@pytest.mark.parametrize("opts", [["--asym"], ["--act-order"], ["--bits", "8"], ["--bits", "2"], ["--group-size", "-1"]])
 def test_options_load(tiny, tmp_path, capsys, opts):
     from gptqmodel import GPTQModel
 
@@ -139,7 +139,7 @@ def test_options_load(tiny, tmp_path, capsys, opts):
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["checkpoint_format"] == ("gptq_v2" if "--asym" in opts else "gptq")
     assert cfg["desc_act"] is False and cfg["static_groups"] == ("--act-order" in opts)
-    assert cfg["bits"] == r["bits"] == (8 if "8" in opts else 4)
+    assert cfg["bits"] == r["bits"] == (int(opts[1]) if opts[0] == "--bits" else 4)
     m = GPTQModel.load(str(out), device="cpu", dtype=torch.float16)
     with torch.inference_mode():
         theirs = m.model(torch.tensor([IDS])).logits[0].float()
@@ -217,3 +217,21 @@ def test_dry_run_plans_without_writing(tiny, tmp_path, capsys):
     plan = json.loads(out)
     assert plan["linears"] == 14 and not (tmp_path / "o").exists()
     assert any(t["name"].endswith("q_proj.qweight") and t["shape"] == [8, 64] for t in plan["tensors"])
+
+
+def test_interrupt_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
+    import qconvert.quant.gptq as algo
+
+    real, calls = algo.gptq, {"n": 0}
+
+    def interrupted(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the second decoder layer, after the first was written
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(algo, "gptq", interrupted)
+    code, _, err = run_cli([str(tiny("llama")), "--to", "gptq", "--group-size", "32", "--calib-seq-len", "64",
+                            "-o", str(tmp_path / "o")], capsys)
+    assert code == 130 and calls["n"] == 9
+    one_line_error(err, "interrupted")
+    assert list(tmp_path.iterdir()) == []
