@@ -4,7 +4,7 @@ usage: python bench/awq.py [--model qwen2.5-0.5b] [--samples 16] [--seq-len 512]
 
 Both quantize 4-bit GEMM with zero points, group size 128, on the same calibration token samples
 (qconvert's default text, seeded selection), 2 threads. AutoAWQ 0.2.9 runs on the CPU in a
-child process (its quantizer imports and runs with transformers 5 here). Prints wall time, peak
+child process in float32 (its quantizer imports and runs with transformers 5 here). Prints wall time, peak
 RSS, and perplexity / KL divergence / top-1 on northangerabbey.txt, both checkpoints scored by
 `qconvert eval` (the same forward for both). --depth: peak memory against depth, as bench/gptq.py.
 """
@@ -24,14 +24,17 @@ from gptq import depth_check, evaluate  # noqa: E402
 
 
 def run_autoawq(src: str, out: str, tokens: str) -> None:
-    """In a child process: AutoAWQ's own quantize + save on the given token samples."""
+    """In a child process: AutoAWQ's own quantize + save on the given token samples, in float32
+    (its default dtype here, the checkpoint's bfloat16, runs matrix products ~4x slower on a CPU)."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    sys.modules.pop("awq", None)  # this script is named awq.py too
     import torch
     from awq import AutoAWQForCausalLM
     from transformers import AutoTokenizer
 
     torch.set_num_threads(2)
     ids = np.load(tokens)
-    model = AutoAWQForCausalLM.from_pretrained(src, device_map="cpu")
+    model = AutoAWQForCausalLM.from_pretrained(src, torch_dtype=torch.float32, device_map="cpu")
     model.quantize(AutoTokenizer.from_pretrained(src),
                    quant_config={"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
                    calib_data=[row.tolist() for row in ids], max_calib_samples=len(ids),
@@ -68,6 +71,8 @@ def main() -> None:
                                            "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len)])
         env = dict(os.environ, OMP_NUM_THREADS="2")
         t_ref = measure([sys.executable, __file__, "--run-autoawq", str(src), str(theirs), str(tokens)], env=env)
+        print(f"wall time and peak RSS: qconvert {t_ours[0]:.1f} s {t_ours[1] / 1e6:.0f} MB, AutoAWQ "
+              f"{t_ref[0]:.1f} s {t_ref[1] / 1e6:.0f} MB (scoring follows)", flush=True)
         print(f"{args.model}: AWQ 4-bit GEMM group 128, {args.samples} x {args.seq_len} calibration tokens, "
               f"2 threads; scored on northangerabbey.txt, {args.chunks} x 512 tokens")
         print(f"{'tool':18s} {'s':>8s} {'peak MB':>8s} {'MB on disk':>10s} {'PPL':>9s} {'KLD':>9s} {'top-1':>7s}")

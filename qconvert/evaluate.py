@@ -34,6 +34,7 @@ class Model:
     n_vocab: int
     tokenizer_dir: Path | None  # where tokenizer.json / tokenizer.model are, if anywhere
     close: Callable[[], None]
+    bos_known: bool = True  # False: a checkpoint saved without its tokenizer (AutoAWQ's, for one)
 
 
 def is_gguf(path: Path) -> bool:
@@ -63,8 +64,9 @@ def open_model(source: str, revision: str | None = None) -> Model:
         try:
             fam = family_for(ckpt)
             weights = QuantizedWeights(ckpt, fam)
-            return Model(source, fam, lambda: fam.forward(weights), vocab_bos(fam), fam.cfg.need(int, "vocab_size"),
-                         ckpt.path, ckpt.close)
+            has_tok = any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+            return Model(source, fam, lambda: fam.forward(weights), vocab_bos(fam) if has_tok else None,
+                         fam.cfg.need(int, "vocab_size"), ckpt.path if has_tok else None, ckpt.close, has_tok)
         except BaseException:
             ckpt.close()
             raise
@@ -141,13 +143,24 @@ def evaluate(source: str, text_path: Path, base: str | None = None, tokenizer: s
             opened.append(ref)
         tok_dir = resolve(tokenizer) if tokenizer is not None else model.tokenizer_dir or (ref and ref.tokenizer_dir)
         if tok_dir is None:
-            raise UsageError(f"{source}: a GGUF file needs --tokenizer DIR (or an HF --base model) to tokenize the "
-                             "text with the model's own tokenizer")
+            raise UsageError(f"{source}: no tokenizer comes with it; give --tokenizer DIR (or an HF --base model) to "
+                             "tokenize the text with the model's own tokenizer")
         if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer.model").is_file():
             raise InputError(f"{tok_dir}: no tokenizer (tokenizer.json or tokenizer.model)")
+        bos_id = model.bos_id
+        if not model.bos_known:  # whether the tokenizer adds a BOS: ask the model it came with
+            if ref is not None:
+                bos_id = ref.bos_id
+            elif (tok_dir / "config.json").is_file():
+                tok_model = open_model(str(tok_dir))
+                bos_id = tok_model.bos_id
+                tok_model.close()
+            else:
+                raise UsageError(f"{source}: the checkpoint has no tokenizer; give --base MODEL, or --tokenizer "
+                                 "with a model directory")
         text, name = read_text(text_path)
         ids = tokenize(tok_dir, text)
-        tokens = chunk_tokens(ids, ctx, chunks, model.bos_id, name)
+        tokens = chunk_tokens(ids, ctx, chunks, bos_id, name)
         n_vocab = model.n_vocab if ref is None else min(model.n_vocab, ref.n_vocab)
         if int(tokens.max()) >= n_vocab:
             raise InputError(f"{tok_dir}: the tokenizer gives id {int(tokens.max())}, beyond the model's "

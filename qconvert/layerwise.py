@@ -350,17 +350,25 @@ def awq_layer(plan: LayerwisePlan, fw, i: int, captured: dict, produced: dict, e
     hook, fw.hook = fw.hook, None
     g = plan.opts.group_size
     modified: set[str] = set()
+    # sequences per forward: the widest activation stays under 24 MiB, so it comes from the heap
+    # (see arch/forward.py's _Allocator), not from a fresh mapping the kernel must zero
+    widest = max(t.shape[-1] for t in captured.values())
+    rows = max(1, (24 << 20) // (4 * widest * next(iter(captured.values())).shape[1]))
     try:
         for group in fw.scale_groups(i):
             x = captured[group.linears[0]]
             originals = [fw.linear_weight(hf).clone() for hf in group.linears]
             inspect = group.inspect or (lambda t, hf=group.linears[0]: fw.apply_linear(hf, t))
 
-            def run(weights, group=group, inspect=inspect, x=x):
+            def run(weights, xs, group=group, inspect=inspect):
                 for hf, w in zip(group.linears, weights):
                     fw.set_linear_weight(hf, w)
-                return torch.cat([inspect(x[j:j + 4]) for j in range(0, len(x), 4)])
-            s, ratio = awq.best_scale(x, originals, g, run)
+                return torch.cat([inspect(xs[j:j + rows]) for j in range(0, len(xs), rows)])
+            try:
+                s, ratio = awq.best_scale(x, originals, g, run)
+            except FloatingPointError as e:
+                names = ", ".join(plan.linears[hf].name for hf in group.linears)
+                raise InputError(f"{plan.ckpt.path}: AWQ scale search for {names}: {e}") from None
             for hf, w in zip(group.linears, originals):
                 fw.set_linear_weight(hf, w * s)
             kind, name = group.prev

@@ -34,10 +34,44 @@ def test_scale_search_beats_round_to_nearest():
     x, w = outlier_problem()
     ref = x @ w.T
     rtn = x @ awq.pseudo_quantize(w, 32)[0].T
-    s, ratio = awq.best_scale(x, [w], 32, lambda ws: x @ ws[0].T)
+    s, ratio = awq.best_scale(x, [w], 32, lambda ws, xs: xs @ ws[0].T)
     scaled = (x / s) @ awq.pseudo_quantize(w * s, 32)[0].T
     assert (scaled - ref).pow(2).mean() < 0.8 * (rtn - ref).pow(2).mean()
     assert 0 < ratio < 1 and torch.isfinite(s).all()
+
+
+def full_grid_ratio(x, w, group):
+    """AutoAWQ's search written out: every ratio on every input, the first lowest error wins."""
+    x_mean = x.abs().mean(0)
+    w_abs = w.abs().reshape(-1, group)
+    w_mean = (w_abs / (w_abs.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
+    errs = []
+    for i in range(20):
+        s = (x_mean.pow(i / 20) / (w_mean.pow(1 - i / 20) + 1e-4)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        errs.append(float(((x / s) @ awq.pseudo_quantize(w * s, group)[0].T - x @ w.T).double().pow(2).sum()))
+    return errs.index(min(errs)) / 20
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pruned_scale_search_keeps_the_full_search_choice(seed, monkeypatch):
+    x, w = outlier_problem(seed + 10, tokens=512)
+    rows = []
+
+    def run(ws, xs):
+        rows.append(len(xs))
+        return xs @ ws[0].T
+    _, ratio = awq.best_scale(x, [w], 32, run)
+    assert ratio == full_grid_ratio(x, w, 32)
+    assert sum(rows) == 512 + 20 * 128 + awq.PRUNE_KEEP * 384  # one reference, 20 trials on a quarter, the rest for the kept
+    monkeypatch.setattr(awq, "PRUNE_KEEP", awq.N_GRID)  # no pruning: the full search exactly
+    assert awq.best_scale(x, [w], 32, lambda ws, xs: xs @ ws[0].T)[1] == full_grid_ratio(x, w, 32)
+
+
+def test_scale_search_refuses_non_finite_outputs():
+    x, w = outlier_problem()
+    with pytest.raises(FloatingPointError):
+        awq.best_scale(x, [w], 32, lambda ws, xs: xs @ ws[0].T * float("inf"))
 
 
 def test_clip_search_does_not_hurt():
@@ -156,3 +190,30 @@ def test_awq_usage_errors(tiny, tmp_path, capsys):
     assert code == 2
     one_line_error(err, "--act-order")
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_of_a_checkpoint_saved_without_its_tokenizer(tiny, tmp_path, capsys):
+    """AutoAWQ's save_quantized writes no tokenizer: eval takes it (and whether a BOS is added)
+    from --base or from a --tokenizer model directory, and scores exactly as with the files."""
+    src = tiny("llama")
+    out = tmp_path / "awq"
+    make_awq(src, out, capsys, "--group-size", "32")
+    text = tmp_path / "t.txt"
+    text.write_text("It was a truth universally acknowledged, that a single man in possession. " * 40)
+    common = ["eval", "--text", str(text), "--ctx", "64", "--chunks", "3", "--json"]
+
+    def score(model, *extra):
+        code, stdout, err = run_cli([common[0], str(model), *common[1:], *extra], capsys)
+        assert code == 0, err
+        return json.loads(stdout)["perplexity"]
+    with_files = score(out)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in out.iterdir():
+        if not f.name.startswith("tokenizer"):
+            (bare / f.name).write_bytes(f.read_bytes())
+    assert score(bare, "--base", str(src)) == with_files
+    assert score(bare, "--tokenizer", str(src)) == with_files
+    code, _, err = run_cli([common[0], str(bare), *common[1:]], capsys)
+    assert code == 2
+    one_line_error(err, "--tokenizer")

@@ -7,7 +7,9 @@ importance matrix uses). The forwards are checked against transformers' in the t
 """
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,26 +111,45 @@ class Forward:
         return self.head(h)
 
 
-def _return_freed_memory() -> None:
-    """glibc raises its mmap threshold as large blocks are freed, after which activations come
-    from the heap and are never given back: memory then grows layer after layer. A fixed
-    threshold keeps every large tensor in its own mapping, returned when freed."""
-    import ctypes
-    import sys
+class _Allocator:
+    """glibc's malloc tuned for a layer-at-a-time torch workload on Linux (elsewhere: no-op).
 
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB
-        except (OSError, AttributeError):
-            pass  # not glibc: nothing to tune
+    By default glibc raises its mmap threshold as large blocks are freed, after which activations
+    come from the heap and memory grows layer after layer; a low fixed threshold instead gives
+    every large tensor its own mapping, and then every one of the many short-lived activations
+    is a fresh mapping the kernel must zero page by page (half the time of an AWQ search went
+    to page faults). So: blocks up to glibc's largest threshold (32 MiB) come from a heap that
+    free() does not shrink in passing, and `release()` (after each layer) hands every free page
+    back to the kernel with malloc_trim."""
+
+    def __init__(self) -> None:
+        self.libc = None
+        if sys.platform.startswith("linux"):
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.malloc_trim  # noqa: B018 - glibc only
+            except (OSError, AttributeError):
+                self.libc = None  # not glibc: nothing to tune
+
+    def tune(self) -> None:
+        if self.libc is not None:
+            self.libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum on 64-bit
+            self.libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: shrink only when release() says so
+            self.libc.mallopt(-2, 16 << 20)  # M_TOP_PAD
+
+    def release(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+
+ALLOCATOR = _Allocator()
 
 
 def hidden_states(fw: Forward, tokens: torch.Tensor, rec: Recorder = _none,
                   progress: Callable[[int, int], None] | None = None, batch: int = 4) -> torch.Tensor:
     """Run token batches [n, T] through every decoder layer, one layer at a time for all of them
     (a layer's weights are read once, then dropped); returns the last layer's output [n, T, D]."""
-    _return_freed_memory()
+    ALLOCATOR.tune()
     with torch.inference_mode():
         h = torch.cat([fw.embed(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
         fw.clear()
@@ -138,6 +159,7 @@ def hidden_states(fw: Forward, tokens: torch.Tensor, rec: Recorder = _none,
             fw.clear()  # this layer's weights go; the next layer's are read when it runs
             if progress:
                 progress(layer + 1, n)
+            ALLOCATOR.release()
     return h
 
 
