@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REAL, measure, qconvert_cmd  # noqa: E402
-from gptq import depth_check, evaluate  # noqa: E402
+from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
+from gptq import depth_check  # noqa: E402
 
 
 def run_autoawq(src: str, out: str, tokens: str) -> None:
@@ -56,35 +56,19 @@ def main() -> None:
     src = REAL / "hf" / args.model
     if not src.is_dir():
         sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
-    from qconvert.calibrate import text
-    from qconvert.plan import make_plan
-
-    plan = make_plan(str(src), [], None, dry_run=True)
-    samples = text.samples(src, None, args.samples, args.seq_len, 0, plan.bos_for_calibration())
-    plan.ckpt.close()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"
-        np.save(tokens, samples.tokens)
+        calibration_tokens(src, args.samples, args.seq_len, tokens)
         ours, theirs = tmp / "qconvert-awq", tmp / "autoawq-awq"
         t_ours = measure(qconvert_cmd() + [str(src), "--to", "awq", "-o", str(ours), "-q", "-j", "2",
                                            "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len)])
         env = dict(os.environ, OMP_NUM_THREADS="2")
-        t_ref = measure([sys.executable, __file__, "--run-autoawq", str(src), str(theirs), str(tokens)], env=env)
-        print(f"wall time and peak RSS: qconvert {t_ours[0]:.1f} s {t_ours[1] / 1e6:.0f} MB, AutoAWQ "
-              f"{t_ref[0]:.1f} s {t_ref[1] / 1e6:.0f} MB (scoring follows)", flush=True)
-        print(f"{args.model}: AWQ 4-bit GEMM group 128, {args.samples} x {args.seq_len} calibration tokens, "
-              f"2 threads; scored on northangerabbey.txt, {args.chunks} x 512 tokens")
-        print(f"{'tool':18s} {'s':>8s} {'peak MB':>8s} {'MB on disk':>10s} {'PPL':>9s} {'KLD':>9s} {'top-1':>7s}")
-        base = None
-        for name, (path, (wall, rss)) in {"qconvert": (ours, t_ours), "AutoAWQ 0.2.9": (theirs, t_ref)}.items():
-            r = evaluate(path, src, args.chunks)
-            base = r["base_perplexity"]
-            size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-            print(f"{name:18s} {wall:8.1f} {rss / 1e6:8.0f} {size / 1e6:10.1f} {r['perplexity']:9.3f} "
-                  f"{r['kl_divergence']:9.5f} {r['top1_agreement']:7.3f}", flush=True)
-        print(f"float model perplexity {base:.3f}; time ratio {t_ours[0] / t_ref[0]:.2f}x, "
-              f"memory ratio {t_ours[1] / t_ref[1]:.2f}x")
+        t_ref = measure([sys.executable, str(Path(__file__).resolve()), "--run-autoawq", str(src), str(theirs),
+                         str(tokens)], env=env, cwd=tmp)
+        compare_checkpoints(f"{args.model}: AWQ 4-bit GEMM group 128, {args.samples} x {args.seq_len} calibration "
+                            f"tokens, 2 threads; scored on northangerabbey.txt, {args.chunks} x 512 tokens",
+                            {"qconvert": (ours, t_ours), "AutoAWQ 0.2.9": (theirs, t_ref)}, src, args.chunks)
         if args.depth:
             depth_check(tmp, "awq")
 

@@ -23,13 +23,13 @@ def need_reference() -> None:
         sys.exit(f"missing {missing[0]}: run {SHARED}/real-models.sh and {SHARED}/llama-cpp-tools.sh first")
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of `cmd`; raises if it fails."""
+def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of `cmd`, run in `cwd` (default: here); raises if it fails."""
     import tempfile
 
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a chatty tool would block on a full pipe
         t = time.perf_counter()
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, cwd=cwd)
         _, status, usage = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t
         if os.waitstatus_to_exitcode(status) != 0:
@@ -44,3 +44,44 @@ def qconvert_cmd() -> list[str]:
 
 def reference_convert_cmd(model: Path, outtype: str, out: Path) -> list[str]:
     return [str(CONVERT_PY), str(CONVERT), str(model), "--outtype", outtype, "--outfile", str(out)]
+
+
+def calibration_tokens(src: Path, samples: int, seq_len: int, out: Path) -> None:
+    """qconvert's default calibration samples for `src` (seed 0), saved for a reference tool."""
+    import numpy as np
+
+    from qconvert.calibrate import text
+    from qconvert.plan import make_plan
+
+    plan = make_plan(str(src), [], None, dry_run=True)
+    try:
+        np.save(out, text.samples(src, None, samples, seq_len, 0, plan.bos_for_calibration()).tokens)
+    finally:
+        plan.ckpt.close()
+
+
+def evaluate(path: Path, src: Path, chunks: int) -> dict:
+    """`qconvert eval --json` of a checkpoint on northangerabbey.txt against the float model."""
+    import json
+
+    cmd = qconvert_cmd() + ["eval", str(path), "--text", str(REAL / "text" / "northangerabbey.txt"), "--base", str(src),
+                            "--chunks", str(chunks), "--json"]
+    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+
+
+def compare_checkpoints(title: str, rows: dict[str, tuple[Path, tuple[float, int]]], src: Path, chunks: int) -> None:
+    """Print the measured (wall, peak RSS) of each tool first (scoring takes a while and may
+    fail), then the table with each checkpoint's size and scores; ratios are first row / second."""
+    (_, ours), (_, ref) = list(rows.values())[:2]
+    print("wall time and peak RSS: " + ", ".join(f"{name} {wall:.1f} s {rss / 1e6:.0f} MB"
+                                                  for name, (_, (wall, rss)) in rows.items()), flush=True)
+    print(title)
+    print(f"{'tool':18s} {'s':>8s} {'peak MB':>8s} {'MB on disk':>10s} {'PPL':>9s} {'KLD':>9s} {'top-1':>7s}")
+    base = None
+    for name, (path, (wall, rss)) in rows.items():
+        r = evaluate(path, src, chunks)
+        base = r["base_perplexity"]
+        size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+        print(f"{name:18s} {wall:8.1f} {rss / 1e6:8.0f} {size / 1e6:10.1f} {r['perplexity']:9.3f} "
+              f"{r['kl_divergence']:9.5f} {r['top1_agreement']:7.3f}", flush=True)
+    print(f"float model perplexity {base:.3f}; time ratio {ours[0] / ref[0]:.2f}x, memory ratio {ours[1] / ref[1]:.2f}x")

@@ -14,7 +14,6 @@ Qwen2.5-0.5B's width with 4 and 16 layers, to show peak memory does not grow wit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REAL, measure, qconvert_cmd  # noqa: E402
+from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
 
 
 def run_gptqmodel(src: str, out: str, tokens: str, act_order: bool) -> None:
@@ -40,12 +39,6 @@ def run_gptqmodel(src: str, out: str, tokens: str, act_order: bool) -> None:
     model = GPTQModel.load(src, cfg, device="cpu")
     model.quantize([{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids], batch_size=1)
     model.save(out)
-
-
-def evaluate(path: Path, src: Path, chunks: int) -> dict:
-    cmd = qconvert_cmd() + ["eval", str(path), "--text", str(REAL / "text" / "northangerabbey.txt"), "--base", str(src),
-                            "--chunks", str(chunks), "--json"]
-    return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
 MAKE_MODEL = """
@@ -92,38 +85,22 @@ def main() -> None:
     src = REAL / "hf" / args.model
     if not src.is_dir():
         sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
-    from qconvert.calibrate import text
-    from qconvert.plan import make_plan
-
-    plan = make_plan(str(src), [], None, dry_run=True)
-    samples = text.samples(src, None, args.samples, args.seq_len, 0, plan.bos_for_calibration())
-    plan.ckpt.close()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"
-        np.save(tokens, samples.tokens)
+        calibration_tokens(src, args.samples, args.seq_len, tokens)
         ours, theirs = tmp / "qconvert-gptq", tmp / "gptqmodel-gptq"
         extra = ["--act-order"] if args.act_order else []
         t_ours = measure(qconvert_cmd() + [str(src), "--to", "gptq", "-o", str(ours), "-q", "-j", "2",
                                            "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len),
                                            *extra])
         env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", OMP_NUM_THREADS="2")
-        t_ref = measure([sys.executable, __file__, "--run-gptqmodel", str(src), str(theirs), str(tokens), *extra],
-                        env=env)
-        rows = {"qconvert": (ours, t_ours), "GPTQModel 7.7.0": (theirs, t_ref)}
-        print(f"{args.model}: GPTQ 4-bit group 128 sym{' act-order' if args.act_order else ''}, "
-              f"{args.samples} x {args.seq_len} calibration tokens, 2 threads; "
-              f"scored on northangerabbey.txt, {args.chunks} x 512 tokens")
-        print(f"{'tool':18s} {'s':>8s} {'peak MB':>8s} {'MB on disk':>10s} {'PPL':>9s} {'KLD':>9s} {'top-1':>7s}")
-        base = None
-        for name, (path, (wall, rss)) in rows.items():
-            r = evaluate(path, src, args.chunks)
-            base = r["base_perplexity"]
-            size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-            print(f"{name:18s} {wall:8.1f} {rss / 1e6:8.0f} {size / 1e6:10.1f} {r['perplexity']:9.3f} "
-                  f"{r['kl_divergence']:9.5f} {r['top1_agreement']:7.3f}", flush=True)
-        print(f"float model perplexity {base:.3f}; time ratio {t_ours[0] / t_ref[0]:.2f}x, "
-              f"memory ratio {t_ours[1] / t_ref[1]:.2f}x")
+        t_ref = measure([sys.executable, str(Path(__file__).resolve()), "--run-gptqmodel", str(src), str(theirs),
+                         str(tokens), *extra], env=env, cwd=tmp)  # GPTQModel writes a logs/ folder where it runs
+        compare_checkpoints(f"{args.model}: GPTQ 4-bit group 128 sym{' act-order' if args.act_order else ''}, "
+                            f"{args.samples} x {args.seq_len} calibration tokens, 2 threads; "
+                            f"scored on northangerabbey.txt, {args.chunks} x 512 tokens",
+                            {"qconvert": (ours, t_ours), "GPTQModel 7.7.0": (theirs, t_ref)}, src, args.chunks)
         if args.depth:
             depth_check(tmp)
 
