@@ -35,25 +35,28 @@ class AWQResult:
     weight: torch.Tensor  # dequantized [N, K]
 
 
-def pseudo_quantize(w: torch.Tensor, group: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dequantized w, scales [N, G], zeros [N, G]) of w [N, K] with zero points per group."""
-    N, K = w.shape
+def _codes(w: torch.Tensor, group: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N*G, group], scales [N*G, 1], zeros [N*G, 1]) of w [N, K] with zero points per group."""
     g = w.reshape(-1, group)
     hi, lo = g.amax(1, keepdim=True), g.amin(1, keepdim=True)
     maxq = 2 ** bits - 1
     scales = ((hi - lo).clamp(min=1e-5) / maxq).half().float()  # stored as f16: quantize with those
     zeros = torch.clamp(-torch.round(lo / scales), 0, maxq)
-    q = torch.clamp(torch.round(g / scales) + zeros, 0, maxq)
+    return torch.clamp(torch.round(g / scales) + zeros, 0, maxq), scales, zeros
+
+
+def pseudo_quantize(w: torch.Tensor, group: int, bits: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dequantized w, scales [N, G], zeros [N, G]) of w [N, K] with zero points per group."""
+    N, K = w.shape
+    q, scales, zeros = _codes(w, group, bits)
     return ((q - zeros) * scales).reshape(N, K), scales.reshape(N, -1), zeros.reshape(N, -1)
 
 
 def quantize(w: torch.Tensor, group: int, bits: int = 4) -> AWQResult:
-    deq, scales, zeros = pseudo_quantize(w, group, bits)
     N, K = w.shape
-    s = scales.repeat_interleave(group, 1)
-    z = zeros.repeat_interleave(group, 1)
-    q = torch.clamp(torch.round(w / s) + z, 0, 2 ** bits - 1)
-    return AWQResult(q.to(torch.int32), scales.T.contiguous(), zeros.T.to(torch.int32).contiguous(), deq)
+    q, scales, zeros = _codes(w, group, bits)
+    return AWQResult(q.reshape(N, K).to(torch.int32), scales.reshape(N, -1).T.contiguous(),
+                     zeros.reshape(N, -1).T.to(torch.int32).contiguous(), ((q - zeros) * scales).reshape(N, K))
 
 
 def _scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.Tensor:
