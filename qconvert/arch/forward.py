@@ -257,14 +257,15 @@ class LlamaForward(Forward):
     def embed(self, ids):
         return F.embedding(ids, self.w("model.embed_tokens.weight"))
 
-    def attn_core(self, p: str, x, rec, T):
+    def attn(self, i: int, x, rec=_none):
+        p = f"model.layers.{i}."
         q = heads(self.linear(x, p + "self_attn.q_proj", rec), self.n_head)
         k = heads(self.linear(x, p + "self_attn.k_proj", rec), self.n_kv)
         v = heads(self.linear(x, p + "self_attn.v_proj", rec), self.n_kv)
         if self.has(p + "self_attn.q_norm.weight"):  # Qwen3
             q = rms_norm(q, self.w(p + "self_attn.q_norm.weight"), self.eps)
             k = rms_norm(k, self.w(p + "self_attn.k_norm.weight"), self.eps)
-        cos, sin = self.rope(T)
+        cos, sin = self.rope(x.shape[1])
         o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 1.0 / math.sqrt(self.head_dim))
         return self.linear(merge(o), p + "self_attn.o_proj", rec)
 
@@ -273,14 +274,17 @@ class LlamaForward(Forward):
         u = self.linear(x, p + "mlp.up_proj", rec)
         return self.linear(self.act(g) * u, p + "mlp.down_proj", rec)
 
+    NORM_KIND = "norm"  # how the norms take AWQ's 1/s (see ScaleGroup.prev)
+    MLP_NORM = "post_attention_layernorm"  # the norm whose output the MLP reads
+
     def scale_groups(self, i):
         p = f"model.layers.{i}."
         a, m = p + "self_attn.", p + "mlp."
-        groups = [ScaleGroup(("norm", p + "input_layernorm.weight"), [a + "q_proj", a + "k_proj", a + "v_proj"],
-                             lambda x: self.attn_core(p, x, _none, x.shape[1]))]
+        groups = [ScaleGroup((self.NORM_KIND, p + "input_layernorm.weight"), [a + "q_proj", a + "k_proj", a + "v_proj"],
+                             lambda x: self.attn(i, x))]
         if self.linear_weight(a + "v_proj").shape == self.linear_weight(a + "o_proj").shape:
             groups.append(ScaleGroup(("linear", a + "v_proj"), [a + "o_proj"]))
-        groups.append(ScaleGroup(("norm", p + "post_attention_layernorm.weight"), [m + "gate_proj", m + "up_proj"],
+        groups.append(ScaleGroup((self.NORM_KIND, p + self.MLP_NORM + ".weight"), [m + "gate_proj", m + "up_proj"],
                                  lambda x: self.mlp(p, x, _none)))
         groups.append(ScaleGroup(("linear", m + "up_proj"), [m + "down_proj"]))
         return groups
@@ -288,7 +292,7 @@ class LlamaForward(Forward):
     def layer(self, i, h, rec=_none):
         p = f"model.layers.{i}."
         x = rms_norm(h, self.w(p + "input_layernorm.weight"), self.eps)
-        h = h + self.attn_core(p, x, rec, h.shape[1])
+        h = h + self.attn(i, x, rec)
         x = rms_norm(h, self.w(p + "post_attention_layernorm.weight"), self.eps)
         return h + self.mlp(p, x, rec)
 
@@ -325,6 +329,9 @@ class Gemma3Forward(LlamaForward):
         e = F.embedding(ids, self.w("model.embed_tokens.weight"))
         return e * torch.tensor(self.cfg.need(int, "hidden_size") ** 0.5, dtype=e.dtype)
 
+    NORM_KIND = "norm1p"  # (1 + w) norms
+    MLP_NORM = "pre_feedforward_layernorm"
+
     def norm(self, x, name):
         return rms_norm(x, self.w(name), self.eps, plus_one=True)
 
@@ -338,18 +345,6 @@ class Gemma3Forward(LlamaForward):
         o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scale,
                       self.window if self.sliding[i] else None)
         return self.linear(merge(o), p + "self_attn.o_proj", rec)
-
-    def scale_groups(self, i):
-        p = f"model.layers.{i}."
-        a, m = p + "self_attn.", p + "mlp."
-        groups = [ScaleGroup(("norm1p", p + "input_layernorm.weight"), [a + "q_proj", a + "k_proj", a + "v_proj"],
-                             lambda x: self.attn(i, x))]
-        if self.linear_weight(a + "v_proj").shape == self.linear_weight(a + "o_proj").shape:
-            groups.append(ScaleGroup(("linear", a + "v_proj"), [a + "o_proj"]))
-        groups.append(ScaleGroup(("norm1p", p + "pre_feedforward_layernorm.weight"), [m + "gate_proj", m + "up_proj"],
-                                 lambda x: self.mlp(p, x, _none)))
-        groups.append(ScaleGroup(("linear", m + "up_proj"), [m + "down_proj"]))
-        return groups
 
     def layer(self, i, h, rec=_none):
         p = f"model.layers.{i}."
