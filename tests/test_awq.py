@@ -13,13 +13,12 @@ import torch
 from qconvert.quant import awq
 from qconvert.writers.awq import awq_tensors, dequantize_awq, pack_interleaved, unpack_interleaved
 from tests.helpers import files_in, one_line_error, run_cli
-from tests.test_gptq import IDS, our_logits, rel
+from tests.test_gptq import assert_loaders_agree, make_gptq, rel
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 CASES = [("llama", 32), ("llama-tied", 64), ("mistral", 32), ("qwen2", 32), ("qwen3", 64), ("gemma3", 32),
          ("gpt_neox-64", 32), ("gpt2", 64)]
-# loader bugs outside our reach (see test_gptq.py): each family still loads through the other path
-NOT_GPTQMODEL_LOAD, NOT_TRANSFORMERS = {"gpt_neox-64"}, {"gpt2"}
+# loader bugs outside our reach: see test_gptq.py's NOT_GPTQMODEL_LOAD and NOT_TRANSFORMERS
 
 
 def outlier_problem(seed=0, k=128, n=96, tokens=1024):
@@ -101,10 +100,7 @@ def test_layout_decodes_with_autoawq():
 
 
 def make_awq(src, out, capsys, *extra):
-    code, stdout, err = run_cli([str(src), "--to", "awq", "-o", str(out), "--calib-samples", "8",
-                                 "--calib-seq-len", "128", "--json", *map(str, extra)], capsys)
-    assert code == 0, err
-    return json.loads(stdout)
+    return make_gptq(src, out, capsys, *extra, method="awq")
 
 
 @pytest.mark.parametrize("family,group", CASES)
@@ -134,20 +130,7 @@ def test_loaders_load_it(tiny, tmp_path, capsys, family, group):
                 decoded += 1
     m.close()
     assert decoded == r["n_linears"]
-    ours = our_logits(out)
-    if family not in NOT_GPTQMODEL_LOAD:
-        from gptqmodel import GPTQModel
-
-        g = GPTQModel.load(str(out), device="cpu", dtype=torch.float16)
-        with torch.inference_mode():
-            assert rel(ours, g.model(torch.tensor([IDS])).logits[0].float()) < 5e-3
-    if family not in NOT_TRANSFORMERS:
-        import transformers
-
-        hf = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
-        assert sum(n.endswith(".qweight") for n, _ in hf.named_buffers()) == r["n_linears"]
-        with torch.inference_mode():
-            assert rel(ours, hf(torch.tensor([IDS])).logits[0].float()) < 5e-3
+    assert_loaders_agree(out, family, r["n_linears"])
 
 
 def test_awq_is_closer_to_the_float_model_than_round_to_nearest(tiny, tmp_path, capsys):

@@ -79,8 +79,9 @@ def test_checkpoint_tensors_decode_to_the_gptq_weights(sym):
     assert np.array_equal(w, r.weight.numpy())
 
 
-def make_gptq(src, out, capsys, *extra):
-    code, stdout, err = run_cli([str(src), "--to", "gptq", "-o", str(out), "--calib-samples", "8",
+def make_gptq(src, out, capsys, *extra, method="gptq"):
+    """`qconvert SRC --to METHOD` (small calibration); returns the JSON report."""
+    code, stdout, err = run_cli([str(src), "--to", method, "-o", str(out), "--calib-samples", "8",
                                  "--calib-seq-len", "128", "--json", *map(str, extra)], capsys)
     assert code == 0, err
     return json.loads(stdout)
@@ -114,6 +115,12 @@ def test_gptqmodel_and_transformers_load_it(tiny, tmp_path, capsys, family, grou
     r = make_gptq(tiny(family), out, capsys, "--group-size", group)
     for layer in r["layers"]:  # GPTQ beats round-to-nearest on the same calibration inputs
         assert layer["gptq_error"] < layer["rtn_error"], layer
+    assert_loaders_agree(out, family, r["n_linears"])
+
+
+def assert_loaders_agree(out, family, n_linears):
+    """GPTQModel (CPU) and transformers with it load the checkpoint, and their logits equal our
+    forward's on the dequantized checkpoint within f16 noise."""
     ours = our_logits(out)
     if family not in NOT_GPTQMODEL_LOAD:
         from gptqmodel import GPTQModel
@@ -125,7 +132,7 @@ def test_gptqmodel_and_transformers_load_it(tiny, tmp_path, capsys, family, grou
         import transformers
 
         hf = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
-        assert sum(n.endswith(".qweight") for n, _ in hf.named_buffers()) == r["n_linears"]
+        assert sum(n.endswith(".qweight") for n, _ in hf.named_buffers()) == n_linears
         with torch.inference_mode():
             assert rel(ours, hf(torch.tensor([IDS])).logits[0].float()) < 5e-3
 
