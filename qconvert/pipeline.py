@@ -35,6 +35,7 @@ class CalibrationOptions:
     samples: int = 32
     seq_len: int = 512
     seed: int = 0
+    exact: bool = False  # float32 matrix products in the calibration forward instead of int8
     progress: Callable[[int, int], None] | None = None  # (layers done, layers)
 
 
@@ -82,10 +83,11 @@ def convert(source: str, recipes: list[Recipe], output: Path | None = None, revi
             calib = text.samples(plan.ckpt.path, calibration.text, calibration.samples, calibration.seq_len,
                                  calibration.seed, plan.bos_for_calibration(), plan.family.max_positions())
             made, _ = imatrix_mod.collect(plan.family, calib, threads, calibration.progress,
-                                          path=Path("qconvert:calibration"))
+                                          path=Path("qconvert:calibration"), int8=not calibration.exact)
             plan.use_imatrix(made)
             report.calibration = {"dataset": calib.dataset, "samples": int(calib.tokens.shape[0]),
-                                  "seq_len": int(calib.tokens.shape[1]), "entries": len(made.entries)}
+                                  "seq_len": int(calib.tokens.shape[1]), "entries": len(made.entries),
+                                  "products": "float32" if calibration.exact else "int8"}
         if not dry_run:
             write(plan, threads, progress(plan) if progress else None)
             for o, entry in zip(plan.outputs, report.outputs):

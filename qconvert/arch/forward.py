@@ -36,6 +36,12 @@ def _none(name: str, x: torch.Tensor) -> None:
     pass
 
 
+def int8_rows(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes per row of a float matrix, and the scales [rows, 1]: a ~ codes * scales."""
+    scale = a.abs().amax(1, keepdim=True).clamp_min_(1e-30) / 127
+    return torch.round(a / scale).to(torch.int8), scale
+
+
 class Forward:
     """Base: weight access by HF name (float32 torch, read from the mmap on demand). `weights`
     replaces the checkpoint's tensors: anything with `in` and `[]` by HF name giving a Tensor."""
@@ -46,6 +52,10 @@ class Forward:
         self.tensors = weights if weights is not None else {
             n.replace("language_model.", ""): t for n, t in family.ckpt.tensors.items()}
         self._cache: dict[str, torch.Tensor] = {}
+        # int8 matrix products (int8_linear) when set: calibration statistics only
+        self.int8 = False
+        self._int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._int8_input: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # called as hook(self, hf_prefix, input) before each linear layer runs; GPTQ quantizes
         # the layer there and puts the dequantized weight back with set_linear_weight()
         self.hook: Callable[[Forward, str, torch.Tensor], None] | None = None
@@ -83,6 +93,8 @@ class Forward:
 
     def clear(self) -> None:
         self._cache.clear()
+        self._int8.clear()
+        self._int8_input = None
 
     def has(self, name: str) -> bool:
         return name in self._cache or name in self.tensors
@@ -92,7 +104,31 @@ class Forward:
         if self.hook is not None:
             self.hook(self, hf, x)
         b = self.w(hf + ".bias") if (bias is None and self.has(hf + ".bias")) or bias else None
+        if self.int8:
+            return self.int8_linear(x, hf, b)
         return F.linear(x, self.w(hf + ".weight"), b)
+
+    def int8_linear(self, x: torch.Tensor, hf: str, b: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ b) as an int8 matrix product: the weight's rows and the input's rows each
+        scaled to int8 by their largest magnitude (the input once for all linears sharing it),
+        int32 sums, float32 out. About 2x the speed of float32 on CPUs with int8 dot products,
+        and about 1% of error in the product; calibration statistics only, never quantization."""
+        flat = x.reshape(-1, x.shape[-1])
+        if self._int8_input is None or self._int8_input[0] is not x:
+            self._int8_input = (x, *int8_rows(flat))
+        _, xq, xs = self._int8_input
+        key = hf + ".weight"
+        if key not in self._int8:
+            wq, ws = int8_rows(self.linear_weight(hf))
+            self._int8[key] = (wq.t(), ws.view(1, -1))  # [in, out]: _int_mm's layout for the weight
+            self._cache.pop(key)  # the float copy is not needed again
+        wq, ws = self._int8[key]
+        y = torch._int_mm(xq, wq).to(torch.float32)
+        y *= xs
+        y *= ws
+        if b is not None:
+            y += b
+        return y.view(*x.shape[:-1], -1)
 
     # the three phases; subclasses implement them
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
@@ -145,11 +181,27 @@ class _Allocator:
 ALLOCATOR = _Allocator()
 
 
+ACTIVATION_BYTES = 24 << 20  # the widest activation of a batch stays below glibc's mmap threshold
+MAX_BATCH = 4
+
+
+def samples_per_batch(fw: Forward, seq_len: int) -> int:
+    """How many samples run through a layer together: as many as keep the widest activation (the
+    MLP's, float32) under ACTIVATION_BYTES, so that it comes from the heap rather than a fresh
+    mapping the kernel zeroes page by page; at least 1, at most MAX_BATCH."""
+    c = fw.cfg
+    hidden = c.get(int, "hidden_size", "n_embd", default=0)
+    widest = c.get(int, "intermediate_size", "n_inner", default=None) or 4 * hidden
+    return max(1, min(MAX_BATCH, ACTIVATION_BYTES // max(1, seq_len * max(widest, 3 * hidden) * 4)))
+
+
 def hidden_states(fw: Forward, tokens: torch.Tensor, rec: Recorder = _none,
-                  progress: Callable[[int, int], None] | None = None, batch: int = 4) -> torch.Tensor:
+                  progress: Callable[[int, int], None] | None = None, batch: int | None = None) -> torch.Tensor:
     """Run token batches [n, T] through every decoder layer, one layer at a time for all of them
-    (a layer's weights are read once, then dropped); returns the last layer's output [n, T, D]."""
+    (a layer's weights are read once, then dropped); returns the last layer's output [n, T, D].
+    `batch`: samples run together (default: samples_per_batch)."""
     ALLOCATOR.tune()
+    batch = batch or samples_per_batch(fw, tokens.shape[1])
     with torch.inference_mode():
         h = torch.cat([fw.embed(tokens[i:i + batch]) for i in range(0, len(tokens), batch)])
         fw.clear()
@@ -429,6 +481,8 @@ class GPT2Forward(Forward):
         rec(self.family.map_name(name + ".weight"), x)
         if self.hook is not None:
             self.hook(self, name, x)
+        if self.int8:
+            return self.int8_linear(x, name, self.w(name + ".bias"))
         return x @ self.w(name + ".weight") + self.w(name + ".bias")
 
     def ln(self, x, p):
