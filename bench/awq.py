@@ -1,6 +1,7 @@
 """AWQ: qconvert against AutoAWQ 0.2.9 on the same model, calibration tokens and group size.
 
 usage: python bench/awq.py [--model qwen2.5-0.5b] [--samples 16] [--seq-len 512] [--chunks 16] [--depth]
+                         [--keep DIR]
 
 Both quantize 4-bit GEMM with zero points, group size 128, on the same calibration token samples
 (qconvert's default text, seeded selection), 2 threads. AutoAWQ 0.2.9 runs on the CPU in a
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +51,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--depth", action="store_true")
+    ap.add_argument("--keep", type=Path, help="copy both checkpoints into this directory before it ends")
     ap.add_argument("--run-autoawq", nargs=3, metavar=("SRC", "OUT", "TOKENS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_autoawq:
@@ -66,6 +69,9 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS="2")
         t_ref = measure([sys.executable, str(Path(__file__).resolve()), "--run-autoawq", str(src), str(theirs),
                          str(tokens)], env=env, cwd=tmp)
+        if args.keep:
+            for d in (ours, theirs):
+                shutil.copytree(d, args.keep / d.name, dirs_exist_ok=True)
         compare_checkpoints(f"{args.model}: AWQ 4-bit GEMM group 128, {args.samples} x {args.seq_len} calibration "
                             f"tokens, 2 threads; scored on northangerabbey.txt, {args.chunks} x 512 tokens",
                             {"qconvert": (ours, t_ours), "AutoAWQ 0.2.9": (theirs, t_ref)}, src, args.chunks)
