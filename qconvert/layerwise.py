@@ -344,16 +344,16 @@ def awq_layer(plan: LayerwisePlan, fw, i: int, captured: dict, produced: dict, e
     """AWQ for decoder layer i from its linears' captured float inputs; fills `produced`."""
     import torch
 
+    from qconvert.arch.forward import samples_within
     from qconvert.quant import awq
     from qconvert.writers.awq import awq_tensors
 
     hook, fw.hook = fw.hook, None
     g = plan.opts.group_size
     modified: set[str] = set()
-    # sequences per forward: the widest activation stays under 24 MiB, so it comes from the heap
-    # (see arch/forward.py's _Allocator), not from a fresh mapping the kernel must zero
+    # sequences per forward of an inspected block, by its widest input (float32)
     widest = max(t.shape[-1] for t in captured.values())
-    rows = max(1, (24 << 20) // (4 * widest * next(iter(captured.values())).shape[1]))
+    rows = samples_within(4 * widest * next(iter(captured.values())).shape[1])
     try:
         for group in fw.scale_groups(i):
             x = captured[group.linears[0]]

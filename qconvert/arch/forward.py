@@ -185,14 +185,20 @@ ACTIVATION_BYTES = 24 << 20  # the widest activation of a batch stays below glib
 MAX_BATCH = 4
 
 
+def samples_within(sample_bytes: int) -> int:
+    """How many samples of the widest activation (sample_bytes each) fit in ACTIVATION_BYTES, so
+    that the block comes from the heap rather than a fresh mapping the kernel zeroes page by
+    page (see _Allocator); at least 1."""
+    return max(1, ACTIVATION_BYTES // max(1, sample_bytes))
+
+
 def samples_per_batch(fw: Forward, seq_len: int) -> int:
-    """How many samples run through a layer together: as many as keep the widest activation (the
-    MLP's, float32) under ACTIVATION_BYTES, so that it comes from the heap rather than a fresh
-    mapping the kernel zeroes page by page; at least 1, at most MAX_BATCH."""
+    """How many samples run through a layer together: samples_within the widest activation (the
+    MLP's, float32), at most MAX_BATCH."""
     c = fw.cfg
     hidden = c.get(int, "hidden_size", "n_embd", default=0)
     widest = c.get(int, "intermediate_size", "n_inner", default=None) or 4 * hidden
-    return max(1, min(MAX_BATCH, ACTIVATION_BYTES // max(1, seq_len * max(widest, 3 * hidden) * 4)))
+    return min(MAX_BATCH, samples_within(seq_len * max(widest, 3 * hidden) * 4))
 
 
 def hidden_states(fw: Forward, tokens: torch.Tensor, rec: Recorder = _none,
