@@ -5,15 +5,20 @@ usage: python bench/awq.py [--model qwen2.5-0.5b] [--samples 16] [--seq-len 512]
 
 Both quantize 4-bit GEMM with zero points, group size 128, on the same calibration token samples
 (qconvert's default text, seeded selection), 2 threads. AutoAWQ 0.2.9 runs on the CPU in a
-child process in float32 (its quantizer imports and runs with transformers 5 here). Prints wall time, peak
-RSS, and perplexity / KL divergence / top-1 on northangerabbey.txt, both checkpoints scored by
-`qconvert eval` (the same forward for both). --depth: peak memory against depth, as bench/gptq.py.
+child process in float32, in a venv of its own with the transformers it was written for
+(AUTOAWQ_VENV, built from the package registry on first use; its quantizer also runs under
+transformers 5, which it was not written for). AutoAWQ's scale search has a bug that shows only
+on a CPU (see patch_autoawq_on_cpu); the child fixes that one line, as a GPU run would have it.
+Prints wall time, peak RSS, and perplexity / KL divergence / top-1 on northangerabbey.txt, both
+checkpoints scored by `qconvert eval` (the same forward for both). --depth: peak memory against
+depth, as bench/gptq.py.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -23,6 +28,45 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
 from gptq import depth_check  # noqa: E402
+
+AUTOAWQ_VENV = Path(os.environ.get("QCONVERT_AUTOAWQ", Path.home() / ".cache" / "qconvert-autoawq"))
+# AutoAWQ 0.2.9 asks for transformers>=4.45; 4.51 is the last release before its final one
+AUTOAWQ_DEPS = ["transformers==4.51.3", "accelerate", "datasets", "zstandard", "numpy", "safetensors"]
+
+
+def autoawq_python() -> Path:
+    """The interpreter of AUTOAWQ_VENV, built the first time (torch first: a bare torch pulls CUDA)."""
+    py = AUTOAWQ_VENV / "bin" / "python"
+    done = AUTOAWQ_VENV / ".installed"
+    if not done.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(AUTOAWQ_VENV)], check=True)
+        pip = [str(py), "-m", "pip", "install", "-q"]
+        for args in (["torch==2.13.0"], AUTOAWQ_DEPS, ["--no-deps", "autoawq==0.2.9"]):
+            subprocess.run(pip + args, check=True)
+        done.touch()
+    return py
+
+
+def patch_autoawq_on_cpu() -> None:
+    """AutoAWQ 0.2.9's scale search keeps the block's weights as `{k: v.cpu() for k, v in
+    state_dict().items()}` to restore them after each ratio, then scales the weights in place
+    (`fc.weight.mul_(s)`). On a GPU .cpu() is a copy; on a CPU it is the same tensor, so the
+    "restore" keeps every ratio's scaling and the weights end multiplied by all 20 (SmolLM2-135M
+    quantized so: KL divergence 8 from the float model, its own forward, transformers 4.51 or 5).
+    The one change here: the snapshot is a copy, as it is on the GPU AutoAWQ was written for."""
+    from awq.quantize.quantizer import AwqQuantizer
+
+    search = AwqQuantizer._compute_best_scale
+
+    def compute_best_scale(self, x, w_mean, x_mean, module2inspect, *args, **kwargs):
+        state_dict = module2inspect.state_dict
+        module2inspect.state_dict = lambda *a, **k: {n: v.clone() for n, v in state_dict(*a, **k).items()}
+        try:
+            return search(self, x, w_mean, x_mean, module2inspect, *args, **kwargs)
+        finally:
+            del module2inspect.state_dict
+
+    AwqQuantizer._compute_best_scale = compute_best_scale
 
 
 def run_autoawq(src: str, out: str, tokens: str) -> None:
@@ -35,6 +79,7 @@ def run_autoawq(src: str, out: str, tokens: str) -> None:
     from transformers import AutoTokenizer
 
     torch.set_num_threads(2)
+    patch_autoawq_on_cpu()
     ids = np.load(tokens)
     model = AutoAWQForCausalLM.from_pretrained(src, torch_dtype=torch.float32, device_map="cpu")
     model.quantize(AutoTokenizer.from_pretrained(src),
@@ -59,6 +104,7 @@ def main() -> None:
     src = REAL / "hf" / args.model
     if not src.is_dir():
         sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    ref_py = autoawq_python()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"
@@ -67,7 +113,7 @@ def main() -> None:
         t_ours = measure(qconvert_cmd() + [str(src), "--to", "awq", "-o", str(ours), "-q", "-j", "2",
                                            "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len)])
         env = dict(os.environ, OMP_NUM_THREADS="2")
-        t_ref = measure([sys.executable, str(Path(__file__).resolve()), "--run-autoawq", str(src), str(theirs),
+        t_ref = measure([str(ref_py), str(Path(__file__).resolve()), "--run-autoawq", str(src), str(theirs),
                          str(tokens)], env=env, cwd=tmp)
         if args.keep:
             for d in (ours, theirs):
