@@ -30,20 +30,21 @@ from common import REAL, calibration_tokens, compare_checkpoints, measure, qconv
 from gptq import depth_check  # noqa: E402
 
 AUTOAWQ_VENV = Path(os.environ.get("QCONVERT_AUTOAWQ", Path.home() / ".cache" / "qconvert-autoawq"))
-# AutoAWQ 0.2.9 asks for transformers>=4.45; 4.51 is the last release before its final one
+# AutoAWQ 0.2.9 asks for transformers>=4.45 and runs with 4.51.3 here
 AUTOAWQ_DEPS = ["transformers==4.51.3", "accelerate", "datasets", "zstandard", "numpy", "safetensors"]
 
 
 def autoawq_python() -> Path:
-    """The interpreter of AUTOAWQ_VENV, built the first time (torch first: a bare torch pulls CUDA)."""
+    """The interpreter of AUTOAWQ_VENV, built again whenever these pins change (torch first: a
+    bare torch pulls CUDA)."""
     py = AUTOAWQ_VENV / "bin" / "python"
     done = AUTOAWQ_VENV / ".installed"
-    if not done.exists():
+    steps = (["torch==2.13.0"], AUTOAWQ_DEPS, ["--no-deps", "autoawq==0.2.9"])
+    if not done.exists() or done.read_text() != repr(steps):
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(AUTOAWQ_VENV)], check=True)
-        pip = [str(py), "-m", "pip", "install", "-q"]
-        for args in (["torch==2.13.0"], AUTOAWQ_DEPS, ["--no-deps", "autoawq==0.2.9"]):
-            subprocess.run(pip + args, check=True)
-        done.touch()
+        for args in steps:
+            subprocess.run([str(py), "-m", "pip", "install", "-q", *args], check=True)
+        done.write_text(repr(steps))
     return py
 
 
