@@ -9,6 +9,9 @@ child process in float32, in a venv of its own with the transformers it was writ
 (AUTOAWQ_VENV, built from the package registry on first use; its quantizer also runs under
 transformers 5, which it was not written for). AutoAWQ's scale search has a bug that shows only
 on a CPU (see patch_autoawq_on_cpu); the child fixes that one line, as a GPU run would have it.
+It reads the model through a copy of its config.json in transformers 4's terms (see
+transformers4_view): transformers 4.51 ignores transformers 5's `rope_parameters` and would
+calibrate Qwen2.5 with rope theta 10000, not its 1e6.
 Prints wall time, peak RSS, and perplexity / KL divergence / top-1 on northangerabbey.txt, both
 checkpoints scored by `qconvert eval` (the same forward for both). --depth: peak memory against
 depth, as bench/gptq.py.
@@ -70,11 +73,35 @@ def patch_autoawq_on_cpu() -> None:
     AwqQuantizer._compute_best_scale = compute_best_scale
 
 
+def transformers4_view(src: Path, dst: Path) -> Path:
+    """`dst`: src's files linked, with a config.json that transformers 4 reads as transformers 5
+    reads src's. Transformers 5 writes rope settings as `rope_parameters`; transformers 4 reads
+    only `rope_theta` / `rope_scaling` and takes its default theta (10000) without them."""
+    import json
+
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "config.json":
+            (dst / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "config.json").read_text())
+    rope = dict(cfg.get("rope_parameters") or {})
+    if "rope_theta" in rope and "rope_theta" not in cfg:
+        cfg["rope_theta"] = rope.pop("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            cfg["rope_scaling"] = rope
+    if "dtype" in cfg and "torch_dtype" not in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
 def run_autoawq(src: str, out: str, tokens: str) -> None:
     """In a child process: AutoAWQ's own quantize + save on the given token samples, in float32
     (its default dtype here, the checkpoint's bfloat16, runs matrix products ~4x slower on a CPU)."""
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.modules.pop("awq", None)  # this script is named awq.py too
+    import json
+
     import torch
     from awq import AutoAWQForCausalLM
     from transformers import AutoTokenizer
@@ -83,6 +110,10 @@ def run_autoawq(src: str, out: str, tokens: str) -> None:
     patch_autoawq_on_cpu()
     ids = np.load(tokens)
     model = AutoAWQForCausalLM.from_pretrained(src, torch_dtype=torch.float32, device_map="cpu")
+    cfg = json.loads((Path(src) / "config.json").read_text())
+    theta = (cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta"))
+    if theta is not None and getattr(model.config, "rope_theta", theta) != theta:  # calibrating another model
+        sys.exit(f"{src}: AutoAWQ's transformers reads rope theta {model.config.rope_theta}, the config says {theta}")
     model.quantize(AutoTokenizer.from_pretrained(src),
                    quant_config={"zero_point": True, "q_group_size": 128, "w_bit": 4, "version": "GEMM"},
                    calib_data=[row.tolist() for row in ids], max_calib_samples=len(ids),
@@ -114,7 +145,8 @@ def main() -> None:
         t_ours = measure(qconvert_cmd() + [str(src), "--to", "awq", "-o", str(ours), "-q", "-j", "2",
                                            "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len)])
         env = dict(os.environ, OMP_NUM_THREADS="2")
-        t_ref = measure([str(ref_py), str(Path(__file__).resolve()), "--run-autoawq", str(src), str(theirs),
+        view = transformers4_view(src, tmp / "model-for-transformers4")
+        t_ref = measure([str(ref_py), str(Path(__file__).resolve()), "--run-autoawq", str(view), str(theirs),
                          str(tokens)], env=env, cwd=tmp)
         if args.keep:
             for d in (ours, theirs):
