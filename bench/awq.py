@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
+from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd, tool_venv  # noqa: E402
 from gptq import depth_check  # noqa: E402
 
 AUTOAWQ_VENV = Path(os.environ.get("QCONVERT_AUTOAWQ", Path.home() / ".cache" / "qconvert-autoawq"))
@@ -38,17 +37,8 @@ AUTOAWQ_DEPS = ["transformers==4.51.3", "accelerate", "datasets", "zstandard", "
 
 
 def autoawq_python() -> Path:
-    """The interpreter of AUTOAWQ_VENV, built again whenever these pins change (torch first: a
-    bare torch pulls CUDA)."""
-    py = AUTOAWQ_VENV / "bin" / "python"
-    done = AUTOAWQ_VENV / ".installed"
-    steps = (["torch==2.13.0"], AUTOAWQ_DEPS, ["--no-deps", "autoawq==0.2.9"])
-    if not done.exists() or done.read_text() != repr(steps):
-        subprocess.run([sys.executable, "-m", "venv", "--clear", str(AUTOAWQ_VENV)], check=True)
-        for args in steps:
-            subprocess.run([str(py), "-m", "pip", "install", "-q", *args], check=True)
-        done.write_text(repr(steps))
-    return py
+    """AUTOAWQ_VENV's interpreter (torch first: a bare torch pulls CUDA)."""
+    return tool_venv(AUTOAWQ_VENV, (["torch==2.13.0"], AUTOAWQ_DEPS, ["--no-deps", "autoawq==0.2.9"]))
 
 
 def patch_autoawq_on_cpu() -> None:

@@ -23,6 +23,23 @@ def need_reference() -> None:
         sys.exit(f"missing {missing[0]}: run {SHARED}/real-models.sh and {SHARED}/llama-cpp-tools.sh first")
 
 
+def tool_venv(root: Path, steps: tuple[list[str], ...], remove: tuple[str, ...] = ()) -> Path:
+    """The interpreter of a reference tool's own venv at `root`, built again whenever `steps`
+    (pip install arguments, in order) or `remove` (packages uninstalled after) change: a stamp
+    in the venv holds them."""
+    py = root / "bin" / "python"
+    done = root / ".installed"
+    stamp = repr((steps, remove))
+    if not done.exists() or done.read_text() != stamp:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(root)], check=True)
+        for args in steps:
+            subprocess.run([str(py), "-m", "pip", "install", "-q", *args], check=True)
+        if remove:
+            subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", *remove], check=True)
+        done.write_text(stamp)
+    return py
+
+
 def measure(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> tuple[float, int]:
     """(wall seconds, peak RSS bytes) of `cmd`, run in `cwd` (default: here); raises if it fails."""
     import tempfile
