@@ -19,6 +19,7 @@ depth, as bench/gptq.py.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -67,8 +68,6 @@ def transformers4_view(src: Path, dst: Path) -> Path:
     """`dst`: src's files linked, with a config.json that transformers 4 reads as transformers 5
     reads src's. Transformers 5 writes rope settings as `rope_parameters`; transformers 4 reads
     only `rope_theta` / `rope_scaling` and takes its default theta (10000) without them."""
-    import json
-
     dst.mkdir()
     for f in src.iterdir():
         if f.name != "config.json":
@@ -90,8 +89,6 @@ def run_autoawq(src: str, out: str, tokens: str) -> None:
     (its default dtype here, the checkpoint's bfloat16, runs matrix products ~4x slower on a CPU)."""
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.modules.pop("awq", None)  # this script is named awq.py too
-    import json
-
     import torch
     from awq import AutoAWQForCausalLM
     from transformers import AutoTokenizer
