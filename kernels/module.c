@@ -190,6 +190,12 @@ static PyObject *py_first_nonfinite(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(at);
 }
 
+static PyObject *py_have_avx2(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyBool_FromLong(qk_have_avx2());
+}
+
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(type, src_f32, dst, nrows, n_per_row, threads=1, imatrix=None): float32 rows -> blocks; "
@@ -200,6 +206,8 @@ static PyMethodDef methods[] = {
      "convert(kind, src, dst, threads=1): kind is f32>f16, f32>bf16, f16>f32 or bf16>f32"},
     {"first_nonfinite", py_first_nonfinite, METH_VARARGS,
      "first_nonfinite(src_f32) -> index of the first NaN/Inf, or -1"},
+    {"have_avx2", py_have_avx2, METH_NOARGS,
+     "have_avx2() -> whether the AVX2 paths run (the CPU has AVX2 and QCONVERT_NO_SIMD is unset)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,15 +11,16 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from qconvert import __version__
+from qconvert import __version__, targets
 from qconvert.errors import Interrupted, QConvertError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
                   context_settings={"help_option_names": ["-h", "--help"]},
-                  help="Turn a Hugging Face causal-LM checkpoint into quantized files: GGUF for llama.cpp.")
+                  help=f"Turn a Hugging Face causal-LM checkpoint into quantized files: {targets.summary()}.")
 out = Console(soft_wrap=True, highlight=False)  # never wrap a path in two when piped
 err = Console(stderr=True, soft_wrap=True)
 if not out.is_terminal:
@@ -28,8 +29,7 @@ if not out.is_terminal:
 # ---- options, defined once ---------------------------------------------------------------------
 Model = Annotated[str, typer.Argument(help="Model directory, or a hub id (resolved through the local cache "
                                            "when HF_HUB_OFFLINE=1).", show_default=False)]
-To = Annotated[str, typer.Option("--to", "-t", help="Target(s), comma-separated: f32, f16, bf16, q8_0, q4_k_m, "
-                                                    "iq4_nl. Several targets read the checkpoint once.")]
+To = Annotated[str, typer.Option("--to", "-t", help=targets.help_line())]
 NoCalib = Annotated[bool, typer.Option("--no-calib", help="q4_k_m/iq4_nl: plain round-to-nearest, no importance "
                                                           "matrix (llama-quantize without --imatrix).")]
 TensorType = Annotated[Optional[list[str]], typer.Option("--tensor-type", help="q4_k_m/iq4_nl: REGEX=TYPE for the "
@@ -103,7 +103,7 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
                 group_size: GroupSize = 128,
                 act_order: ActOrder = False, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB") -> None:
-    """Convert MODEL to one or more GGUF files ([bold]convert[/bold] is the default command).
+    """Convert MODEL to GGUF files or a GPTQ/AWQ checkpoint ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
 
@@ -122,6 +122,8 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
       qconvert ./model --to q4_k_m --no-calib           [dim]# = llama-quantize without an imatrix[/dim]
 
       qconvert ./model --to gptq -o model-gptq/         [dim]# GPTQ 4-bit, group 128, calibrated[/dim]
+
+      qconvert ./model --to awq -o model-awq/           [dim]# AWQ 4-bit GEMM, calibrated[/dim]
     """
     if to.strip().lower() in ("gptq", "awq"):
         from qconvert.layerwise import GPTQOptions
@@ -220,33 +222,62 @@ def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, 
 
 
 @app.command("inspect")
-def inspect_cmd(file: Annotated[Path, typer.Argument(help="A GGUF file.", show_default=False)],
+def inspect_cmd(file: Annotated[str, typer.Argument(help="A GGUF file, or a safetensors checkpoint directory "
+                                                   "(GPTQ, AWQ or float).", show_default=False)],
                 json_: Json = False, tensors: Annotated[bool, typer.Option("--tensors", help="List every tensor.")] = False) -> None:
-    """Show a GGUF file's metadata, tensor types and bits per weight.
+    """Show what a GGUF file or a checkpoint directory holds: quantization, types, sizes, bits per weight.
 
     [b]Examples[/b]
 
       qconvert inspect out/SmolLM2-135M-Q8_0.gguf
 
       qconvert inspect model.gguf --json | jq .types
-    """
-    from qconvert.inspect import inspect_gguf
 
-    info = inspect_gguf(file)
+      qconvert inspect model-gptq/                      [dim]# quantization config, bits and groups per layer[/dim]
+    """
+    from qconvert.inspect import inspect_checkpoint, inspect_gguf
+
+    path = Path(file).expanduser()
+    info = inspect_gguf(path) if path.is_file() or not path.exists() and file.endswith(".gguf") \
+        else inspect_checkpoint(file)
     if json_:
         print(json.dumps(info, indent=2, default=str))
         return
-    out.print(f"[bold]{info['path']}[/bold]  {info['bytes'] / 1e6:.1f} MB, {info['n_params'] / 1e6:.1f}M params, "
-              f"{info['bits_per_weight']:.2f} bits per weight")
-    out.print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(info["types"].items())))
-    meta = Table("key", "value", box=None, show_header=False)
-    for k, v in info["metadata"].items():
-        meta.add_row(k, str(v))
-    out.print(meta)
+    out.print(f"[bold]{escape(info['path'])}[/bold]  {info['bytes'] / 1e6:.1f} MB, {info['n_params'] / 1e6:.1f}M "
+              f"params, {info['bits_per_weight']:.2f} bits per weight")
+    if info["kind"] == "gguf":
+        out.print("types: " + ", ".join(f"{k} x{v}" for k, v in sorted(info["types"].items())))
+        meta = Table("key", "value", box=None, show_header=False)
+        for k, v in info["metadata"].items():
+            meta.add_row(escape(k), escape(str(v)))
+        out.print(meta)
+        if tensors:
+            t = Table("tensor", "type", "shape", "bytes", box=None)
+            for x in info["tensors"]:
+                t.add_row(escape(x["name"]), x["type"], str(x["shape"]), f"{x['bytes']:,}")
+            out.print(t)
+        return
+    what = info["quant_method"] or "not quantized"
+    out.print(f"{escape(info['architecture'])}, {escape(what)}: {info['quantized_linears']} quantized linear layers; "
+              "other tensors " + ", ".join(f"{k} x{v}" for k, v in sorted(info["types"].items())))
+    if info["quantization_config"]:
+        cfg = Table("quantization_config", "", box=None, show_header=False)
+        for k, v in info["quantization_config"].items():
+            cfg.add_row(escape(str(k)), escape(json.dumps(v)))
+        out.print(cfg)
+    if info["layers"]:
+        t = Table("layer", "linears", "method", "bits", "group size", "bits per weight", box=None)
+        for x in info["layers"]:
+            t.add_row(str(x["layer"]), str(x["linears"]), ", ".join(x["methods"]), ", ".join(map(str, x["bits"])),
+                      ", ".join(map(str, x["group_sizes"])), f"{x['bits_per_weight']:.3f}")
+        out.print(t)
     if tensors:
-        t = Table("tensor", "type", "shape", "bytes", box=None)
+        t = Table("tensor", "dtype / method", "shape", "bytes", box=None)
+        for x in info["linears"]:
+            t.add_row(escape(x["name"]), f"{x['method']} {x['bits']}-bit g{x['group_size']}", str(x["shape"]),
+                      f"{x['bytes']:,}")
         for x in info["tensors"]:
-            t.add_row(x["name"], x["type"], str(x["shape"]), f"{x['bytes']:,}")
+            t.add_row(escape(x["name"]), x["dtype"], str(x["shape"]), f"{x['bytes']:,}")
         out.print(t)
 
 
@@ -418,7 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: `qconvert MODEL ...` means `qconvert convert MODEL ...`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("--version", "-V"):
-        print(f"qconvert {__version__}")
+        from qconvert.quant.blocks import backend_description
+
+        print(f"qconvert {__version__} (kernels: {backend_description()})")
         raise SystemExit(0)
     if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help"):
         args.insert(0, "convert")

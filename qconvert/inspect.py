@@ -1,6 +1,8 @@
-"""What a GGUF file holds: metadata, tensors, types, bits per weight (read with gguf's reader)."""
+"""What a file holds: a GGUF file's metadata, tensors, types and bits per weight (read with gguf's
+reader), or a safetensors checkpoint's quantization config and quantized layers."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +37,63 @@ def inspect_gguf(path: Path) -> dict:
         tensors.append({"name": t.name, "type": t.tensor_type.name, "shape": [int(x) for x in t.shape],
                         "bytes": int(t.n_bytes)})
     counts = Counter(t["type"] for t in tensors)
-    return {"path": str(path), "bytes": path.stat().st_size, "n_params": n_params, "tensor_bytes": n_bytes,
+    return {"path": str(path), "kind": "gguf", "bytes": path.stat().st_size, "n_params": n_params,
+            "tensor_bytes": n_bytes,
             "bits_per_weight": round(n_bytes * 8 / max(n_params, 1), 4), "types": dict(counts),
             "metadata": meta, "tensors": tensors}
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+_PARTS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def inspect_checkpoint(source: str) -> dict:
+    """A safetensors checkpoint directory (or hub id): its quantization config, every quantized
+    linear's method, bits and group size by decoder layer, size on disk and bits per weight."""
+    from qconvert.read.checkpoint import open_checkpoint
+    from qconvert.read.quantized import linear_layout, quant_method
+
+    ckpt = open_checkpoint(source)
+    try:
+        method = quant_method(ckpt.config)
+        qcfg = ckpt.config.data.get("quantization_config") if method else None
+        tensors = ckpt.tensors
+        quantized = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")})
+        parts_of = {f"{p}.{k}" for p in quantized for k in _PARTS}
+        linears = []
+        for prefix in quantized:
+            parts = {k: tensors[f"{prefix}.{k}"] for k in _PARTS if f"{prefix}.{k}" in tensors}
+            n_out, n_in, bits, group = linear_layout(ckpt.config, prefix, parts)
+            nbytes = sum(t_bytes(t) for t in parts.values())
+            m = _LAYER.search(prefix)
+            linears.append({"name": prefix, "layer": int(m.group(1)) if m else None, "method": method,
+                            "bits": bits, "group_size": group, "shape": [n_out, n_in], "bytes": nbytes,
+                            "bits_per_weight": round(nbytes * 8 / (n_out * n_in), 4)})
+        others = [{"name": n, "dtype": t.dtype, "shape": list(t.shape), "bytes": t_bytes(t)}
+                  for n, t in tensors.items() if n not in parts_of]
+    finally:
+        ckpt.close()
+    n_params = sum(x["shape"][0] * x["shape"][1] for x in linears) + sum(
+        int(np.prod(x["shape"], dtype=np.int64)) for x in others)
+    tensor_bytes = sum(x["bytes"] for x in linears) + sum(x["bytes"] for x in others)
+    on_disk = sum(p.stat().st_size for p in ckpt.path.iterdir() if p.is_file())
+    layers: dict[int, list[dict]] = {}
+    for x in linears:
+        if x["layer"] is not None:
+            layers.setdefault(x["layer"], []).append(x)
+    by_layer = [{"layer": i, "linears": len(xs), "methods": sorted({x["method"] for x in xs}),
+                 "bits": sorted({x["bits"] for x in xs}), "group_sizes": sorted({x["group_size"] for x in xs}),
+                 "bits_per_weight": round(sum(x["bytes"] for x in xs) * 8 /
+                                          sum(x["shape"][0] * x["shape"][1] for x in xs), 4)}
+                for i, xs in sorted(layers.items())]
+    return {"path": str(ckpt.path), "kind": "checkpoint", "architecture": ckpt.config.architecture(),
+            "quant_method": method, "quantization_config": qcfg, "bytes": on_disk, "tensor_bytes": tensor_bytes,
+            "n_params": n_params, "bits_per_weight": round(tensor_bytes * 8 / max(n_params, 1), 4),
+            "types": dict(Counter(x["dtype"] for x in others)), "quantized_linears": len(linears),
+            "layers": by_layer, "linears": linears, "tensors": others}
+
+
+def t_bytes(t) -> int:
+    from qconvert.read.safetensors import DTYPES
+
+    return int(np.prod(t.shape, dtype=np.int64)) * DTYPES[t.dtype].itemsize

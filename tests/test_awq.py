@@ -130,6 +130,11 @@ def test_loaders_load_it(tiny, tmp_path, capsys, family, group):
                 decoded += 1
     m.close()
     assert decoded == r["n_linears"]
+    code, out_json, err = run_cli(["inspect", str(out), "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out_json)
+    assert info["quant_method"] == "awq" and info["quantized_linears"] == r["n_linears"]
+    assert {(x["method"], x["bits"], x["group_size"]) for x in info["linears"]} == {("awq", 4, group)}
     assert_loaders_agree(out, family, r["n_linears"])
 
 

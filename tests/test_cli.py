@@ -215,8 +215,17 @@ def test_hub_id_from_offline_cache(tiny, tmp_path):
 def test_version_and_help(capsys):
     from qconvert import __version__
 
+    from qconvert.quant import blocks
+
     code, out, _ = run_cli(["--version"], capsys)
     assert code == 0 and __version__ in out
+    # which kernels run: numpy in the QCONVERT_PUREPYTHON=1 pass, C otherwise (AVX2 unless turned off)
+    if blocks.PURE_PYTHON:
+        assert "kernels: numpy" in out
+    elif os.environ.get("QCONVERT_NO_SIMD"):
+        assert "kernels: plain C" in out
+    else:
+        assert "kernels: C with AVX2" in out or "kernels: plain C" in out
     code, out, _ = run_cli(["convert", "--help"], capsys)
     assert code == 0 and "--to" in out and "Examples" in out
 

@@ -181,6 +181,21 @@ def test_checkpoint_files_and_shards(tiny, tmp_path, capsys):
     assert qcfg["meta"]["quantizer"] == [f"qconvert:{__import__('qconvert').__version__}"]
     assert json.loads((out / "config.json").read_text())["quantization_config"] == qcfg
     assert r["n_linears"] == 14
+    # qconvert inspect reads the directory back: config, every linear's bits and group, sizes
+    code, out_json, err = run_cli(["inspect", str(out), "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out_json)
+    assert info["quant_method"] == "gptq" and info["quantization_config"] == qcfg
+    assert info["quantized_linears"] == 14 and [x["layer"] for x in info["layers"]] == [0, 1]
+    assert all(x["bits"] == [4] and x["group_sizes"] == [32] and x["methods"] == ["gptq"] for x in info["layers"])
+    q_info = next(x for x in info["linears"] if x["name"] == q)
+    assert q_info["shape"] == [64, 64] and q_info["bytes"] == sum(seen[q + k].nbytes for k in (
+        ".qweight", ".qzeros", ".scales", ".g_idx"))
+    assert info["bytes"] == sum(p.stat().st_size for p in out.iterdir())
+    assert info["tensor_bytes"] == sum(a.nbytes for a in seen.values())
+    assert 4 < q_info["bits_per_weight"] < 6 and info["bits_per_weight"] > q_info["bits_per_weight"]
+    code, human, err = run_cli(["inspect", str(out)], capsys)
+    assert code == 0 and "gptq" in human and "group size" in human, err
     from gptqmodel import GPTQModel
 
     m = GPTQModel.load(str(out), device="cpu", dtype=torch.float16)

@@ -30,6 +30,14 @@ else:
 
 BACKEND = "numpy" if _k is None else "c"
 
+
+def backend_description() -> str:
+    """Which kernels run: "C with AVX2", "plain C" (no AVX2, or QCONVERT_NO_SIMD=1), or "numpy"
+    (QCONVERT_PUREPYTHON=1)."""
+    if _k is None:
+        return "numpy (QCONVERT_PUREPYTHON=1)"
+    return "C with AVX2" if _k.have_avx2() else "plain C"
+
 REGISTRY: dict[str, type[BlockType]] = {}
 
 
