@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import traceback
@@ -47,7 +48,8 @@ CalibSeqLen = Annotated[int, typer.Option("--calib-seq-len", min=16, help="Token
 ExactCalib = Annotated[bool, typer.Option("--exact-calib", help="q4_k_m/iq4_nl and imatrix: float32 matrix products "
                                                                 "in the calibration forward instead of int8 (about 1.5x "
                                                                 "slower; the matrix moves by about 1%).")]
-Seed = Annotated[int, typer.Option("--seed", help="Which samples of a long text; same inputs, same file.")]
+Seed = Annotated[int, typer.Option("--seed", min=0, max=2 ** 63 - 1,
+                                   help="Which samples of a long text; same inputs, same file.")]
 Pure = Annotated[bool, typer.Option("--pure", help="q4_k_m/iq4_nl: the base type for every quantizable tensor, "
                                                    "no per-tensor mixture.")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output directory, or a .gguf file name for "
@@ -181,12 +183,12 @@ def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, 
                               "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)}
                                           for e in plan.entries]}, indent=2))
         else:
-            t = Table(title=f"plan: {model} -> {plan.path} ({opts.method.upper()} {opts.bits}-bit, group "
+            t = Table(title=f"plan: {escape(model)} -> {escape(str(plan.path))} ({opts.method.upper()} {opts.bits}-bit, group "
                             f"{opts.group_size})", box=None)
             for col in ("tensor", "dtype", "shape"):
                 t.add_column(col)
             for e in plan.entries:
-                t.add_row(e.name, e.dtype, str(list(e.shape)))
+                t.add_row(escape(e.name), e.dtype, str(list(e.shape)))
             out.print(t)
             out.print(f"{len(plan.linears)} linear layers quantized, {plan.total_bytes / 1e6:.1f} MB of tensors")
         return
@@ -211,7 +213,7 @@ def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, 
     if json_:
         print(json.dumps(report.as_dict(), indent=2))
     elif not quiet:
-        line = (f"[green]wrote[/green] {report.path}  {report.bytes / 1e6:.1f} MB, {report.method.upper()} "
+        line = (f"[green]wrote[/green] {escape(report.path)}  {report.bytes / 1e6:.1f} MB, {report.method.upper()} "
                 f"{report.bits}-bit group {report.group_size}, {report.n_linears} linears")
         if report.method == "gptq":
             g = sum(x["gptq_error"] for x in report.layers)
@@ -303,14 +305,13 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
     from qconvert.calibrate import text
     from qconvert.plan import make_plan, model_label
     from qconvert.pipeline import peak_rss_bytes
+    from qconvert.writers.atomic import check_replaceable_file
 
     start = time.perf_counter()
     plan = make_plan(model, [], None, revision, force, dry_run=True)
     try:
         path = output or Path.cwd() / f"{model_label(plan.ckpt)}.imatrix.gguf"
-        if path.exists() and not force:
-            from qconvert.errors import OutputError
-            raise OutputError(f"{path}: already exists (use --force to overwrite)")
+        check_replaceable_file(path, force)
         samples = text.samples(plan.ckpt.path, calib, calib_samples, calib_seq_len, seed, plan.bos_for_calibration(),
                                plan.family.max_positions())
         bars: list[Progress] = []
@@ -331,7 +332,7 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
     if json_:
         print(json.dumps(report, indent=2))
     elif not quiet:
-        out.print(f"[green]wrote[/green] {path}  {len(rec.sums)} entries from {report['samples']} x {report['seq_len']} "
+        out.print(f"[green]wrote[/green] {escape(str(path))}  {len(rec.sums)} entries from {report['samples']} x {report['seq_len']} "
                   f"tokens in {report['seconds']:.1f}s")
 
 
@@ -380,10 +381,11 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF mo
         return
     if quiet:
         return
-    out.print(f"{r.model}: {r.chunks} chunks x {r.ctx} tokens of {r.text}, {r.tokens_scored} tokens scored")
+    out.print(f"{escape(r.model)}: {r.chunks} chunks x {r.ctx} tokens of {escape(r.text)}, {r.tokens_scored} tokens "
+              "scored")
     out.print(f"perplexity {r.perplexity:.4f} ± {r.perplexity_stderr:.4f}")
     if r.base is not None:
-        out.print(f"base perplexity {r.base_perplexity:.4f} ({r.base})")
+        out.print(f"base perplexity {r.base_perplexity:.4f} ({escape(r.base)})")
         out.print(f"KL divergence {r.kl_divergence:.6f} ± {r.kl_divergence_stderr:.6f} (99th percentile "
                   f"{r.kl_divergence_p99:.6f}), top-1 agreement {100 * r.top1_agreement:.2f}%")
     out.print(f"{r.seconds:.1f}s, peak memory {r.peak_rss_bytes / 1e9:.2f} GB")
@@ -419,21 +421,21 @@ def _progress(plan, bars: list[Progress]):
 
 
 def _print_plan(r) -> None:
-    t = Table(title=f"plan: {r.source} ({r.architecture}, {r.n_params / 1e6:.1f}M params)", box=None)
+    t = Table(title=f"plan: {escape(r.source)} ({escape(r.architecture)}, {r.n_params / 1e6:.1f}M params)", box=None)
     t.add_column("tensor")
     t.add_column("shape")
     for o in r.outputs:
         t.add_column(o["target"])
     for x in r.tensors:
-        t.add_row(x["name"], str(x["shape"]), *[f"{ty} {b / 1e6:.2f}MB" for ty, b in zip(x["types"], x["bytes"])])
+        t.add_row(escape(x["name"]), str(x["shape"]), *[f"{ty} {b / 1e6:.2f}MB" for ty, b in zip(x["types"], x["bytes"])])
     out.print(t)
     for o in r.outputs:
-        out.print(f"{o['path']}: {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bits per weight")
+        out.print(f"{escape(o['path'])}: {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bits per weight")
 
 
 def _print_done(r) -> None:
     for o in r.outputs:
-        out.print(f"[green]wrote[/green] {o['path']}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bpw, "
+        out.print(f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bpw, "
                   f"sha256 {o['sha256'][:16]}…")
     out.print(f"{r.n_params / 1e6:.1f}M params in {r.seconds:.1f}s, peak memory {r.peak_rss_bytes / 1e9:.2f} GB")
 
@@ -455,7 +457,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0)
     if args and args[0] not in COMMANDS and args[0] not in ("-h", "--help"):
         args.insert(0, "convert")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops a run as Ctrl-C does
+        signal.signal(sig, _on_sigterm)
     try:
         rc = app(args, prog_name="qconvert", standalone_mode=False)
         if rc == 130:  # click turns a KeyboardInterrupt it sees into this return value
@@ -463,25 +466,39 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(rc, int) and rc:
             raise SystemExit(rc)
     except QConvertError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _error("error", str(e))
         raise SystemExit(e.exit_code) from None
     except KeyboardInterrupt:
-        err.print(f"[red]error:[/red] {Interrupted('interrupted; no output was left behind')}", highlight=False)
+        _error("error", str(Interrupted("interrupted; no output was left behind")))
         raise SystemExit(130) from None
     except typer.Exit as e:
         raise SystemExit(e.exit_code) from None
     except typer.Abort:
-        err.print("[red]error:[/red] interrupted", highlight=False)
+        _error("error", "interrupted")
         raise SystemExit(130) from None
-    except typer.TyperException as e:  # bad flags or arguments: click's own message and usage line
-        e.show()
+    except typer.TyperException as e:  # bad flags or arguments: click's message, on one line
+        hint = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
+        _error("error", e.format_message() + hint)
         raise SystemExit(UsageError.exit_code) from None
     except Exception as e:
         if os.environ.get("QCONVERT_DEBUG"):
             traceback.print_exc()
-        err.print(f"[red]internal error:[/red] {type(e).__name__}: {e} (set QCONVERT_DEBUG=1 for a traceback)",
-                  highlight=False, soft_wrap=True)
+        _error("internal error", f"{type(e).__name__}: {e} (set QCONVERT_DEBUG=1 for a traceback)")
         raise SystemExit(1) from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+
+
+def one_line(text: str) -> str:
+    """An error message as one line of plain text: terminal colour codes (torch puts them in its
+    messages) removed, and line breaks (a YAML error's, a tokenizer's) folded into spaces."""
+    return " ".join(_ANSI.sub("", text).split())
+
+
+def _error(kind: str, message: str) -> None:
+    # escaped: a path such as "[v2]model", or "[begin, end]", is text, not rich markup
+    err.print(f"[red]{kind}:[/red] {escape(one_line(message))}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -29,9 +29,12 @@ from qconvert import __version__
 from qconvert.arch.base import NOT_TEXT, SKIP_SUFFIXES
 from qconvert.errors import InputError, UsageError
 from qconvert.read.checkpoint import SIDE_FILES
-from qconvert.writers.safetensors import AtomicDir, Entry, ShardedWriter
+from qconvert.writers.safetensors import AtomicDir, Entry, ShardedWriter, check_replaceable_dir
 
 GROUP_CHOICES = (32, 64, 128, 256)
+COPIED_FILES = [n for n in SIDE_FILES if n not in ("config.json", "README.md")]  # tokenizer, generation config
+# what a checkpoint directory holds besides its shards (write_configs)
+OWN_FILES = {"config.json", "quantize_config.json", *COPIED_FILES}
 
 
 @dataclass
@@ -86,6 +89,7 @@ class LayerwisePlan:
     layer_of: dict[str, int]  # output name -> decoder layer (-1: written before the layers)
     opts: GPTQOptions
     names: dict[str, str]  # forward (HF) name -> checkpoint name
+    force: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -111,9 +115,7 @@ def plan_layerwise(source: str, output: Path | None, revision: str | None, force
         g = opts.group_size
         path = output or Path.cwd() / (f"{model_label(ckpt)}-{opts.method.upper()}-{opts.bits}bit-"
                                        f"{'g' + str(g) if g > 0 else 'perchannel'}")
-        if path.exists() and not force:
-            from qconvert.errors import OutputError
-            raise OutputError(f"{path}: already exists (use --force to overwrite)")
+        check_replaceable_dir(path, force, opts.method, OWN_FILES)
         per_word = 32 // opts.bits
         linears: dict[str, Linear] = {}
         copies: dict[str, object] = {}
@@ -171,7 +173,7 @@ def plan_layerwise(source: str, output: Path | None, revision: str | None, force
         entries = [e for n in order for e in entries_by_name[n]]
         names = {n.replace("language_model.", ""): n for n in ckpt.tensors}
         return LayerwisePlan(ckpt, family, base.bos_for_calibration(), path, entries, linears, copies, layer_of, opts,
-                             names)
+                             names, force)
     except BaseException:
         ckpt.close()
         raise
@@ -241,8 +243,8 @@ def write_configs(plan: LayerwisePlan, directory: Path, qcfg: dict) -> None:
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     if qcfg["quant_method"] == "gptq":  # AutoGPTQ-era loaders read this file
         (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n", encoding="utf-8")
-    for name in SIDE_FILES:
-        if name not in ("config.json", "README.md") and (src / name).is_file():
+    for name in COPIED_FILES:
+        if (src / name).is_file():
             shutil.copyfile(src / name, directory / name)
 
 
@@ -262,7 +264,7 @@ def run_layerwise(plan: LayerwisePlan, tokens: np.ndarray, dataset: str, threads
     calib = {"dataset": dataset, "samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1])}
     report = LayerwiseReport(str(plan.ckpt.source), str(plan.path), opts.method, opts.bits, opts.group_size,
                              opts.act_order, opts.sym, opts.checkpoint_format, 0, len(plan.linears), calib)
-    out = AtomicDir(plan.path, force=True)  # existence was checked by the plan
+    out = AtomicDir(plan.path, plan.force, opts.method, OWN_FILES)
     writer = ShardedWriter(out.tmp, plan.entries, opts.max_shard_bytes,
                            {"format": "pt", "quantizer": f"qconvert {__version__}"})
     produced: dict[str, np.ndarray] = {}

@@ -18,6 +18,7 @@ from qconvert import __version__
 from qconvert.arch.base import PlannedTensor
 from qconvert.errors import InputError, Interrupted
 from qconvert.plan import Plan, make_plan
+from qconvert.writers.atomic import remove_dirs
 from qconvert.quant import blocks
 from qconvert.quant.recipes import Overrides, Recipe
 from qconvert.calibrate import imatrix as imatrix_mod
@@ -92,6 +93,9 @@ def convert(source: str, recipes: list[Recipe], output: Path | None = None, revi
             write(plan, threads, progress(plan) if progress else None)
             for o, entry in zip(plan.outputs, report.outputs):
                 entry["bytes"], entry["sha256"] = o.writer.result  # type: ignore[attr-defined]
+    except BaseException:
+        remove_dirs(plan.created_dirs)
+        raise
     finally:
         plan.ckpt.close()
     report.seconds = round(time.perf_counter() - start, 3)

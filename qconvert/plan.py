@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
@@ -15,12 +16,13 @@ from gguf.gguf_writer import GGUFValue
 
 from qconvert.arch import family_for
 from qconvert.arch.base import Family, PlannedTensor
-from qconvert.errors import InputError, OutputError, UsageError
+from qconvert.errors import InputError, OutputError, QConvertError, UsageError
 from qconvert.quant.blocks import BlockType
 from qconvert.quant.recipes import Overrides, Recipe, layer_order_key
 from qconvert.read.checkpoint import Checkpoint, open_checkpoint
 from qconvert.read.imatrix import Imatrix
-from qconvert.writers.gguf import GGUFWriter, TensorInfo
+from qconvert.writers.atomic import check_replaceable_file, make_dirs, remove_dirs
+from qconvert.writers.gguf import GGUFWriter, TensorInfo, pack_value
 
 QUANTIZATION_VERSION = 2
 
@@ -45,6 +47,7 @@ class Plan:
     tensors: list[PlannedTensor]
     outputs: list[OutputPlan]
     kv: dict[str, GGUFValue]  # the converted model's keys, before per-output ones
+    created_dirs: list[Path] = field(default_factory=list)  # output directories this run made (removed on failure)
 
     @property
     def n_params(self) -> int:
@@ -96,8 +99,20 @@ def vocab_bos(family: Family) -> int | None:
     """The BOS id when the model's tokenizer adds one, as its GGUF vocabulary would say."""
     logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
     kv = gguf.GGUFWriter(None, family.arch_name)  # used only to collect key/values
-    family.write_vocab(kv)
+    write_vocab(family, kv)
     return bos_if_added(dict(kv.kv_data[0]))
+
+
+def write_vocab(family: Family, kv: gguf.GGUFWriter) -> None:
+    """The family's tokenizer keys. Tokenizer files are read partly by other projects' code
+    (tokenizers, sentencepiece, gguf's SpecialVocab), which fails on bad files with any error:
+    each is reported as the input problem it is, naming the model directory."""
+    try:
+        family.write_vocab(kv)
+    except QConvertError:
+        raise
+    except Exception as e:
+        raise InputError(f"{family.ckpt.path}: cannot read the tokenizer files: {type(e).__name__}: {e}") from None
 
 
 def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFValue]:
@@ -121,8 +136,16 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFV
     meta.set_gguf_meta_model(kv)
     family.write_hparams(kv, int(gguf.LlamaFileType.ALL_F32))  # file_type set per output below
     kv.add_quantization_version(QUANTIZATION_VERSION)
-    family.write_vocab(kv)
-    return dict(kv.kv_data[0])
+    write_vocab(family, kv)
+    out = dict(kv.kv_data[0])
+    for key, value in out.items():  # values come from config and tokenizer files: each must fit its type
+        try:
+            pack_value(value)
+        except (struct.error, ValueError, TypeError, OverflowError, UnicodeEncodeError):
+            raise InputError(f"{ckpt.path}: {key} = {str(value.value)[:80]!r} cannot be stored as GGUF "
+                             f"{value.type.name} (a value in config.json or the tokenizer files is out of range)") \
+                from None
+    return out
 
 
 def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
@@ -133,42 +156,53 @@ def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, re
     ckpt = open_checkpoint(source, revision)
     try:
         family = family_for(ckpt)
+        family.check_checkpoint()
         family.check_tokenizer()
         # one order for every output, llama-quantize's, so that one read feeds them all
         tensors = sorted(family.plan_tensors(), key=lambda t: layer_order_key(t.name))
         kv = metadata_kv(family, tensors)
         paths = output_paths(ckpt, recipes, output)
+        outputs = [output_plan(recipe, path, tensors, family, kv, force, overrides, imatrix, calibrate)
+                   for recipe, path in zip(recipes, paths)]
     except BaseException:
         ckpt.close()
         raise
-    outputs = []
-    for recipe, path in zip(recipes, paths):
-        mixture = recipe.quantizes_like_llama_quantize
-        im = imatrix if mixture else None  # convert-style targets (q8_0 ...) take no importance matrix
-        types = recipe.assign(tensors, family.shape(), overrides, has_imatrix=mixture and (im is not None or calibrate))
-        if im is not None:
-            weights = tensor_weights(tensors, types, im)
-        elif mixture and calibrate:
-            weights = None  # supplied by use_imatrix() once calibration has run
-        else:
-            weights = [None] * len(tensors)
-        for t, ty in zip(tensors, types):
-            if not ty.fits(t.shape[-1]):
-                raise UsageError(f"{t.name}: rows of {t.shape[-1]} do not fit {ty.name} (blocks of {ty.block}); "
-                                 "choose another type for it")
-        infos = [TensorInfo(t.name, t.shape, int(ty.ggml), ty.nbytes(t.shape)) for t, ty in zip(tensors, types)]
-        out_kv = dict(kv)
-        if mixture:
-            # llama-quantize copies the converted file's keys, then sets these two, which moves them last
-            for key in ("general.quantization_version", "general.file_type"):
-                out_kv[key] = out_kv.pop(key)
-        out_kv["general.file_type"] = GGUFValue(int(recipe.file_type), VT.UINT32)
-        if im is not None:
-            out_kv.update(imatrix_kv(im))
-        outputs.append(OutputPlan(recipe, path, types, GGUFWriter(path, out_kv, infos, force=force), weights))
     plan = Plan(ckpt, family, tensors, outputs, kv)
-    check_outputs(plan, force, create=not dry_run)
+    try:
+        check_outputs(plan, force, create=not dry_run)
+    except BaseException:
+        remove_dirs(plan.created_dirs)
+        ckpt.close()
+        raise
     return plan
+
+
+def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family: Family, kv: dict[str, GGUFValue],
+                force: bool, overrides: Overrides | None, imatrix: Imatrix | None, calibrate: bool) -> OutputPlan:
+    """One GGUF output: every tensor's type, the file's key/values and its writer."""
+    mixture = recipe.quantizes_like_llama_quantize
+    im = imatrix if mixture else None  # convert-style targets (q8_0 ...) take no importance matrix
+    types = recipe.assign(tensors, family.shape(), overrides, has_imatrix=mixture and (im is not None or calibrate))
+    if im is not None:
+        weights = tensor_weights(tensors, types, im)
+    elif mixture and calibrate:
+        weights = None  # supplied by use_imatrix() once calibration has run
+    else:
+        weights = [None] * len(tensors)
+    for t, ty in zip(tensors, types):
+        if not ty.fits(t.shape[-1]):
+            raise UsageError(f"{t.name}: rows of {t.shape[-1]} do not fit {ty.name} (blocks of {ty.block}); "
+                             "choose another type for it")
+    infos = [TensorInfo(t.name, t.shape, int(ty.ggml), ty.nbytes(t.shape)) for t, ty in zip(tensors, types)]
+    out_kv = dict(kv)
+    if mixture:
+        # llama-quantize copies the converted file's keys, then sets these two, which moves them last
+        for key in ("general.quantization_version", "general.file_type"):
+            out_kv[key] = out_kv.pop(key)
+    out_kv["general.file_type"] = GGUFValue(int(recipe.file_type), VT.UINT32)
+    if im is not None:
+        out_kv.update(imatrix_kv(im))
+    return OutputPlan(recipe, path, types, GGUFWriter(path, out_kv, infos, force=force), weights)
 
 
 def tensor_weights(tensors: list[PlannedTensor], types: list[type[BlockType]], im: Imatrix) -> list:
@@ -190,15 +224,11 @@ def check_outputs(plan: Plan, force: bool, create: bool) -> None:
     need: dict[Path, int] = {}
     for o in plan.outputs:
         d = o.path.parent
-        if o.path.exists() and not force:
-            raise OutputError(f"{o.path}: already exists (use --force to overwrite)")
+        check_replaceable_file(o.path, force)
         if not create:
             continue
         if not d.is_dir():
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise OutputError(f"{d}: cannot create output directory ({e.strerror})") from None
+            plan.created_dirs += make_dirs(d)
         if not os.access(d, os.W_OK | os.X_OK):
             raise OutputError(f"{d}: output directory is not writable")
         need[d] = need.get(d, 0) + o.writer.file_size

@@ -83,14 +83,24 @@ def test_output_file_name(model, tmp_path, capsys):
 
 def test_existing_output_needs_force(model, tmp_path, capsys):
     target = tmp_path / "My-Model-Q8_0.gguf"
-    target.write_bytes(b"precious")
+    target.write_bytes(b"GGUF an older file")
     code, _, err = run_cli([model, "--to", "q8_0", "-o", tmp_path], capsys)
     assert code == 4
     one_line_error(err, str(target), "--force")
-    assert target.read_bytes() == b"precious"
+    assert target.read_bytes() == b"GGUF an older file"
     code, _, err = run_cli([model, "--to", "q8_0", "-o", tmp_path, "--force"], capsys)
     assert code == 0, err
-    assert target.read_bytes()[:4] == b"GGUF"
+    assert target.read_bytes()[:4] == b"GGUF" and len(target.read_bytes()) > 1000
+
+
+def test_force_replaces_only_gguf_files(model, tmp_path, capsys):
+    """--force replaces what qconvert writes, never a file of another kind under the output's name."""
+    target = tmp_path / "My-Model-Q8_0.gguf"
+    target.write_bytes(b"precious")
+    code, _, err = run_cli([model, "--to", "q8_0", "-o", tmp_path, "--force"], capsys)
+    assert code == 4
+    one_line_error(err, str(target), "not a GGUF file")
+    assert target.read_bytes() == b"precious"
 
 
 def test_unusable_output_directory(model, tmp_path, capsys):

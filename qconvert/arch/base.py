@@ -6,6 +6,7 @@ expects. Tensor names map through gguf's TensorNameMap (llama.cpp's own alias ta
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from math import prod
 from pathlib import Path
@@ -31,6 +32,53 @@ NOT_TEXT = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "m
 _ALWAYS_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES)
 
 Transform = Callable[[np.ndarray, str], np.ndarray]  # (float32 data, source dtype) -> float32 data
+
+_ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings",
+                 "low_freq_factor", "high_freq_factor", "extrapolation_factor", "beta_fast", "beta_slow",
+                 "attention_factor", "attn_factor")
+_ROPE_NEEDS = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"), "llama3": ("factor",)}
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Expected:
+    """A tensor the family's forward and llama.cpp need, with the shape config.json gives it."""
+
+    name: str  # HF name, without the text-model prefix ("language_model.")
+    shape: tuple[int, ...]
+    required: bool = True  # False: optional (a bias, q/k norms), but its shape is still checked
+
+
+def decoder_tensors(cfg, n_layers: int, norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
+                    qk_norm: bool = False, head_dim: int | None = None) -> list[Expected]:
+    """The tensors of a Llama-style decoder (Llama, Mistral, Qwen2/3, Gemma 3): embeddings, final
+    norm, optional separate head; per layer the norms, q/k/v/o (optional biases, q/k norms)
+    and the gated MLP, with the shapes the config gives."""
+    H = cfg.positive(int, "hidden_size")
+    V = cfg.positive(int, "vocab_size")
+    ffn = cfg.positive(int, "intermediate_size")
+    n_head = cfg.positive(int, "num_attention_heads")
+    n_kv = cfg.get(int, "num_key_value_heads") or n_head
+    if n_kv < 1 or n_head % n_kv:
+        raise InputError(f"{cfg.path}: num_key_value_heads must divide num_attention_heads ({n_head}), got {n_kv}")
+    hd = head_dim or cfg.get(int, "head_dim") or H // n_head
+    if hd < 1:
+        raise InputError(f"{cfg.path}: head_dim must be positive, got {hd}")
+    q, kv = n_head * hd, n_kv * hd
+    out = [Expected("model.embed_tokens.weight", (V, H)), Expected("model.norm.weight", (H,)),
+           Expected("lm_head.weight", (V, H), required=False)]
+    for i in range(n_layers):
+        p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        out += [Expected(p + n + ".weight", (H,)) for n in norms]
+        out += [Expected(a + "q_proj.weight", (q, H)), Expected(a + "k_proj.weight", (kv, H)),
+                Expected(a + "v_proj.weight", (kv, H)), Expected(a + "o_proj.weight", (H, q)),
+                Expected(a + "q_proj.bias", (q,), False), Expected(a + "k_proj.bias", (kv,), False),
+                Expected(a + "v_proj.bias", (kv,), False), Expected(a + "o_proj.bias", (H,), False),
+                Expected(a + "q_norm.weight", (hd,), qk_norm), Expected(a + "k_norm.weight", (hd,), qk_norm),
+                Expected(m + "gate_proj.weight", (ffn, H)), Expected(m + "up_proj.weight", (ffn, H)),
+                Expected(m + "down_proj.weight", (H, ffn))]
+    return out
 
 
 @dataclass
@@ -61,15 +109,64 @@ class Family:
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     example: ClassVar[str]  # a model that this family serves, for help texts
     forward_name: ClassVar[str]  # its class in arch/forward.py
+    # keys llama.cpp needs that a config may leave out: the values transformers' config class
+    # then assumes, by HF architecture ("*": any of the family's)
+    config_defaults: ClassVar[dict[str, dict[str, object]]] = {}
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
         self.cfg = ckpt.config
-        self.n_layers = self.cfg.need(int, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
+        arch = self.cfg.architecture()
+        for key, value in {**self.config_defaults.get("*", {}), **self.config_defaults.get(arch, {})}.items():
+            if self.cfg.data.get(key) is None:
+                self.cfg.data[key] = value
+        self.n_layers = self.cfg.positive(int, "num_hidden_layers", "n_layer", "n_layers", "num_layers")
+        if ckpt.tensors:  # before anything is sized by the layer count
+            self.check_depth({int(m.group(1)) for n in ckpt.tensors
+                              if not n.startswith(NOT_TEXT) and (m := _LAYER_INDEX.search(n))})
         self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
     # ---- tensors ---------------------------------------------------------------------------
+
+    def check_depth(self, layers: set[int]) -> None:
+        """The config's layer count against the decoder layers the tensors hold."""
+        present = max(layers) + 1 if layers else 0
+        if present != self.n_layers or len(layers) != present:
+            held = f"layers 0..{present - 1}" if len(layers) == present else f"{len(layers)} of layers 0..{present - 1}"
+            raise InputError(f"{self.cfg.path}: the config gives {self.n_layers} decoder layers, the tensors hold "
+                             f"{held if layers else 'none'}")
+
+    def expected(self) -> list[Expected]:
+        """Every tensor the forward and llama.cpp need, with its shape from the config."""
+        return []
+
+    def check_tensors(self, shape_of: Callable[[str], tuple[int, ...] | None], where: Path) -> None:
+        """Before any compute: every expected tensor is there with the shape the config gives.
+        `shape_of(HF name)`: the tensor's shape, or None when it is absent."""
+        for e in self.expected():
+            shape = shape_of(e.name)
+            if shape is None:
+                if e.required:
+                    raise InputError(f"{where}: tensor {e.name!r} is missing ({self.cfg.architecture()} with "
+                                     f"{self.n_layers} layers needs it)")
+                continue
+            if tuple(shape) != e.shape:
+                raise InputError(f"{where}: tensor {e.name!r} has shape {list(shape)}, the config makes it "
+                                 f"{list(e.shape)} ({self.cfg.path.name})")
+
+    def check_checkpoint(self) -> None:
+        """check_tensors on the checkpoint's own tensors (the text-model prefix dropped), and no
+        tensor the family does not know (llama.cpp refuses a file with one it does not expect)."""
+        shapes = {n.replace("language_model.", ""): t.shape for n, t in self.ckpt.tensors.items()
+                  if not (n.endswith(SKIP_SUFFIXES) or n.startswith(NOT_TEXT) or self.skip(n))}
+        self.check_tensors(shapes.get, self.ckpt.path)
+        known = {e.name for e in self.expected()}
+        if known:
+            extra = sorted(set(shapes) - known)
+            if extra:
+                raise InputError(f"{self.ckpt.path}: tensor {extra[0]!r} is not part of a {self.cfg.architecture()} "
+                                 f"model with this config ({len(extra)} such tensors)")
 
     def plan_tensors(self) -> list[PlannedTensor]:
         out: list[PlannedTensor] = []
@@ -192,16 +289,16 @@ class Family:
         c = self.cfg
         kv.add_block_count(self.n_layers)
         if (v := c.get(int, "max_position_embeddings", "n_ctx", "n_positions", "max_length",
-                       "max_sequence_length", "model_max_length")) is not None:
+                       "max_sequence_length", "model_max_length", positive=True)) is not None:
             kv.add_context_length(v)
-        if (v := c.get(int, "hidden_size", "n_embd", "dim")) is not None:
+        if (v := c.get(int, "hidden_size", "n_embd", "dim", positive=True)) is not None:
             kv.add_embedding_length(v)
         if (v := c.get(int, "prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size",
-                       "n_inner", "hidden_dim")) is not None:
+                       "n_inner", "hidden_dim", positive=True)) is not None:
             kv.add_feed_forward_length(v)
-        if (v := c.get(int, "num_attention_heads", "n_head", "n_heads")) is not None:
+        if (v := c.get(int, "num_attention_heads", "n_head", "n_heads", positive=True)) is not None:
             kv.add_head_count(v)
-        if (v := c.get(int, "num_key_value_heads", "n_kv_heads")) is not None:
+        if (v := c.get(int, "num_key_value_heads", "n_kv_heads", positive=True)) is not None:
             kv.add_head_count_kv(v)
         if c.data.get("is_causal") is False:
             kv.add_causal_attention(False)
@@ -230,28 +327,47 @@ class Family:
             kv.add_rope_freq_base(theta)
         if (local := self.local_rope_theta()) is not None:
             kv.add_rope_freq_base_swa(local)
-        if (v := c.get(float, "rms_norm_eps", "norm_eps")) is not None:
+        if (v := c.get(float, "rms_norm_eps", "norm_eps", nonnegative=True)) is not None:
             kv.add_layer_norm_rms_eps(v)
-        if (v := c.get(float, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")) is not None:
+        if (v := c.get(float, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", nonnegative=True)) is not None:
             kv.add_layer_norm_eps(v)
-        if (v := c.get(int, "head_dim")) is not None:
+        if (v := c.get(int, "head_dim", positive=True)) is not None:
             kv.add_key_length(v)
             kv.add_value_length(v)
         kv.add_file_type(file_type)
 
     def local_rope_theta(self) -> float | None:
         c = self.cfg.data
-        params = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        params = self._rope_block()
         if isinstance(params.get("sliding_attention"), dict):
-            return params["sliding_attention"].get("rope_theta")
-        return next((c[k] for k in ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
-                                    "rope_local_base_freq") if c.get(k) is not None), None)
+            v = params["sliding_attention"].get("rope_theta")
+        else:
+            v = next((c[k] for k in ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                                     "rope_local_base_freq") if c.get(k) is not None), None)
+        return None if v is None else self._rope_number("local rope theta", v)
+
+    def _rope_block(self) -> dict:
+        c = self.cfg.data
+        for key in ("rope_parameters", "rope_scaling"):
+            v = c.get(key)
+            if v is not None and not isinstance(v, dict):
+                raise InputError(f"{self.cfg.path}: key {key!r} must be an object, got {v!r}")
+        return c.get("rope_parameters") or c.get("rope_scaling") or {}
+
+    def _rope_number(self, key: str, v: object) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise InputError(f"{self.cfg.path}: rope setting {key!r} must be a positive number, got {v!r}")
+        return v
 
     def rope_parameters(self) -> dict:
-        """rope settings with the global theta mirrored in, as llama.cpp's TextModel does."""
+        """rope settings with the global theta mirrored in, as llama.cpp's TextModel does; every
+        number checked, and the settings each scaling type needs present."""
         c = self.cfg.data
-        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
-        rope = dict(rope.get("full_attention", rope))
+        rope = dict(self._rope_block())
+        full = rope.get("full_attention", rope)
+        if not isinstance(full, dict):
+            raise InputError(f"{self.cfg.path}: rope setting 'full_attention' must be an object, got {full!r}")
+        rope = dict(full)
         for keys, dest in ((("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta",
                              "rotary_emb_base"), "rope_theta"),
                            (("partial_rotary_factor", "rope_pct", "rope_percent"), "partial_rotary_factor")):
@@ -260,6 +376,18 @@ class Family:
                 rope[dest] = v
         if "rope_type" not in rope and rope.get("type") is not None:
             rope["rope_type"] = rope["type"]
+        kind = rope.get("rope_type")
+        if kind is not None and not isinstance(kind, str):
+            raise InputError(f"{self.cfg.path}: rope_type must be a name, got {kind!r}")
+        for key in _ROPE_NUMBERS:
+            if rope.get(key) is not None:
+                rope[key] = self._rope_number(key, rope[key])
+        if not isinstance(rope.get("original_max_position_embeddings", 1), int):
+            raise InputError(f"{self.cfg.path}: rope setting 'original_max_position_embeddings' must be an integer, "
+                             f"got {rope['original_max_position_embeddings']!r}")
+        for key in _ROPE_NEEDS.get(str(kind).lower(), ()):
+            if rope.get(key) is None:
+                raise InputError(f"{self.cfg.path}: rope_type {kind!r} needs {key!r}")
         return rope
 
     def write_vocab(self, kv: gguf.GGUFWriter) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from qconvert.errors import InputError
 from qconvert.quant.blocks import to_float32
 
 Recorder = Callable[[str, torch.Tensor], None]  # (GGUF weight name, the linear's input [..., n_in])
@@ -271,8 +272,12 @@ def merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(B, T, H * D)
 
 
-def act(name: str):
-    name = (name or "silu").lower()
+def act(cfg, *keys: str, default: str):
+    """The activation the config names under the first of `keys` present."""
+    name = next((cfg.data[k] for k in keys if cfg.data.get(k) is not None), default)
+    if not isinstance(name, str):
+        raise InputError(f"{cfg.path}: {keys[0]} must be an activation's name, got {name!r}")
+    name = name.lower()
     if name in ("silu", "swish"):
         return F.silu
     if name == "gelu":
@@ -281,7 +286,7 @@ def act(name: str):
         return lambda x: F.gelu(x, approximate="tanh")
     if name == "relu":
         return F.relu
-    raise ValueError(f"unsupported activation {name!r}")
+    raise InputError(f"{cfg.path}: activation {name!r} is not supported by qconvert's forward")
 
 
 class LlamaForward(Forward):
@@ -292,8 +297,8 @@ class LlamaForward(Forward):
         c = self.cfg
         self.n_head = c.need(int, "num_attention_heads")
         self.n_kv = c.get(int, "num_key_value_heads", default=self.n_head)
-        self.head_dim = c.get(int, "head_dim") or c.need(int, "hidden_size") // self.n_head
-        self.eps = c.get(float, "rms_norm_eps", default=1e-6)
+        self.head_dim = c.get(int, "head_dim", positive=True) or c.positive(int, "hidden_size") // self.n_head
+        self.eps = c.get(float, "rms_norm_eps", default=1e-6, nonnegative=True)
         rope = family.rope_parameters()
         self.theta = float(rope.get("rope_theta", 10000.0))
         self.factors = None  # per-frequency divisors: Llama 3 scaling, or linear scaling's factor
@@ -304,7 +309,7 @@ class LlamaForward(Forward):
             self.factors = llama3_rope_factors(rope, self.head_dim)
         elif str(rope.get("rope_type", "")).lower() == "linear":
             self.factors = np.full(self.head_dim // 2, float(rope["factor"]), dtype=np.float32)
-        self.act = act(c.data.get("hidden_act"))
+        self.act = act(c, "hidden_act", default="silu")
         self._rope: dict[int, tuple] = {}
 
     def rope(self, T: int):
@@ -368,12 +373,12 @@ class Gemma3Forward(LlamaForward):
     def __init__(self, family, weights=None):
         super().__init__(family, weights)
         c = self.cfg
-        self.head_dim = c.get(int, "head_dim", default=256)
-        self.scale = c.get(float, "query_pre_attn_scalar", default=float(self.head_dim)) ** -0.5
-        self.window = c.get(int, "sliding_window")
+        self.head_dim = c.get(int, "head_dim", default=256, positive=True)
+        self.scale = c.get(float, "query_pre_attn_scalar", default=float(self.head_dim), positive=True) ** -0.5
+        self.window = c.get(int, "sliding_window", positive=True)
         self.local_theta = float(family.local_rope_theta() or 10000.0)
         self.sliding = family.swa_layers() or [i % 6 < 5 for i in range(family.n_layers)]
-        self.act = act(c.data.get("hidden_activation") or c.data.get("hidden_act") or "gelu_pytorch_tanh")
+        self.act = act(c, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
         self._tables: dict = {}
 
     def tables(self, T: int, local: bool):
@@ -415,7 +420,7 @@ class Gemma3Forward(LlamaForward):
         h = self.norm(h, "model.norm.weight")
         name = "lm_head.weight" if self.has("lm_head.weight") else "model.embed_tokens.weight"
         logits = F.linear(h, self.w(name))
-        cap = self.cfg.data.get("final_logit_softcapping")
+        cap = self.cfg.get(float, "final_logit_softcapping")
         return torch.tanh(logits / cap) * cap if cap else logits
 
 
@@ -431,9 +436,9 @@ class GPTNeoXForward(Forward):
         pct = c.get(float, "rotary_pct", default=rope.get("partial_rotary_factor", 0.25))
         self.rot = int(self.head_dim * pct)
         self.theta = float(rope.get("rope_theta", 10000.0))
-        self.eps = c.need(float, "layer_norm_eps")
+        self.eps = c.get(float, "layer_norm_eps", default=1e-5, nonnegative=True)
         self.parallel = c.data.get("use_parallel_residual", True)
-        self.act = act(c.data.get("hidden_act", "gelu"))
+        self.act = act(c, "hidden_act", default="gelu")
 
     def ln(self, x, p):
         return F.layer_norm(x, (x.shape[-1],), self.w(p + ".weight"), self.w(p + ".bias"), self.eps)
@@ -479,8 +484,8 @@ class GPT2Forward(Forward):
         super().__init__(family, weights)
         c = self.cfg
         self.n_head = c.need(int, "n_head", "num_attention_heads")
-        self.eps = c.need(float, "layer_norm_epsilon", "layer_norm_eps")
-        self.act = act(c.data.get("activation_function", "gelu_new"))
+        self.eps = c.get(float, "layer_norm_epsilon", "layer_norm_eps", default=1e-5, nonnegative=True)
+        self.act = act(c, "activation_function", default="gelu_new")
         self.prefix = "transformer." if self.has("transformer.wte.weight") else ""
 
     def conv1d(self, x, name, rec):

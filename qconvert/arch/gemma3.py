@@ -5,14 +5,14 @@ multiplies by (1 + weight); token embedding rows beyond the real vocabulary drop
 """
 from __future__ import annotations
 
-import json
-
 import gguf
 import numpy as np
 
-from qconvert.arch.base import Family, PlannedTensor
+from qconvert.arch.base import Expected, Family, PlannedTensor, decoder_tensors
+from qconvert.errors import InputError
 from qconvert.read import tokenizer
 from qconvert.read.checkpoint import Tensor
+from qconvert.read.config import read_json
 
 
 def shift_norm(a: np.ndarray, src_dtype: str) -> np.ndarray:
@@ -27,6 +27,13 @@ class Gemma3(Family):
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     forward_name = "Gemma3Forward"
     example = "google/gemma-3-270m"
+    config_defaults = {"*": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6}}  # Gemma3TextConfig
+
+    def expected(self) -> list[Expected]:
+        norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                 "post_feedforward_layernorm")
+        return decoder_tensors(self.cfg, self.n_layers, norms, qk_norm=True,
+                               head_dim=self.cfg.get(int, "head_dim", default=256))
 
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
@@ -66,8 +73,12 @@ class Gemma3(Family):
     def real_vocab(self) -> int:
         if self.has_spm():
             return tokenizer.spm_piece_count(self.ckpt.path, self.cfg.get(int, "vocab_size"))
-        tj = json.loads((self.ckpt.path / "tokenizer.json").read_text(encoding="utf-8"))
-        return len(tj["model"]["vocab"]) + len(tj.get("added_tokens", []))
+        path = self.ckpt.path / "tokenizer.json"
+        tj = read_json(path)
+        try:
+            return len(tj["model"]["vocab"]) + len(tj.get("added_tokens", []))
+        except (KeyError, TypeError, AttributeError):
+            raise InputError(f"{path}: no model.vocab in the tokenizer") from None
 
     def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
         self.generic_hparams(kv, file_type)
@@ -79,7 +90,7 @@ class Gemma3(Family):
         kv.add_key_length(head_dim)
         kv.add_value_length(head_dim)
         kv.add_rope_freq_base(self.rope_parameters().get("rope_theta", 1_000_000.0))
-        if softcap := c.data.get("final_logit_softcapping"):
+        if softcap := c.get(float, "final_logit_softcapping"):
             kv.add_final_logit_softcapping(softcap)
         if c.data.get("sliding_window_pattern") != 1:
             kv.add_sliding_window(c.need(int, "sliding_window"))

@@ -4,7 +4,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from qconvert.arch.base import Family, PlannedTensor
+from qconvert.arch.base import Expected, Family, PlannedTensor
+from qconvert.errors import InputError
 from qconvert.read.checkpoint import Tensor
 
 CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
@@ -14,7 +15,29 @@ class GPT2(Family):
     hf_architectures = ("GPT2LMHeadModel",)
     gguf_arch = gguf.MODEL_ARCH.GPT2
     forward_name = "GPT2Forward"
+    config_defaults = {"*": {"n_positions": 1024, "layer_norm_epsilon": 1e-5}}  # GPT2Config
     example = "openai-community/gpt2"
+
+    def expected(self) -> list[Expected]:
+        c = self.cfg
+        H, V = c.positive(int, "n_embd", "hidden_size"), c.positive(int, "vocab_size")
+        n_head = c.positive(int, "n_head", "num_attention_heads")
+        P = c.positive(int, "n_positions", "n_ctx", "max_position_embeddings")
+        ffn = c.get(int, "n_inner") or 4 * H
+        if H % n_head:
+            raise InputError(f"{c.path}: n_embd {H} is not a multiple of n_head {n_head}")
+        pre = "transformer." if any(n.startswith("transformer.") for n in self.ckpt.tensors) else ""
+        out = [Expected(pre + "wte.weight", (V, H)), Expected(pre + "wpe.weight", (P, H)),
+               Expected(pre + "ln_f.weight", (H,)), Expected(pre + "ln_f.bias", (H,)),
+               Expected("lm_head.weight", (V, H), required=False)]
+        for i in range(self.n_layers):  # Conv1D weights are stored [in, out]
+            p = f"{pre}h.{i}."
+            for name, n_in, n_out in (("attn.c_attn", H, 3 * H), ("attn.c_proj", H, H), ("mlp.c_fc", H, ffn),
+                                      ("mlp.c_proj", ffn, H)):
+                out += [Expected(p + name + ".weight", (n_in, n_out)), Expected(p + name + ".bias", (n_out,))]
+            for ln in ("ln_1", "ln_2"):
+                out += [Expected(p + ln + ".weight", (H,)), Expected(p + ln + ".bias", (H,))]
+        return out
 
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)
@@ -34,7 +57,9 @@ class GPT2(Family):
 
     @classmethod
     def config_from_gguf(cls, kv: dict) -> dict:
-        return {**super().config_from_gguf(kv), "activation_function": "gelu_new"}
+        cfg = {**super().config_from_gguf(kv), "activation_function": "gelu_new"}
+        cfg["n_positions"] = cfg.get("max_position_embeddings")  # GPT-2's own key wins over config_defaults
+        return cfg
 
     def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
         c = self.cfg

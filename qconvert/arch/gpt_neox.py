@@ -4,7 +4,8 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from qconvert.arch.base import Family, PlannedTensor
+from qconvert.arch.base import Expected, Family, PlannedTensor
+from qconvert.errors import InputError
 from qconvert.read.checkpoint import Tensor
 
 
@@ -25,7 +26,25 @@ class GPTNeoX(Family):
     hf_architectures = ("GPTNeoXForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.GPTNEOX
     forward_name = "GPTNeoXForward"
+    config_defaults = {"*": {"max_position_embeddings": 2048, "layer_norm_eps": 1e-5}}  # GPTNeoXConfig
     example = "EleutherAI/pythia-70m"
+
+    def expected(self) -> list[Expected]:
+        c = self.cfg
+        H, V, ffn = c.positive(int, "hidden_size"), c.positive(int, "vocab_size"), c.positive(int, "intermediate_size")
+        n_head = c.positive(int, "num_attention_heads")
+        if H % n_head:
+            raise InputError(f"{c.path}: hidden_size {H} is not a multiple of num_attention_heads {n_head}")
+        out = [Expected("gpt_neox.embed_in.weight", (V, H)), Expected("embed_out.weight", (V, H)),
+               Expected("gpt_neox.final_layer_norm.weight", (H,)), Expected("gpt_neox.final_layer_norm.bias", (H,))]
+        for i in range(self.n_layers):
+            p = f"gpt_neox.layers.{i}."
+            for ln in ("input_layernorm", "post_attention_layernorm"):
+                out += [Expected(p + ln + ".weight", (H,)), Expected(p + ln + ".bias", (H,))]
+            for name, n_out, n_in in (("attention.query_key_value", 3 * H, H), ("attention.dense", H, H),
+                                      ("mlp.dense_h_to_4h", ffn, H), ("mlp.dense_4h_to_h", H, ffn)):
+                out += [Expected(p + name + ".weight", (n_out, n_in)), Expected(p + name + ".bias", (n_out,), False)]
+        return out
 
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)

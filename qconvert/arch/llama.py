@@ -6,7 +6,7 @@ import math
 import gguf
 import numpy as np
 
-from qconvert.arch.base import Family, PlannedTensor
+from qconvert.arch.base import Expected, Family, PlannedTensor, decoder_tensors
 from qconvert.errors import InputError
 from qconvert.read import tokenizer
 from qconvert.read.checkpoint import Tensor
@@ -29,11 +29,16 @@ class Llama(Family):
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     forward_name = "LlamaForward"
     example = "HuggingFaceTB/SmolLM2-135M"
+    config_defaults = {"*": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},  # LlamaConfig
+                       "MistralForCausalLM": {"max_position_embeddings": 4096 * 32}}  # MistralConfig
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
         self.n_head = self.cfg.need(int, "num_attention_heads", "n_heads")
         self.n_head_kv = self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=self.n_head)
+
+    def expected(self) -> list[Expected]:
+        return decoder_tensors(self.cfg, self.n_layers, head_dim=self.head_dim())
 
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         self.check_float(t)

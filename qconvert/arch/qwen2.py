@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gguf
 
-from qconvert.arch.base import Family
+from qconvert.arch.base import Expected, Family, decoder_tensors
 from qconvert.read import tokenizer
 
 
@@ -12,6 +12,12 @@ class Qwen2(Family):
     gguf_arch = gguf.MODEL_ARCH.QWEN2
     forward_name = "LlamaForward"
     example = "Qwen/Qwen2.5-0.5B"
+    config_defaults = {"*": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6}}  # Qwen2Config, Qwen3Config
+
+    qk_norm = False  # Qwen3's q/k norms
+
+    def expected(self) -> list[Expected]:
+        return decoder_tensors(self.cfg, self.n_layers, qk_norm=self.qk_norm)
 
     @classmethod
     def config_from_gguf(cls, kv: dict) -> dict:

@@ -11,6 +11,7 @@ class Qwen3(Qwen2):
     hf_architectures = ("Qwen3ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN3
     example = "Qwen/Qwen3-0.6B"
+    qk_norm = True
 
     def __init__(self, ckpt):
         super().__init__(ckpt)

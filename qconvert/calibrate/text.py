@@ -42,6 +42,8 @@ def read_text(path: Path | None) -> tuple[str, str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}: line {n} is not JSON: {e}") from None
+            except RecursionError:
+                raise InputError(f"{path}: line {n} is JSON nested too deeply to read") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise InputError(f"{path}: line {n} must be an object with a \"text\" string")
             parts.append(obj["text"])
@@ -52,15 +54,11 @@ def read_text(path: Path | None) -> tuple[str, str]:
 
 
 def tokenize(model_dir: Path, text: str) -> list[int]:
+    from qconvert.read.tokenizer import load_bpe, load_spm
+
     if (model_dir / "tokenizer.json").is_file():
-        from tokenizers import Tokenizer
-
-        return Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
-    from sentencepiece import SentencePieceProcessor
-
-    sp = SentencePieceProcessor()
-    sp.LoadFromFile(str(model_dir / "tokenizer.model"))
-    return sp.encode(text)
+        return load_bpe(model_dir / "tokenizer.json").encode(text, add_special_tokens=False).ids
+    return load_spm(model_dir / "tokenizer.model").encode(text)
 
 
 def samples(model_dir: Path, path: Path | None, n_samples: int, seq_len: int, seed: int,

@@ -102,6 +102,12 @@ def resolve(source: str, revision: str | None = None) -> Path:
         raise InputError(f"{source}: cannot get this hub model{hint}: {type(e).__name__}: {e}".splitlines()[0]) from None
 
 
+def inside(name: str) -> bool:
+    """A shard name from an index stays inside the model directory: relative, no '..'."""
+    p = Path(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts and "\\" not in name and "\0" not in name
+
+
 def _part_names(d: Path, prefix: str, suffix: str) -> list[str]:
     return sorted(n for n in os.listdir(d) if n.startswith(prefix) and n.endswith(suffix))
 
@@ -126,6 +132,10 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
         wm = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wm, dict):
             raise InputError(f"{index}: has no 'weight_map' object")
+        for name, part in wm.items():
+            if not isinstance(part, str) or not inside(part):
+                raise InputError(f"{index}: tensor {name!r} is mapped to {part!r}, which is not a file name inside "
+                                 "the model directory")
         weight_map = wm
         parts = sorted(set(weight_map.values()))
         missing = [p for p in parts if not (d / p).is_file()]
@@ -149,6 +159,8 @@ def open_checkpoint(source: str, revision: str | None = None) -> Checkpoint:
             if name in tensors:
                 raise InputError(f"{path}: tensor {name!r} is also in another shard")
             tensors[name] = t
+    if not tensors:
+        raise InputError(f"{d}: the weight files hold no tensors ({', '.join(parts)})")
     if weight_map:
         listed, present = set(weight_map), set(tensors)
         if listed - present:

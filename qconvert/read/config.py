@@ -12,16 +12,34 @@ T = TypeVar("T")
 _MISSING = object()
 
 
-def read_json(path: Path) -> Any:
+MAX_JSON_BYTES = 64 << 20  # configs, indexes and tokenizer files are far smaller
+
+
+def parse_json(text: str | bytes, path: Path) -> Any:
+    """JSON from a file's text; malformed, or nested deeper than Python can parse: InputError."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: cannot read: {e}") from None
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text: {e}") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
+
+
+def read_json(path: Path) -> Any:
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise InputError(f"{path}: {path.stat().st_size} bytes is too large for a JSON file of a model")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory, not a file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read: {e}") from None
+    return parse_json(text, path)
 
 
 class Config:
@@ -58,11 +76,26 @@ class Config:
         names = " or ".join(repr(k) for k in keys)
         raise InputError(f"{self.path}: missing required key {names}")
 
-    def get(self, typ: type[T], *keys: str, default: Any = None) -> Any:
+    def get(self, typ: type[T], *keys: str, default: Any = None, positive: bool = False,
+            nonnegative: bool = False) -> Any:
+        """The first of `keys` present, checked to be `typ` (and > 0 or >= 0 when asked), else
+        `default`."""
         for key in keys:
             if key in self.data and self.data[key] is not None:
-                return self._typed(typ, key, self.data[key])
+                v = self._typed(typ, key, self.data[key])
+                if (positive and not v > 0) or (nonnegative and not v >= 0) or (typ is float and v != v):
+                    raise InputError(f"{self.path}: key {key!r} must be {'positive' if positive else 'at least 0'}, "
+                                     f"got {v!r}")
+                return v
         return default
+
+    def positive(self, typ: type[T], *keys: str) -> T:
+        """`need`, and the value must be above zero (a size, a count)."""
+        v = self.need(typ, *keys)
+        if not v > 0:  # type: ignore[operator]
+            key = next(k for k in keys if self.data.get(k) is not None)
+            raise InputError(f"{self.path}: key {key!r} must be positive, got {v!r}")
+        return v
 
     def architecture(self) -> str:
         archs = self.data.get("architectures")

@@ -17,11 +17,13 @@ import numpy as np
 from qconvert.errors import InputError
 from qconvert.quant import blocks
 from qconvert.read.config import Config
+from qconvert.read.gguf_header import check_gguf_header
 
 
 def read_gguf(path: Path) -> gguf.GGUFReader:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
+    check_gguf_header(path)
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/IndexError/struct errors on bad files
@@ -34,7 +36,7 @@ class GGUFTensor:
 
     name: str  # HF name
     gguf_name: str
-    shape: tuple[int, ...]  # numpy order
+    shape: tuple[int, ...]  # numpy order, in the checkpoint's layout (as array() returns it)
     _t: gguf.ReaderTensor
     _family: object
     _map: mmap.mmap | None = None  # the reader's mapping, to drop pages from
@@ -44,10 +46,11 @@ class GGUFTensor:
         t = self._t
         kind = t.tensor_type.name
         data = np.ascontiguousarray(t.data)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # as the file stores it
         if kind in blocks.REGISTRY:
-            a = blocks.REGISTRY[kind].dequantize(data.view(np.uint8), self.shape)
+            a = blocks.REGISTRY[kind].dequantize(data.view(np.uint8), shape)
         else:  # a type qconvert does not write: gguf's numpy dequantizers
-            a = gguf.quants.dequantize(data, t.tensor_type).reshape(self.shape)
+            a = gguf.quants.dequantize(data, t.tensor_type).reshape(shape)
         a = np.ascontiguousarray(a, dtype=np.float32)
         return self._family.from_gguf(self.name, a) if self.name != self.gguf_name else a
 
@@ -91,7 +94,10 @@ class GGUFWeights:
         if g is None:
             raise KeyError(hf_name)
         t = self.by_gguf[g]
-        return GGUFTensor(hf_name, g, tuple(int(x) for x in reversed(t.shape.tolist())), t, self.family, self.map)
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if self.family.transposed(hf_name):  # from_gguf gives the checkpoint's layout back
+            shape = shape[::-1]
+        return GGUFTensor(hf_name, g, shape, t, self.family, self.map)
 
 
 @dataclass
@@ -136,7 +142,13 @@ def open_gguf(path: Path) -> GGUFModel:
     names = {t.name for t in reader.tensors}
     if "token_embd.weight" not in names:
         raise InputError(f"{path}: no token_embd.weight tensor")
+    blocks_ = {int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    count = kv.get(f"{arch}.block_count")
+    if not isinstance(count, int) or count != len(blocks_) or (blocks_ and max(blocks_) != count - 1):
+        raise InputError(f"{path}: {arch}.block_count is {count!r}, the tensors hold {len(blocks_)} blocks")
     cfg = cls.config_from_gguf(kv)
     cfg["vocab_size"] = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[1])
     family = cls(_Source(path, Config(cfg, path), {}))
-    return GGUFModel(path, family, GGUFWeights(reader, family), kv, cfg["vocab_size"])
+    weights = GGUFWeights(reader, family)
+    family.check_tensors(lambda name: weights[name].shape if name in weights else None, path)
+    return GGUFModel(path, family, weights, kv, cfg["vocab_size"])

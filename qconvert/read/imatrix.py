@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from qconvert.errors import InputError
+from qconvert.read.gguf_header import check_gguf_header
 
 
 @dataclass
@@ -45,6 +46,8 @@ def load_imatrix(path: Path) -> Imatrix:
     for name, w in im.entries.items():
         if not np.isfinite(w).all():
             raise InputError(f"{path}: importance matrix for {name} holds non-finite values")
+        if (w < 0).any():  # means of squares
+            raise InputError(f"{path}: importance matrix for {name} holds negative values")
     if not im.entries:
         raise InputError(f"{path}: importance matrix has no entries")
     return im
@@ -53,6 +56,7 @@ def load_imatrix(path: Path) -> Imatrix:
 def _load_gguf(path: Path) -> Imatrix:
     from gguf import GGMLQuantizationType, GGUFReader
 
+    check_gguf_header(path)
     try:
         r = GGUFReader(path)
     except Exception as e:  # the reader raises several types on bad files
@@ -74,7 +78,10 @@ def _load_gguf(path: Path) -> Imatrix:
             raise InputError(f"{path}: mismatched sums and counts for {name}")
         raw = counts[name].astype(np.float64)
         s, c = sums[name], np.sign(raw) * np.floor(np.abs(raw) + 0.5)  # std::lround: half away from zero
-        per = s.size // max(c.size, 1)
+        if c.size == 0 or s.size % c.size or not np.isfinite(raw).all() or (raw < 0).any():
+            raise InputError(f"{path}: {name} has {s.size} sums and {c.size} counts; the counts must be finite, "
+                             "non-negative, and divide the sums into equal parts (one count per expert)")
+        per = s.size // c.size
         out = np.empty_like(s)
         for j, count in enumerate(c.astype(np.float32)):
             part = s[j * per:(j + 1) * per]

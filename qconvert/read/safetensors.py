@@ -31,6 +31,7 @@ DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype("?"),
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
 _PAGE = mmap.PAGESIZE
 
 
@@ -76,6 +77,8 @@ class SafetensorsFile:
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8:
                     raise self._bad(f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+                if n > MAX_HEADER:
+                    raise self._bad(f"header length {n} is beyond the {MAX_HEADER}-byte limit safetensors sets")
                 raw = f.read(n)
         except OSError as e:
             raise InputError(f"{self.path}: cannot read: {e.strerror or e}") from None
@@ -83,6 +86,8 @@ class SafetensorsFile:
             header = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise self._bad(f"header is not valid JSON ({e})") from None
+        except RecursionError:
+            raise self._bad("header JSON is nested too deeply") from None
         if not isinstance(header, dict):
             raise self._bad("header must be a JSON object")
         data_start = 8 + n
@@ -98,9 +103,9 @@ class SafetensorsFile:
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in DTYPES:
             raise self._bad(f"tensor {name!r}: unsupported dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise self._bad(f"tensor {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             raise self._bad(f"tensor {name!r}: data_offsets must be [begin, end], got {offsets!r}")
         begin, end = offsets
         expected = prod(shape) * DTYPES[dtype].itemsize

@@ -16,6 +16,7 @@ from typing import Any
 import gguf
 
 from qconvert.errors import InputError
+from qconvert.read.config import read_json
 
 # The check text whose token ids identify a BPE pre-tokenizer (convert_hf_to_gguf.py).
 CHECK_TEXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
@@ -99,18 +100,37 @@ _CLEANUPS = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (
              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
-def bpe_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> None:
-    """tokenizer.ggml.model "gpt2": tokens, types, pre-tokenizer, merges and special tokens."""
+def load_bpe(path: Path):
+    """A tokenizer.json through the tokenizers library; a file it cannot load is an input error."""
     from tokenizers import Tokenizer
 
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise InputError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from None
+
+
+def load_spm(path: Path):
+    """A SentencePiece tokenizer.model; a file it cannot load is an input error."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromFile(str(path))
+    except Exception as e:  # sentencepiece raises OSError, RuntimeError ("INTERNAL: ...") and more
+        raise InputError(f"{path}: cannot load SentencePiece model: {str(e).splitlines()[0] if str(e) else e!r}") \
+            from None
+    return sp
+
+
+def bpe_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> None:
+    """tokenizer.ggml.model "gpt2": tokens, types, pre-tokenizer, merges and special tokens."""
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         raise InputError(f"{path}: file not found (a BPE tokenizer.json, or a SentencePiece tokenizer.model, is needed)")
-    try:
-        tok = Tokenizer.from_file(str(path))
-        tj = json.loads(path.read_text(encoding="utf-8"))
-    except Exception as e:  # tokenizers raises a bare Exception on malformed files
-        raise InputError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+    tok = load_bpe(path)
+    tj = read_json(path)
     tcfg = _json_or_empty(model_dir / "tokenizer_config.json")
     vocab = tok.get_vocab(with_added_tokens=True)
     n = vocab_size if vocab_size is not None else len(vocab)
@@ -157,14 +177,8 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> N
 
 def spm_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> None:
     """tokenizer.ggml.model "llama": SentencePiece pieces with scores and types."""
-    from sentencepiece import SentencePieceProcessor
-
     path = model_dir / "tokenizer.model"
-    sp = SentencePieceProcessor()
-    try:
-        sp.LoadFromFile(str(path))
-    except (OSError, RuntimeError) as e:
-        raise InputError(f"{path}: cannot load SentencePiece model: {str(e).splitlines()[0]}") from None
+    sp = load_spm(path)
     n = vocab_size or sp.vocab_size()
     tokens = [f"[PAD{i}]".encode() for i in range(n)]
     scores = [-10000.0] * n
@@ -204,18 +218,11 @@ def spm_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> N
 
 
 def spm_piece_count(model_dir: Path, vocab_size: int | None) -> int:
-    from sentencepiece import SentencePieceProcessor
-
-    sp = SentencePieceProcessor()
-    sp.LoadFromFile(str(model_dir / "tokenizer.model"))
-    return vocab_size or sp.vocab_size()
+    return vocab_size or load_spm(model_dir / "tokenizer.model").vocab_size()
 
 
 def _json_or_empty(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON: {e}") from None
+    data = read_json(path)
     return data if isinstance(data, dict) else {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from math import prod
@@ -17,7 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from qconvert.errors import OutputError
-from qconvert.writers.atomic import output_error
+from qconvert.writers.atomic import make_dirs, output_error, remove_dirs, remove_stale, rename_noreplace, temporary
+
+SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+INDEX_NAME = "model.safetensors.index.json"
 
 DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32",
           np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
@@ -36,32 +40,76 @@ class Entry:
         return prod(self.shape) * SIZES[self.dtype]
 
 
-class AtomicDir:
-    """A directory built under a temporary name beside `path`, renamed into place on commit()."""
+def foreign_file(directory: Path, method: str, own_files: set[str]) -> str | None:
+    """Why `directory` is not a previous qconvert output of `method` (quant_method), or None:
+    its config.json must name qconvert as the quantizer and `method` as the method, and every
+    entry must be a file that qconvert writes there (shards, index, `own_files`)."""
+    for entry in sorted(os.listdir(directory)):
+        p = directory / entry
+        if p.is_symlink() or not p.is_file() or not (SHARD_NAME.fullmatch(entry) or entry == INDEX_NAME
+                                                     or entry in own_files):
+            return f"it holds {entry!r}, which qconvert does not write"
+    try:
+        q = json.loads((directory / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+        quantizer, found = q["meta"]["quantizer"], q["quant_method"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return "its config.json does not name qconvert as the quantizer"
+    if not (isinstance(quantizer, list) and any(str(x).startswith("qconvert:") for x in quantizer)):
+        return "its config.json does not name qconvert as the quantizer"
+    if found != method:
+        return f"it is a qconvert {str(found).upper()} output, not {method.upper()}"
+    return None
 
-    def __init__(self, path: Path, force: bool):
-        self.path = path
-        if path.exists() and not force:
-            raise OutputError(f"{path}: already exists (use --force to overwrite)")
-        if path.exists() and not path.is_dir():
-            raise OutputError(f"{path}: exists and is not a directory")
-        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+def check_replaceable_dir(path: Path, force: bool, method: str, own_files: set[str]) -> None:
+    """An existing output directory: refused without --force; with it, replaced only when empty
+    or a previous qconvert output of the same method (never a model directory, never `-o .`)."""
+    if not os.path.lexists(path):
+        return
+    if not force:
+        raise OutputError(f"{path}: already exists (use --force to overwrite)")
+    if not path.is_dir():
+        raise OutputError(f"{path}: exists and is not a directory")
+    why = foreign_file(path, method, own_files) if os.listdir(path) else None
+    if why is not None:
+        raise OutputError(f"{path}: --force replaces only a previous qconvert {method.upper()} output, and {why}; "
+                          "choose another -o")
+
+
+class AtomicDir:
+    """A directory built under a temporary name beside `path`, renamed into place on commit().
+    Without `force` an existing `path` is never replaced (not even one that appears meanwhile);
+    with it only a directory check_replaceable_dir accepts, checked again just before."""
+
+    def __init__(self, path: Path, force: bool, method: str, own_files: set[str]):
+        self.path, self.force, self.method, self.own_files = path, force, method, own_files
+        check_replaceable_dir(path, force, method, own_files)
+        self.tmp = temporary(path, "partial")
+        self.created = make_dirs(path.parent)  # removed again by abort() when still empty
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(path)
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir()
         except OSError as e:
             raise output_error(path, e) from None
 
     def commit(self) -> None:
-        old = self.path.with_name(f".{self.path.name}.{os.getpid()}.old")
+        old = temporary(self.path, "old")
         try:
             for f in self.tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-            if self.path.exists():
+            if self.force and os.path.lexists(self.path):
+                check_replaceable_dir(self.path, True, self.method, self.own_files)
                 os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
+            rename_noreplace(self.tmp, self.path)
+        except FileExistsError:
+            self.abort()
+            raise OutputError(f"{self.path}: appeared while this run was writing it (another run?); left as it "
+                              "is (use --force to overwrite)") from None
+        except OutputError:
+            self.abort()
+            raise
         except OSError as e:
             self.abort()
             raise output_error(self.path, e) from None
@@ -69,6 +117,7 @@ class AtomicDir:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        remove_dirs(self.created)
 
 
 def shard(entries: list[Entry], max_bytes: int) -> list[list[Entry]]:
@@ -143,7 +192,7 @@ class ShardedWriter:
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": self.total},
                      "weight_map": {e.name: self.names[s] for s, e in self.order}}
-            (self.dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         self._close()
