@@ -68,13 +68,13 @@ def calibration_tokens(src: Path, samples: int, seq_len: int, out: Path) -> None
     import numpy as np
 
     from qconvert.calibrate import text
-    from qconvert.plan import make_plan
+    from qconvert.model import open_model
 
-    plan = make_plan(str(src), [], None, dry_run=True)
+    model = open_model(str(src))
     try:
-        np.save(out, text.samples(src, None, samples, seq_len, 0, plan.bos_for_calibration()).tokens)
+        np.save(out, text.samples(src, None, samples, seq_len, 0, model.bos).tokens)
     finally:
-        plan.ckpt.close()
+        model.close()
 
 
 def evaluate(path: Path, src: Path, chunks: int) -> dict:

@@ -220,5 +220,12 @@ PyMODINIT_FUNC PyInit__kernels(void) {
     for (size_t i = 0; i < sizeof QTYPES / sizeof QTYPES[0]; i++)
         PyTuple_SET_ITEM(types, i, PyUnicode_FromString(QTYPES[i].name));
     PyModule_AddObject(m, "QUANT_TYPES", types);
+    PyObject *sizes = PyDict_New();  /* name -> (weights, bytes) per block, checked against gguf's table */
+    for (size_t i = 0; i < sizeof QTYPES / sizeof QTYPES[0]; i++) {
+        PyObject *v = Py_BuildValue("(LL)", (long long)QTYPES[i].block, (long long)QTYPES[i].bytes);
+        PyDict_SetItemString(sizes, QTYPES[i].name, v);
+        Py_DECREF(v);
+    }
+    PyModule_AddObject(m, "QUANT_SIZES", sizes);
     return m;
 }

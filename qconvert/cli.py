@@ -63,9 +63,10 @@ Threads = Annotated[int, typer.Option("--threads", "-j", min=0, help="Threads fo
 Bits = Annotated[int, typer.Option("--bits", help="gptq: bits per weight (2, 4 or 8).")]
 GroupSize = Annotated[int, typer.Option("--group-size", help="gptq: input columns per scale; -1: one per output "
                                                             "channel.")]
-ActOrder = Annotated[bool, typer.Option("--act-order", help="gptq: quantize columns by descending activation "
-                                                            "energy, with static groups (g_idx stays in order, "
-                                                            "so vLLM accepts the checkpoint).")]
+ActOrder = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", show_default=False,
+                                                  help="gptq: quantize columns by descending activation energy, "
+                                                       "with static groups (g_idx stays in order, desc_act false: "
+                                                       "every loader accepts it). On by default.")]
 Sym = Annotated[bool, typer.Option("--sym/--asym", help="gptq: symmetric (checkpoint_format gptq) or asymmetric "
                                                         "(gptq_v2; vLLM refuses asymmetric GPTQ).")]
 Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction of the Hessian's mean diagonal; "
@@ -97,15 +98,15 @@ def _cores() -> int:
 
 
 @app.command("convert")
-def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: Revision = None,
+def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Output = None, revision: Revision = None,
                 dry_run: DryRun = False, json_: Json = False, quiet: Quiet = False, force: Force = False,
                 threads: Threads = 0, no_calib: NoCalib = False, tensor_type: TensorType = None,
                 output_tensor_type: OutputType = None, token_embedding_type: EmbedType = None,
                 pure: Pure = False, imatrix: ImatrixFile = None, calib: Calib = None, calib_samples: CalibSamples = 32,
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
                 group_size: GroupSize = 128,
-                act_order: ActOrder = False, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB") -> None:
-    """Convert MODEL to GGUF files or a GPTQ/AWQ checkpoint ([bold]convert[/bold] is the default command).
+                act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB") -> None:
+    """Convert MODEL to GGUF files and GPTQ/AWQ checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
 
@@ -126,36 +127,32 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
       qconvert ./model --to gptq -o model-gptq/         [dim]# GPTQ 4-bit, group 128, calibrated[/dim]
 
       qconvert ./model --to awq -o model-awq/           [dim]# AWQ 4-bit GEMM, calibrated[/dim]
+
+      qconvert ./model --to q4_k_m,iq4_nl,gptq,awq -o out/  [dim]# all four from one command[/dim]
     """
-    if to.strip().lower() in ("gptq", "awq"):
-        from qconvert.layerwise import GPTQOptions
+    from qconvert.checkpoint import CheckpointOptions
+    from qconvert.pipeline import CalibrationOptions, Job, convert
+    from qconvert.quant.recipes import Overrides, parse_tensor_types, parse_type
 
-        method = to.strip().lower()
-        opts = GPTQOptions(method, bits, group_size, act_order, sym and method == "gptq", damp,
-                           parse_size(max_shard_size))
-        return _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, opts,
-                           calib, calib_samples, calib_seq_len, seed)
-    from qconvert.pipeline import CalibrationOptions, convert
-    from qconvert.quant.recipes import Overrides, parse_targets, parse_tensor_types, parse_type
-
-    recipes = parse_targets(to)
+    chosen = targets.parse(to)
+    targets.check_options(chosen, _given(ctx))
     if no_calib and imatrix is not None:
         raise UsageError("--no-calib and --imatrix contradict each other: choose one")
-    calibration = None if no_calib else CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib)
     overrides = Overrides(
         tensor_types=parse_tensor_types(tensor_type or []),
         output=parse_type("--output-tensor-type", output_tensor_type) if output_tensor_type else None,
         token_embedding=parse_type("--token-embedding-type", token_embedding_type) if token_embedding_type else None,
         pure=pure)
-    n_threads = threads or _cores()
+    job = Job(model, chosen, output, revision, force, threads or _cores(), dry_run, overrides, imatrix, no_calib,
+              CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
+              CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size)))
+    if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
+        _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
+                          "it, vLLM refuses asymmetric GPTQ", "yellow")
     bars: list[Progress] = []
     show = not (quiet or json_ or dry_run or not err.is_terminal)
-    progress = (lambda plan: _progress(plan, bars)) if show else None
-    if calibration is not None and show:
-        calibration.progress = _layer_progress(bars, "calibrating")
     try:
-        report = convert(model, recipes, output, revision, force, n_threads, dry_run, progress, overrides, imatrix,
-                         calibration)
+        report = convert(job, _bars(bars) if show else None)
     finally:
         for bar in bars:  # also on errors: give the terminal its cursor back
             bar.stop()
@@ -169,58 +166,16 @@ def convert_cmd(model: Model, to: To = "q8_0", output: Output = None, revision: 
         _print_done(report)
 
 
-def _checkpoint(model, output, revision, force, threads, dry_run, json_, quiet, opts, calib, calib_samples,
-                calib_seq_len, seed) -> None:
-    from qconvert.calibrate import text
-    from qconvert.layerwise import plan_layerwise, run_layerwise
-
-    plan = plan_layerwise(model, output, revision, force, opts)
-    if dry_run:
-        plan.ckpt.close()
-        if json_:
-            print(json.dumps({"source": model, "path": str(plan.path), "bytes": plan.total_bytes,
-                              "linears": len(plan.linears),
-                              "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)}
-                                          for e in plan.entries]}, indent=2))
-        else:
-            t = Table(title=f"plan: {escape(model)} -> {escape(str(plan.path))} ({opts.method.upper()} {opts.bits}-bit, group "
-                            f"{opts.group_size})", box=None)
-            for col in ("tensor", "dtype", "shape"):
-                t.add_column(col)
-            for e in plan.entries:
-                t.add_row(escape(e.name), e.dtype, str(list(e.shape)))
-            out.print(t)
-            out.print(f"{len(plan.linears)} linear layers quantized, {plan.total_bytes / 1e6:.1f} MB of tensors")
-        return
-    if warn := (None if opts.sym or opts.method == "awq" else "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and "
-                "transformers load it, vLLM refuses asymmetric GPTQ"):
-        if not quiet:
-            err.print(f"[yellow]warning:[/yellow] {warn}")
-    try:
-        samples = text.samples(plan.ckpt.path, calib, calib_samples, calib_seq_len, seed, plan.bos,
-                               plan.family.max_positions())
-    except BaseException:
-        plan.ckpt.close()
-        raise
-    bars: list[Progress] = []
-    show = not (quiet or json_ or not err.is_terminal)
-    try:
-        report = run_layerwise(plan, samples.tokens, samples.dataset, threads or _cores(),
-                          _layer_progress(bars, "quantizing layers") if show else None)
-    finally:
-        for bar in bars:
-            bar.stop()
-    if json_:
-        print(json.dumps(report.as_dict(), indent=2))
-    elif not quiet:
-        line = (f"[green]wrote[/green] {escape(report.path)}  {report.bytes / 1e6:.1f} MB, {report.method.upper()} "
-                f"{report.bits}-bit group {report.group_size}, {report.n_linears} linears")
-        if report.method == "gptq":
-            g = sum(x["gptq_error"] for x in report.layers)
-            r = sum(x["rtn_error"] for x in report.layers)
-            line += f"; output error {g / r:.3f}x round-to-nearest's"
-        out.print(line)
-        out.print(f"{report.seconds:.1f}s, peak memory {report.peak_rss_bytes / 1e9:.2f} GB")
+def _given(ctx: typer.Context) -> dict[str, str]:
+    """The options typed on the command line: parameter name -> the flag as typed."""
+    out = {}
+    for p in ctx.command.params:  # typer carries its own click: its classes, compared by name
+        source = ctx.get_parameter_source(p.name)
+        if p.param_type_name == "option" and source is not None and source.name == "COMMANDLINE":
+            value = ctx.params.get(p.name)
+            secondary = p.secondary_opts[0] if p.secondary_opts and value is False else None
+            out[p.name] = secondary or max(p.opts, key=len)
+    return out
 
 
 @app.command("inspect")
@@ -299,41 +254,21 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
 
       qconvert imatrix ./model --calib wiki.txt --calib-samples 64
     """
-    import time
+    from qconvert.pipeline import CalibrationOptions, make_imatrix
 
-    from qconvert.calibrate import imatrix as im
-    from qconvert.calibrate import text
-    from qconvert.plan import make_plan, model_label
-    from qconvert.pipeline import peak_rss_bytes
-    from qconvert.writers.atomic import check_replaceable_file
-
-    start = time.perf_counter()
-    plan = make_plan(model, [], None, revision, force, dry_run=True)
+    bars: list[Progress] = []
+    show = not (quiet or json_ or not err.is_terminal)
     try:
-        path = output or Path.cwd() / f"{model_label(plan.ckpt)}.imatrix.gguf"
-        check_replaceable_file(path, force)
-        samples = text.samples(plan.ckpt.path, calib, calib_samples, calib_seq_len, seed, plan.bos_for_calibration(),
-                               plan.family.max_positions())
-        bars: list[Progress] = []
-        show = not (quiet or json_ or not err.is_terminal)
-        try:
-            on_layer = _layer_progress(bars, "calibrating") if show else None
-            _, rec = im.collect(plan.family, samples, threads or _cores(), on_layer, int8=not exact_calib)
-        finally:
-            for bar in bars:
-                bar.stop()
-        size, sha = im.write_imatrix(path, rec, [samples.dataset], *samples.tokens.shape, force=force)
+        report = make_imatrix(model, output, CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
+                              threads or _cores(), force, revision, _bars(bars) if show else None)
     finally:
-        plan.ckpt.close()
-    report = {"path": str(path), "bytes": size, "sha256": sha, "entries": len(rec.sums), "dataset": samples.dataset,
-              "samples": int(samples.tokens.shape[0]), "seq_len": int(samples.tokens.shape[1]),
-              "products": "float32" if exact_calib else "int8", "seconds": round(time.perf_counter() - start, 3),
-              "peak_rss_bytes": peak_rss_bytes()}
+        for bar in bars:
+            bar.stop()
     if json_:
         print(json.dumps(report, indent=2))
     elif not quiet:
-        out.print(f"[green]wrote[/green] {escape(str(path))}  {len(rec.sums)} entries from {report['samples']} x {report['seq_len']} "
-                  f"tokens in {report['seconds']:.1f}s")
+        out.print(f"[green]wrote[/green] {escape(report['path'])}  {report['entries']} entries from {report['samples']} "
+                  f"x {report['seq_len']} tokens in {report['seconds']:.1f}s")
 
 
 @app.command("eval")
@@ -364,15 +299,9 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF mo
 
     bars: list[Progress] = []
     show = not (quiet or json_ or not err.is_terminal)
-    updates: dict = {}
-
-    def progress(what: str, done: int, total: int) -> None:
-        if what not in updates:
-            updates[what] = _layer_progress(bars, what)
-        updates[what](done, total)
     try:
         r = evaluate(model, text, base, tokenizer, ctx, chunks, threads or _cores(), revision,
-                     progress if show else None)
+                     _bars(bars) if show else None)
     finally:
         for bar in bars:
             bar.stop()
@@ -391,52 +320,71 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF mo
     out.print(f"{r.seconds:.1f}s, peak memory {r.peak_rss_bytes / 1e9:.2f} GB")
 
 
-def _layer_progress(bars: list[Progress], what: str):
-    state: dict = {}
+def _bars(bars: list[Progress]):
+    """A progress callback (what, done, total): one bar per stage, on stderr, gone when done."""
+    state: dict[str, tuple] = {}
 
-    def update(done: int, total: int) -> None:
-        if "bar" not in state:
+    def update(what: str, done: int, total: int) -> None:
+        if what not in state:
             bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
                            TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True)
             bars.append(bar)
             bar.start()
-            state["bar"], state["task"] = bar, bar.add_task(what, total=total)
-        state["bar"].update(state["task"], completed=done)
+            state[what] = (bar, bar.add_task(escape(what), total=total))
+        bar, task = state[what]
+        bar.update(task, completed=done)
         if done >= total:
-            state["bar"].stop()
-    return update
-
-
-def _progress(plan, bars: list[Progress]):
-    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[tensor]}"),
-                   console=err, transient=True)
-    bars.append(bar)
-    bar.start()
-    task = bar.add_task(f"{len(plan.outputs)} file(s)", total=plan.n_params, tensor="")
-
-    def update(done: int, name: str) -> None:
-        bar.update(task, completed=done, tensor=name)
+            bar.stop()
     return update
 
 
 def _print_plan(r) -> None:
-    t = Table(title=f"plan: {escape(r.source)} ({escape(r.architecture)}, {r.n_params / 1e6:.1f}M params)", box=None)
-    t.add_column("tensor")
-    t.add_column("shape")
+    if r.tensors:
+        ggufs = [o for o in r.outputs if o["kind"] == "gguf"]
+        t = Table(title=f"plan: {escape(r.source)} ({escape(r.architecture)}, {r.n_params / 1e6:.1f}M params)",
+                  box=None)
+        t.add_column("tensor")
+        t.add_column("shape")
+        for o in ggufs:
+            t.add_column(o["target"])
+        for x in r.tensors:
+            t.add_row(escape(x["name"]), str(x["shape"]),
+                      *[f"{ty} {b / 1e6:.2f}MB" for ty, b in zip(x["types"], x["bytes"])])
+        out.print(t)
     for o in r.outputs:
-        t.add_column(o["target"])
-    for x in r.tensors:
-        t.add_row(escape(x["name"]), str(x["shape"]), *[f"{ty} {b / 1e6:.2f}MB" for ty, b in zip(x["types"], x["bytes"])])
-    out.print(t)
+        if o["kind"] == "checkpoint":
+            t = Table(title=f"{escape(o['path'])} ({o['method'].upper()} {o['bits']}-bit, group {o['group_size']})",
+                      box=None)
+            for col in ("tensor", "dtype", "shape"):
+                t.add_column(col)
+            for e in o["tensors"]:
+                t.add_row(escape(e["name"]), e["dtype"], str(e["shape"]))
+            out.print(t)
     for o in r.outputs:
-        out.print(f"{escape(o['path'])}: {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bits per weight")
+        if o["kind"] == "gguf":
+            out.print(f"{escape(o['path'])}: {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bits per weight")
+        else:
+            out.print(f"{escape(o['path'])}: {o['n_linears']} linear layers quantized, {o['bytes'] / 1e6:.1f} MB of "
+                      "tensors")
 
 
 def _print_done(r) -> None:
     for o in r.outputs:
-        out.print(f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bpw, "
-                  f"sha256 {o['sha256'][:16]}…")
+        if o["kind"] == "gguf":
+            out.print(f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} "
+                      f"bpw, sha256 {o['sha256'][:16]}…")
+            continue
+        line = (f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['method'].upper()} "
+                f"{o['bits']}-bit group {o['group_size']}, {o['n_linears']} linears")
+        if o["method"] == "gptq":
+            g = sum(x["gptq_error"] for x in o["layers"])
+            rtn = sum(x["rtn_error"] for x in o["layers"])
+            line += f"; output error {g / rtn:.3f}x round-to-nearest's"
+        out.print(line)
+    if r.calibration:
+        c = r.calibration
+        out.print(f"calibrated on {c['samples']} x {c['seq_len']} tokens of {escape(c['dataset'])}: " + ", ".join(
+            f"{p['method']} ({', '.join(p['targets'])}) {p['seconds']:.1f}s" for p in c["passes"]))
     out.print(f"{r.n_params / 1e6:.1f}M params in {r.seconds:.1f}s, peak memory {r.peak_rss_bytes / 1e9:.2f} GB")
 
 
@@ -496,9 +444,9 @@ def one_line(text: str) -> str:
     return " ".join(_ANSI.sub("", text).split())
 
 
-def _error(kind: str, message: str) -> None:
+def _error(kind: str, message: str, colour: str = "red") -> None:
     # escaped: a path such as "[v2]model", or "[begin, end]", is text, not rich markup
-    err.print(f"[red]{kind}:[/red] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    err.print(f"[{colour}]{kind}:[/{colour}] {escape(one_line(message))}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

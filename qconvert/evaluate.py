@@ -17,64 +17,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from qconvert.calibrate.driver import run_layers
+from qconvert.calibrate.text import read_text, tokenize
 from qconvert.errors import InputError, UsageError
+from qconvert.model import Model, open_model
+from qconvert.read.checkpoint import resolve
+from qconvert.report import peak_rss_bytes
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 ROWS = 64  # scored positions whose vocabulary-wide log-probabilities are held at once
-
-
-@dataclass
-class Model:
-    """A model to run: a GGUF file or an HF checkpoint, with what scoring needs of it."""
-
-    source: str
-    family: object
-    forward: Callable[[], object]
-    bos_id: int | None
-    n_vocab: int
-    tokenizer_dir: Path | None  # where tokenizer.json / tokenizer.model are, if anywhere
-    close: Callable[[], None]
-    bos_known: bool = True  # False: a checkpoint saved without its tokenizer (AutoAWQ's, for one)
-
-
-def is_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
-def open_model(source: str, revision: str | None = None) -> Model:
-    p = Path(source).expanduser()
-    if p.is_file():
-        if not is_gguf(p):
-            raise InputError(f"{p}: not a GGUF file (give a .gguf file, or a model directory or hub id)")
-        from qconvert.read.gguf_model import open_gguf
-
-        g = open_gguf(p)
-        return Model(str(p), g.family, g.forward, g.bos_id, g.n_vocab, None, lambda: None)
-    from qconvert.arch import family_for
-    from qconvert.plan import make_plan, vocab_bos
-    from qconvert.read.checkpoint import open_checkpoint
-    from qconvert.read.quantized import QuantizedWeights, quant_method
-
-    ckpt = open_checkpoint(source, revision)
-    if quant_method(ckpt.config) is not None:  # a GPTQ checkpoint: decoded as it runs
-        try:
-            fam = family_for(ckpt)
-            weights = QuantizedWeights(ckpt, fam)
-            has_tok = any((ckpt.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-            return Model(source, fam, lambda: fam.forward(weights), vocab_bos(fam) if has_tok else None,
-                         fam.cfg.need(int, "vocab_size"), ckpt.path if has_tok else None, ckpt.close, has_tok)
-        except BaseException:
-            ckpt.close()
-            raise
-    ckpt.close()
-    plan = make_plan(source, [], None, revision, dry_run=True)
-    fam = plan.family
-    return Model(source, fam, fam.forward, plan.bos_for_calibration(), fam.cfg.need(int, "vocab_size"),
-                 plan.ckpt.path, plan.ckpt.close)
 
 
 @dataclass
@@ -117,20 +68,15 @@ def chunk_tokens(ids: list[int], ctx: int, chunks: int | None, bos_id: int | Non
 
 def _final_hidden(model: Model, tokens: torch.Tensor, progress: Progress | None, what: str) -> tuple[object, torch.Tensor]:
     """The last layer's output at the scoring positions [n, ctx/2 - 1, D], and the forward (for its head)."""
-    from qconvert.arch.forward import hidden_states
-
     fw = model.forward()
     half = tokens.shape[1] // 2
-    h = hidden_states(fw, tokens, progress=(lambda d, t: progress(what, d, t)) if progress else None)
+    h = run_layers(fw, tokens, progress=(lambda d, t: progress(what, d, t)) if progress else None)
     return fw, h[:, half:-1].contiguous()
 
 
 def evaluate(source: str, text_path: Path, base: str | None = None, tokenizer: str | None = None, ctx: int = 512,
              chunks: int | None = None, threads: int = 1, revision: str | None = None,
              progress: Progress | None = None) -> EvalReport:
-    from qconvert.calibrate.text import read_text, tokenize
-    from qconvert.pipeline import peak_rss_bytes
-    from qconvert.read.checkpoint import resolve
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, threads))
@@ -147,13 +93,13 @@ def evaluate(source: str, text_path: Path, base: str | None = None, tokenizer: s
                              "tokenize the text with the model's own tokenizer")
         if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer.model").is_file():
             raise InputError(f"{tok_dir}: no tokenizer (tokenizer.json or tokenizer.model)")
-        bos_id = model.bos_id
+        bos_id = model.bos
         if not model.bos_known:  # whether the tokenizer adds a BOS: ask the model it came with
             if ref is not None:
-                bos_id = ref.bos_id
+                bos_id = ref.bos
             elif (tok_dir / "config.json").is_file():
                 tok_model = open_model(str(tok_dir))
-                bos_id = tok_model.bos_id
+                bos_id = tok_model.bos
                 tok_model.close()
             else:
                 raise UsageError(f"{source}: the checkpoint has no tokenizer; give --base MODEL, or --tokenizer "

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import numpy as np
 
+from qconvert.layouts import layout_of
+from qconvert.read.checkpoint import open_checkpoint
+from qconvert.read.gguf_model import read_gguf
+from qconvert.read.quantized import linear_shape
+from qconvert.read.safetensors import DTYPES
+
 _LONG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.scores", "tokenizer.ggml.merges")
 
 
 def inspect_gguf(path: Path) -> dict:
     from gguf import GGUFValueType
 
-    from qconvert.read.gguf_model import read_gguf
 
     r = read_gguf(path)
     meta: dict[str, object] = {}
@@ -44,30 +49,30 @@ def inspect_gguf(path: Path) -> dict:
 
 
 _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
-_PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def inspect_checkpoint(source: str) -> dict:
     """A safetensors checkpoint directory (or hub id): its quantization config, every quantized
     linear's method, bits and group size by decoder layer, size on disk and bits per weight."""
-    from qconvert.read.checkpoint import open_checkpoint
-    from qconvert.read.quantized import linear_layout, quant_method
 
     ckpt = open_checkpoint(source)
     try:
-        method = quant_method(ckpt.config)
-        qcfg = ckpt.config.data.get("quantization_config") if method else None
+        found = layout_of(ckpt.config)
+        method = found[0].method if found else None
+        qcfg = ckpt.config.data.get("quantization_config") if found else None
         tensors = ckpt.tensors
-        quantized = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")})
-        parts_of = {f"{p}.{k}" for p in quantized for k in _PARTS}
+        quantized = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")}) if found else []
+        parts_of = set()
         linears = []
         for prefix in quantized:
-            parts = {k: tensors[f"{prefix}.{k}"] for k in _PARTS if f"{prefix}.{k}" in tensors}
-            n_out, n_in, bits, group = linear_layout(ckpt.config, prefix, parts)
+            layout, params = found
+            parts = {k: tensors[f"{prefix}.{k}"] for k in layout.parts if f"{prefix}.{k}" in tensors}
+            parts_of |= {f"{prefix}.{k}" for k in parts}
+            n_out, n_in, group = linear_shape(layout, params, prefix, parts, ckpt.config.path)
             nbytes = sum(t_bytes(t) for t in parts.values())
             m = _LAYER.search(prefix)
             linears.append({"name": prefix, "layer": int(m.group(1)) if m else None, "method": method,
-                            "bits": bits, "group_size": group, "shape": [n_out, n_in], "bytes": nbytes,
+                            "bits": params.bits, "group_size": group, "shape": [n_out, n_in], "bytes": nbytes,
                             "bits_per_weight": round(nbytes * 8 / (n_out * n_in), 4)})
         others = [{"name": n, "dtype": t.dtype, "shape": list(t.shape), "bytes": t_bytes(t)}
                   for n, t in tensors.items() if n not in parts_of]
@@ -94,6 +99,5 @@ def inspect_checkpoint(source: str) -> dict:
 
 
 def t_bytes(t) -> int:
-    from qconvert.read.safetensors import DTYPES
 
     return int(np.prod(t.shape, dtype=np.int64)) * DTYPES[t.dtype].itemsize

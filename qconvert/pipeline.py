@@ -1,33 +1,41 @@
-"""read -> plan -> (calibrate) -> quantize -> write. The whole job, one tensor at a time.
+"""The whole job, for any mix of targets:
 
-Each checkpoint tensor is read once (memory-mapped, in row chunks when no transform needs the
-whole tensor), checked for NaN/Inf, converted to every requested output's type and appended to
-every output file; its pages are then dropped, so memory holds about one chunk, not the model.
+    open the model -> plan every output (metadata only: all problems found here)
+      -> calibration passes (the layer loop, each method an observer) -> stream the GGUF files
+      -> every output into place -> report
+
+GGUF files share one read of each tensor (memory-mapped, in row chunks) and one importance
+matrix; each checkpoint method runs its own pass over the calibration samples, because their
+maths differ (the importance matrix's forward uses int8 products, GPTQ's feeds the quantized
+layer's output forward, AWQ's the float one). Outputs appear only when every one is complete;
+a failure or an interruption leaves none behind.
 """
 from __future__ import annotations
 
-import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import numpy as np
+import torch
 
-from qconvert import __version__
-from qconvert.arch.base import PlannedTensor
-from qconvert.errors import InputError, Interrupted
-from qconvert.plan import Plan, make_plan
-from qconvert.writers.atomic import remove_dirs
-from qconvert.quant import blocks
-from qconvert.quant.recipes import Overrides, Recipe
 from qconvert.calibrate import imatrix as imatrix_mod
 from qconvert.calibrate import text
+from qconvert.calibrate.awq import AWQObserver
+from qconvert.calibrate.driver import run_layers
+from qconvert.calibrate.gptq import GPTQObserver
+from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, plan_checkpoint
+from qconvert.errors import Interrupted
+from qconvert.model import Model, open_model
+from qconvert.plan import Plan, make_plan, model_label
+from qconvert.quant.recipes import Overrides
 from qconvert.read.imatrix import load_imatrix
+from qconvert.report import Report, describe, peak_rss_bytes
+from qconvert.stream import write_gguf
+from qconvert.targets import Target, output_paths
+from qconvert.writers.atomic import check_replaceable_file, remove_dirs, remove_stale
 
-CHUNK_ELEMENTS = 1 << 22  # rows are streamed in chunks of about 16 MB of float32
-
-Progress = Callable[[int, str], None]  # (elements done so far, current tensor name)
+Progress = Callable[[str, int, int], None]  # (what, done, total)
 
 
 @dataclass
@@ -36,164 +44,150 @@ class CalibrationOptions:
     samples: int = 32
     seq_len: int = 512
     seed: int = 0
-    exact: bool = False  # float32 matrix products in the calibration forward instead of int8
-    progress: Callable[[int, int], None] | None = None  # (layers done, layers)
+    exact: bool = False  # float32 matrix products in the importance matrix's forward instead of int8
 
 
 @dataclass
-class Report:
+class Job:
     source: str
-    model_dir: str
-    architecture: str
-    revision: str | None
-    inputs: list[dict]
-    outputs: list[dict] = field(default_factory=list)
-    n_params: int = 0
-    seconds: float = 0.0
-    peak_rss_bytes: int = 0
+    targets: list[Target]
+    output: Path | None = None
+    revision: str | None = None
+    force: bool = False
     threads: int = 1
-    backend: str = blocks.BACKEND
     dry_run: bool = False
-    tensors: list[dict] = field(default_factory=list)
-    calibration: dict | None = None
-
-    def as_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d["qconvert_version"] = __version__
-        return d
+    overrides: Overrides | None = None  # llama-quantize's per-tensor options, for the GGUF mixtures
+    imatrix: Path | None = None  # an importance matrix file for the mixtures
+    no_calib: bool = False  # the mixtures round to nearest, as llama-quantize without --imatrix
+    calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)  # method set per target
 
 
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def convert(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
-            force: bool = False, threads: int = 1, dry_run: bool = False,
-            progress: Callable[[Plan], Progress] | None = None, overrides: Overrides | None = None,
-            imatrix: Path | None = None, calibration: CalibrationOptions | None = None) -> Report:
-    """`imatrix`: a llama.cpp importance matrix file for the mixtures; `calibration`: compute one
-    (one layer-streamed pass over calibration text) when a mixture has none; neither: plain RTN."""
+def convert(job: Job, progress: Progress | None = None) -> Report:
+    """The whole job, for any mix of targets; outputs appear together, when all are complete."""
     start = time.perf_counter()
-    im = load_imatrix(imatrix) if imatrix is not None else None
-    plan = make_plan(source, recipes, output, revision, force, dry_run, overrides, im,
-                     calibrate=im is None and calibration is not None)
+    im = load_imatrix(job.imatrix) if job.imatrix is not None else None
+    model = open_model(job.source, job.revision)
+    plan: Plan | None = None
+    written: list = []
     try:
-        report = describe(plan, threads, dry_run)
-        if not dry_run and plan.needs_calibration:
-            assert calibration is not None
-            calib = text.samples(plan.ckpt.path, calibration.text, calibration.samples, calibration.seq_len,
-                                 calibration.seed, plan.bos_for_calibration(), plan.family.max_positions())
-            made, _ = imatrix_mod.collect(plan.family, calib, threads, calibration.progress,
-                                          path=Path("qconvert:calibration"), int8=not calibration.exact)
-            plan.use_imatrix(made)
-            report.calibration = {"dataset": calib.dataset, "samples": int(calib.tokens.shape[0]),
-                                  "seq_len": int(calib.tokens.shape[1]), "entries": len(made.entries),
-                                  "products": "float32" if calibration.exact else "int8"}
-        if not dry_run:
-            write(plan, threads, progress(plan) if progress else None)
-            for o, entry in zip(plan.outputs, report.outputs):
-                entry["bytes"], entry["sha256"] = o.writer.result  # type: ignore[attr-defined]
-    except BaseException:
-        remove_dirs(plan.created_dirs)
+        # plan: metadata only, every problem found before any compute
+        paths = output_paths(model_label(model.ckpt), job.targets, job.output)
+        ggufs = [(t.recipe, p) for t, p in zip(job.targets, paths) if t.kind == "gguf"]
+        if ggufs:
+            plan = make_plan(model, [r for r, _ in ggufs], [p for _, p in ggufs], job.force, job.dry_run,
+                             job.overrides, im, calibrate=im is None and not job.no_calib)
+        checkpoints = [plan_checkpoint(model, p, job.force, replace(job.checkpoint, method=t.name))
+                       for t, p in zip(job.targets, paths) if t.kind == "checkpoint"]
+        report = describe(model, plan, checkpoints, job.targets, job.threads, job.dry_run)
+        if job.dry_run:
+            return report
+        # calibrate and write: one importance matrix for the GGUF mixtures, one pass per method
+        torch.set_num_threads(max(1, job.threads))
+        samples = None
+        if checkpoints or (plan is not None and plan.needs_calibration):
+            c = job.calibration
+            samples = text.samples(model.ckpt.path, c.text, c.samples, c.seq_len, c.seed, model.bos,
+                                   model.family.max_positions())
+        passes = []
+        if plan is not None:
+            if plan.needs_calibration:
+                passes.append(imatrix_pass(model, plan, samples, job.calibration.exact, job.threads, progress))
+            written += write_gguf(plan, job.threads, progress)
+        for cp in checkpoints:
+            writer, done = checkpoint_pass(model, cp, samples, progress)
+            written.append(writer)
+            passes.append(done)
+        for w in written:  # every output into place, together
+            w.commit()
+    except BaseException as e:
+        for w in written:
+            w.abort()
+        if plan is not None:
+            remove_dirs(plan.created_dirs)
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted("interrupted; no output was left behind") from None
         raise
     finally:
-        plan.ckpt.close()
+        model.close()
+    results = {str(w.path): w for w in written}
+    for entry in report.outputs:
+        w = results[entry["path"]]
+        entry["bytes"], entry["sha256"] = w.result
+        entry.update(getattr(w, "report", {}))
+    if samples is not None:
+        report.calibration = {"dataset": samples.dataset, "samples": int(samples.tokens.shape[0]),
+                              "seq_len": int(samples.tokens.shape[1]), "passes": passes}
     report.seconds = round(time.perf_counter() - start, 3)
     report.peak_rss_bytes = peak_rss_bytes()
     return report
 
 
-def describe(plan: Plan, threads: int, dry_run: bool) -> Report:
-    ckpt = plan.ckpt
-    r = Report(source=ckpt.source, model_dir=str(ckpt.path), architecture=ckpt.config.architecture(),
-               revision=ckpt.revision, inputs=[{"path": str(p), "bytes": p.stat().st_size} for p in ckpt.weight_files],
-               n_params=plan.n_params, threads=threads, dry_run=dry_run)
-    for o in plan.outputs:
-        r.outputs.append({"path": str(o.path), "target": o.recipe.name, "bytes": o.writer.file_size,
-                          "tensor_bytes": o.tensor_bytes, "tensors": len(o.types),
-                          "bits_per_weight": round(o.tensor_bytes * 8 / max(plan.n_params, 1), 4),
-                          "sha256": None})
-    for i, t in enumerate(plan.tensors):
-        r.tensors.append({"name": t.name, "source": t.hf_name, "shape": list(t.shape[::-1]),
-                          "types": [o.types[i].name for o in plan.outputs],
-                          "bytes": [o.writer.tensors[i].nbytes for o in plan.outputs]})
-    return r
+def imatrix_pass(model: Model, plan: Plan, samples: text.Calibration, exact: bool, threads: int,
+                 progress: Progress | None) -> dict:
+    """The float model (int8 products unless `exact`) with the importance matrix's collector;
+    the GGUF mixtures get its weights."""
+    t = time.perf_counter()
+    made, _ = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
+                                  path=Path("qconvert:calibration"), int8=not exact)
+    plan.use_imatrix(made)
+    return {"method": "imatrix", "targets": [o.recipe.name for o in plan.outputs if o.weights is not None and
+                                             o.recipe.quantizes_like_llama_quantize],
+            "forward": "float32" if exact else "int8", "feeds": "float outputs", "entries": len(made.entries),
+            "seconds": round(time.perf_counter() - t, 3)}
 
 
-def write(plan: Plan, threads: int, progress: Progress | None) -> None:
-    writers = [o.writer for o in plan.outputs]
-    done = 0
+OBSERVERS = {"gptq": GPTQObserver, "awq": AWQObserver}  # a checkpoint method's observer of the layer loop
+
+
+def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
+                    progress: Progress | None) -> tuple[CheckpointWriter, dict]:
+    """The layer loop with the method's observer, writing the checkpoint as each layer is
+    quantized; the directory is complete, not yet in place."""
+    t = time.perf_counter()
+    method = cp.opts.method
+    writer = CheckpointWriter(cp)
     try:
-        for w in writers:
-            w.open()
-        for i, t in enumerate(plan.tensors):
-            for w in writers:
-                w.begin_tensor(t.name)
-            for chunk in float_chunks(t, threads):
-                amax = max(float(chunk.max()), -float(chunk.min())) if chunk.size else 0.0
-                for o in plan.outputs:
-                    if amax >= o.types[i].overflow:
-                        raise InputError(f"tensor {t.hf_name!r} holds {amax:.4g}, beyond what {o.types[i].name} can "
-                                         f"store for --to {o.recipe.name}; use --to bf16 or f32")
-                    o.writer.write(o.types[i].quantize(chunk, threads, o.weights[i]))
-                done += chunk.size
-                if progress:
-                    progress(done, t.name)
-            for w in writers:
-                w.end_tensor()
-        for w in writers:
-            w.result = w.finish()  # type: ignore[attr-defined]
-    except KeyboardInterrupt:
-        for w in writers:
-            w.abort()
-        raise Interrupted("interrupted; no output was left behind") from None
+        observer = OBSERVERS[method](writer)
+        writer.flush(-1)  # embeddings and whatever precedes the decoder layers
+        run_layers(model.forward(), torch.from_numpy(samples.tokens), (observer,),
+                   _labelled(progress, f"{method.upper()}: quantizing layers"))
+        calib = {"dataset": samples.dataset, "samples": int(samples.tokens.shape[0]),
+                 "seq_len": int(samples.tokens.shape[1])}
+        writer.finish(calib)
     except BaseException:
-        for w in writers:
-            w.abort()
+        writer.abort()
         raise
+    writer.report = {"layers": observer.report(), "calibration": calib}
+    return writer, {"method": method, "targets": [method], "forward": "float32",
+                    "feeds": "quantized outputs" if method == "gptq" else "float outputs",
+                    "seconds": round(time.perf_counter() - t, 3)}
 
 
-def float_chunks(t: PlannedTensor, threads: int) -> Iterator[np.ndarray]:
-    """The tensor's final float32 data as 2-D row chunks, checked for NaN/Inf."""
-    if t.source is None:
-        assert t.make is not None
-        yield _checked(t, np.ascontiguousarray(t.make(), dtype=np.float32).reshape(_rows2d(t.shape)), 0)
-        return
-    src = t.source
-    raw = src.array()
-    if t.rows is not None:
-        raw = raw[: t.rows]
-    if t.transform is not None:
-        data = t.transform(blocks.to_float32(src.dtype, raw, threads), src.dtype)
-        data = np.ascontiguousarray(data, dtype=np.float32).reshape(_rows2d(t.shape))
-        src.release()
-        for r0, r1 in _row_ranges(data):
-            yield _checked(t, data[r0:r1], r0)
-        return
-    rows = raw.reshape(_rows2d(t.shape))
-    for r0, r1 in _row_ranges(rows):
-        yield _checked(t, blocks.to_float32(src.dtype, rows[r0:r1], threads), r0)
-        src.release()
+def _labelled(progress: Progress | None, what: str) -> Callable[[int, int], None] | None:
+    return (lambda done, total: progress(what, done, total)) if progress else None
 
 
-def _rows2d(shape: tuple[int, ...]) -> tuple[int, int]:
-    n = shape[-1] if shape else 1
-    return (int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1, n)
-
-
-def _row_ranges(a: np.ndarray) -> Iterator[tuple[int, int]]:
-    step = max(1, CHUNK_ELEMENTS // max(a.shape[1], 1))
-    for r0 in range(0, a.shape[0], step):
-        yield r0, min(r0 + step, a.shape[0])
-
-
-def _checked(t: PlannedTensor, chunk: np.ndarray, row0: int) -> np.ndarray:
-    at = blocks.first_nonfinite(chunk)
-    if at >= 0:
-        row, col = divmod(at, chunk.shape[1])
-        value = chunk.reshape(-1)[at]
-        where = getattr(getattr(t.source, "file", None), "path", None)
-        prefix = f"{where}: " if where else ""
-        raise InputError(f"{prefix}tensor {t.hf_name!r} has {value} at row {row0 + row}, column {col}; "
-                         "refusing to write a broken model")
-    return chunk
+def make_imatrix(source: str, output: Path | None, calibration: CalibrationOptions, threads: int, force: bool,
+                 revision: str | None = None, progress: Progress | None = None) -> dict:
+    """`qconvert imatrix`: one calibration pass, written in llama.cpp's GGUF imatrix format."""
+    start = time.perf_counter()
+    model = open_model(source, revision)
+    try:
+        model.family.check_tokenizer()
+        path = output or Path.cwd() / f"{model_label(model.ckpt)}.imatrix.gguf"
+        check_replaceable_file(path, force)
+        remove_stale(path)
+        samples = text.samples(model.ckpt.path, calibration.text, calibration.samples, calibration.seq_len,
+                               calibration.seed, model.bos, model.family.max_positions())
+        _, rec = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
+                                     int8=not calibration.exact)
+        size, sha = imatrix_mod.write_imatrix(path, rec, [samples.dataset], *samples.tokens.shape, force=force)
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted; no output was left behind") from None
+    finally:
+        model.close()
+    return {"path": str(path), "bytes": size, "sha256": sha, "entries": len(rec.sums), "dataset": samples.dataset,
+            "samples": int(samples.tokens.shape[0]), "seq_len": int(samples.tokens.shape[1]),
+            "products": "float32" if calibration.exact else "int8", "seconds": round(time.perf_counter() - start, 3),
+            "peak_rss_bytes": peak_rss_bytes()}

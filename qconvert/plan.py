@@ -1,6 +1,7 @@
-"""The plan: a metadata-only pass that decides every output tensor's name, type and size and
-finds every problem (unknown architecture, unmappable tensor, missing tokenizer, existing or
-unwritable output, not enough disk) before any tensor data is read."""
+"""The GGUF plan: a metadata-only pass that decides every GGUF output tensor's name, type and
+size and every key/value of each file, and finds every problem (unmappable tensor, missing
+tokenizer, rows that fit no block, existing or unwritable output, not enough disk) before any
+tensor data is read. The plan is data; the writers are made from it when the files are written."""
 from __future__ import annotations
 
 import logging
@@ -14,12 +15,13 @@ import gguf
 from gguf import GGUFValueType as VT
 from gguf.gguf_writer import GGUFValue
 
-from qconvert.arch import family_for
-from qconvert.arch.base import Family, PlannedTensor
+from qconvert.arch.base import Family
+from qconvert.arch.spec import PlannedTensor
 from qconvert.errors import InputError, OutputError, QConvertError, UsageError
 from qconvert.quant.blocks import BlockType
 from qconvert.quant.recipes import Overrides, Recipe, layer_order_key
-from qconvert.read.checkpoint import Checkpoint, open_checkpoint
+from qconvert.model import Model
+from qconvert.read.checkpoint import Checkpoint
 from qconvert.read.imatrix import Imatrix
 from qconvert.writers.atomic import check_replaceable_file, make_dirs, remove_dirs
 from qconvert.writers.gguf import GGUFWriter, TensorInfo, pack_value
@@ -32,22 +34,37 @@ class OutputPlan:
     recipe: Recipe
     path: Path
     types: list[type[BlockType]]  # one per plan tensor
-    writer: GGUFWriter
+    kv: dict[str, GGUFValue]  # every key/value of the file
+    infos: list[TensorInfo]
     weights: list | None  # per plan tensor: importance weights for its quantizer, or None; None until calibrated
+    force: bool = False
 
     @property
     def tensor_bytes(self) -> int:
-        return sum(t.nbytes for t in self.writer.tensors)
+        return sum(t.nbytes for t in self.infos)
+
+    def writer(self) -> GGUFWriter:
+        return GGUFWriter(self.path, self.kv, self.infos, force=self.force)
+
+    @property
+    def file_size(self) -> int:
+        return self.writer().file_size  # a writer that has not opened its file only packs the header
 
 
 @dataclass
 class Plan:
-    ckpt: Checkpoint
-    family: Family
+    model: Model
     tensors: list[PlannedTensor]
     outputs: list[OutputPlan]
-    kv: dict[str, GGUFValue]  # the converted model's keys, before per-output ones
     created_dirs: list[Path] = field(default_factory=list)  # output directories this run made (removed on failure)
+
+    @property
+    def ckpt(self) -> Checkpoint:
+        return self.model.ckpt
+
+    @property
+    def family(self) -> Family:
+        return self.model.family
 
     @property
     def n_params(self) -> int:
@@ -57,17 +74,13 @@ class Plan:
     def needs_calibration(self) -> bool:
         return any(o.recipe.quantizes_like_llama_quantize and o.weights is None for o in self.outputs)
 
-    def bos_for_calibration(self) -> int | None:
-        """The BOS id when the model adds one (llama-imatrix starts each chunk with it)."""
-        return bos_if_added(self.kv)
-
     def use_imatrix(self, im: Imatrix) -> None:
-        """Give the mixtures their importance weights (made by calibration after planning)."""
+        """Give the mixtures their importance weights (made by calibration after planning) and
+        the keys llama-quantize records for them."""
         for o in self.outputs:
             if o.recipe.quantizes_like_llama_quantize:
                 o.weights = tensor_weights(self.tensors, o.types, im)
-                o.writer.kv.update(imatrix_kv(im))
-                o.writer.invalidate_header()
+                o.kv.update(imatrix_kv(im))
 
 
 def model_label(ckpt: Checkpoint) -> str:
@@ -87,20 +100,6 @@ def output_paths(ckpt: Checkpoint, recipes: list[Recipe], output: Path | None) -
     if len(recipes) > 1:
         raise UsageError(f"-o {output}: several targets need an output directory, not a file name")
     return [output]
-
-
-def bos_if_added(kv: dict[str, GGUFValue]) -> int | None:
-    add = kv.get("tokenizer.ggml.add_bos_token")
-    bos = kv.get("tokenizer.ggml.bos_token_id")
-    return int(bos.value) if add is not None and add.value and bos is not None else None
-
-
-def vocab_bos(family: Family) -> int | None:
-    """The BOS id when the model's tokenizer adds one, as its GGUF vocabulary would say."""
-    logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
-    kv = gguf.GGUFWriter(None, family.arch_name)  # used only to collect key/values
-    write_vocab(family, kv)
-    return bos_if_added(dict(kv.kv_data[0]))
 
 
 def write_vocab(family: Family, kv: gguf.GGUFWriter) -> None:
@@ -148,31 +147,23 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFV
     return out
 
 
-def make_plan(source: str, recipes: list[Recipe], output: Path | None = None, revision: str | None = None,
-              force: bool = False, dry_run: bool = False, overrides: Overrides | None = None,
-              imatrix: Imatrix | None = None, calibrate: bool = False) -> Plan:
-    """`imatrix`: importance weights for the mixtures, or `calibrate`: they will be computed
-    (the tensor types depend only on there being some; use_imatrix() supplies them)."""
-    ckpt = open_checkpoint(source, revision)
-    try:
-        family = family_for(ckpt)
-        family.check_checkpoint()
-        family.check_tokenizer()
-        # one order for every output, llama-quantize's, so that one read feeds them all
-        tensors = sorted(family.plan_tensors(), key=lambda t: layer_order_key(t.name))
-        kv = metadata_kv(family, tensors)
-        paths = output_paths(ckpt, recipes, output)
-        outputs = [output_plan(recipe, path, tensors, family, kv, force, overrides, imatrix, calibrate)
-                   for recipe, path in zip(recipes, paths)]
-    except BaseException:
-        ckpt.close()
-        raise
-    plan = Plan(ckpt, family, tensors, outputs, kv)
+def make_plan(model: Model, recipes: list[Recipe], paths: list[Path], force: bool = False, dry_run: bool = False,
+              overrides: Overrides | None = None, imatrix: Imatrix | None = None, calibrate: bool = False) -> Plan:
+    """The GGUF files `recipes` name, at `paths`. `imatrix`: importance weights for the mixtures,
+    or `calibrate`: they will be computed (the tensor types depend only on there being some;
+    use_imatrix() supplies them)."""
+    family = model.family
+    family.check_tokenizer()
+    # one order for every output, llama-quantize's, so that one read feeds them all
+    tensors = sorted(family.plan_tensors(), key=lambda t: layer_order_key(t.name))
+    kv = metadata_kv(family, tensors)
+    outputs = [output_plan(recipe, path, tensors, family, kv, force, overrides, imatrix, calibrate)
+               for recipe, path in zip(recipes, paths)]
+    plan = Plan(model, tensors, outputs)
     try:
         check_outputs(plan, force, create=not dry_run)
     except BaseException:
         remove_dirs(plan.created_dirs)
-        ckpt.close()
         raise
     return plan
 
@@ -202,7 +193,7 @@ def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family
     out_kv["general.file_type"] = GGUFValue(int(recipe.file_type), VT.UINT32)
     if im is not None:
         out_kv.update(imatrix_kv(im))
-    return OutputPlan(recipe, path, types, GGUFWriter(path, out_kv, infos, force=force), weights)
+    return OutputPlan(recipe, path, types, out_kv, infos, weights, force)
 
 
 def tensor_weights(tensors: list[PlannedTensor], types: list[type[BlockType]], im: Imatrix) -> list:
@@ -231,7 +222,7 @@ def check_outputs(plan: Plan, force: bool, create: bool) -> None:
             plan.created_dirs += make_dirs(d)
         if not os.access(d, os.W_OK | os.X_OK):
             raise OutputError(f"{d}: output directory is not writable")
-        need[d] = need.get(d, 0) + o.writer.file_size
+        need[d] = need.get(d, 0) + o.file_size
     for d, n in need.items():
         free = shutil.disk_usage(d).free
         if n > free:

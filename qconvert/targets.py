@@ -1,14 +1,24 @@
-"""Every `--to` name, one row each: what it writes, and what it needs from calibration.
+"""Every `--to` name, one row each: what it writes, which options apply to it, what it needs
+from calibration, and where its output goes.
 
-`--to`'s help, the top-level help and the README's target table are read from these rows.
-GGUF rows come from the recipes (quant/recipes.py); checkpoint rows are the safetensors
-directories quantized one decoder layer at a time (layerwise.py).
+`--to`'s help, the top-level help, the README's table of targets and the check that every
+option given applies to a chosen target are all read from these rows. GGUF rows come from the
+recipes (quant/recipes.py: the per-tensor types llama.cpp's tools choose); checkpoint rows are
+safetensors directories quantized one decoder layer at a time (checkpoint.py, with their
+layouts in layouts.py).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
-from qconvert.quant.recipes import RECIPES
+from qconvert.errors import UsageError
+from qconvert.quant.recipes import RECIPES, Recipe
+
+CALIBRATION = ("calib", "calib_samples", "calib_seq_len", "seed")  # how calibration text becomes samples
+MIXTURE = ("no_calib", "imatrix", "exact_calib", "tensor_type", "output_tensor_type", "token_embedding_type",
+           "pure", *CALIBRATION)  # llama-quantize's options and the importance matrix's
 
 
 @dataclass(frozen=True)
@@ -18,25 +28,27 @@ class Target:
     summary: str
     calibration: str  # "": none; "default": by default, --no-calib turns it off; "always": the method needs it
     loaders: str  # the programs that run what it writes
+    options: tuple[str, ...] = ()  # the command's options (parameter names) that apply to it
+    recipe: Recipe | None = None  # GGUF: the per-tensor types
+    label: str = ""  # what output names carry: MODEL-Q8_0.gguf, MODEL-GPTQ/
 
 
 GGUF_LOADERS = "llama.cpp and everything built on it"
 
 
-def _gguf_rows() -> list[Target]:
-    rows = []
-    for r in RECIPES.values():
-        calib = "default" if r.quantizes_like_llama_quantize else ""
-        rows.append(Target(r.name, "gguf", r.summary, calib, GGUF_LOADERS))
-    return rows
+def _gguf(r: Recipe) -> Target:
+    mixture = r.quantizes_like_llama_quantize
+    return Target(r.name, "gguf", r.summary, "default" if mixture else "", GGUF_LOADERS,
+                  MIXTURE if mixture else (), r, r.label)
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in sorted([
-    *_gguf_rows(),
-    Target("awq", "checkpoint", "AWQ 4-bit GEMM, zero points, group 128", "always",
-           "transformers, GPTQModel, vLLM"),
-    Target("gptq", "checkpoint", "GPTQ 4-bit (2, 8), group 128, symmetric", "always",
-           "transformers, GPTQModel, vLLM"),
+    *(_gguf(r) for r in RECIPES.values()),
+    Target("awq", "checkpoint", "AWQ 4-bit GEMM, zero points, group 128", "always", "transformers, GPTQModel, vLLM",
+           ("bits", "group_size", "max_shard_size", *CALIBRATION), label="AWQ"),
+    Target("gptq", "checkpoint", "GPTQ 4-bit (2, 8), group 128, symmetric, activation order", "always",
+           "transformers, GPTQModel, vLLM",
+           ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", *CALIBRATION), label="GPTQ"),
 ], key=lambda t: (t.kind != "gguf", t.name))}
 
 
@@ -44,11 +56,55 @@ def names(kind: str | None = None) -> list[str]:
     return [t.name for t in TARGETS.values() if kind is None or t.kind == kind]
 
 
+def parse(spec: str) -> list[Target]:
+    """`--to q8_0,gptq` -> rows, in order, without repeats."""
+    out: list[Target] = []
+    for part in spec.split(","):
+        name = part.strip().lower()
+        if not name:
+            continue
+        if name not in TARGETS:
+            raise UsageError(f"--to: unknown target {part.strip()!r}; known: {', '.join(TARGETS)}")
+        if TARGETS[name] not in out:
+            out.append(TARGETS[name])
+    if not out:
+        raise UsageError("--to: name at least one target, e.g. --to q8_0")
+    return out
+
+
+def check_options(chosen: list[Target], given: dict[str, str]) -> None:
+    """`given`: the options on the command line (parameter name -> flag as typed). One that
+    applies to none of the chosen targets is a usage error naming the targets it applies to."""
+    for param, flag in given.items():
+        users = [t.name for t in TARGETS.values() if param in t.options]
+        if users and not any(param in t.options for t in chosen):
+            raise UsageError(f"{flag} applies to {', '.join(users)}, not to --to "
+                             f"{','.join(t.name for t in chosen)}")
+
+
+def output_paths(label: str, chosen: list[Target], output: Path | None) -> list[Path]:
+    """Where each chosen target writes. Default: MODEL-TYPE.gguf files and MODEL-GPTQ/ (...)
+    directories in the current directory. `-o` names the output itself when there is one target
+    (a .gguf file, or the checkpoint directory); otherwise the directory they all go in."""
+    names = [f"{label}-{t.label}.gguf" if t.kind == "gguf" else f"{label}-{t.label}" for t in chosen]
+    if output is None:
+        return [Path.cwd() / n for n in names]
+    if len(chosen) == 1:
+        t = chosen[0]
+        if t.kind == "checkpoint":
+            return [output]
+        if not (output.is_dir() or str(output).endswith(os.sep) or output.suffix.lower() != ".gguf"):
+            return [output]
+    elif output.suffix.lower() == ".gguf" and not output.is_dir():
+        raise UsageError(f"-o {output}: several targets need an output directory, not a file name")
+    return [output / n for n in names]
+
+
 def help_line() -> str:
     """`--to`'s help: every target, grouped by kind."""
-    return (f"Target(s), comma-separated. GGUF files: {', '.join(names('gguf'))}; several GGUF targets read "
-            f"the checkpoint once. Safetensors checkpoints (calibrated, one per command): "
-            f"{', '.join(names('checkpoint'))}.")
+    return (f"Target(s), comma-separated, any mix. GGUF files: {', '.join(names('gguf'))}. Safetensors "
+            f"checkpoints (calibrated): {', '.join(names('checkpoint'))}. The checkpoint is read once for every "
+            "GGUF file, calibration runs once per method.")
 
 
 def summary() -> str:

@@ -113,7 +113,6 @@ def cases(inputs: Path, seed: int = SEED) -> list[Case]:
     base, gguf_file, imatrix = inputs / "llama", inputs / "llama.gguf", inputs / "llama.imatrix.gguf"
     header, _ = st_header(base / "model.safetensors")
     names = sorted(n for n in header if n != "__metadata__")
-    cfg = json.loads((base / "config.json").read_text())
 
     def family_copy(family: str) -> Callable[[Path], None]:
         def use(d: Path) -> None:

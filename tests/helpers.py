@@ -20,6 +20,17 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, cap.out, cap.err
 
 
+def convert_to(src, to: str, output, calibration=None, threads: int = 2, **kw):
+    """The pipeline's job for `--to TO -o OUTPUT`; without `calibration` (or an `imatrix=`
+    file) the mixtures round to nearest, as with --no-calib."""
+    from qconvert import targets
+    from qconvert.pipeline import CalibrationOptions, Job, convert
+
+    return convert(Job(str(src), targets.parse(to), Path(output), threads=threads,
+                       no_calib=calibration is None and kw.get("imatrix") is None,
+                       calibration=calibration or CalibrationOptions(), **kw))
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -36,4 +47,4 @@ def one_line_error(err: str, *needles: str) -> None:
         assert n in lines[0], (n, lines[0])
 
 
-__all__ = ["run_cli", "copy_model", "files_in", "one_line_error", "pytest"]
+__all__ = ["run_cli", "convert_to", "copy_model", "files_in", "one_line_error", "pytest"]

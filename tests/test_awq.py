@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qconvert.quant import awq
-from qconvert.writers.awq import awq_tensors, dequantize_awq, pack_interleaved, unpack_interleaved
+from qconvert.layouts import AWQ, Params, pack_interleaved, unpack_interleaved
 from tests.helpers import files_in, one_line_error, run_cli
 from tests.test_gptq import assert_loaders_agree, make_gptq, rel
 
@@ -88,9 +88,11 @@ def test_layout_decodes_with_autoawq():
 
     x, w = outlier_problem(2)
     r = awq.quantize(w, 32)
-    t = awq_tensors(r)
+    p = Params(4, 32)
+    t = AWQ.pack(r.q.numpy(), r.scales.numpy(), r.zeros.numpy(), None, p)
     assert t["qweight"].shape == (128, 96 // 8) and t["qzeros"].shape == (4, 96 // 8) and t["scales"].shape == (4, 96)
-    ours = dequantize_awq(t["qweight"], t["qzeros"], t["scales"])
+    assert [t[k].shape for k in AWQ.parts] == [e.shape for e in AWQ.entries("x", 96, 128, p)]
+    ours = AWQ.unpack(t, p)
     assert np.array_equal(ours, r.weight.numpy())
     theirs = dequantize_gemm(torch.from_numpy(t["qweight"]), torch.from_numpy(t["qzeros"]),
                              torch.from_numpy(t["scales"]).float(), 4, 32)

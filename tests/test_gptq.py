@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from qconvert.quant.gptq import gptq, output_error
-from qconvert.quant.packing import pack_cols, pack_rows, unpack_cols, unpack_rows
-from qconvert.writers.gptq import dequantize_gptq, gptq_tensors
+from qconvert.layouts import GPTQ, Params, pack_cols, pack_rows, unpack_cols, unpack_rows
 from tests.helpers import files_in, one_line_error, run_cli
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -72,19 +71,23 @@ def test_packing_round_trips(bits):
 def test_checkpoint_tensors_decode_to_the_gptq_weights(sym):
     W, H = layer_problem()
     r = gptq(W, H, 4, 32, sym, False)
-    t = gptq_tensors(r, 4, v2=not sym)
+    p = Params(4, 32, v2=not sym)
+    t = GPTQ.pack(r.q.numpy(), r.scales.numpy(), r.zeros.numpy(), r.g_idx.numpy(), p)
     if sym:  # v1 stores zero - 1: 8 -> 7 in every nibble
         assert np.all(t["qzeros"].view(np.uint32) == 0x77777777)
-    w = dequantize_gptq(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, v2=not sym)
+    assert [t[k].shape for k in GPTQ.parts] == [e.shape for e in GPTQ.entries("x", 64, 128, p)]
+    w = GPTQ.unpack(t, p)
     assert np.array_equal(w, r.weight.numpy())
 
 
 def make_gptq(src, out, capsys, *extra, method="gptq"):
-    """`qconvert SRC --to METHOD` (small calibration); returns the JSON report."""
+    """`qconvert SRC --to METHOD` (small calibration); the JSON report's entry for the checkpoint."""
     code, stdout, err = run_cli([str(src), "--to", method, "-o", str(out), "--calib-samples", "8",
                                  "--calib-seq-len", "128", "--json", *map(str, extra)], capsys)
     assert code == 0, err
-    return json.loads(stdout)
+    report = json.loads(stdout)
+    assert report["calibration"]["passes"][0]["method"] == method
+    return report["outputs"][0]
 
 
 def our_logits(path) -> torch.Tensor:
@@ -137,7 +140,8 @@ def assert_loaders_agree(out, family, n_linears):
             assert rel(ours, hf(torch.tensor([IDS])).logits[0].float()) < 5e-3
 
 
-@pytest.mark.parametrize("opts", [["--asym"], ["--act-order"], ["--bits", "8"], ["--bits", "2"], ["--group-size", "-1"]])
+@pytest.mark.parametrize("opts", [["--asym"], ["--no-act-order"], ["--bits", "8"], ["--bits", "2"],
+                                  ["--group-size", "-1"]])
 def test_options_load(tiny, tmp_path, capsys, opts):
     from gptqmodel import GPTQModel
 
@@ -145,7 +149,9 @@ def test_options_load(tiny, tmp_path, capsys, opts):
     r = make_gptq(tiny("llama"), out, capsys, "--group-size", "32", *opts)
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["checkpoint_format"] == ("gptq_v2" if "--asym" in opts else "gptq")
-    assert cfg["desc_act"] is False and cfg["static_groups"] == ("--act-order" in opts)
+    # activation order is the default: static groups, desc_act false, in the report and the config
+    assert cfg["desc_act"] is False and cfg["static_groups"] == ("--no-act-order" not in opts)
+    assert r["act_order"] == cfg["meta"]["act_order"] == ("--no-act-order" not in opts)
     assert cfg["bits"] == r["bits"] == (int(opts[1]) if opts[0] == "--bits" else 4)
     m = GPTQModel.load(str(out), device="cpu", dtype=torch.float16)
     with torch.inference_mode():
@@ -237,12 +243,13 @@ def test_dry_run_plans_without_writing(tiny, tmp_path, capsys):
                               "--dry-run", "--json"], capsys)
     assert code == 0, err
     plan = json.loads(out)
-    assert plan["linears"] == 14 and not (tmp_path / "o").exists()
-    assert any(t["name"].endswith("q_proj.qweight") and t["shape"] == [8, 64] for t in plan["tensors"])
+    out = plan["outputs"][0]
+    assert out["kind"] == "checkpoint" and out["linears"] == 14 and not (tmp_path / "o").exists()
+    assert any(t["name"].endswith("q_proj.qweight") and t["shape"] == [8, 64] for t in out["tensors"])
 
 
 def test_interrupt_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
-    import qconvert.quant.gptq as algo
+    import qconvert.calibrate.gptq as algo  # the observer's view of the algorithm
 
     real, calls = algo.gptq, {"n": 0}
 

@@ -6,16 +6,17 @@ expects. Tensor names map through gguf's TensorNameMap (llama.cpp's own alias ta
 """
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 from typing import Callable, ClassVar
 
 import gguf
 import numpy as np
 
-from qconvert.errors import InputError
+from qconvert.arch.generic import TransformersForward
+from qconvert.arch.spec import Expected, ModelShape, PlannedTensor, ScaleSpec
+from qconvert.errors import InputError, QConvertError
 from qconvert.read import tokenizer
 from qconvert.read.checkpoint import Checkpoint, Tensor
 
@@ -31,7 +32,6 @@ NOT_TEXT = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "m
 # GGUF tensors llama.cpp keeps in F32 whatever the target (convert_hf_to_gguf.py, prepare_tensors)
 _ALWAYS_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES)
 
-Transform = Callable[[np.ndarray, str], np.ndarray]  # (float32 data, source dtype) -> float32 data
 
 _ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings",
                  "low_freq_factor", "high_freq_factor", "extrapolation_factor", "beta_fast", "beta_slow",
@@ -39,15 +39,6 @@ _ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "original_max_
 _ROPE_NEEDS = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"), "llama3": ("factor",)}
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Expected:
-    """A tensor the family's forward and llama.cpp need, with the shape config.json gives it."""
-
-    name: str  # HF name, without the text-model prefix ("language_model.")
-    shape: tuple[int, ...]
-    required: bool = True  # False: optional (a bias, q/k norms), but its shape is still checked
 
 
 def decoder_tensors(cfg, n_layers: int, norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
@@ -81,34 +72,15 @@ def decoder_tensors(cfg, n_layers: int, norms: tuple[str, ...] = ("input_layerno
     return out
 
 
-@dataclass
-class PlannedTensor:
-    """One output tensor, before any data is read."""
-
-    name: str  # GGUF name
-    shape: tuple[int, ...]  # numpy order (rows first); the writer reverses it for GGUF
-    source: Tensor | None  # checkpoint tensor, or None for a generated one
-    transform: Transform | None = None  # whole-tensor transform; None streams rows as they are
-    rows: int | None = None  # use only the first `rows` rows of the source
-    make: Callable[[], np.ndarray] | None = None  # data of a generated tensor
-    force_f32: bool = False  # norms, biases, 1-D tensors, position embeddings
-
-    @property
-    def n_elements(self) -> int:
-        return prod(self.shape)
-
-    @property
-    def hf_name(self) -> str:
-        return self.source.name if self.source is not None else "(generated)"
-
-
 class Family:
     """Base of the model family modules. Subclasses set the class attributes and override hooks."""
 
     hf_architectures: ClassVar[tuple[str, ...]]
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
     example: ClassVar[str]  # a model that this family serves, for help texts
-    forward_name: ClassVar[str]  # its class in arch/forward.py
+    forward_class: ClassVar[type | None] = None  # its forward (an arch.forward.Forward subclass, in its module)
+    awq_groups: ClassVar[tuple[ScaleSpec, ...]] = ()  # AWQ's scale groups, in AutoAWQ's order
+    awq_no_clip: ClassVar[tuple[str, ...]] = ()  # linears AWQ leaves unclipped (queries and keys)
     # keys llama.cpp needs that a config may leave out: the values transformers' config class
     # then assumes, by HF architecture ("*": any of the family's)
     config_defaults: ClassVar[dict[str, dict[str, object]]] = {}
@@ -186,19 +158,23 @@ class Family:
             seen.add(p.name)
         return out
 
-    def shape(self):
+    def shape(self) -> ModelShape:
         """Head counts and depth, as llama-quantize's choices read them."""
-        from qconvert.quant.recipes import ModelShape
-
         n_head = self.cfg.need(int, "num_attention_heads", "n_head", "n_heads")
         return ModelShape(self.n_layers, n_head, self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=n_head))
 
     def forward(self, weights=None):
-        """The family's layer-by-layer torch forward (arch/forward.py), reading the checkpoint's
-        tensors, or `weights` (HF name -> tensor) such as the dequantized tensors of a GGUF."""
-        from qconvert.arch import forward
+        """The family's layer-by-layer torch forward, reading the checkpoint's tensors, or
+        `weights` (HF name -> tensor) such as the dequantized tensors of a GGUF. The family's
+        hand-written one; transformers' own modules (arch/generic.py) for a family without one,
+        or everywhere with QCONVERT_FORWARD=transformers."""
+        if self.forward_class is None or os.environ.get("QCONVERT_FORWARD", "") == "transformers":
+            return TransformersForward(self, weights)
+        return self.forward_class(self, weights)
 
-        return getattr(forward, self.forward_name)(self, weights)
+    def layer_prefix(self, i: int) -> str:
+        """Decoder layer i's tensor names begin with this (text-model prefix removed)."""
+        return f"model.layers.{i}."
 
     def skip(self, hf_name: str) -> bool:
         return False
@@ -393,6 +369,19 @@ class Family:
     def write_vocab(self, kv: gguf.GGUFWriter) -> None:
         """Default: a BPE tokenizer.json (gpt2 model in GGUF terms)."""
         tokenizer.bpe_vocab(self.ckpt.path, self.cfg.get(int, "vocab_size"), kv)
+
+    def bos_id(self) -> int | None:
+        """The BOS id when the tokenizer adds one (llama-imatrix and llama-perplexity start each
+        chunk with it): what the GGUF file's tokenizer.ggml.add_bos_token says, found without
+        building the vocabulary. Families that override a tokenizer's choice in write_vocab
+        override it here too."""
+        try:
+            n = tokenizer.spm_piece_count(self.ckpt.path, self.cfg.get(int, "vocab_size")) if self.has_spm() else None
+            return tokenizer.added_bos(self.ckpt.path, n)
+        except QConvertError:
+            raise
+        except Exception as e:  # gguf's SpecialVocab reads the tokenizer files itself
+            raise InputError(f"{self.ckpt.path}: cannot read the tokenizer files: {type(e).__name__}: {e}") from None
 
     def has_spm(self) -> bool:
         return (self.ckpt.path / "tokenizer.model").is_file()

@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import gguf
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from qconvert.arch.base import Expected, Family, PlannedTensor, decoder_tensors
+from qconvert.arch.base import Family, decoder_tensors
+from qconvert.arch.layers import act, apply_rope, attention, heads, merge, rms_norm, rope_tables
+from qconvert.arch.llama import LlamaForward
+from qconvert.arch.spec import Expected, PlannedTensor, ScaleSpec
 from qconvert.errors import InputError
 from qconvert.read import tokenizer
 from qconvert.read.checkpoint import Tensor
@@ -22,10 +27,74 @@ def shift_norm(a: np.ndarray, src_dtype: str) -> np.ndarray:
     return a + np.float32(1.0)
 
 
+class Gemma3Forward(LlamaForward):
+    """Gemma 3: (1 + w) norms around attention and MLP, scaled embeddings, q/k norms, local and
+    global rope (scaling on the global layers only), sliding-window layers, tanh-GELU, optional
+    final logit soft-capping."""
+
+    def __init__(self, family, weights=None):
+        super().__init__(family, weights)
+        c = self.cfg
+        self.head_dim = c.get(int, "head_dim", default=256, positive=True)
+        self.scale = c.get(float, "query_pre_attn_scalar", default=float(self.head_dim), positive=True) ** -0.5
+        self.window = c.get(int, "sliding_window", positive=True)
+        self.softcap = c.get(float, "final_logit_softcapping", nonnegative=True)
+        self.local_theta = float(family.local_rope_theta() or 10000.0)
+        self.sliding = family.swa_layers() or [i % 6 < 5 for i in range(family.n_layers)]
+        self.act = act(c, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+        self._tables: dict = {}
+
+    def tables(self, T: int, local: bool):
+        key = (T, local)
+        if key not in self._tables:
+            self._tables[key] = (rope_tables(self.head_dim, self.local_theta, T) if local else
+                                 rope_tables(self.head_dim, self.theta, T, self.factors))
+        return self._tables[key]
+
+    def embed(self, ids):
+        e = F.embedding(ids, self.w("model.embed_tokens.weight"))
+        return e * torch.tensor(self.cfg.need(int, "hidden_size") ** 0.5, dtype=e.dtype)
+
+
+    def norm(self, x, name):
+        return rms_norm(x, self.w(name), self.eps, plus_one=True)
+
+    def attn(self, i, x):
+        p = f"model.layers.{i}."
+        q = heads(self.linear(x, p + "self_attn.q_proj"), self.n_head)
+        k = heads(self.linear(x, p + "self_attn.k_proj"), self.n_kv)
+        v = heads(self.linear(x, p + "self_attn.v_proj"), self.n_kv)
+        q, k = self.norm(q, p + "self_attn.q_norm.weight"), self.norm(k, p + "self_attn.k_norm.weight")
+        cos, sin = self.tables(x.shape[1], self.sliding[i])
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scale,
+                      self.window if self.sliding[i] else None)
+        return self.linear(merge(o), p + "self_attn.o_proj")
+
+    def layer(self, i, h):
+        p = f"model.layers.{i}."
+        x = self.norm(h, p + "input_layernorm.weight")
+        h = h + self.norm(self.attn(i, x), p + "post_attention_layernorm.weight")
+        x = self.norm(h, p + "pre_feedforward_layernorm.weight")
+        return h + self.norm(self.mlp(p, x), p + "post_feedforward_layernorm.weight")
+
+    def head(self, h):
+        h = self.norm(h, "model.norm.weight")
+        name = "lm_head.weight" if self.has("lm_head.weight") else "model.embed_tokens.weight"
+        logits = F.linear(h, self.w(name))
+        cap = self.softcap
+        return torch.tanh(logits / cap) * cap if cap else logits
+
+
 class Gemma3(Family):
     hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
-    forward_name = "Gemma3Forward"
+    forward_class = Gemma3Forward
+    awq_groups = (ScaleSpec("input_layernorm", "norm1p", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                            "attention"),
+                  ScaleSpec("self_attn.v_proj", "linear", ("self_attn.o_proj",), same_shape=True),
+                  ScaleSpec("pre_feedforward_layernorm", "norm1p", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+                  ScaleSpec("mlp.up_proj", "linear", ("mlp.down_proj",)))
+    awq_no_clip = ("q_proj", "k_proj")
     example = "google/gemma-3-270m"
     config_defaults = {"*": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6}}  # Gemma3TextConfig
 

@@ -5,8 +5,12 @@ import math
 
 import gguf
 import numpy as np
+import torch.nn.functional as F
 
-from qconvert.arch.base import Expected, Family, PlannedTensor, decoder_tensors
+from qconvert.arch.base import Family, decoder_tensors
+from qconvert.arch.forward import Forward
+from qconvert.arch.layers import act, apply_rope, attention, heads, merge, rms_norm, rope_tables
+from qconvert.arch.spec import Expected, PlannedTensor, ScaleSpec
 from qconvert.errors import InputError
 from qconvert.read import tokenizer
 from qconvert.read.checkpoint import Tensor
@@ -24,10 +28,81 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+class LlamaForward(Forward):
+    """Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), with Llama 3 rope scaling."""
+
+    def __init__(self, family, weights=None):
+        super().__init__(family, weights)
+        c = self.cfg
+        self.n_head = c.need(int, "num_attention_heads")
+        self.n_kv = c.get(int, "num_key_value_heads", default=self.n_head)
+        self.head_dim = c.get(int, "head_dim", positive=True) or c.positive(int, "hidden_size") // self.n_head
+        self.eps = c.get(float, "rms_norm_eps", default=1e-6, nonnegative=True)
+        rope = family.rope_parameters()
+        self.theta = float(rope.get("rope_theta", 10000.0))
+        self.factors = None  # per-frequency divisors: Llama 3 scaling, or linear scaling's factor
+        if self.has("rope_freqs.weight"):  # a GGUF's own table, as llama.cpp reads it
+            self.factors = self.w("rope_freqs.weight").numpy().copy()
+        elif str(rope.get("rope_type", "")).lower() == "llama3":
+            self.factors = llama3_rope_factors(rope, self.head_dim)
+        elif str(rope.get("rope_type", "")).lower() == "linear":
+            self.factors = np.full(self.head_dim // 2, float(rope["factor"]), dtype=np.float32)
+        self.act = act(c, "hidden_act", default="silu")
+        self._rope: dict[int, tuple] = {}
+
+    def rope(self, T: int):
+        if T not in self._rope:
+            self._rope = {T: rope_tables(self.head_dim, self.theta, T, self.factors)}
+        return self._rope[T]
+
+    def embed(self, ids):
+        return F.embedding(ids, self.w("model.embed_tokens.weight"))
+
+    def attn(self, i: int, x):
+        p = f"model.layers.{i}."
+        q = heads(self.linear(x, p + "self_attn.q_proj"), self.n_head)
+        k = heads(self.linear(x, p + "self_attn.k_proj"), self.n_kv)
+        v = heads(self.linear(x, p + "self_attn.v_proj"), self.n_kv)
+        if self.has(p + "self_attn.q_norm.weight"):  # Qwen3
+            q = rms_norm(q, self.w(p + "self_attn.q_norm.weight"), self.eps)
+            k = rms_norm(k, self.w(p + "self_attn.k_norm.weight"), self.eps)
+        cos, sin = self.rope(x.shape[1])
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 1.0 / math.sqrt(self.head_dim))
+        return self.linear(merge(o), p + "self_attn.o_proj")
+
+    def mlp(self, p: str, x):
+        g = self.linear(x, p + "mlp.gate_proj")
+        u = self.linear(x, p + "mlp.up_proj")
+        return self.linear(self.act(g) * u, p + "mlp.down_proj")
+
+    def block(self, i, name):
+        if name == "attention":
+            return lambda x: self.attn(i, x)
+        return lambda x: self.mlp(f"model.layers.{i}.", x)
+
+    def layer(self, i, h):
+        p = f"model.layers.{i}."
+        x = rms_norm(h, self.w(p + "input_layernorm.weight"), self.eps)
+        h = h + self.attn(i, x)
+        x = rms_norm(h, self.w(p + "post_attention_layernorm.weight"), self.eps)
+        return h + self.mlp(p, x)
+
+    def head(self, h):
+        h = rms_norm(h, self.w("model.norm.weight"), self.eps)
+        name = "lm_head.weight" if self.has("lm_head.weight") else "model.embed_tokens.weight"
+        return F.linear(h, self.w(name))
+
+
 class Llama(Family):
     hf_architectures = ("LLaMAForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
     gguf_arch = gguf.MODEL_ARCH.LLAMA
-    forward_name = "LlamaForward"
+    forward_class = LlamaForward
+    awq_groups = (ScaleSpec("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                            "attention"),
+                  ScaleSpec("self_attn.v_proj", "linear", ("self_attn.o_proj",), same_shape=True),
+                  ScaleSpec("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+                  ScaleSpec("mlp.up_proj", "linear", ("mlp.down_proj",)))
+    awq_no_clip = ("q_proj", "k_proj")
     example = "HuggingFaceTB/SmolLM2-135M"
     config_defaults = {"*": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},  # LlamaConfig
                        "MistralForCausalLM": {"max_position_embeddings": 4096 * 32}}  # MistralConfig
@@ -80,6 +155,10 @@ class Llama(Family):
         self.generic_hparams(kv, file_type)
         kv.add_vocab_size(self.cfg.need(int, "vocab_size"))
         kv.add_rope_dimension_count(self.head_dim())
+
+    def bos_id(self) -> int | None:
+        # llama.cpp's converter: no BOS for 49152-token vocabularies (SmolLM), as write_vocab
+        return None if self.cfg.get(int, "vocab_size") == 49152 else super().bos_id()
 
     def write_vocab(self, kv: gguf.GGUFWriter) -> None:
         tcfg = self.ckpt.path / "tokenizer_config.json"

@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import gguf
 
-from qconvert.arch.base import Expected, Family, decoder_tensors
+from qconvert.arch.base import Family, decoder_tensors
+from qconvert.arch.llama import Llama, LlamaForward
+from qconvert.arch.spec import Expected
 from qconvert.read import tokenizer
 
 
 class Qwen2(Family):
     hf_architectures = ("Qwen2ForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.QWEN2
-    forward_name = "LlamaForward"
+    forward_class = LlamaForward
+    awq_groups = Llama.awq_groups
+    awq_no_clip = Llama.awq_no_clip
     example = "Qwen/Qwen2.5-0.5B"
     config_defaults = {"*": {"max_position_embeddings": 32768, "rms_norm_eps": 1e-6}}  # Qwen2Config, Qwen3Config
 

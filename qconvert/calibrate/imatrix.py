@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFValueType as VT
 from gguf.gguf_writer import GGUFValue
 
-from qconvert.arch.forward import hidden_states
+from qconvert.calibrate.driver import Observer, run_layers
 from qconvert.calibrate.text import Calibration
 from qconvert.read.imatrix import Imatrix
 from qconvert.writers.gguf import GGUFWriter, TensorInfo
@@ -20,29 +20,21 @@ from qconvert.writers.gguf import GGUFWriter, TensorInfo
 ROWS = 256  # rows squared and summed at a time: the block stays in cache
 
 
-class Collector:
-    """Sums of squares per input column and token counts, by GGUF weight name. Linears that
-    share an input (q, k, v; gate, up) get the sums computed once for all of them."""
+class Collector(Observer):
+    """Sums of squares per input column and token counts, by GGUF weight name; an observer of
+    the layer loop. Linears that share an input (q, k, v; gate, up) get the sums computed once."""
 
-    def __init__(self):
+    def __init__(self, family):
+        self.family = family
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, its sums)
 
-    def __call__(self, name: str, x: torch.Tensor) -> None:
+    def linear_input(self, fw, hf: str, x: torch.Tensor) -> None:
+        name = self.family.map_name(hf + ".weight")
         if not name.startswith("blk."):
             return  # llama-imatrix's default: decoder blocks only
         flat = x.reshape(-1, x.shape[-1])
-        if self._last is not None and self._last[0] is x:
-            s = self._last[1]
-        else:
-            # float32 within a block of ROWS rows, float64 across blocks: a sixth of the time of
-            # summing all in float64 (a temporary float64 copy of x), and 256-term float32 sums
-            s = torch.zeros(flat.shape[1], dtype=torch.float64)
-            for i in range(0, flat.shape[0], ROWS):
-                rows = flat[i:i + ROWS]
-                s += (rows * rows).sum(0)
-            self._last = (x, s)
+        s = fw.per_input("imatrix", x, lambda: square_sums(flat))
         if name in self.sums:
             self.sums[name] += s
         else:
@@ -54,6 +46,17 @@ class Collector:
         return Imatrix(path, entries, [dataset], chunk_count, chunk_size)
 
 
+def square_sums(flat: torch.Tensor) -> torch.Tensor:
+    """Sum over rows of flat [rows, cols] squared: float32 within a block of ROWS rows, float64
+    across blocks (a sixth of the time of summing all in float64, a temporary float64 copy of
+    the input, with 256-term float32 sums)."""
+    s = torch.zeros(flat.shape[1], dtype=torch.float64)
+    for i in range(0, flat.shape[0], ROWS):
+        rows = flat[i:i + ROWS]
+        s += (rows * rows).sum(0)
+    return s
+
+
 def collect(family, calib: Calibration, threads: int, progress: Callable[[int, int], None] | None = None,
             path: Path = Path("(in memory)"), int8: bool = True) -> tuple[Imatrix, Collector]:
     """Run the calibration samples through the model layer by layer; returns the imatrix.
@@ -61,10 +64,10 @@ def collect(family, calib: Calibration, threads: int, progress: Callable[[int, i
     the speed of the whole calibration; the statistics move by about 1%, as they would computed
     from a Q8_0 model."""
     torch.set_num_threads(max(1, threads))
-    rec = Collector()
+    rec = Collector(family)
     fw = family.forward()
     fw.int8 = int8
-    hidden_states(fw, torch.from_numpy(calib.tokens), rec, progress)
+    run_layers(fw, torch.from_numpy(calib.tokens), (rec,), progress)
     n, T = calib.tokens.shape
     return rec.to_imatrix(path, calib.dataset, n, T), rec
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qconvert.errors import InputError, UsageError
+from qconvert.read.tokenizer import load_bpe, load_spm
 
 DEFAULT_NAME = "qconvert:emma.txt"
 
@@ -54,8 +55,6 @@ def read_text(path: Path | None) -> tuple[str, str]:
 
 
 def tokenize(model_dir: Path, text: str) -> list[int]:
-    from qconvert.read.tokenizer import load_bpe, load_spm
-
     if (model_dir / "tokenizer.json").is_file():
         return load_bpe(model_dir / "tokenizer.json").encode(text, add_special_tokens=False).ids
     return load_spm(model_dir / "tokenizer.model").encode(text)

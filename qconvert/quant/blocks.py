@@ -11,6 +11,7 @@ from functools import partial
 from typing import Callable, ClassVar, NamedTuple
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
 from qconvert.quant.reference import floats, iq4_nl, kquants, legacy, q8_0
@@ -29,6 +30,11 @@ else:
         ) from e
 
 BACKEND = "numpy" if _k is None else "c"
+if _k is not None:  # the C module's block sizes are checked against the one table, loudly
+    for _name, _sizes in _k.QUANT_SIZES.items():
+        if GGML_QUANT_SIZES[GT[_name]] != _sizes:
+            raise ImportError(f"qconvert._kernels declares {_name} as {_sizes} (weights, bytes) per block, gguf's "
+                              f"GGML_QUANT_SIZES {GGML_QUANT_SIZES[GT[_name]]}: rebuild the kernels")
 
 
 def backend_description() -> str:
@@ -58,6 +64,7 @@ class BlockType:
         if cls.name in REGISTRY:
             raise TypeError(f"block type {cls.name} is declared twice ({REGISTRY[cls.name].__qualname__} "
                             f"and {cls.__qualname__})")
+        cls.block, cls.block_bytes = GGML_QUANT_SIZES[cls.ggml]  # the one size table, gguf-py's
         REGISTRY[cls.name] = cls
 
     @classmethod
@@ -85,7 +92,7 @@ class BlockType:
 
 
 class F32(BlockType):
-    name, ggml, block, block_bytes = "F32", GT.F32, 1, 4
+    name, ggml = "F32", GT.F32
 
     @classmethod
     def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -97,7 +104,7 @@ class F32(BlockType):
 
 
 class F16(BlockType):
-    name, ggml, block, block_bytes = "F16", GT.F16, 1, 2
+    name, ggml = "F16", GT.F16
     overflow = 65520.0  # rounds to inf
 
     @classmethod
@@ -114,7 +121,7 @@ class F16(BlockType):
 
 
 class BF16(BlockType):
-    name, ggml, block, block_bytes = "BF16", GT.BF16, 1, 2
+    name, ggml = "BF16", GT.BF16
 
     @classmethod
     def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
@@ -178,48 +185,48 @@ def _by_name(module, name: str) -> Ref:
 
 
 class Q8_0(Blocks):
-    name, ggml, block, block_bytes = "Q8_0", GT.Q8_0, 32, 34
+    name, ggml = "Q8_0", GT.Q8_0
     overflow = 65520.0 * 127  # the f16 scale amax/127 overflows
     reference = Ref(lambda rows, qw: q8_0.quantize(rows), q8_0.dequantize)  # ggml ignores qw for Q8_0
 
 
 class Q4_0(Blocks):
-    name, ggml, block, block_bytes = "Q4_0", GT.Q4_0, 32, 18
+    name, ggml = "Q4_0", GT.Q4_0
     reference = _by_name(legacy, "Q4_0")
 
 
 class Q4_1(Blocks):
-    name, ggml, block, block_bytes = "Q4_1", GT.Q4_1, 32, 20
+    name, ggml = "Q4_1", GT.Q4_1
     reference = _by_name(legacy, "Q4_1")
 
 
 class Q5_0(Blocks):
-    name, ggml, block, block_bytes = "Q5_0", GT.Q5_0, 32, 22
+    name, ggml = "Q5_0", GT.Q5_0
     reference = _by_name(legacy, "Q5_0")
 
 
 class Q5_1(Blocks):
-    name, ggml, block, block_bytes = "Q5_1", GT.Q5_1, 32, 24
+    name, ggml = "Q5_1", GT.Q5_1
     reference = _by_name(legacy, "Q5_1")
 
 
 class Q4_K(Blocks):
-    name, ggml, block, block_bytes = "Q4_K", GT.Q4_K, 256, 144
+    name, ggml = "Q4_K", GT.Q4_K
     reference = _by_name(kquants, "Q4_K")
 
 
 class Q5_K(Blocks):
-    name, ggml, block, block_bytes = "Q5_K", GT.Q5_K, 256, 176
+    name, ggml = "Q5_K", GT.Q5_K
     reference = _by_name(kquants, "Q5_K")
 
 
 class Q6_K(Blocks):
-    name, ggml, block, block_bytes = "Q6_K", GT.Q6_K, 256, 210
+    name, ggml = "Q6_K", GT.Q6_K
     reference = _by_name(kquants, "Q6_K")
 
 
 class IQ4_NL(Blocks):
-    name, ggml, block, block_bytes = "IQ4_NL", GT.IQ4_NL, 32, 18
+    name, ggml = "IQ4_NL", GT.IQ4_NL
     reference = Ref(iq4_nl.quantize, iq4_nl.dequantize)
 
 

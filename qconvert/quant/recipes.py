@@ -13,23 +13,10 @@ from typing import Callable
 
 from gguf import LlamaFileType
 
-from qconvert.arch.base import PlannedTensor
+from qconvert.arch.spec import ModelShape, PlannedTensor
 from qconvert.errors import UsageError
 from qconvert.quant import blocks
 from qconvert.quant.blocks import BlockType
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What llama-quantize's choices depend on besides tensor names."""
-
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-
-    @property
-    def n_gqa(self) -> int:
-        return self.n_head // max(self.n_head_kv, 1)
 
 
 @dataclass
@@ -84,28 +71,6 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("q8_0", "Q8_0", LlamaFileType.MOSTLY_Q8_0, "8.5 bits per weight, near lossless",
            choose=_float_or(blocks.Q8_0, blocks.F16)),
 ]}
-
-
-CHECKPOINT_TARGETS = ("awq", "gptq")  # safetensors checkpoints quantized per decoder layer (layerwise.py)
-
-
-def parse_targets(spec: str) -> list[Recipe]:
-    """`--to q8_0,f16` -> recipes, in order, without repeats."""
-    out: list[Recipe] = []
-    for part in spec.split(","):
-        name = part.strip().lower()
-        if not name:
-            continue
-        if name in CHECKPOINT_TARGETS:
-            raise UsageError(f"--to {name} writes a safetensors checkpoint directory: give it alone, not with "
-                             "GGUF targets")
-        if name not in RECIPES:
-            raise UsageError(f"--to: unknown target {part.strip()!r}; known: {', '.join([*RECIPES, *CHECKPOINT_TARGETS])}")
-        if RECIPES[name] not in out:
-            out.append(RECIPES[name])
-    if not out:
-        raise UsageError("--to: name at least one target, e.g. --to q8_0")
-    return out
 
 
 def parse_type(flag: str, value: str) -> type[BlockType]:

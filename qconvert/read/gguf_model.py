@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qconvert.families import FAMILIES
 from qconvert.errors import InputError
 from qconvert.quant import blocks
 from qconvert.read.config import Config
@@ -129,8 +130,6 @@ class GGUFModel:
 
 
 def open_gguf(path: Path) -> GGUFModel:
-    from qconvert.arch import FAMILIES
-
     reader = read_gguf(path)
     kv = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     arch = kv.get("general.architecture")

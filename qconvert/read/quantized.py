@@ -1,6 +1,6 @@
-"""A GPTQ or AWQ (GEMM) checkpoint as a model qconvert's forward can run: each quantized linear's
-weight is dequantized on demand (qweight, qzeros, scales[, g_idx] -> float32 in the checkpoint's
-layout)."""
+"""A quantized checkpoint (GPTQ, AWQ GEMM) as weights qconvert's forward can run: each quantized
+linear's weight is decoded on demand, through its layout (layouts.py), into float32 in the
+checkpoint's layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,44 +8,26 @@ from dataclasses import dataclass
 import numpy as np
 
 from qconvert.errors import InputError
-from qconvert.writers.awq import dequantize_awq
-from qconvert.writers.gptq import dequantize_gptq
-
-PARTS = ("qweight", "qzeros", "scales", "g_idx")
+from qconvert.layouts import Layout, Params, layout_of
 
 
-def quant_method(config) -> str | None:
-    q = config.data.get("quantization_config")
-    return str(q.get("quant_method", "")).lower() if isinstance(q, dict) else None
-
-
-def linear_layout(config, prefix: str, parts: dict) -> tuple[int, int, int, int]:
-    """(out features, in features, bits, group size) of one quantized linear, from its tensors'
-    shapes (GPTQ packs codes along the input, AWQ along the output) and quantization_config."""
-    q = config.data["quantization_config"]
-    method = str(q.get("quant_method", "")).lower()
-    bits = q.get("bits", 4)
-    if not isinstance(bits, int) or bits not in (2, 3, 4, 8):
-        raise InputError(f"{config.path}: quantization_config bits must be 2, 3, 4 or 8, got {bits!r}")
+def linear_shape(layout: type[Layout], p: Params, prefix: str, parts: dict, where: object) -> tuple[int, int, int]:
+    """(out features, in features, group size) of one quantized linear, checked against its
+    tensors' shapes (group size -1: one group per output channel)."""
     missing = [k for k in ("qweight", "qzeros", "scales") if k not in parts]
     if missing:
-        raise InputError(f"{config.path}: quantized linear {prefix} has no {missing[0]} tensor")
-    qw, sc = parts["qweight"].shape, parts["scales"].shape
-    if len(qw) != 2 or len(sc) != 2:
-        raise InputError(f"{config.path}: {prefix}.qweight and .scales must be 2-D, got {list(qw)} and {list(sc)}")
-    if method == "awq":
-        n_in, n_out = qw[0], qw[1] * 32 // bits
-    else:
-        n_in, n_out = qw[0] * 32 // bits, qw[1]
-    n_groups = sc[0]
-    if sc[1] != n_out or n_groups < 1 or n_in % n_groups:
-        raise InputError(f"{config.path}: {prefix}.scales has shape {list(sc)}, which does not fit a "
-                         f"{n_out} x {n_in} {bits}-bit weight")
-    group = n_in // n_groups
-    configured = q.get("group_size")
-    if n_groups == 1 and configured == -1:
-        group = -1
-    return n_out, n_in, bits, group
+        raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+    shapes = {k: tuple(t.shape) for k, t in parts.items()}
+    if len(shapes["qweight"]) != 2 or len(shapes["scales"]) != 2:
+        raise InputError(f"{where}: {prefix}.qweight and .scales must be 2-D, got {list(shapes['qweight'])} and "
+                         f"{list(shapes['scales'])}")
+    n_out, n_in = layout.shape(shapes, p)
+    n_groups, cols = shapes["scales"]
+    if cols != n_out or n_groups < 1 or n_in % n_groups:
+        raise InputError(f"{where}: {prefix}.scales has shape {[n_groups, cols]}, which does not fit a "
+                         f"{n_out} x {n_in} {p.bits}-bit weight")
+    group = -1 if n_groups == 1 and p.group_size == -1 else n_in // n_groups
+    return n_out, n_in, group
 
 
 @dataclass
@@ -53,20 +35,13 @@ class DequantizedLinear:
     name: str
     shape: tuple[int, ...]
     parts: dict
-    bits: int
-    v2: bool
+    layout: type[Layout]
+    params: Params
     transposed: bool
-    awq: bool = False
     dtype: str = "F32"
 
     def array(self) -> np.ndarray:
-        p = self.parts
-        qw, qz, sc = (np.asarray(p[k].array()) for k in ("qweight", "qzeros", "scales"))
-        if self.awq:
-            w = dequantize_awq(qw, qz, sc)
-        else:
-            g_idx = np.asarray(p["g_idx"].array()) if "g_idx" in p else None
-            w = dequantize_gptq(qw, qz, sc, g_idx, self.bits, self.v2)
+        w = self.layout.unpack({k: np.asarray(t.array()) for k, t in self.parts.items()}, self.params)
         return np.ascontiguousarray(w.T) if self.transposed else w
 
     def release(self) -> None:
@@ -78,18 +53,12 @@ class QuantizedWeights:
     """HF name -> tensor; `X.weight` of a quantized linear is decoded from X.qweight & co."""
 
     def __init__(self, ckpt, family):
-        q = ckpt.config.data["quantization_config"]
-        self.awq = str(q.get("quant_method")).lower() == "awq"
-        if not self.awq and str(q.get("quant_method")).lower() != "gptq":
-            raise InputError(f"{ckpt.config.path}: quant_method {q.get('quant_method')!r} cannot be evaluated")
-        if self.awq and (q.get("bits", 4) != 4 or str(q.get("version", "gemm")).lower() != "gemm"):
-            raise InputError(f"{ckpt.config.path}: only 4-bit AWQ GEMM checkpoints can be decoded")
-        self.bits = int(q.get("bits", 4))
-        if self.bits not in (2, 4, 8):
-            raise InputError(f"{ckpt.config.path}: {self.bits}-bit GPTQ cannot be decoded (2, 4 and 8 can)")
-        self.v2 = str(q.get("checkpoint_format", "gptq")).lower() == "gptq_v2"
+        found = layout_of(ckpt.config)
+        if found is None:
+            raise InputError(f"{ckpt.config.path}: no quantization_config")
+        self.layout, self.params = found
         self.family = family
-        self.config = ckpt.config
+        self.where = ckpt.config.path
         self.tensors = {n.replace("language_model.", ""): t for n, t in ckpt.tensors.items()}
 
     def __contains__(self, name: str) -> bool:
@@ -99,9 +68,9 @@ class QuantizedWeights:
         if name in self.tensors:
             return self.tensors[name]
         prefix = name[:-len(".weight")]
-        parts = {k: self.tensors[f"{prefix}.{k}"] for k in PARTS if f"{prefix}.{k}" in self.tensors}
-        if "qweight" not in parts or "qzeros" not in parts or "scales" not in parts:
+        parts = {k: self.tensors[f"{prefix}.{k}"] for k in self.layout.parts if f"{prefix}.{k}" in self.tensors}
+        if "qweight" not in parts:
             raise KeyError(name)
-        n_out, k_in, _, _ = linear_layout(self.config, prefix, parts)
+        n_out, n_in, _ = linear_shape(self.layout, self.params, prefix, parts, self.where)
         t = self.family.transposed(name)
-        return DequantizedLinear(name, (k_in, n_out) if t else (n_out, k_in), parts, self.bits, self.v2, t, self.awq)
+        return DequantizedLinear(name, (n_in, n_out) if t else (n_out, n_in), parts, self.layout, self.params, t)

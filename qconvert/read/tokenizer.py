@@ -217,6 +217,15 @@ def spm_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> N
     gguf.SpecialVocab(model_dir, n_vocab=len(tokens)).add_to_gguf(kv, quiet=True)
 
 
+def added_bos(model_dir: Path, n_vocab: int | None) -> int | None:
+    """The BOS id when the tokenizer adds one at the start of a text, as llama.cpp sees it
+    (tokenizer.ggml.add_bos_token and bos_token_id, gathered by gguf's SpecialVocab from the
+    tokenizer files, as bpe_vocab / spm_vocab write them); None when it adds none."""
+    sv = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_vocab)
+    bos = sv.special_token_ids.get("bos")
+    return int(bos) if sv.add_special_token.get("bos") and bos is not None else None
+
+
 def spm_piece_count(model_dir: Path, vocab_size: int | None) -> int:
     return vocab_size or load_spm(model_dir / "tokenizer.model").vocab_size()
 

@@ -198,13 +198,26 @@ class AtomicFile:
             self._q.put(_DONE)
             self._thread.join()
 
-    def commit(self) -> None:
+    def complete(self) -> None:
+        """Everything written and on disk, still under the temporary name."""
         self._stop()
         try:
             self._check()
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
+        except OSError as e:
+            self.abort()
+            raise output_error(self.path, e) from None
+        except OutputError:
+            self.abort()
+            raise
+
+    def commit(self) -> None:
+        """complete(), then the file appears at its path."""
+        if not self._f.closed:
+            self.complete()
+        try:
             if self.force:
                 check_replaceable_file(self.path, force=True)
                 os.replace(self.tmp, self.path)

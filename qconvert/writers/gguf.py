@@ -1,7 +1,7 @@
 """GGUF v3 writer: a small state machine that streams tensor data after a planned header.
 
-    NEW --open()--> DATA --(begin_tensor, write*, end_tensor)*--> DATA --finish()--> DONE
-                      \\------------------- abort() -----------------------------> ABORTED
+    NEW --open()--> DATA --(begin_tensor, write*, end_tensor)*--> DATA --finish()--> COMPLETE --commit()--> DONE
+                      \\------------------------ abort() ------------------------------------------> ABORTED
 
 The header (key/values and every tensor's name, shape, type and offset) is written first, from
 the plan; then tensor data is appended in plan order as it is produced, each tensor padded to
@@ -80,6 +80,7 @@ class State(Enum):
     NEW = "new"
     DATA = "writing tensor data"
     IN_TENSOR = "inside a tensor"
+    COMPLETE = "complete, not yet in place"
     DONE = "done"
     ABORTED = "aborted"
 
@@ -173,15 +174,24 @@ class GGUFWriter:
         self._next += 1
         self.state = State.DATA
 
-    def finish(self) -> tuple[int, str]:
-        """Commit the file; returns (size in bytes, sha256 hex)."""
+    def finish(self, commit: bool = True) -> tuple[int, str]:
+        """Complete the file (and make it appear at its path unless `commit` is False: then
+        commit() does); returns (size in bytes, sha256 hex)."""
         self._expect(State.DATA)
         assert self._file is not None
         if self._next != len(self.tensors):
             raise RuntimeError(f"GGUF writer for {self.path}: {len(self.tensors) - self._next} tensors not written")
+        self._file.complete()
+        self.state = State.COMPLETE
+        if commit:
+            self.commit()
+        return self._file.size, self._file.sha256.hexdigest()
+
+    def commit(self) -> None:
+        self._expect(State.COMPLETE)
+        assert self._file is not None
         self._file.commit()
         self.state = State.DONE
-        return self._file.size, self._file.sha256.hexdigest()
 
     def abort(self) -> None:
         if self._file is not None and self.state not in (State.DONE, State.ABORTED):

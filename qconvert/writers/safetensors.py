@@ -11,13 +11,12 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
-from math import prod
 from pathlib import Path
 
 import numpy as np
 
 from qconvert.errors import OutputError
+from qconvert.layouts import Entry
 from qconvert.writers.atomic import make_dirs, output_error, remove_dirs, remove_stale, rename_noreplace, temporary
 
 SHARD_NAME = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
@@ -26,20 +25,6 @@ INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32",
           np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
           np.dtype(np.uint16): "BF16"}  # BF16 travels as its uint16 bits
-SIZES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
-
-
-@dataclass
-class Entry:
-    name: str
-    dtype: str  # safetensors spelling
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return prod(self.shape) * SIZES[self.dtype]
-
-
 def foreign_file(directory: Path, method: str, own_files: set[str]) -> str | None:
     """Why `directory` is not a previous qconvert output of `method` (quant_method), or None:
     its config.json must name qconvert as the quantizer and `method` as the method, and every

@@ -7,8 +7,7 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf import GGUFReader
 
-from qconvert.pipeline import convert
-from qconvert.quant.recipes import parse_targets
+from tests.helpers import convert_to
 from tests.models import FAMILIES
 from tests.oracles import ggml_quantize, hf_logits, llama_logits, rel_rms
 
@@ -22,7 +21,7 @@ def converted(tiny, tmp_path_factory):
 
     def get(family):
         if family not in cache:
-            rep = convert(str(tiny(family)), parse_targets("f32,q8_0,f16"), out / family, threads=2)
+            rep = convert_to(tiny(family), "f32,q8_0,f16", out / family, threads=2)
             cache[family] = {o["target"]: o["path"] for o in rep.outputs}
         return cache[family]
     return get
@@ -124,7 +123,7 @@ def test_bf16_checkpoint_keeps_its_bits(tiny, tmp_path):
     from safetensors import safe_open
 
     src = tiny("llama", "bfloat16")
-    rep = convert(str(src), parse_targets("bf16"), tmp_path, threads=2)
+    rep = convert_to(src, "bf16", tmp_path, threads=2)
     r = GGUFReader(rep.outputs[0]["path"])
     out = {t.name: t for t in r.tensors}
     with safe_open(src / "model.safetensors", "pt") as f:

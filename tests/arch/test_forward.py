@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from qconvert.arch import family_for
+from qconvert.families import family_for
 from qconvert.read.checkpoint import open_checkpoint
 from tests.models import FAMILIES
 
@@ -74,7 +74,8 @@ def test_imatrix_equals_transformers_linear_inputs(family, int8, tiny):
 
 def test_int8_linear_close_to_float():
     """int8 products: rows scaled to int8 on both sides, shared input quantized once."""
-    from qconvert.arch.forward import Forward, int8_rows
+    from qconvert.arch.forward import Forward
+    from qconvert.arch.layers import int8_rows
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(5, 40, generator=g) * torch.linspace(0.1, 10, 40)
@@ -85,10 +86,6 @@ def test_int8_linear_close_to_float():
     class Fam:
         cfg = None
 
-        @staticmethod
-        def map_name(n):
-            return n
-
     w = {"l.weight": torch.randn(24, 40, generator=g), "l.bias": torch.randn(24, generator=g),
          "m.weight": torch.randn(8, 40, generator=g)}
     fw = Forward(Fam, {})
@@ -96,11 +93,44 @@ def test_int8_linear_close_to_float():
         fw.set(name, t)
     fw.int8 = True
     x = torch.randn(3, 7, 40, generator=g)
-    y = fw.linear(x, "l", lambda n, t: None)
+    y = fw.linear(x, "l")
     ref = torch.nn.functional.linear(x, w["l.weight"], w["l.bias"])
     assert y.shape == ref.shape and 0 < float((y - ref).norm() / ref.norm()) < 0.02
-    fw.linear(x, "m", lambda n, t: None)
-    assert fw._int8_input[0] is x and set(fw._int8) == {"l.weight", "m.weight"}
+    shared = fw.per_input("int8", x, lambda: None)  # the rows of x, made by the first linear
+    fw.linear(x, "m")
+    assert fw.per_input("int8", x, lambda: None) is shared and set(fw._int8) == {"l.weight", "m.weight"}
     assert "l.weight" not in fw._cache  # the float copy went once the int8 one was made
     fw.clear()
-    assert fw._int8_input is None and not fw._int8
+    assert not fw._per_input and not fw._int8
+
+
+def test_observers_see_every_linear_and_may_replace_weights(tiny):
+    """The layer loop: an observer sees each linear's input before it runs, and a weight it
+    replaces there is what the rest of the layer uses; end_layer asking for a rerun recomputes
+    the layer's output on the changed weights."""
+    from qconvert.calibrate.driver import Observer, run_layers
+
+    ckpt = open_checkpoint(str(tiny("llama")))
+    fam = family_for(ckpt)
+    ids = torch.tensor([list(range(1, 30))])
+    plain = run_layers(fam.forward(), ids)
+
+    class Zero(Observer):
+        seen: list[str] = []
+
+        def linear_input(self, fw, hf, x):
+            self.seen.append(hf)
+            if hf.endswith("o_proj"):
+                fw.set_linear_weight(hf, torch.zeros_like(fw.linear_weight(hf)))
+
+    z = Zero()
+    zeroed = run_layers(fam.forward(), ids, (z,))
+    assert len(z.seen) == 7 * fam.n_layers and not torch.equal(zeroed, plain)
+
+    class Rerun(Observer):
+        def end_layer(self, fw, i):
+            fw.set_linear_weight(f"model.layers.{i}.self_attn.o_proj",
+                                 torch.zeros_like(fw.linear_weight(f"model.layers.{i}.self_attn.o_proj")))
+            return True
+    assert torch.allclose(run_layers(fam.forward(), ids, (Rerun(),)), zeroed, atol=1e-6)
+    ckpt.close()

@@ -8,9 +8,8 @@ import numpy as np
 from gguf import GGUFReader
 
 from qconvert.calibrate import text
-from qconvert.pipeline import CalibrationOptions, convert
-from qconvert.quant.recipes import parse_targets
-from tests.helpers import one_line_error, run_cli
+from qconvert.pipeline import CalibrationOptions
+from tests.helpers import convert_to, one_line_error, run_cli
 from tests.oracles import hf_logits, llama_logits, rel_rms
 
 
@@ -64,13 +63,13 @@ def test_imatrix_command_and_calibrated_default_agree(tiny, tmp_path, capsys):
     f = GGUFReader(im).fields
     assert f["general.type"].contents() == "imatrix" and f["imatrix.chunk_size"].contents() == 64
     calib = CalibrationOptions(samples=8, seq_len=64)
-    one = convert(str(d), parse_targets("q4_k_m"), tmp_path / "one.gguf", threads=2, calibration=calib).outputs[0]
-    two = convert(str(d), parse_targets("q4_k_m"), tmp_path / "two.gguf", threads=2, imatrix=im).outputs[0]
+    one = convert_to(d, "q4_k_m", tmp_path / "one.gguf", threads=2, calibration=calib).outputs[0]
+    two = convert_to(d, "q4_k_m", tmp_path / "two.gguf", threads=2, imatrix=im).outputs[0]
     a, b = GGUFReader(one["path"]), GGUFReader(two["path"])
     for x, y in zip(a.tensors, b.tensors):
         assert x.name == y.name and np.array_equal(np.asarray(x.data), np.asarray(y.data)), x.name
     assert a.fields["quantize.imatrix.dataset"].contents() == "qconvert:emma.txt"
-    plain = convert(str(d), parse_targets("q4_k_m"), tmp_path / "plain.gguf", threads=2).outputs[0]
+    plain = convert_to(d, "q4_k_m", tmp_path / "plain.gguf", threads=2).outputs[0]
     assert not filecmp.cmp(plain["path"], one["path"], shallow=False)
     ids = list(range(1, 60))
     got = llama_logits(one["path"], ids)

@@ -51,7 +51,7 @@ def clean_copy(dest: Path) -> Path:
     return dest
 
 
-def build(tree: Path, out: Path, *what: str) -> None:
+def build_dist(tree: Path, out: Path, *what: str) -> None:
     r = subprocess.run([sys.executable, "-m", "build", *what, "--outdir", str(out), str(tree)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -64,8 +64,8 @@ def dist(tmp_path_factory) -> dict[str, Path]:
     and the sdist with the wheel built from it (as pip builds one from an sdist)."""
     tree = clean_copy(tmp_path_factory.mktemp("tree"))
     direct, via_sdist = tmp_path_factory.mktemp("direct"), tmp_path_factory.mktemp("via-sdist")
-    build(tree, direct, "--wheel")
-    build(tree, via_sdist)
+    build_dist(tree, direct, "--wheel")
+    build_dist(tree, via_sdist)
     found = {"wheel": list(direct.glob("*.whl")), "sdist": list(via_sdist.glob("*.tar.gz")),
              "sdist_wheel": list(via_sdist.glob("*.whl"))}
     assert all(len(v) == 1 for v in found.values()), found

@@ -12,10 +12,9 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf import GGUFReader
 
-from qconvert.pipeline import convert
 from qconvert.quant import blocks
-from qconvert.quant.recipes import Overrides, parse_targets, use_more_bits
-from tests.helpers import one_line_error, run_cli
+from qconvert.quant.recipes import Overrides, use_more_bits
+from tests.helpers import convert_to, one_line_error, run_cli
 
 FTYPES = {"q4_k_m": 15, "iq4_nl": 25}
 
@@ -35,16 +34,16 @@ def llama_quantize(src, dst, ftype: int, **params) -> None:
 @pytest.mark.parametrize("family", ["llama-wide", "llama-tied", "qwen2", "gpt2", "gemma3"])
 def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_path):
     src = tiny(family)
-    f32 = convert(str(src), parse_targets("f32"), tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
     ref = tmp_path / "ref.gguf"
     llama_quantize(f32, ref, FTYPES[recipe])
-    ours = convert(str(src), parse_targets(recipe), tmp_path / "ours.gguf", threads=2).outputs[0]["path"]
+    ours = convert_to(src, recipe, tmp_path / "ours.gguf", threads=2).outputs[0]["path"]
     assert filecmp.cmp(ours, ref, shallow=False), "not byte-identical to llama-quantize's file"
 
 
 def test_the_mixture_varies_by_layer(tiny, tmp_path):
     """On the 8-layer model the mixture is really mixed: Q6_K where use_more_bits says so."""
-    rep = convert(str(tiny("llama-wide")), parse_targets("q4_k_m"), tmp_path / "x.gguf", threads=2)
+    rep = convert_to(tiny("llama-wide"), "q4_k_m", tmp_path / "x.gguf", threads=2)
     types = {t.name: t.tensor_type for t in GGUFReader(rep.outputs[0]["path"]).tensors}
     downs = [types[f"blk.{i}.ffn_down.weight"] for i in range(8)]
     assert downs == [GT.Q6_K if use_more_bits(i, 8) else GT.Q4_K for i in range(8)]
@@ -55,15 +54,15 @@ def test_the_mixture_varies_by_layer(tiny, tmp_path):
 @pytest.mark.parametrize("recipe", ["q4_k_m", "iq4_nl"])
 def test_overrides_match_llama_quantize(recipe, tiny, tmp_path):
     src = tiny("llama-wide")
-    f32 = convert(str(src), parse_targets("f32"), tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
     ref = tmp_path / "ref.gguf"
     llama_quantize(f32, ref, FTYPES[recipe], output_tensor_type=int(GT.Q8_0), token_embedding_type=int(GT.Q5_K))
     o = Overrides(output=blocks.Q8_0, token_embedding=blocks.Q5_K)
-    ours = convert(str(src), parse_targets(recipe), tmp_path / "ours.gguf", threads=2, overrides=o).outputs[0]["path"]
+    ours = convert_to(src, recipe, tmp_path / "ours.gguf", threads=2, overrides=o).outputs[0]["path"]
     assert filecmp.cmp(ours, ref, shallow=False)
     pure = tmp_path / "pure.gguf"
     llama_quantize(f32, pure, FTYPES[recipe], pure=True)
-    ours = convert(str(src), parse_targets(recipe), tmp_path / "ours-pure.gguf", threads=2,
+    ours = convert_to(src, recipe, tmp_path / "ours-pure.gguf", threads=2,
                    overrides=Overrides(pure=True)).outputs[0]["path"]
     assert filecmp.cmp(ours, pure, shallow=False)
 
@@ -87,7 +86,7 @@ def test_tensor_type_override(tiny, tmp_path, capsys):
 
 def test_rows_that_fit_no_block_fall_back_like_llama_quantize(tiny, tmp_path):
     """gpt_neox here has rows of 80: Q4_K -> Q5_0 does not fit either, so F16, as llama-quantize."""
-    rep = convert(str(tiny("gpt_neox")), parse_targets("q4_k_m"), tmp_path / "x.gguf", threads=2)
+    rep = convert_to(tiny("gpt_neox"), "q4_k_m", tmp_path / "x.gguf", threads=2)
     types = {t.name: t.tensor_type for t in GGUFReader(rep.outputs[0]["path"]).tensors}
     assert types["blk.0.ffn_up.weight"] == GT.F16  # rows of 80
     assert types["blk.0.ffn_down.weight"] in (GT.Q5_0, GT.Q8_0)  # rows of 160: 32-blocks fit
@@ -161,7 +160,7 @@ def llama_quantize_with_imatrix(src, dst, ftype, weights: dict[str, np.ndarray])
 @pytest.mark.parametrize("recipe", ["q4_k_m", "iq4_nl"])
 def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
     src = tiny("llama-wide")
-    f32 = convert(str(src), parse_targets("f32"), tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
     reader = GGUFReader(f32)
     quantizable = {t.name: int(t.shape[0]) for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
     data = fake_imatrix(quantizable)
@@ -174,7 +173,7 @@ def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
         weights = {k: (s / np.float32(c) * np.float32(3)).astype(np.float32) / np.float32(3) for k, (s, c) in data.items()}
     ref = tmp_path / "ref.gguf"
     llama_quantize_with_imatrix(f32, ref, FTYPES[recipe], weights)
-    out = convert(str(src), parse_targets(recipe), tmp_path / "ours.gguf", threads=2, imatrix=path).outputs[0]["path"]
+    out = convert_to(src, recipe, tmp_path / "ours.gguf", threads=2, imatrix=path).outputs[0]["path"]
     ours_r, ref_r = GGUFReader(out), GGUFReader(ref)
     a = {t.name: t for t in ours_r.tensors}
     for t in ref_r.tensors:

@@ -11,11 +11,12 @@ search's levels). Q6_K: make_qx_quants per 16 on x^2 (or the raw qw), block scal
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qconvert.quant.reference.search import (GROUP_MAX_EPS, F, make_qkx_quants, make_qp_quants, make_qx_quants,
                                              nearest_int, seqsum, signed_absmax)
 
-BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+BYTES = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]][1] for name in ("Q4_K", "Q5_K", "Q6_K")}  # gguf's size table
 
 
 def _f16_bytes(v: np.ndarray) -> np.ndarray:

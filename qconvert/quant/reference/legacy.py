@@ -7,10 +7,11 @@ largest magnitude; the _impl paths weight by qw*sqrt(sigma2 + x^2), sigma2 = mea
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qconvert.quant.reference.search import F, make_qkx_quants, make_qx_quants, seqsum, signed_absmax
 
-BYTES = {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24}
+BYTES = {name: GGML_QUANT_SIZES[GGMLQuantizationType[name]][1] for name in ("Q4_0", "Q4_1", "Q5_0", "Q5_1")}  # gguf's size table
 
 
 def _f16(v: np.ndarray) -> np.ndarray:

@@ -6,9 +6,10 @@ calls for GGML_TYPE_Q8_0; the importance matrix is ignored there and here.
 from __future__ import annotations
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK = 32
-BLOCK_BYTES = 34
+BLOCK_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][1]  # gguf's size table: 34
 
 
 def roundf(x: np.ndarray) -> np.ndarray:

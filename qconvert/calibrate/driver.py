@@ -1,0 +1,126 @@
+"""The one layer loop. Token batches run through the model one decoder layer at a time: a
+layer's weights are read when it runs (from the memory-mapped checkpoint) and dropped after, so
+memory holds one layer and the activations, never the model. The loop owns the order of layers,
+how many samples run together, the allocator's tuning and the observers' view of the layer.
+
+Methods are observers (llm-compressor's modifiers, GPTQModel's loop processors): while a layer
+runs, each observer sees every linear layer's input before that linear runs, and may replace
+the linear's weight there (GPTQ quantizes it, so the rest of the layer runs on the quantized
+weight); when the layer has run on every sample, each observer sees the layer's end, with its
+weights still loaded, and may change them (AWQ folds its scales and quantizes there); if it
+asks, the layer runs again on the changed weights before its output moves on to the next layer.
+No method swaps a hook or runs inside a progress callback.
+"""
+from __future__ import annotations
+
+import ctypes
+import sys
+from typing import Callable
+
+import torch
+
+from qconvert.arch.forward import Forward
+
+Progress = Callable[[int, int], None]  # (layers done, layers)
+
+
+class Observer:
+    """A method in the layer loop; every hook is optional."""
+
+    # statistics over every sample are needed before the layer's linears run (GPTQ's Hessians,
+    # AWQ's searches): all samples run through a layer in one batch
+    all_samples = False
+
+    def linear_input(self, fw: Forward, hf: str, x: torch.Tensor) -> None:
+        """Linear layer `hf` is about to run on x [samples, tokens, in]; fw.set_linear_weight()
+        replaces its weight for the rest of the layer's run."""
+
+    def end_layer(self, fw: Forward, i: int) -> bool:
+        """Decoder layer i has run on every sample (weights still loaded, observers silent).
+        Return True after changing its weights when the next layer must see the changed layer's
+        output rather than the one already computed."""
+        return False
+
+
+class _Allocator:
+    """glibc's malloc tuned for a layer-at-a-time torch workload on Linux (elsewhere: no-op).
+
+    By default glibc raises its mmap threshold as large blocks are freed, after which activations
+    come from the heap and memory grows layer after layer; a low fixed threshold instead gives
+    every large tensor its own mapping, and then every one of the many short-lived activations
+    is a fresh mapping the kernel must zero page by page (half the time of an AWQ search went
+    to page faults). So: blocks up to glibc's largest threshold (32 MiB) come from a heap that
+    free() does not shrink in passing, and `release()` (after each layer) hands every free page
+    back to the kernel with malloc_trim."""
+
+    def __init__(self) -> None:
+        self.libc = None
+        if sys.platform.startswith("linux"):
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+                self.libc.malloc_trim  # noqa: B018 - glibc only
+            except (OSError, AttributeError):
+                self.libc = None  # not glibc: nothing to tune
+
+    def tune(self) -> None:
+        if self.libc is not None:
+            self.libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's maximum on 64-bit
+            self.libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: shrink only when release() says so
+            self.libc.mallopt(-2, 16 << 20)  # M_TOP_PAD
+
+    def release(self) -> None:
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+
+ALLOCATOR = _Allocator()
+
+ACTIVATION_BYTES = 24 << 20  # the widest activation of a batch stays below glibc's mmap threshold
+MAX_BATCH = 4
+
+
+def samples_within(sample_bytes: int) -> int:
+    """How many samples of the widest activation (sample_bytes each) fit in ACTIVATION_BYTES, so
+    that the block comes from the heap rather than a fresh mapping the kernel zeroes page by
+    page (see _Allocator); at least 1."""
+    return max(1, ACTIVATION_BYTES // max(1, sample_bytes))
+
+
+def samples_per_batch(fw: Forward, seq_len: int) -> int:
+    """How many samples run through a layer together: samples_within the widest activation (the
+    MLP's, float32), at most MAX_BATCH."""
+    c = fw.cfg
+    hidden = c.get(int, "hidden_size", "n_embd", default=0)
+    widest = c.get(int, "intermediate_size", "n_inner", default=None) or 4 * hidden
+    return min(MAX_BATCH, samples_within(seq_len * max(widest, 3 * hidden) * 4))
+
+
+def run_layers(fw: Forward, tokens: torch.Tensor, observers: tuple[Observer, ...] = (),
+               progress: Progress | None = None) -> torch.Tensor:
+    """Run token batches [n, T] through every decoder layer, one layer at a time for all of them;
+    returns the last layer's output [n, T, D]."""
+    ALLOCATOR.tune()
+    batch = len(tokens) if any(o.all_samples for o in observers) else samples_per_batch(fw, tokens.shape[1])
+
+    def through(i: int, h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([fw.layer(i, h[j:j + batch]) for j in range(0, len(h), batch)])
+    with torch.inference_mode():
+        h = torch.cat([fw.embed(tokens[j:j + batch]) for j in range(0, len(tokens), batch)])
+        fw.clear()
+        n = fw.family.n_layers
+        for i in range(n):
+            fw.observers = observers
+            try:
+                out = through(i, h)
+            finally:
+                fw.observers = ()
+            rerun = False
+            for o in observers:
+                rerun = bool(o.end_layer(fw, i)) or rerun
+            h = through(i, h) if rerun else out
+            del out
+            fw.clear()  # this layer's weights go; the next layer's are read when it runs
+            if progress:
+                progress(i + 1, n)
+            ALLOCATOR.release()
+    return h

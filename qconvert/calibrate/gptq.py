@@ -1,0 +1,50 @@
+"""GPTQ as an observer of the layer loop: every sample runs through a layer together; just
+before each linear layer runs, its Hessian (2/n X^T X of its actual input, shared by linears
+that share the input) is formed and the layer quantized, and its dequantized weight is what the
+rest of the layer then uses. So q/k/v are quantized on the norm's output, o on the attention
+computed with the quantized q/k/v, gate/up after o, down after gate/up (GPTQModel's
+true-sequential order), and the quantized layer's output feeds the next layer."""
+from __future__ import annotations
+
+import torch
+
+from qconvert.calibrate.driver import Observer
+from qconvert.checkpoint import CheckpointWriter
+from qconvert.errors import InputError
+from qconvert.quant.blocks import first_nonfinite
+from qconvert.quant.gptq import gptq
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    X = x.reshape(-1, x.shape[-1]).float()
+    return (X.T @ X) * (2.0 / X.shape[0])
+
+
+class GPTQObserver(Observer):
+    all_samples = True
+
+    def __init__(self, out: CheckpointWriter):
+        self.out = out
+        self.plan = out.plan
+
+    def linear_input(self, fw, hf: str, x: torch.Tensor) -> None:
+        lin, o = self.plan.linears[hf], self.plan.opts
+        H = fw.per_input("hessian", x, lambda: hessian(x))
+        W = fw.linear_weight(hf).float()
+        bad = first_nonfinite(W.numpy())
+        if bad >= 0:
+            raise InputError(f"{self.plan.model.ckpt.path}: tensor {lin.name}.weight has a non-finite value at flat "
+                             f"index {bad}")
+        r = gptq(W, H, o.bits, o.group_size, o.sym, o.act_order, o.damp)
+        fw.set_linear_weight(hf, r.weight)
+        self.out.add_linear(lin, r.q.numpy(), r.scales.numpy(), r.zeros.numpy(), r.g_idx.numpy())
+        self.out.layers.setdefault(lin.layer, []).append({"name": lin.name, "gptq": r.error, "rtn": r.rtn_error,
+                                                          "damp": r.damp})
+
+    def end_layer(self, fw, i: int) -> bool:
+        self.out.flush(i)
+        return False
+
+    def report(self) -> list[dict]:
+        return [{"layer": i, "gptq_error": sum(e["gptq"] for e in es), "rtn_error": sum(e["rtn"] for e in es),
+                 "linears": es} for i, es in sorted(self.out.layers.items())]

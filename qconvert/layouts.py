@@ -1,0 +1,260 @@
+"""The safetensors layouts of quantized linear layers, each defined once: the tensors it stores
+for a linear (names, dtypes, shapes), how codes, scales and zero points pack into them and
+unpack again, and the quantization_config that names it. Planning and writing a checkpoint
+(checkpoint.py) and reading one (read/quantized.py) all go through these classes.
+
+GPTQ: W[k, n] = scales[g_idx[k], n] * (q[k, n] - z[g_idx[k], n]); qweight int32 [K*b/32, N]
+packs codes along the input dimension, qzeros int32 [G, N*b/32] along the output dimension,
+scales f16 [G, N], g_idx int32 [K]; checkpoint_format "gptq" (v1) stores zero - 1, "gptq_v2"
+the zero itself.
+
+AWQ GEMM (4-bit): qweight int32 [K, N/8] packs codes along the output dimension with AWQ's
+interleave (slot i, bits 4i..4i+3, of word c holds column 8c + AWQ_ORDER[i]); qzeros int32
+[G, N/8] the same for the zero points (stored as they are); scales f16 [G, N]; no g_idx;
+W[k, n] = (q - z) s with the group g = k // group_size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+from typing import ClassVar
+
+import numpy as np
+
+from qconvert import __version__
+from qconvert.errors import InputError
+
+SIZES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+@dataclass
+class Entry:
+    """One tensor of a safetensors checkpoint, before its data exists."""
+
+    name: str
+    dtype: str  # safetensors spelling
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * SIZES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Params:
+    """What a checkpoint's quantization_config says about its layout."""
+
+    bits: int
+    group_size: int
+    v2: bool = False  # GPTQ's checkpoint_format gptq_v2: zero points stored as they are
+
+
+class Layout:
+    method: ClassVar[str]  # quant_method in quantization_config
+    parts: ClassVar[tuple[str, ...]]  # tensors per linear, after its prefix
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        raise NotImplementedError
+
+    @classmethod
+    def pack(cls, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, g_idx: np.ndarray | None,
+             p: Params) -> dict[str, np.ndarray]:
+        """Codes q [N, K], scales and zero points [G, N] (and g_idx [K]) -> the linear's tensors."""
+        raise NotImplementedError
+
+    @classmethod
+    def unpack(cls, parts: dict[str, np.ndarray], p: Params) -> np.ndarray:
+        """The linear's tensors -> its weight [N, K] float32."""
+        raise NotImplementedError
+
+    @classmethod
+    def shape(cls, parts: dict[str, tuple[int, ...]], p: Params) -> tuple[int, int]:
+        """(out, in) features of a linear from its tensors' shapes."""
+        raise NotImplementedError
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        """quantization_config for config.json."""
+        raise NotImplementedError
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        """Params from a checkpoint's quantization_config; anything this layout cannot decode is
+        an InputError naming `where`."""
+        raise NotImplementedError
+
+
+def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[K, N] codes -> int32 [K*bits/32, N], value j of a word at bit bits*j (GPTQ's qweight)."""
+    per = 32 // bits
+    K, N = codes.shape
+    c = codes.astype(np.uint32).reshape(K // per, per, N)
+    out = np.zeros((K // per, N), dtype=np.uint32)
+    for j in range(per):
+        out |= c[:, j, :] << np.uint32(bits * j)
+    return out.view(np.int32)
+
+
+def unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
+    per = 32 // bits
+    p = packed.view(np.uint32)
+    mask = np.uint32(2 ** bits - 1)
+    out = np.stack([(p >> np.uint32(bits * j)) & mask for j in range(per)], axis=1)
+    return out.reshape(p.shape[0] * per, p.shape[1]).astype(np.int32)
+
+
+def pack_cols(codes: np.ndarray, bits: int) -> np.ndarray:
+    """[G, N] -> int32 [G, N*bits/32], packed along the output dimension (GPTQ's qzeros)."""
+    return np.ascontiguousarray(pack_rows(np.ascontiguousarray(codes.T), bits).T)
+
+
+def unpack_cols(packed: np.ndarray, bits: int) -> np.ndarray:
+    return np.ascontiguousarray(unpack_rows(np.ascontiguousarray(packed.T), bits).T)
+
+
+def pack_interleaved(codes: np.ndarray) -> np.ndarray:
+    """[R, N] 4-bit codes -> int32 [R, N/8] in AWQ's interleaved order."""
+    R, N = codes.shape
+    c = codes.astype(np.uint32).reshape(R, N // 8, 8)
+    out = np.zeros((R, N // 8), dtype=np.uint32)
+    for i, col in enumerate(AWQ_ORDER):
+        out |= c[:, :, col] << np.uint32(4 * i)
+    return out.view(np.int32)
+
+
+def unpack_interleaved(packed: np.ndarray) -> np.ndarray:
+    p = packed.view(np.uint32)
+    R, W = p.shape
+    out = np.empty((R, W, 8), dtype=np.int32)
+    for i, col in enumerate(AWQ_ORDER):
+        out[:, :, col] = (p >> np.uint32(4 * i)) & np.uint32(15)
+    return out.reshape(R, W * 8)
+
+
+def _meta(extra: dict) -> dict:
+    return {"quantizer": [f"qconvert:{__version__}"], **extra}
+
+
+class GPTQ(Layout):
+    method = "gptq"
+    parts = ("qweight", "qzeros", "scales", "g_idx")
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        n_groups = -(-n_in // (n_in if p.group_size == -1 else p.group_size))
+        return [Entry(prefix + ".qweight", "I32", (n_in * p.bits // 32, n_out)),
+                Entry(prefix + ".qzeros", "I32", (n_groups, n_out * p.bits // 32)),
+                Entry(prefix + ".scales", "F16", (n_groups, n_out)),
+                Entry(prefix + ".g_idx", "I32", (n_in,))]
+
+    @classmethod
+    def pack(cls, q, scales, zeros, g_idx, p):
+        z = zeros.astype(np.int64) - (0 if p.v2 else 1)
+        z &= 2 ** p.bits - 1  # v1 asymmetric zero 0 wraps, as every v1 writer does
+        return {"qweight": pack_rows(np.ascontiguousarray(q.T), p.bits), "qzeros": pack_cols(z, p.bits),
+                "scales": scales.astype(np.float16), "g_idx": g_idx.astype(np.int32)}
+
+    @classmethod
+    def unpack(cls, parts, p):
+        q = unpack_rows(parts["qweight"], p.bits)  # [K, N]
+        z = unpack_cols(parts["qzeros"], p.bits)  # [G, N]
+        if not p.v2:
+            z = z + 1
+        scales = parts["scales"]
+        K = q.shape[0]
+        g_idx = parts.get("g_idx")
+        if g_idx is None:
+            g_idx = np.arange(K) // (K // scales.shape[0])
+        s = scales.astype(np.float32)[g_idx]
+        return np.ascontiguousarray((s * (q - z[g_idx]).astype(np.float32)).T)
+
+    @classmethod
+    def shape(cls, parts, p):
+        qw = parts["qweight"]
+        return qw[1], qw[0] * 32 // p.bits
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        fmt = "gptq_v2" if p.v2 else "gptq"
+        act_order = extra.get("act_order", False)
+        return {"bits": p.bits, "group_size": p.group_size, "desc_act": False, "sym": not p.v2,
+                "lm_head": False, "quant_method": "gptq", "checkpoint_format": fmt, "format": fmt,
+                "pack_dtype": "int32", "damp_percent": extra["damp_percent"], "true_sequential": True,
+                "static_groups": act_order, "meta": _meta(extra)}
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        bits = qcfg.get("bits", 4)
+        if bits not in (2, 4, 8):
+            raise InputError(f"{where}: {bits}-bit GPTQ cannot be decoded (2, 4 and 8 can)")
+        fmt = str(qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))).lower()
+        return Params(bits, _group(qcfg, where), v2=fmt == "gptq_v2")
+
+
+class AWQ(Layout):
+    method = "awq"
+    parts = ("qweight", "qzeros", "scales")
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        n_groups = -(-n_in // (n_in if p.group_size == -1 else p.group_size))
+        return [Entry(prefix + ".qweight", "I32", (n_in, n_out * p.bits // 32)),
+                Entry(prefix + ".qzeros", "I32", (n_groups, n_out * p.bits // 32)),
+                Entry(prefix + ".scales", "F16", (n_groups, n_out))]
+
+    @classmethod
+    def pack(cls, q, scales, zeros, g_idx, p):
+        return {"qweight": pack_interleaved(np.ascontiguousarray(q.T)), "qzeros": pack_interleaved(zeros),
+                "scales": scales.astype(np.float16)}
+
+    @classmethod
+    def unpack(cls, parts, p):
+        q = unpack_interleaved(parts["qweight"])  # [K, N]
+        z = unpack_interleaved(parts["qzeros"])  # [G, N]
+        scales = parts["scales"]
+        g = q.shape[0] // scales.shape[0]
+        w = (q - np.repeat(z, g, axis=0)).astype(np.float32) * np.repeat(scales.astype(np.float32), g, axis=0)
+        return np.ascontiguousarray(w.T)
+
+    @classmethod
+    def shape(cls, parts, p):
+        qw = parts["qweight"]
+        return qw[1] * 32 // p.bits, qw[0]
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        return {"quant_method": "awq", "bits": p.bits, "group_size": p.group_size, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": None, "meta": _meta(extra)}
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        if qcfg.get("bits", 4) != 4 or str(qcfg.get("version", "gemm")).lower() != "gemm":
+            raise InputError(f"{where}: only 4-bit AWQ GEMM checkpoints can be decoded")
+        return Params(4, _group(qcfg, where))
+
+
+def _group(qcfg: dict, where: object) -> int:
+    g = qcfg.get("group_size", 128)
+    if type(g) is not int or not (g == -1 or g > 0):
+        raise InputError(f"{where}: quantization_config group_size must be -1 or positive, got {g!r}")
+    return g
+
+
+LAYOUTS: dict[str, type[Layout]] = {cls.method: cls for cls in (AWQ, GPTQ)}
+
+
+def layout_of(config) -> tuple[type[Layout], Params] | None:
+    """The layout and its parameters a checkpoint's config.json names, or None when it names no
+    quantization; a quant_method no layout decodes is an InputError."""
+    q = config.data.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict):
+        raise InputError(f"{config.path}: quantization_config must be an object, got {q!r}")
+    method = str(q.get("quant_method", "")).lower()
+    if method not in LAYOUTS:
+        raise InputError(f"{config.path}: quant_method {q.get('quant_method')!r} cannot be read; qconvert reads "
+                         f"{', '.join(LAYOUTS)}")
+    return LAYOUTS[method], LAYOUTS[method].params(q, config.path)

@@ -1,0 +1,77 @@
+"""What a job did, for the terminal and for --json: inputs, every output (path, size, sha256, and
+what a checkpoint method reports per layer), the calibration passes, time and peak memory."""
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qconvert import __version__
+from qconvert.checkpoint import CheckpointPlan
+from qconvert.model import Model
+from qconvert.plan import Plan
+from qconvert.quant import blocks
+
+
+@dataclass
+class Report:
+    source: str
+    model_dir: str
+    architecture: str
+    revision: str | None
+    inputs: list[dict]
+    outputs: list[dict] = field(default_factory=list)
+    n_params: int = 0
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    threads: int = 1
+    backend: str = blocks.BACKEND
+    kernels: str = field(default_factory=blocks.backend_description)
+    dry_run: bool = False
+    tensors: list[dict] = field(default_factory=list)  # the GGUF outputs' tensors
+    calibration: dict | None = None  # samples, and the passes that ran over them
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["qconvert_version"] = __version__
+        return d
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan], targets: list, threads: int,
+             dry_run: bool) -> Report:
+    """The report of a planned job: every output with its planned size."""
+    ckpt = model.ckpt
+    n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in ckpt.tensors.values())
+    r = Report(source=ckpt.source, model_dir=str(ckpt.path), architecture=ckpt.config.architecture(),
+               revision=ckpt.revision, inputs=[{"path": str(p), "bytes": p.stat().st_size} for p in ckpt.weight_files],
+               n_params=plan.n_params if plan is not None else n_params, threads=threads, dry_run=dry_run)
+    cps = iter(checkpoints)
+    gguf_outputs = iter(plan.outputs if plan is not None else [])
+    for t in targets:
+        if t.kind == "gguf":
+            o = next(gguf_outputs)
+            r.outputs.append({"target": o.recipe.name, "kind": "gguf", "path": str(o.path), "bytes": o.file_size,
+                              "tensor_bytes": o.tensor_bytes, "tensors": len(o.types),
+                              "bits_per_weight": round(o.tensor_bytes * 8 / max(plan.n_params, 1), 4),
+                              "sha256": None})
+        else:
+            cp = next(cps)
+            o = cp.opts
+            r.outputs.append({"target": t.name, "kind": "checkpoint", "path": str(cp.path), "bytes": cp.total_bytes,
+                              "sha256": None, "method": o.method, "bits": o.bits, "group_size": o.group_size,
+                              "act_order": o.act_order if o.method == "gptq" else False,
+                              "sym": o.sym if o.method == "gptq" else False,
+                              "checkpoint_format": o.checkpoint_format, "n_linears": len(cp.linears),
+                              "linears": len(cp.linears),
+                              "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)} for e in cp.entries]})
+    if plan is not None:
+        for i, t in enumerate(plan.tensors):
+            r.tensors.append({"name": t.name, "source": t.hf_name, "shape": list(t.shape[::-1]),
+                              "types": [o.types[i].name for o in plan.outputs],
+                              "bytes": [o.infos[i].nbytes for o in plan.outputs]})
+    return r

@@ -1,0 +1,94 @@
+"""GGUF files streamed one tensor at a time, for every GGUF output at once: each checkpoint
+tensor is read once (memory-mapped, in row chunks when no transform needs the whole tensor),
+checked for NaN/Inf, converted to every output's type for it and appended to every file; its
+pages are then dropped, so memory holds about one chunk, not the model."""
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+
+from qconvert.arch.spec import PlannedTensor
+from qconvert.errors import InputError
+from qconvert.plan import Plan
+from qconvert.quant import blocks
+
+CHUNK_ELEMENTS = 1 << 22  # rows are streamed in chunks of about 16 MB of float32
+
+
+def write_gguf(plan: Plan, threads: int, progress: Callable[[str, int, int], None] | None) -> list:
+    """Every GGUF output, one read of each tensor for all of them; complete, not yet in place."""
+    writers = [o.writer() for o in plan.outputs]
+    what = f"writing {len(writers)} GGUF file{'s' if len(writers) > 1 else ''}"
+    done = 0
+    try:
+        for w in writers:
+            w.open()
+        for i, t in enumerate(plan.tensors):
+            for w in writers:
+                w.begin_tensor(t.name)
+            for chunk in float_chunks(t, threads):
+                amax = max(float(chunk.max()), -float(chunk.min())) if chunk.size else 0.0
+                for o, w in zip(plan.outputs, writers):
+                    if amax >= o.types[i].overflow:
+                        raise InputError(f"tensor {t.hf_name!r} holds {amax:.4g}, beyond what {o.types[i].name} can "
+                                         f"store for --to {o.recipe.name}; use --to bf16 or f32")
+                    w.write(o.types[i].quantize(chunk, threads, o.weights[i]))
+                done += chunk.size
+                if progress:
+                    progress(what, done, plan.n_params)
+            for w in writers:
+                w.end_tensor()
+        for w in writers:
+            w.result = w.finish(commit=False)  # type: ignore[attr-defined]
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return writers
+
+
+def float_chunks(t: PlannedTensor, threads: int) -> Iterator[np.ndarray]:
+    """The tensor's final float32 data as 2-D row chunks, checked for NaN/Inf."""
+    if t.source is None:
+        assert t.make is not None
+        yield _checked(t, np.ascontiguousarray(t.make(), dtype=np.float32).reshape(_rows2d(t.shape)), 0)
+        return
+    src = t.source
+    raw = src.array()
+    if t.rows is not None:
+        raw = raw[: t.rows]
+    if t.transform is not None:
+        data = t.transform(blocks.to_float32(src.dtype, raw, threads), src.dtype)
+        data = np.ascontiguousarray(data, dtype=np.float32).reshape(_rows2d(t.shape))
+        src.release()
+        for r0, r1 in _row_ranges(data):
+            yield _checked(t, data[r0:r1], r0)
+        return
+    rows = raw.reshape(_rows2d(t.shape))
+    for r0, r1 in _row_ranges(rows):
+        yield _checked(t, blocks.to_float32(src.dtype, rows[r0:r1], threads), r0)
+        src.release()
+
+
+def _rows2d(shape: tuple[int, ...]) -> tuple[int, int]:
+    n = shape[-1] if shape else 1
+    return (int(np.prod(shape[:-1], dtype=np.int64)) if len(shape) > 1 else 1, n)
+
+
+def _row_ranges(a: np.ndarray) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK_ELEMENTS // max(a.shape[1], 1))
+    for r0 in range(0, a.shape[0], step):
+        yield r0, min(r0 + step, a.shape[0])
+
+
+def _checked(t: PlannedTensor, chunk: np.ndarray, row0: int) -> np.ndarray:
+    at = blocks.first_nonfinite(chunk)
+    if at >= 0:
+        row, col = divmod(at, chunk.shape[1])
+        value = chunk.reshape(-1)[at]
+        where = getattr(getattr(t.source, "file", None), "path", None)
+        prefix = f"{where}: " if where else ""
+        raise InputError(f"{prefix}tensor {t.hf_name!r} has {value} at row {row0 + row}, column {col}; "
+                         "refusing to write a broken model")
+    return chunk
