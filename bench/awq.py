@@ -1,9 +1,18 @@
-"""AWQ: qconvert against AutoAWQ 0.2.9 on the same model, calibration tokens and group size.
+"""AWQ: qconvert against llm-compressor 0.14 (the maintained AWQ) and AutoAWQ 0.2.9 (deprecated),
+on the same model and calibration tokens.
 
 usage: python bench/awq.py [--model qwen2.5-0.5b] [--samples 16] [--seq-len 512] [--chunks 16] [--depth]
-                         [--keep DIR]
+                         [--keep DIR] [--reference llm-compressor|autoawq|both] [--group-size 128]
 
-Both quantize 4-bit GEMM with zero points, group size 128, on the same calibration token samples
+llm-compressor runs its AWQ recipe as its documentation gives it (AWQModifier with its default
+settings and mappings, W4A16_ASYM: 4-bit, group 128, zero points, lm_head left alone) in a venv of
+its own (its transformers pin, 5.15-5.17, is not ours), on the CPU, float32. Its AWQ has no
+clipping search, AutoAWQ's (and ours) has: so defaults against defaults and like for like are
+the same comparison here, and the report says so. Its checkpoint is scored through
+compressed-tensors' own fake quantization (the weights its kernels compute with), saved as a
+float checkpoint for `qconvert eval`.
+
+AutoAWQ: both quantize 4-bit GEMM with zero points, group size 128, on the same calibration token samples
 (qconvert's default text, seeded selection), 2 threads. AutoAWQ 0.2.9 runs on the CPU in a
 child process in float32, in a venv of its own with the transformers it was written for
 (AUTOAWQ_VENV, built from the package registry on first use; its quantizer also runs under
@@ -33,6 +42,68 @@ from common import REAL, calibration_tokens, compare_checkpoints, measure, qconv
 from gptq import depth_check  # noqa: E402
 
 AUTOAWQ_VENV = Path(os.environ.get("QCONVERT_AUTOAWQ", Path.home() / ".cache" / "qconvert-autoawq"))
+LLMC_VENV = Path(os.environ.get("QCONVERT_LLMCOMPRESSOR", Path.home() / ".cache" / "qconvert-llmcompressor"))
+
+
+def llmcompressor_python() -> Path:
+    return tool_venv(LLMC_VENV, (["torch==2.13.0"], ["llmcompressor==0.14.0.1"]))
+
+
+def run_llmcompressor(src: str, out: str, tokens: str, group: str) -> None:
+    """In a child process (llm-compressor's venv): its AWQ recipe on the given token samples,
+    then every quantized Linear's weight replaced by compressed-tensors' fake quantization of it
+    (what its kernels compute with) and saved as a plain float checkpoint."""
+    # this directory's scripts (kernels.py, awq.py) would shadow packages transformers imports
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    for name in ("kernels", "awq", "gptq", "common", "eval"):
+        sys.modules.pop(name, None)
+    import torch
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(2)
+    # llm-compressor 0.14 pins its cached activations before each AWQ grid search, for faster
+    # host-to-GPU copies; without an accelerator torch refuses to pin ("Cannot access accelerator
+    # device"), so every CPU run fails there. Pinning changes no value: it is made a no-op.
+    from llmcompressor.pipelines.cache import IntermediatesCache
+    IntermediatesCache.pin_memory = lambda self, *a, **k: None
+    ids = np.load(tokens)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    scheme = "W4A16_ASYM"
+    quant = QuantizationModifier(ignore=["lm_head"], scheme=scheme, targets=["Linear"])
+    if int(group) != 128:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+        quant = QuantizationModifier(ignore=["lm_head"], config_groups={"group_0": QuantizationScheme(
+            targets=["Linear"], weights=QuantizationArgs(num_bits=4, type="int", symmetric=False,
+                                                         strategy="group", group_size=int(group)))})
+    data = Dataset.from_dict({"input_ids": [r.tolist() for r in ids], "attention_mask": [[1] * ids.shape[1]] * len(ids)})
+    oneshot(model=model, dataset=data, recipe=[AWQModifier(), quant], max_seq_length=ids.shape[1],
+            num_calibration_samples=len(ids))
+    names = set()
+    for name, m in model.named_modules():
+        scheme_ = getattr(m, "quantization_scheme", None)
+        if scheme_ is not None and scheme_.weights is not None and hasattr(m, "weight_scale"):
+            zp = getattr(m, "weight_zero_point", None)
+            with torch.no_grad():
+                m.weight.data = fake_quantize(m.weight.data, m.weight_scale, zp, scheme_.weights)
+            names.add(name)
+    keep = json.loads((Path(src) / "config.json").read_text())
+    from safetensors import safe_open
+    with safe_open(str(Path(src) / "model.safetensors"), "pt") as f:
+        wanted = set(f.keys())
+    state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items() if k in wanted}
+    Path(out).mkdir()
+    save_file(state, str(Path(out) / "model.safetensors"), metadata={"format": "pt"})
+    (Path(out) / "config.json").write_text(json.dumps(keep, indent=2))
+    for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (Path(src) / f).is_file():
+            shutil.copy(Path(src) / f, Path(out) / f)
+    (Path(out) / "quantized_linears.json").write_text(json.dumps(sorted(names)))
 # AutoAWQ 0.2.9 asks for transformers>=4.45 and runs with 4.51.3 here
 AUTOAWQ_DEPS = ["transformers==4.51.3", "accelerate", "datasets", "zstandard", "numpy", "safetensors"]
 
@@ -114,33 +185,47 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--reference", choices=("llm-compressor", "autoawq", "both"), default="llm-compressor")
     ap.add_argument("--depth", action="store_true")
-    ap.add_argument("--keep", type=Path, help="copy both checkpoints into this directory before it ends")
+    ap.add_argument("--keep", type=Path, help="copy the checkpoints into this directory before it ends")
     ap.add_argument("--run-autoawq", nargs=3, metavar=("SRC", "OUT", "TOKENS"), help=argparse.SUPPRESS)
+    ap.add_argument("--run-llmcompressor", nargs=4, metavar=("SRC", "OUT", "TOKENS", "GROUP"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_autoawq:
         return run_autoawq(*args.run_autoawq)
+    if args.run_llmcompressor:
+        return run_llmcompressor(*args.run_llmcompressor)
     src = REAL / "hf" / args.model
     if not src.is_dir():
         sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
-    ref_py = autoawq_python()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"
         calibration_tokens(src, args.samples, args.seq_len, tokens)
-        ours, theirs = tmp / "qconvert-awq", tmp / "autoawq-awq"
+        ours = tmp / "qconvert-awq"
         t_ours = measure(qconvert_cmd() + [str(src), "--to", "awq", "-o", str(ours), "-q", "-j", "2",
+                                           "--group-size", str(args.group_size),
                                            "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len)])
+        rows = {"qconvert (defaults)": (ours, t_ours)}
         env = dict(os.environ, OMP_NUM_THREADS="2")
-        view = transformers4_view(src, tmp / "model-for-transformers4")
-        t_ref = measure([str(ref_py), str(Path(__file__).resolve()), "--run-autoawq", str(view), str(theirs),
-                         str(tokens)], env=env, cwd=tmp)
+        if args.reference in ("llm-compressor", "both"):
+            theirs = tmp / "llmcompressor-awq"
+            rows["llm-compressor 0.14 (defaults)"] = (theirs, measure(
+                [str(llmcompressor_python()), str(Path(__file__).resolve()), "--run-llmcompressor", str(src),
+                 str(theirs), str(tokens), str(args.group_size)], env=env, cwd=tmp))
+        if args.reference in ("autoawq", "both"):
+            theirs = tmp / "autoawq-awq"
+            view = transformers4_view(src, tmp / "model-for-transformers4")
+            rows["AutoAWQ 0.2.9"] = (theirs, measure([str(autoawq_python()), str(Path(__file__).resolve()),
+                                                      "--run-autoawq", str(view), str(theirs), str(tokens)],
+                                                     env=env, cwd=tmp))
         if args.keep:
-            for d in (ours, theirs):
+            for d, _ in rows.values():
                 shutil.copytree(d, args.keep / d.name, dirs_exist_ok=True)
-        compare_checkpoints(f"{args.model}: AWQ 4-bit GEMM group 128, {args.samples} x {args.seq_len} calibration "
-                            f"tokens, 2 threads; scored on northangerabbey.txt, {args.chunks} x 512 tokens",
-                            {"qconvert": (ours, t_ours), "AutoAWQ 0.2.9": (theirs, t_ref)}, src, args.chunks)
+        compare_checkpoints(f"{args.model}: AWQ 4-bit group {args.group_size} zero points, {args.samples} x "
+                            f"{args.seq_len} calibration tokens, 2 threads; scored on northangerabbey.txt, "
+                            f"{args.chunks} x 512 tokens", rows, src, args.chunks)
         if args.depth:
             depth_check(tmp, "awq")
 

@@ -1,15 +1,17 @@
-"""GPTQ: qconvert against GPTQModel 7.7.0 on the same model, calibration tokens and settings.
+"""GPTQ: qconvert against GPTQModel 7.7.0 on the same model and calibration tokens, two ways.
 
 usage: python bench/gptq.py [--model qwen2.5-0.5b] [--samples 32] [--seq-len 512] [--chunks 16]
-                            [--act-order] [--depth]
+                            [--group-size 128] [--depth]
 
-Both quantize with bits 4, group size 128, damping 0.05, symmetric, the same calibration token
-samples (qconvert's default text, seeded selection) and 2 threads; GPTQModel with desc_act and
-act_group_aware off unless --act-order (then qconvert --act-order against GPTQModel's
-desc_act=False + act_group_aware, its own activation-ordering default). Prints wall time, peak RSS,
-and perplexity / KL divergence from the float model on northangerabbey.txt, both checkpoints
-scored by `qconvert eval` (the same forward for both). --depth also quantizes random models of
-Qwen2.5-0.5B's width with 4 and 16 layers, to show peak memory does not grow with depth.
+Defaults against defaults: `qconvert --to gptq` (activation order with static groups) against
+GPTQModel's default QuantizeConfig (act_group_aware: its group-aware reordering, desc_act off).
+Like for like: both with columns in natural order (qconvert --no-act-order, GPTQModel with
+act_group_aware off). Everything else the same: 4 bits, the group size (128 unless the widths
+need less: SmolLM2's 576 takes 64), damping 0.05, symmetric, the same calibration token samples
+(qconvert's default text, seeded selection), 2 threads. Prints wall time, peak RSS, and
+perplexity / KL divergence / top-1 against the float model on northangerabbey.txt, every
+checkpoint scored by `qconvert eval` (the same forward for all). --depth also quantizes random
+models of Qwen2.5-0.5B's width with 4 and 16 layers, to show peak memory does not grow with depth.
 """
 from __future__ import annotations
 
@@ -26,16 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
 
 
-def run_gptqmodel(src: str, out: str, tokens: str, act_order: bool) -> None:
-    """In a child process: GPTQModel's own quantize + save on the given token samples."""
+def run_gptqmodel(src: str, out: str, tokens: str, defaults: bool, group: int) -> None:
+    """In a child process: GPTQModel's own quantize + save on the given token samples, with its
+    default QuantizeConfig (but the group size) or with act_group_aware off."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
     torch.set_num_threads(2)
     ids = np.load(tokens)
-    cfg = QuantizeConfig(bits=4, group_size=128, desc_act=False, sym=True, damp_percent=0.05,
-                         act_group_aware=act_order)
+    cfg = QuantizeConfig(group_size=group) if defaults else QuantizeConfig(
+        bits=4, group_size=group, desc_act=False, sym=True, damp_percent=0.05, act_group_aware=False)
     model = GPTQModel.load(src, cfg, device="cpu")
     model.quantize([{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in ids], batch_size=1)
     model.save(out)
@@ -76,12 +79,14 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=16)
-    ap.add_argument("--act-order", action="store_true")
+    ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--depth", action="store_true")
-    ap.add_argument("--run-gptqmodel", nargs=3, metavar=("SRC", "OUT", "TOKENS"), help=argparse.SUPPRESS)
+    ap.add_argument("--run-gptqmodel", nargs=5, metavar=("SRC", "OUT", "TOKENS", "DEFAULTS", "GROUP"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_gptqmodel:
-        return run_gptqmodel(*args.run_gptqmodel, act_order=args.act_order)
+        src_, out, tokens_, defaults, group = args.run_gptqmodel
+        return run_gptqmodel(src_, out, tokens_, defaults == "1", int(group))
     src = REAL / "hf" / args.model
     if not src.is_dir():
         sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
@@ -89,18 +94,23 @@ def main() -> None:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"
         calibration_tokens(src, args.samples, args.seq_len, tokens)
-        ours, theirs = tmp / "qconvert-gptq", tmp / "gptqmodel-gptq"
-        extra = ["--act-order"] if args.act_order else []
-        t_ours = measure(qconvert_cmd() + [str(src), "--to", "gptq", "-o", str(ours), "-q", "-j", "2",
-                                           "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len),
-                                           *extra])
         env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", OMP_NUM_THREADS="2")
-        t_ref = measure([sys.executable, str(Path(__file__).resolve()), "--run-gptqmodel", str(src), str(theirs),
-                         str(tokens), *extra], env=env, cwd=tmp)  # GPTQModel writes a logs/ folder where it runs
-        compare_checkpoints(f"{args.model}: GPTQ 4-bit group 128 sym{' act-order' if args.act_order else ''}, "
-                            f"{args.samples} x {args.seq_len} calibration tokens, 2 threads; "
-                            f"scored on northangerabbey.txt, {args.chunks} x 512 tokens",
-                            {"qconvert": (ours, t_ours), "GPTQModel 7.7.0": (theirs, t_ref)}, src, args.chunks)
+        runs = {}
+        for defaults, ours_extra, name in ((True, [], "defaults"), (False, ["--no-act-order"], "natural order")):
+            ours = tmp / f"qconvert-{int(defaults)}"
+            runs[f"qconvert ({name})"] = (ours, measure(qconvert_cmd() + [
+                str(src), "--to", "gptq", "-o", str(ours), "-q", "-j", "2", "--group-size", str(args.group_size),
+                "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len), *ours_extra]))
+            theirs = tmp / f"gptqmodel-{int(defaults)}"  # GPTQModel writes a logs/ folder where it runs
+            runs[f"GPTQModel 7.7.0 ({name})"] = (theirs, measure(
+                [sys.executable, str(Path(__file__).resolve()), "--run-gptqmodel", str(src), str(theirs), str(tokens),
+                 str(int(defaults)), str(args.group_size)], env=env, cwd=tmp))
+        title = (f"{args.model}: GPTQ 4-bit group {args.group_size} sym, {args.samples} x {args.seq_len} "
+                 f"calibration tokens, 2 threads; scored on northangerabbey.txt, {args.chunks} x 512 tokens")
+        names = list(runs)
+        compare_checkpoints(title + "\ndefaults against defaults", {n: runs[n] for n in names[:2]}, src, args.chunks)
+        compare_checkpoints(title + "\nlike for like (natural order)", {n: runs[n] for n in names[2:]}, src,
+                            args.chunks)
         if args.depth:
             depth_check(tmp)
 

@@ -81,27 +81,12 @@ def _hinv_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
                              "inputs all zero or non-finite?)")
 
 
-ORDERS = ("natural", "static", "group")
-
-
-def group_aware_order(diag: torch.Tensor, g: int) -> torch.Tensor:
-    """Groups by their largest diag(H), descending; within each group its columns by diag(H),
-    descending (Gafni et al. 2025's group-aware reordering, GPTQModel's act_group_aware)."""
-    d = diag.view(-1, g)
-    values, local = torch.sort(d, dim=1, descending=True, stable=True)
-    groups = torch.argsort(values[:, 0], descending=True, stable=True)
-    return (local + torch.arange(d.shape[0])[:, None] * g)[groups].reshape(-1)
-
-
 def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
-         act_order: bool | str = False, damp: float = 0.05) -> GPTQResult:
+         act_order: bool = False, damp: float = 0.05) -> GPTQResult:
     """Quantize W [N, K] (float32) given H [K, K]; group_size -1 means one group per row.
-    `act_order`: False/"natural" (columns in order), True/"static" (by descending diag(H), group
-    parameters from the original weights), "group" (group-aware: each group's columns together,
-    parameters from the updated weights when the group begins)."""
-    order = {False: "natural", True: "static"}.get(act_order, act_order)
-    if order not in ORDERS:
-        raise ValueError(f"act_order must be one of {ORDERS}, got {act_order!r}")
+    `act_order`: columns by descending diag(H), group parameters from the original weights of
+    each static group; otherwise columns in order, parameters from the updated weights when a
+    group begins."""
     N, K = W.shape
     g = K if group_size == -1 else group_size
     if K % g:
@@ -117,17 +102,13 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
     n_groups = K // g
     scales = torch.zeros(n_groups, N)
     zeros = torch.zeros(n_groups, N)
-    static = order == "static"
-    if static:  # static groups: parameters from the original weights, g_idx = k // g
+    if act_order:  # static groups: parameters from the original weights, g_idx = k // g
         for j in range(n_groups):
             scales[j], zeros[j] = group_params(W[:, j * g:(j + 1) * g], bits, sym)
         perm = torch.argsort(torch.diag(H), descending=True)
-    elif order == "group":
-        perm = group_aware_order(torch.diag(H), g)
+        W, H = W[:, perm], H[perm][:, perm]
     else:
         perm = torch.arange(K)
-    if order != "natural":
-        W, H = W[:, perm], H[perm][:, perm]
     U, damp = _hinv_upper(H, damp)
 
     Q = torch.zeros_like(W)
@@ -140,7 +121,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
         for i in range(i2 - i1):
             col = int(perm[i1 + i])
             grp = col // g
-            if not static and (i1 + i) % g == 0:  # a group begins: parameters from the updated weights
+            if not act_order and col % g == 0:  # a group begins: parameters from the updated weights
                 scales[grp], zeros[grp] = group_params(W1[:, i:i + g] if i + g <= i2 - i1 else
                                                        torch.cat([W1[:, i:], W[:, i2:i1 + i + g]], 1), bits, sym)
             w = W1[:, i]
