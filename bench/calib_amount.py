@@ -18,11 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import IMATRIX, QUANTIZE, REAL, measure, need_reference, qconvert_cmd  # noqa: E402
-from quality import logprobs, score  # noqa: E402
+from quality import logprobs, reference, score  # noqa: E402
 
 RECIPES = (("q4_k_m", "Q4_K_M"), ("iq4_nl", "IQ4_NL"))
 
@@ -37,7 +35,6 @@ def main() -> None:
     args = ap.parse_args()
     need_reference()
     src = REAL / "hf" / args.model
-    text = (REAL / "text" / "northangerabbey.txt").read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         f32 = tmp / "f32.gguf"
@@ -64,17 +61,7 @@ def main() -> None:
         print(f"{rows[-1][0]}: {t_imat:.1f} s llama-imatrix, {t_quant:.1f} s llama-quantize (both files; "
               "convert not counted)", flush=True)
 
-        from llama_cpp import Llama
-
-        tok = Llama(str(f32), vocab_only=True, verbose=False)
-        ids = tok.tokenize(text.encode(), add_bos=False)
-        tok.close()
-        chunks = [ids[i * 512:(i + 1) * 512] for i in range(args.chunks)]
-        first = next(logprobs(f32, chunks[:1]))
-        base = np.lib.format.open_memmap(tmp / "base.npy", mode="w+", dtype=np.float32, shape=(len(chunks), *first.shape))
-        for c, lp in enumerate(logprobs(f32, chunks)):
-            base[c] = lp
-        p0, _, _ = score((base[c] for c in range(len(chunks))), base, chunks)
+        chunks, base, p0 = reference(f32, args.chunks, 512, tmp)
         print(f"\n{args.model}, scored on northangerabbey.txt, {args.chunks} x 512 tokens; F32 perplexity {p0:.3f}")
         print(f"{'calibration':52s} {'s':>7s} | " + " | ".join(f"{r:>6s} PPL     KLD  top-1" for r, _ in RECIPES))
         for name, wall, paths in rows:

@@ -58,6 +58,23 @@ def score(lp, base: np.ndarray, chunks: list[list[int]]) -> tuple[float, float, 
     return float(np.exp(nll / n)), kld / n, top1 / n
 
 
+def reference(f32: Path, n_chunks: int, ctx: int, tmp: Path) -> tuple[list[list[int]], np.ndarray, float]:
+    """northangerabbey.txt in chunks of ctx tokens (the F32 file's tokenizer), the F32 file's
+    log-probabilities of them (on disk, in tmp: score() streams over them) and its perplexity."""
+    from llama_cpp import Llama
+
+    tok = Llama(str(f32), vocab_only=True, verbose=False)
+    ids = tok.tokenize((REAL / "text" / "northangerabbey.txt").read_text(encoding="utf-8").encode(), add_bos=False)
+    tok.close()
+    chunks = [ids[i * ctx:(i + 1) * ctx] for i in range(n_chunks)]
+    first = next(logprobs(f32, chunks[:1]))
+    base = np.lib.format.open_memmap(tmp / "base.npy", mode="w+", dtype=np.float32, shape=(len(chunks), *first.shape))
+    for c, lp in enumerate(logprobs(f32, chunks)):
+        base[c] = lp
+    p0, _, _ = score((base[c] for c in range(len(chunks))), base, chunks)
+    return chunks, base, p0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
@@ -66,7 +83,6 @@ def main() -> None:
     args = ap.parse_args()
     need_reference()
     src = REAL / "hf" / args.model
-    text = (REAL / "text" / "northangerabbey.txt").read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         f32 = tmp / "f32.gguf"
@@ -88,18 +104,7 @@ def main() -> None:
                      str(files[f"llama.cpp {recipe} + qconvert imatrix"]), label, "2"])
             files[f"llama.cpp {recipe}, no imatrix"] = tmp / f"l-{recipe}.gguf"
             measure([str(QUANTIZE), str(f32), str(files[f"llama.cpp {recipe}, no imatrix"]), label, "2"])
-        from llama_cpp import Llama
-
-        tok = Llama(str(f32), vocab_only=True, verbose=False)
-        ids = tok.tokenize(text.encode(), add_bos=False)
-        tok.close()
-        chunks = [ids[i * args.ctx:(i + 1) * args.ctx] for i in range(args.chunks)]
-        first = next(logprobs(f32, chunks[:1]))
-        base = np.lib.format.open_memmap(tmp / "base.npy", mode="w+", dtype=np.float32,
-                                         shape=(len(chunks), *first.shape))
-        for c, lp in enumerate(logprobs(f32, chunks)):
-            base[c] = lp
-        p0, _, _ = score((base[c] for c in range(len(chunks))), base, chunks)
+        chunks, base, p0 = reference(f32, args.chunks, args.ctx, tmp)
         print(f"{args.model}, northangerabbey.txt, {args.chunks} x {args.ctx} tokens; F32 perplexity {p0:.3f}")
         print(f"{'file':38s} {'MB':>7s} {'bpw':>6s} {'PPL':>8s} {'KLD':>8s} {'top-1':>7s}")
         from gguf import GGUFReader

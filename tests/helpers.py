@@ -31,6 +31,22 @@ def convert_to(src, to: str, output, calibration=None, threads: int = 2, **kw):
                        calibration=calibration or CalibrationOptions(), **kw))
 
 
+def signal_mid_write(monkeypatch, sig, at: int = 6) -> None:
+    """Send `sig` to this process while the GGUF files are being written (at the `at`-th tensor)."""
+    import signal
+
+    from qconvert import stream
+
+    real, seen = stream.float_chunks, {"n": 0}
+
+    def signalled(t, threads):
+        seen["n"] += 1
+        if seen["n"] == at:
+            signal.raise_signal(sig)
+        yield from real(t, threads)
+    monkeypatch.setattr(stream, "float_chunks", signalled)
+
+
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -47,4 +63,4 @@ def one_line_error(err: str, *needles: str) -> None:
         assert n in lines[0], (n, lines[0])
 
 
-__all__ = ["run_cli", "convert_to", "copy_model", "files_in", "one_line_error", "pytest"]
+__all__ = ["run_cli", "convert_to", "signal_mid_write", "copy_model", "files_in", "one_line_error", "pytest"]

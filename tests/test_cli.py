@@ -14,7 +14,7 @@ import pytest
 from gguf import GGUFReader
 
 from qconvert.writers import atomic
-from tests.helpers import copy_model, files_in, one_line_error, run_cli
+from tests.helpers import copy_model, files_in, one_line_error, run_cli, signal_mid_write
 
 
 @pytest.fixture()
@@ -145,17 +145,7 @@ def test_interrupt_removes_outputs(model, tmp_path, capsys, monkeypatch):
     """Ctrl-C (and SIGTERM, which the CLI turns into the same) mid-write: exit 130, nothing left."""
     import signal
 
-    from qconvert import stream as pipeline  # where the GGUF files are streamed
-
-    real = pipeline.float_chunks
-    seen = {"n": 0}
-
-    def interrupted(t, threads):
-        seen["n"] += 1
-        if seen["n"] == 6:
-            signal.raise_signal(signal.SIGTERM)
-        yield from real(t, threads)
-    monkeypatch.setattr(pipeline, "float_chunks", interrupted)
+    signal_mid_write(monkeypatch, signal.SIGTERM)
     code, _, err = run_cli([model, "--to", "q8_0,f16", "-o", tmp_path / "out"], capsys)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert code == 130

@@ -13,7 +13,7 @@ import pytest
 from gguf import GGUFReader
 
 from qconvert.writers import atomic
-from tests.helpers import copy_model, files_in, one_line_error, run_cli
+from tests.helpers import copy_model, files_in, one_line_error, run_cli, signal_mid_write
 
 SMALL = ["--calib-samples", "2", "--calib-seq-len", "32", "--group-size", "32"]
 
@@ -274,16 +274,7 @@ def test_checkpoint_directory_that_appears_meanwhile_is_kept(model, tmp_path, ca
 # 8. nothing left behind: hang-ups, killed runs, failures after planning ------------------------
 
 def test_hangup_removes_outputs(model, tmp_path, capsys, monkeypatch):
-    from qconvert import stream as pipeline  # where the GGUF files are streamed
-
-    real, seen = pipeline.float_chunks, {"n": 0}
-
-    def hung_up(t, threads):
-        seen["n"] += 1
-        if seen["n"] == 6:
-            signal.raise_signal(signal.SIGHUP)
-        yield from real(t, threads)
-    monkeypatch.setattr(pipeline, "float_chunks", hung_up)
+    signal_mid_write(monkeypatch, signal.SIGHUP)
     code, _, err = run_cli([model, "--to", "q8_0,f16", "-o", tmp_path / "out" / "new"], capsys)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     assert code == 130

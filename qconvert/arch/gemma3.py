@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 from qconvert.arch.base import Family, decoder_tensors
 from qconvert.arch.layers import act, apply_rope, attention, heads, merge, rms_norm, rope_tables
-from qconvert.arch.llama import LlamaForward
-from qconvert.arch.spec import Expected, PlannedTensor, ScaleSpec
+from qconvert.arch.llama import LlamaForward, attention_mlp_groups
+from qconvert.arch.spec import Expected, PlannedTensor
 from qconvert.errors import InputError
 from qconvert.read import tokenizer
 from qconvert.read.checkpoint import Tensor
@@ -89,11 +89,7 @@ class Gemma3(Family):
     hf_architectures = ("Gemma3ForCausalLM", "Gemma3ForConditionalGeneration")
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     forward_class = Gemma3Forward
-    awq_groups = (ScaleSpec("input_layernorm", "norm1p", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                            "attention"),
-                  ScaleSpec("self_attn.v_proj", "linear", ("self_attn.o_proj",), same_shape=True),
-                  ScaleSpec("pre_feedforward_layernorm", "norm1p", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-                  ScaleSpec("mlp.up_proj", "linear", ("mlp.down_proj",)))
+    awq_groups = attention_mlp_groups("norm1p", "pre_feedforward_layernorm")  # (1 + w) norms
     awq_no_clip = ("q_proj", "k_proj")
     example = "google/gemma-3-270m"
     config_defaults = {"*": {"max_position_embeddings": 131072, "rms_norm_eps": 1e-6}}  # Gemma3TextConfig

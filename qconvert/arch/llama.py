@@ -28,6 +28,17 @@ def unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def attention_mlp_groups(norm_kind: str, mlp_norm: str) -> tuple[ScaleSpec, ...]:
+    """AutoAWQ's groups for a Llama-style layer: input norm -> q, k, v (the attention block
+    compared); v -> o when their shapes match; the MLP's norm -> gate, up (the MLP compared);
+    up -> down."""
+    return (ScaleSpec("input_layernorm", norm_kind, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                      "attention"),
+            ScaleSpec("self_attn.v_proj", "linear", ("self_attn.o_proj",), same_shape=True),
+            ScaleSpec(mlp_norm, norm_kind, ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+            ScaleSpec("mlp.up_proj", "linear", ("mlp.down_proj",)))
+
+
 class LlamaForward(Forward):
     """Llama, Mistral, Qwen2 (q/k/v biases), Qwen3 (q/k norms), with Llama 3 rope scaling."""
 
@@ -97,11 +108,7 @@ class Llama(Family):
     hf_architectures = ("LLaMAForCausalLM", "LlamaForCausalLM", "MistralForCausalLM")
     gguf_arch = gguf.MODEL_ARCH.LLAMA
     forward_class = LlamaForward
-    awq_groups = (ScaleSpec("input_layernorm", "norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                            "attention"),
-                  ScaleSpec("self_attn.v_proj", "linear", ("self_attn.o_proj",), same_shape=True),
-                  ScaleSpec("post_attention_layernorm", "norm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
-                  ScaleSpec("mlp.up_proj", "linear", ("mlp.down_proj",)))
+    awq_groups = attention_mlp_groups("norm", "post_attention_layernorm")
     awq_no_clip = ("q_proj", "k_proj")
     example = "HuggingFaceTB/SmolLM2-135M"
     config_defaults = {"*": {"max_position_embeddings": 2048, "rms_norm_eps": 1e-6},  # LlamaConfig

@@ -19,7 +19,9 @@ import re
 import shutil
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from qconvert.errors import OutputError
 
@@ -198,31 +200,11 @@ class AtomicFile:
             self._q.put(_DONE)
             self._thread.join()
 
-    def complete(self) -> None:
-        """Everything written and on disk, still under the temporary name."""
-        self._stop()
+    @contextmanager
+    def _or_abort(self) -> Iterator[None]:
+        """A failure inside removes the temporary file and becomes the output error it is."""
         try:
-            self._check()
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-        except OSError as e:
-            self.abort()
-            raise output_error(self.path, e) from None
-        except OutputError:
-            self.abort()
-            raise
-
-    def commit(self) -> None:
-        """complete(), then the file appears at its path."""
-        if not self._f.closed:
-            self.complete()
-        try:
-            if self.force:
-                check_replaceable_file(self.path, force=True)
-                os.replace(self.tmp, self.path)
-            else:
-                rename_noreplace(self.tmp, self.path)
+            yield
         except FileExistsError:
             self.abort()
             raise OutputError(f"{self.path}: appeared while this run was writing it (another run?); left as it "
@@ -233,6 +215,27 @@ class AtomicFile:
         except OutputError:
             self.abort()
             raise
+
+    def complete(self) -> None:
+        """Everything written and on disk, still under the temporary name."""
+        self._stop()
+        with self._or_abort():
+            self._check()
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+
+    def commit(self) -> None:
+        """complete(), then the file appears at its path (never over one that appeared meanwhile,
+        unless forced)."""
+        if not self._f.closed:
+            self.complete()
+        with self._or_abort():
+            if self.force:
+                check_replaceable_file(self.path, force=True)
+                os.replace(self.tmp, self.path)
+            else:
+                rename_noreplace(self.tmp, self.path)
 
     def abort(self) -> None:
         self._error = self._error or OSError(errno.ECANCELED, "aborted")
