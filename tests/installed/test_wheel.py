@@ -153,15 +153,16 @@ def test_every_target_with_its_defaults(venv, work, model, target):
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
     row = targets.TARGETS[target]
+    (output,) = report["outputs"]
+    path = Path(output["path"])
+    assert output["kind"] == row.kind
     if row.kind == "gguf":
-        path = Path(report["outputs"][0]["path"])
-        assert len(GGUFReader(path).tensors) == report["outputs"][0]["tensors"]
+        assert len(GGUFReader(path).tensors) == output["tensors"]
         if row.calibration == "default":  # calibrated from the text that ships in the wheel
             assert report["calibration"]["dataset"] == "qconvert:emma.txt", report["calibration"]
         else:
             assert report["calibration"] is None
     else:
-        path = Path(report["path"])
         assert report["calibration"]["dataset"] == "qconvert:emma.txt"
         assert (path / "model.safetensors").is_file() and (path / "config.json").is_file()
     r = run(venv, work, "qconvert", "inspect", str(path), "--json")
