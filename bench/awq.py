@@ -7,8 +7,9 @@ usage: python bench/awq.py [--model qwen2.5-0.5b] [--samples 16] [--seq-len 512]
 llm-compressor runs its AWQ recipe as its documentation gives it (AWQModifier with its default
 settings and mappings, W4A16_ASYM: 4-bit, group 128, zero points, lm_head left alone) in a venv of
 its own (its transformers pin, 5.15-5.17, is not ours), on the CPU, float32. Its AWQ has no
-clipping search, AutoAWQ's (and ours) has: so defaults against defaults and like for like are
-the same comparison here, and the report says so. Its checkpoint is scored through
+clipping search, AutoAWQ's (and our default) has: defaults against defaults is qconvert's
+default against llm-compressor's, like for like is `qconvert --no-clip` against llm-compressor's
+(the same scale search, mappings, grid and zero-point quantizer). Its checkpoint is scored through
 compressed-tensors' own fake quantization (the weights its kernels compute with), saved as a
 float checkpoint for `qconvert eval`.
 
@@ -208,24 +209,33 @@ def main() -> None:
                                            "--group-size", str(args.group_size),
                                            "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len)])
         rows = {"qconvert (defaults)": (ours, t_ours)}
+        pairs = []
         env = dict(os.environ, OMP_NUM_THREADS="2")
         if args.reference in ("llm-compressor", "both"):
             theirs = tmp / "llmcompressor-awq"
             rows["llm-compressor 0.14 (defaults)"] = (theirs, measure(
                 [str(llmcompressor_python()), str(Path(__file__).resolve()), "--run-llmcompressor", str(src),
                  str(theirs), str(tokens), str(args.group_size)], env=env, cwd=tmp))
+            plain = tmp / "qconvert-awq-no-clip"
+            rows["qconvert --no-clip"] = (plain, measure(
+                qconvert_cmd() + [str(src), "--to", "awq", "-o", str(plain), "-q", "-j", "2", "--no-clip",
+                                  "--group-size", str(args.group_size), "--calib-samples", str(args.samples),
+                                  "--calib-seq-len", str(args.seq_len)]))
+            pairs += [("qconvert (defaults)", "llm-compressor 0.14 (defaults)"),
+                      ("qconvert --no-clip", "llm-compressor 0.14 (defaults)")]
         if args.reference in ("autoawq", "both"):
             theirs = tmp / "autoawq-awq"
             view = transformers4_view(src, tmp / "model-for-transformers4")
             rows["AutoAWQ 0.2.9"] = (theirs, measure([str(autoawq_python()), str(Path(__file__).resolve()),
                                                       "--run-autoawq", str(view), str(theirs), str(tokens)],
                                                      env=env, cwd=tmp))
+            pairs.append(("qconvert (defaults)", "AutoAWQ 0.2.9"))
         if args.keep:
             for d, _ in rows.values():
                 shutil.copytree(d, args.keep / d.name, dirs_exist_ok=True)
         compare_checkpoints(f"{args.model}: AWQ 4-bit group {args.group_size} zero points, {args.samples} x "
                             f"{args.seq_len} calibration tokens, 2 threads; scored on northangerabbey.txt, "
-                            f"{args.chunks} x 512 tokens", rows, src, args.chunks)
+                            f"{args.chunks} x 512 tokens", rows, src, args.chunks, pairs)
         if args.depth:
             depth_check(tmp, "awq")
 

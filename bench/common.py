@@ -86,19 +86,25 @@ def evaluate(path: Path, src: Path, chunks: int) -> dict:
     return json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
 
 
-def compare_checkpoints(title: str, rows: dict[str, tuple[Path, tuple[float, int]]], src: Path, chunks: int) -> None:
+def compare_checkpoints(title: str, rows: dict[str, tuple[Path, tuple[float, int]]], src: Path, chunks: int,
+                        pairs: list[tuple[str, str]] | None = None) -> None:
     """Print the measured (wall, peak RSS) of each tool first (scoring takes a while and may
-    fail), then the table with each checkpoint's size and scores; ratios are first row / second."""
-    (_, ours), (_, ref) = list(rows.values())[:2]
+    fail), then the table with each checkpoint's size and scores; ratios are ours / the
+    reference's for each (ours, reference) pair of row names, by default the first row / second."""
+    pairs = pairs or [tuple(rows)[:2]]
     print("wall time and peak RSS: " + ", ".join(f"{name} {wall:.1f} s {rss / 1e6:.0f} MB"
                                                   for name, (_, (wall, rss)) in rows.items()), flush=True)
     print(title)
-    print(f"{'tool':18s} {'s':>8s} {'peak MB':>8s} {'MB on disk':>10s} {'PPL':>9s} {'KLD':>9s} {'top-1':>7s}")
+    w = max(18, *map(len, rows))
+    print(f"{'tool':{w}s} {'s':>8s} {'peak MB':>8s} {'MB on disk':>10s} {'PPL':>9s} {'KLD':>9s} {'top-1':>7s}")
     base = None
     for name, (path, (wall, rss)) in rows.items():
         r = evaluate(path, src, chunks)
         base = r["base_perplexity"]
         size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-        print(f"{name:18s} {wall:8.1f} {rss / 1e6:8.0f} {size / 1e6:10.1f} {r['perplexity']:9.3f} "
+        print(f"{name:{w}s} {wall:8.1f} {rss / 1e6:8.0f} {size / 1e6:10.1f} {r['perplexity']:9.3f} "
               f"{r['kl_divergence']:9.5f} {r['top1_agreement']:7.3f}", flush=True)
-    print(f"float model perplexity {base:.3f}; time ratio {ours[0] / ref[0]:.2f}x, memory ratio {ours[1] / ref[1]:.2f}x")
+    print(f"float model perplexity {base:.3f}")
+    for a, b in pairs:
+        (_, ours), (_, ref) = rows[a], rows[b]
+        print(f"{a} / {b}: time ratio {ours[0] / ref[0]:.2f}x, memory ratio {ours[1] / ref[1]:.2f}x")

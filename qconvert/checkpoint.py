@@ -43,6 +43,7 @@ class CheckpointOptions:
     sym: bool = True
     damp: float = 0.05
     max_shard_bytes: int = 5 * 10 ** 9
+    clip: bool = True  # awq: AutoAWQ's clipping search after the scales (llm-compressor's AWQ has none)
 
     @property
     def layout(self) -> type[Layout]:
@@ -240,7 +241,8 @@ def tree_sha256(d: Path) -> str:
 
 def quantization_config(opts: CheckpointOptions, calib: dict) -> dict:
     if opts.method == "awq":
-        return opts.layout.config(opts.params, {"calibration": calib})
+        # clip is recorded only when off, so that default checkpoints keep their bytes
+        return opts.layout.config(opts.params, {"calibration": calib, **({} if opts.clip else {"clip": False})})
     return opts.layout.config(opts.params, {"act_order": opts.act_order, "damp_percent": opts.damp,
                                             "calibration": calib})
 

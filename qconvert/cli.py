@@ -71,6 +71,9 @@ Sym = Annotated[bool, typer.Option("--sym/--asym", help="gptq: symmetric (checkp
                                                         "(gptq_v2; vLLM refuses asymmetric GPTQ).")]
 Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction of the Hessian's mean diagonal; "
                                                     "raised by 0.01 steps if the factorisation fails.")]
+Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="awq: after the scales, search each linear's "
+                                                              "clipping range (AutoAWQ's auto_clip); --no-clip "
+                                                              "skips it, as llm-compressor's AWQ does.")]
 MaxShard = Annotated[str, typer.Option("--max-shard-size", help="gptq: largest safetensors shard, e.g. 5GB, "
                                                                 "500MB.")]
 
@@ -105,7 +108,8 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 pure: Pure = False, imatrix: ImatrixFile = None, calib: Calib = None, calib_samples: CalibSamples = 32,
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
                 group_size: GroupSize = 128,
-                act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB") -> None:
+                act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
+                clip: Clip = True) -> None:
     """Convert MODEL to GGUF files and GPTQ/AWQ checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -145,7 +149,8 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
         pure=pure)
     job = Job(model, chosen, output, revision, force, threads or _cores(), dry_run, overrides, imatrix, no_calib,
               CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
-              CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size)))
+              CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size),
+                                clip))
     if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
         _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
                           "it, vLLM refuses asymmetric GPTQ", "yellow")

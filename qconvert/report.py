@@ -66,6 +66,7 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
                               "sha256": None, "method": o.method, "bits": o.bits, "group_size": o.group_size,
                               "act_order": o.act_order if o.method == "gptq" else False,
                               "sym": o.sym if o.method == "gptq" else False,
+                              "clip": o.clip if o.method == "awq" else False,
                               "checkpoint_format": o.checkpoint_format, "n_linears": len(cp.linears),
                               "linears": len(cp.linears),
                               "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)} for e in cp.entries]})

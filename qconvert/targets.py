@@ -45,7 +45,7 @@ def _gguf(r: Recipe) -> Target:
 TARGETS: dict[str, Target] = {t.name: t for t in sorted([
     *(_gguf(r) for r in RECIPES.values()),
     Target("awq", "checkpoint", "AWQ 4-bit GEMM, zero points, group 128", "always", "transformers, GPTQModel, vLLM",
-           ("bits", "group_size", "max_shard_size", *CALIBRATION), label="AWQ"),
+           ("bits", "group_size", "clip", "max_shard_size", *CALIBRATION), label="AWQ"),
     Target("gptq", "checkpoint", "GPTQ 4-bit (2, 8), group 128, symmetric, activation order", "always",
            "transformers, GPTQModel, vLLM",
            ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", *CALIBRATION), label="GPTQ"),

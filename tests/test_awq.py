@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from qconvert.arch.llama import Llama
 from qconvert.quant import awq
 from qconvert.layouts import AWQ, Params, pack_interleaved, unpack_interleaved
 from tests.helpers import files_in, one_line_error, run_cli
@@ -207,3 +208,29 @@ def test_eval_of_a_checkpoint_saved_without_its_tokenizer(tiny, tmp_path, capsys
     code, _, err = run_cli([common[0], str(bare), *common[1:]], capsys)
     assert code == 2
     one_line_error(err, "--tokenizer")
+
+
+def test_no_clip_skips_only_the_clipping_search(tiny, tmp_path, capsys):
+    """--no-clip (llm-compressor's AWQ): the same scales, so the linears the family never clips
+    keep their bytes, every other linear is rounded from its unclipped weights; the report and
+    quantization_config say so."""
+    from safetensors.numpy import load_file
+
+    src = tiny("llama-wide")
+    default = make_awq(src, tmp_path / "clip", capsys, "--group-size", "64")
+    plain = make_awq(src, tmp_path / "no-clip", capsys, "--group-size", "64", "--no-clip")
+    assert default["clip"] is True and plain["clip"] is False
+    meta = [json.loads((tmp_path / d / "config.json").read_text())["quantization_config"]["meta"]
+            for d in ("clip", "no-clip")]
+    assert "clip" not in meta[0] and meta[1]["clip"] is False
+    a, b = (load_file(tmp_path / d / "model.safetensors") for d in ("clip", "no-clip"))
+    assert a.keys() == b.keys()
+    same = {k.rsplit(".", 2)[-2] for k in a if k.endswith(".qweight") and np.array_equal(a[k], b[k])}
+    differ = {k.rsplit(".", 2)[-2] for k in a if k.endswith(".qweight") and not np.array_equal(a[k], b[k])}
+    assert same == set(Llama.awq_no_clip) and differ and not differ & same
+    assert all(np.array_equal(a[k], b[k]) for k in a if k.endswith("norm.weight"))
+
+
+def test_no_clip_is_an_awq_option(tiny, tmp_path, capsys):
+    code, _, err = run_cli([str(tiny("llama")), "--to", "gptq", "--no-clip", "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--no-clip" in err and "awq" in err and not (tmp_path / "o").exists()

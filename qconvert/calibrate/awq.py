@@ -81,7 +81,7 @@ class AWQObserver(Observer):
                                                       "ratio": ratio})
         for hf in [hf for hf in plan.linears if plan.linears[hf].layer == i]:
             w = fw.linear_weight(hf)
-            if hf.rsplit(".", 1)[-1] not in fw.family.awq_no_clip:
+            if plan.opts.clip and hf.rsplit(".", 1)[-1] not in fw.family.awq_no_clip:
                 w = awq.apply_clip(w, awq.best_clip(w, captured[hf], g), g)
             r = awq.quantize(w, g)
             self.out.add_linear(plan.linears[hf], r.q.numpy(), r.scales.numpy(), r.zeros.numpy(), None)
