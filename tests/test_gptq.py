@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from qconvert.calibrate.gptq import hessian
 from qconvert.quant.gptq import gptq, output_error
 from qconvert.layouts import GPTQ, Params, pack_cols, pack_rows, unpack_cols, unpack_rows
 from tests.helpers import files_in, one_line_error, run_cli
@@ -55,6 +56,18 @@ def test_gptq_dead_columns_and_singular_hessian():
     assert torch.all(r.weight[:, 5] == 0)
     r2 = gptq(W, H2, 4, 32, True, False, damp=1e-9)
     assert torch.isfinite(r2.weight).all() and r2.error < r2.rtn_error
+
+
+@pytest.mark.parametrize("n,k", [(600, 2048), (300, 2304), (257, 5000)])
+def test_wide_hessians_from_the_upper_triangle(n, k):
+    """The banded Hessian of wide inputs is symmetric and equals 2/n X^T X (the same dot
+    products; bitwise equal with torch's BLAS here, float rounding allowed elsewhere)."""
+    torch.manual_seed(k)
+    x = torch.randn(3, n, k) * torch.rand(k) * 4
+    X = x.reshape(-1, k)
+    H = hessian(x)
+    assert torch.equal(H, H.T)
+    torch.testing.assert_close(H, (X.T @ X) * (2.0 / X.shape[0]), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
