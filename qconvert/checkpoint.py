@@ -25,13 +25,13 @@ from qconvert.layouts import LAYOUTS, Entry, Layout, Params
 from qconvert.model import Model
 from qconvert.quant.blocks import first_nonfinite, to_float32
 from qconvert.read.checkpoint import SIDE_FILES, Tensor
+from qconvert.read.safetensors import FLOAT_DTYPES
 from qconvert.writers.safetensors import AtomicDir, ShardedWriter, check_replaceable_dir
 
 GROUP_CHOICES = (32, 64, 128, 256)  # the loaders' CPU and GPU kernels take these (torch's int4 CPU kernel)
 COPIED_FILES = [n for n in SIDE_FILES if n not in ("config.json", "README.md")]  # tokenizer, generation config
 # what a checkpoint directory holds besides its shards (write_configs)
 OWN_FILES = {"config.json", "quantize_config.json", *COPIED_FILES}
-FLOATS = ("F32", "F16", "BF16", "F64")
 
 
 @dataclass
@@ -135,7 +135,7 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
             for e in entries_by_name[prefix]:
                 layer_of[e.name] = layer
         else:
-            entries_by_name[name] = [Entry(name, "F16" if t.dtype in FLOATS else t.dtype, tuple(t.shape))]
+            entries_by_name[name] = [Entry(name, "F16" if t.dtype in FLOAT_DTYPES else t.dtype, tuple(t.shape))]
             copies[name] = t
             layer_of[name] = layer
     if opts.method == "awq":
@@ -159,7 +159,7 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
 def to_f16(name: str, t) -> np.ndarray:
     """A tensor as the checkpoint stores it: float16 (refusing NaN/Inf and values beyond its
     range), other dtypes as they are."""
-    if t.dtype not in FLOATS:
+    if t.dtype not in FLOAT_DTYPES:
         return np.asarray(t.array())
     a = to_float32(t.dtype, t.array())
     bad = first_nonfinite(a)

@@ -23,8 +23,8 @@ import numpy as np
 
 from qconvert import __version__
 from qconvert.errors import InputError
+from qconvert.read.safetensors import DTYPES
 
-SIZES = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
@@ -38,7 +38,7 @@ class Entry:
 
     @property
     def nbytes(self) -> int:
-        return prod(self.shape) * SIZES[self.dtype]
+        return prod(self.shape) * DTYPES[self.dtype].itemsize
 
 
 @dataclass(frozen=True)

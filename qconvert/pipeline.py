@@ -133,7 +133,7 @@ def imatrix_pass(model: Model, plan: Plan, samples: text.Calibration, exact: boo
     plan.use_imatrix(made)
     return {"method": "imatrix", "targets": [o.recipe.name for o in plan.outputs if o.weights is not None and
                                              o.recipe.quantizes_like_llama_quantize],
-            "forward": "float32" if exact else "int8", "feeds": "float outputs", "entries": len(made.entries),
+            "forward": "float32" if exact else "int8", "feeds": imatrix_mod.Collector.feeds, "entries": len(made.entries),
             "seconds": round(time.perf_counter() - t, 3)}
 
 
@@ -160,7 +160,7 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
         raise
     writer.report = {"layers": observer.report(), "calibration": calib}
     return writer, {"method": method, "targets": [method], "forward": "float32",
-                    "feeds": "quantized outputs" if method == "gptq" else "float outputs",
+                    "feeds": observer.feeds,
                     "seconds": round(time.perf_counter() - t, 3)}
 
 

@@ -46,10 +46,11 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
              dry_run: bool) -> Report:
     """The report of a planned job: every output with its planned size."""
     ckpt = model.ckpt
-    n_params = sum(int(np.prod(t.shape, dtype=np.int64)) for t in ckpt.tensors.values())
+    n_params = plan.n_params if plan is not None else \
+        sum(int(np.prod(t.shape, dtype=np.int64)) for t in ckpt.tensors.values())
     r = Report(source=ckpt.source, model_dir=str(ckpt.path), architecture=ckpt.config.architecture(),
                revision=ckpt.revision, inputs=[{"path": str(p), "bytes": p.stat().st_size} for p in ckpt.weight_files],
-               n_params=plan.n_params if plan is not None else n_params, threads=threads, dry_run=dry_run)
+               n_params=n_params, threads=threads, dry_run=dry_run)
     cps = iter(checkpoints)
     gguf_outputs = iter(plan.outputs if plan is not None else [])
     for t in targets:
@@ -68,7 +69,6 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
                               "sym": o.sym if o.method == "gptq" else False,
                               "clip": o.clip if o.method == "awq" else False,
                               "checkpoint_format": o.checkpoint_format, "n_linears": len(cp.linears),
-                              "linears": len(cp.linears),
                               "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)} for e in cp.entries]})
     if plan is not None:
         for i, t in enumerate(plan.tensors):

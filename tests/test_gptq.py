@@ -257,7 +257,7 @@ def test_dry_run_plans_without_writing(tiny, tmp_path, capsys):
     assert code == 0, err
     plan = json.loads(out)
     out = plan["outputs"][0]
-    assert out["kind"] == "checkpoint" and out["linears"] == 14 and not (tmp_path / "o").exists()
+    assert out["kind"] == "checkpoint" and out["n_linears"] == 14 and not (tmp_path / "o").exists()
     assert any(t["name"].endswith("q_proj.qweight") and t["shape"] == [8, 64] for t in out["tensors"])
 
 

@@ -30,6 +30,7 @@ class Observer:
     # statistics over every sample are needed before the layer's linears run (GPTQ's Hessians,
     # AWQ's searches): all samples run through a layer in one batch
     all_samples = False
+    feeds = "float outputs"  # what the layer passes on to the next: its float or its quantized output
 
     def linear_input(self, fw: Forward, hf: str, x: torch.Tensor) -> None:
         """Linear layer `hf` is about to run on x [samples, tokens, in]; fw.set_linear_weight()

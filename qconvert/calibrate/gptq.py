@@ -37,6 +37,7 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 class GPTQObserver(Observer):
     all_samples = True
+    feeds = "quantized outputs"
 
     def __init__(self, out: CheckpointWriter):
         self.out = out
