@@ -73,7 +73,7 @@ def open_model(source: str, revision: str | None = None) -> Model:
         found = layout_of(ckpt.config)
         weights = None
         if found is not None:  # decoded as it runs
-            weights = QuantizedWeights(ckpt, family)
+            weights = QuantizedWeights(ckpt, family, *found)
             family.check_tensors(lambda n: weights[n].shape if n in weights else None, ckpt.path)
         else:
             family.check_checkpoint()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qconvert.errors import InputError
-from qconvert.layouts import Layout, Params, layout_of
+from qconvert.layouts import Layout, Params
 
 
 def linear_shape(layout: type[Layout], p: Params, prefix: str, parts: dict, where: object) -> tuple[int, int, int]:
@@ -52,11 +52,9 @@ class DequantizedLinear:
 class QuantizedWeights:
     """HF name -> tensor; `X.weight` of a quantized linear is decoded from X.qweight & co."""
 
-    def __init__(self, ckpt, family):
-        found = layout_of(ckpt.config)
-        if found is None:
-            raise InputError(f"{ckpt.config.path}: no quantization_config")
-        self.layout, self.params = found
+    def __init__(self, ckpt, family, layout: type[Layout], params: Params):
+        """`layout`, `params`: what layout_of() found in the checkpoint's config."""
+        self.layout, self.params = layout, params
         self.family = family
         self.where = ckpt.config.path
         self.tensors = {n.replace("language_model.", ""): t for n, t in ckpt.tensors.items()}
