@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from qconvert import __version__
 from qconvert.arch.base import NOT_TEXT, SKIP_SUFFIXES
@@ -165,10 +166,11 @@ def to_f16(name: str, t) -> np.ndarray:
     bad = first_nonfinite(a)
     if bad >= 0:
         raise InputError(f"{name}: non-finite value at flat index {bad}")
-    big = np.abs(a).max(initial=0.0)
+    x = torch.from_numpy(a)  # torch's conversions use the job's threads; the same rounding as numpy's
+    big = float(max(x.max(), -x.min())) if x.numel() else 0.0
     if big > 65504:
         raise InputError(f"{name}: value {big:g} is beyond float16's range; cannot store it in 16 bits")
-    out = a.astype(np.float16)
+    out = x.half().numpy()
     t.release()
     return out
 

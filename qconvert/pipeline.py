@@ -22,7 +22,7 @@ import torch
 from qconvert.calibrate import imatrix as imatrix_mod
 from qconvert.calibrate import text
 from qconvert.calibrate.awq import AWQObserver
-from qconvert.calibrate.driver import run_layers
+from qconvert.calibrate.driver import native_bf16, run_layers
 from qconvert.calibrate.gptq import GPTQObserver
 from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, plan_checkpoint
 from qconvert.errors import Interrupted
@@ -44,7 +44,7 @@ class CalibrationOptions:
     samples: int = 32
     seq_len: int = 512
     seed: int = 0
-    exact: bool = False  # float32 matrix products in the importance matrix's forward instead of int8
+    exact: bool = False  # float32 matrix products in the calibration forwards (not int8, not bfloat16)
 
 
 @dataclass
@@ -95,7 +95,7 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
                 passes.append(imatrix_pass(model, plan, samples, job.calibration.exact, job.threads, progress))
             written += write_gguf(plan, job.threads, progress)
         for cp in checkpoints:
-            writer, done = checkpoint_pass(model, cp, samples, progress)
+            writer, done = checkpoint_pass(model, cp, samples, job.calibration.exact, progress)
             written.append(writer)
             passes.append(done)
         for w in written:  # every output into place, together
@@ -140,17 +140,21 @@ def imatrix_pass(model: Model, plan: Plan, samples: text.Calibration, exact: boo
 OBSERVERS = {"gptq": GPTQObserver, "awq": AWQObserver}  # a checkpoint method's observer of the layer loop
 
 
-def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
+def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration, exact: bool,
                     progress: Progress | None) -> tuple[CheckpointWriter, dict]:
     """The layer loop with the method's observer, writing the checkpoint as each layer is
-    quantized; the directory is complete, not yet in place."""
+    quantized; the directory is complete, not yet in place. The forward's products are the
+    method's fast ones where this CPU has them, float32 when `exact`."""
     t = time.perf_counter()
     method = cp.opts.method
     writer = CheckpointWriter(cp)
     try:
         observer = OBSERVERS[method](writer)
         writer.flush(-1)  # embeddings and whatever precedes the decoder layers
-        run_layers(model.forward(), torch.from_numpy(samples.tokens), (observer,),
+        fw = model.forward()
+        fast = observer.fast_products
+        products = fw.use_products("float32" if exact or (fast == "bfloat16" and not native_bf16()) else fast)
+        run_layers(fw, torch.from_numpy(samples.tokens), (observer,),
                    _labelled(progress, f"{method.upper()}: quantizing layers"))
         calib = {"dataset": samples.dataset, "samples": int(samples.tokens.shape[0]),
                  "seq_len": int(samples.tokens.shape[1])}
@@ -159,7 +163,7 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
         writer.abort()
         raise
     writer.report = {"layers": observer.report(), "calibration": calib}
-    return writer, {"method": method, "targets": [method], "forward": "float32",
+    return writer, {"method": method, "targets": [method], "forward": products,
                     "feeds": observer.feeds,
                     "seconds": round(time.perf_counter() - t, 3)}
 

@@ -48,7 +48,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in sorted([
            ("bits", "group_size", "clip", "max_shard_size", *CALIBRATION), label="AWQ"),
     Target("gptq", "checkpoint", "GPTQ 4-bit (2, 8), group 128, symmetric, activation order", "always",
            "transformers, GPTQModel, vLLM",
-           ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", *CALIBRATION), label="GPTQ"),
+           ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", "exact_calib", *CALIBRATION),
+           label="GPTQ"),
 ], key=lambda t: (t.kind != "gguf", t.name))}
 
 

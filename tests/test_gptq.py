@@ -13,6 +13,7 @@ import torch
 from qconvert.calibrate.gptq import hessian
 from qconvert.quant.gptq import gptq, output_error
 from qconvert.layouts import GPTQ, Params, pack_cols, pack_rows, unpack_cols, unpack_rows
+from tests.golden_outputs import tree_hash
 from tests.helpers import files_in, one_line_error, run_cli
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -68,6 +69,24 @@ def test_wide_hessians_from_the_upper_triangle(n, k):
     H = hessian(x)
     assert torch.equal(H, H.T)
     torch.testing.assert_close(H, (X.T @ X) * (2.0 / X.shape[0]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [64, 300, 513, 1100])
+def test_upper_factor_of_the_inverse_hessian(k):
+    """U from one factorisation of the reversed H and a triangular inverse by halves: upper
+    triangular with U^T U = (H + damping)^-1, and the inverse by halves equals a solve against
+    the identity, for sizes that split unevenly."""
+    from qconvert.quant.gptq import _hinv_upper, lower_inverse
+
+    _, H = layer_problem(k=k, tokens=4 * k, seed=k)
+    H = H.double()
+    U, damp = _hinv_upper(H, 0.05)
+    assert damp == 0.05 and torch.equal(U, torch.triu(U))
+    Hd = H + 0.05 * torch.diag(H).mean() * torch.eye(k, dtype=H.dtype)
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd), rtol=1e-9, atol=1e-9)
+    L = torch.linalg.cholesky(Hd)
+    torch.testing.assert_close(lower_inverse(L), torch.linalg.solve_triangular(L, torch.eye(k, dtype=H.dtype),
+                                                                               upper=False), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -170,6 +189,26 @@ def test_options_load(tiny, tmp_path, capsys, opts):
     with torch.inference_mode():
         theirs = m.model(torch.tensor([IDS])).logits[0].float()
     assert rel(our_logits(out), theirs) < 5e-3
+
+
+def test_exact_calib_runs_float32_products(tiny, tmp_path, capsys):
+    """GPTQ's forward multiplies in bfloat16 where the CPU does so natively, in float32 with
+    --exact-calib; the report names which ran, and the two checkpoints are equally good."""
+    from qconvert.calibrate.driver import native_bf16
+
+    src = tiny("llama")
+    reports = {}
+    for name, extra in (("fast", []), ("exact", ["--exact-calib"])):
+        code, stdout, err = run_cli([str(src), "--to", "gptq", "-o", str(tmp_path / name), "--group-size", "32",
+                                     "--calib-samples", "8", "--calib-seq-len", "128", "--json", *extra], capsys)
+        assert code == 0, err
+        reports[name] = json.loads(stdout)
+    forward = {k: r["calibration"]["passes"][0]["forward"] for k, r in reports.items()}
+    assert forward == {"fast": "bfloat16" if native_bf16() else "float32", "exact": "float32"}
+    errors = {k: sum(layer["gptq_error"] for layer in r["outputs"][0]["layers"]) for k, r in reports.items()}
+    assert errors["fast"] == pytest.approx(errors["exact"], rel=0.05)
+    if not native_bf16():
+        assert tree_hash(tmp_path / "fast") == tree_hash(tmp_path / "exact")
 
 
 def test_checkpoint_files_and_shards(tiny, tmp_path, capsys):

@@ -35,19 +35,30 @@ class Forward:
     """Base: weight access by HF name (float32 torch, read from the mmap on demand). `weights`
     replaces the checkpoint's tensors: anything with `in` and `[]` by HF name giving a Tensor."""
 
+    PRODUCTS = ("float32", "int8", "bfloat16")  # the matrix products linear() can run
+
     def __init__(self, family, weights=None):
         self.family = family
         self.cfg = family.cfg
         self.tensors = weights if weights is not None else {
             n.replace("language_model.", ""): t for n, t in family.ckpt.tensors.items()}
         self._cache: dict[str, torch.Tensor] = {}
-        # int8 matrix products (int8_linear) when set: calibration statistics only
-        self.int8 = False
+        # the linear layers' matrix products: "float32"; "int8" (int8_linear: the importance
+        # matrix's statistics only); "bfloat16" (bf16_linear: GPTQ's forward, on CPUs that multiply
+        # bfloat16 natively)
+        self.products = "float32"
         self._int8: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._bf16: dict[str, torch.Tensor] = {}
         self._per_input: dict[str, tuple[torch.Tensor, object]] = {}
         # set by the layer loop (calibrate/driver.py) for the layers it runs: each observer sees
         # every linear layer's input before the layer runs (observers.py)
         self.observers: tuple = ()
+
+    def use_products(self, kind: str) -> str:
+        """Run the linear layers' matrix products as `kind` where this forward can; returns the
+        kind it will use."""
+        self.products = kind if kind in self.PRODUCTS else "float32"
+        return self.products
 
     def linear_weight(self, hf: str) -> torch.Tensor:
         """A linear layer's weight as [out, in]."""
@@ -56,6 +67,8 @@ class Forward:
     def set_linear_weight(self, hf: str, weight: torch.Tensor) -> None:
         """Replace a linear layer's weight ([out, in]) for the rest of this layer's run."""
         self._cache[hf + ".weight"] = weight
+        self._int8.pop(hf + ".weight", None)
+        self._bf16.pop(hf + ".weight", None)
 
     def apply_linear(self, hf: str, x: torch.Tensor) -> torch.Tensor:
         """x times the layer's current weight (no bias: the scale searches compare differences)."""
@@ -100,6 +113,7 @@ class Forward:
         """Drop every weight read so far (the layer loop calls this after each layer)."""
         self._cache.clear()
         self._int8.clear()
+        self._bf16.clear()
         self._per_input.clear()
 
     def per_input(self, key: str, x: torch.Tensor, make: Callable[[], object]) -> object:
@@ -125,9 +139,26 @@ class Forward:
     def linear(self, x: torch.Tensor, hf: str, bias: bool | None = None) -> torch.Tensor:
         self.observe(hf, x)
         b = self.w(hf + ".bias") if (bias is None and self.has(hf + ".bias")) or bias else None
-        if self.int8:
-            return self.int8_linear(x, hf, b)
+        if self.products != "float32":
+            return self.low_precision_linear(x, hf, b)
         return F.linear(x, self.w(hf + ".weight"), b)
+
+    def low_precision_linear(self, x: torch.Tensor, hf: str, b: torch.Tensor | None) -> torch.Tensor:
+        return (self.int8_linear if self.products == "int8" else self.bf16_linear)(x, hf, b)
+
+    def bf16_linear(self, x: torch.Tensor, hf: str, b: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ b) from bfloat16 copies of x (once for all linears sharing it) and W, summed
+        in float32, float32 out: twice the speed of float32 where the CPU multiplies bfloat16
+        natively (AVX512-BF16, AMX), each product off by about 0.3%, as on a GPU running the
+        model in bfloat16."""
+        xb = self.per_input("bf16", x, lambda: x.to(torch.bfloat16))
+        key = hf + ".weight"
+        if key not in self._bf16:
+            self._bf16[key] = self.linear_weight(hf).to(torch.bfloat16)
+        y = F.linear(xb, self._bf16[key]).float()
+        if b is not None:
+            y += b
+        return y
 
     def int8_linear(self, x: torch.Tensor, hf: str, b: torch.Tensor | None) -> torch.Tensor:
         """x W^T (+ b) as an int8 matrix product: the weight's rows and the input's rows each

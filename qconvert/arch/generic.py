@@ -60,6 +60,8 @@ def _batch_slice(value, b: int, full: int):
 
 
 class TransformersForward(Forward):
+    PRODUCTS = ("float32",)  # transformers' modules compute the products
+
     def __init__(self, family, weights=None):
         super().__init__(family, weights)
         try:
@@ -131,7 +133,7 @@ class TransformersForward(Forward):
         return w.T if self.family.transposed(hf + ".weight") else w
 
     def set_linear_weight(self, hf: str, weight: torch.Tensor) -> None:
-        self._cache[hf + ".weight"] = weight.T.contiguous() if self.family.transposed(hf + ".weight") else weight
+        super().set_linear_weight(hf, weight.T.contiguous() if self.family.transposed(hf + ".weight") else weight)
 
     def clear(self) -> None:
         super().clear()

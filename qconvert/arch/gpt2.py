@@ -31,8 +31,8 @@ class GPT2Forward(Forward):
 
     def conv1d(self, x, name):
         self.observe(name, x)
-        if self.int8:
-            return self.int8_linear(x, name, self.w(name + ".bias"))
+        if self.products != "float32":
+            return self.low_precision_linear(x, name, self.w(name + ".bias"))
         return x @ self.w(name + ".weight") + self.w(name + ".bias")
 
     def ln(self, x, p):
@@ -42,7 +42,7 @@ class GPT2Forward(Forward):
         return self.w(hf + ".weight").T  # Conv1D stores [in, out]
 
     def set_linear_weight(self, hf: str, weight: torch.Tensor) -> None:
-        self._cache[hf + ".weight"] = weight.T.contiguous()
+        super().set_linear_weight(hf, weight.T.contiguous())
 
     def embed(self, ids):
         pos = torch.arange(ids.shape[1])

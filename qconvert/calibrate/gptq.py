@@ -38,6 +38,10 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 class GPTQObserver(Observer):
     all_samples = True
     feeds = "quantized outputs"
+    # where the CPU has them: the layers' products (not the Hessians: a bfloat16 product's sums
+    # come back rounded to bfloat16, which leaves H too far from positive definite to factorise
+    # at the usual damping)
+    fast_products = "bfloat16"
 
     def __init__(self, out: CheckpointWriter):
         self.out = out

@@ -66,7 +66,7 @@ def collect(family, calib: Calibration, threads: int, progress: Callable[[int, i
     torch.set_num_threads(max(1, threads))
     rec = Collector(family)
     fw = family.forward()
-    fw.int8 = int8
+    fw.use_products("int8" if int8 else "float32")
     run_layers(fw, torch.from_numpy(calib.tokens), (rec,), progress)
     n, T = calib.tokens.shape
     return rec.to_imatrix(path, calib.dataset, n, T), rec

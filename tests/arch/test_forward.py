@@ -91,7 +91,7 @@ def test_int8_linear_close_to_float():
     fw = Forward(Fam, {})
     for name, t in w.items():
         fw.set(name, t)
-    fw.int8 = True
+    assert fw.use_products("int8") == "int8"
     x = torch.randn(3, 7, 40, generator=g)
     y = fw.linear(x, "l")
     ref = torch.nn.functional.linear(x, w["l.weight"], w["l.bias"])
@@ -102,6 +102,66 @@ def test_int8_linear_close_to_float():
     assert "l.weight" not in fw._cache  # the float copy went once the int8 one was made
     fw.clear()
     assert not fw._per_input and not fw._int8
+
+
+def test_bf16_linear_close_to_float():
+    """bfloat16 products (GPTQ's forward where the CPU has them): float32 out, within bfloat16's
+    rounding of the float32 product; the input converted once for the linears that share it; a
+    weight an observer replaces is converted anew."""
+    from qconvert.arch.forward import Forward
+
+    class Fam:
+        cfg = None
+
+    g = torch.Generator().manual_seed(0)
+    w = {"l.weight": torch.randn(24, 40, generator=g), "l.bias": torch.randn(24, generator=g),
+         "m.weight": torch.randn(8, 40, generator=g)}
+    fw = Forward(Fam, {})
+    for name, t in w.items():
+        fw.set(name, t)
+    assert fw.use_products("bfloat16") == "bfloat16"
+    x = torch.randn(3, 7, 40, generator=g)
+    y = fw.linear(x, "l")
+    ref = torch.nn.functional.linear(x, w["l.weight"], w["l.bias"])
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert 0 < float((y - ref).norm() / ref.norm()) < 0.01
+    shared = fw.per_input("bf16", x, lambda: None)
+    fw.linear(x, "m")
+    assert fw.per_input("bf16", x, lambda: None) is shared and set(fw._bf16) == {"l.weight", "m.weight"}
+    fw.set_linear_weight("l", torch.zeros(24, 40))
+    assert torch.equal(fw.linear(x, "l"), w["l.bias"].expand(3, 7, 24))
+    assert fw.use_products("float8") == "float32"  # what a forward cannot run falls back to float32
+
+
+def test_transformers_forward_runs_float32_only(tiny):
+    """The forward built from transformers' modules computes its own products: asked for
+    bfloat16 or int8 it says float32, so reports name what ran."""
+    from qconvert.arch.generic import TransformersForward
+    from qconvert.model import open_model
+
+    m = open_model(str(tiny("qwen2")))
+    try:
+        fw = TransformersForward(m.family)
+        assert fw.use_products("bfloat16") == "float32" and fw.use_products("int8") == "float32"
+        assert m.forward().use_products("bfloat16") == "bfloat16"  # the hand-written one can
+    finally:
+        m.close()
+
+
+def test_native_bf16_reads_cpu_flags(monkeypatch, tmp_path):
+    """bfloat16 products only where the CPU has the instructions (x86 flags, Arm features)."""
+    import builtins
+
+    from qconvert.calibrate import driver
+
+    real_open = builtins.open
+    for text, want in (("flags\t\t: fpu avx2 avx512f avx512_bf16\n", True), ("flags : fpu avx2 avx512f\n", False),
+                       ("Features\t: fp asimd bf16\n", True), ("processor : 0\n", False)):
+        f = tmp_path / "cpuinfo"
+        f.write_text(text)
+        monkeypatch.setattr(builtins, "open", lambda p, *a, _f=f, **k: real_open(_f if p == "/proc/cpuinfo" else p,
+                                                                                 *a, **k))
+        assert driver.native_bf16() is want
 
 
 def test_observers_see_every_linear_and_may_replace_weights(tiny):
