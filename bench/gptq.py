@@ -32,6 +32,8 @@ def run_gptqmodel(src: str, out: str, tokens: str, defaults: bool, group: int) -
     """In a child process: GPTQModel's own quantize + save on the given token samples, with its
     default QuantizeConfig (but the group size) or with act_group_aware off."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    # bench/ would shadow packages of the same name (bench/kernels.py, Hugging Face's `kernels`)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -95,6 +97,10 @@ def main() -> None:
         tokens = tmp / "tokens.npy"
         calibration_tokens(src, args.samples, args.seq_len, tokens)
         env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", OMP_NUM_THREADS="2")
+        # GPTQModel compiles its packing extension on first use (once per machine, cached): not
+        # part of a quantization's time
+        subprocess.run([sys.executable, "-c", "from gptqmodel.utils.cpp import load_pack_block_extension as f; f()"],
+                       check=True, capture_output=True, env=env, cwd=tmp)
         runs = {}
         for defaults, ours_extra, name in ((True, [], "defaults"), (False, ["--no-act-order"], "natural order")):
             ours = tmp / f"qconvert-{int(defaults)}"
