@@ -48,7 +48,7 @@ CalibSeqLen = Annotated[int, typer.Option("--calib-seq-len", min=16, help="Token
 ExactCalib = Annotated[bool, typer.Option("--exact-calib", help="Float32 matrix products in the calibration forward: "
                                                                 "q4_k_m/iq4_nl and imatrix instead of int8 (about 1.5x "
                                                                 "slower; the matrix moves by about 1%); gptq instead of "
-                                                                "bfloat16 on CPUs that have it (about 1.3x slower).")]
+                                                                "bfloat16 on CPUs that have it (about 1.25x slower).")]
 Seed = Annotated[int, typer.Option("--seed", min=0, max=2 ** 63 - 1,
                                    help="Which samples of a long text; same inputs, same file.")]
 Pure = Annotated[bool, typer.Option("--pure", help="q4_k_m/iq4_nl: the base type for every quantizable tensor, "
