@@ -3,6 +3,7 @@ on the same model and calibration tokens.
 
 usage: python bench/awq.py [--model qwen2.5-0.5b] [--samples 16] [--seq-len 512] [--chunks 16] [--depth]
                          [--keep DIR] [--reference llm-compressor|autoawq|both] [--group-size 128]
+                         [--defaults-only]
 
 llm-compressor runs its AWQ recipe as its documentation gives it (AWQModifier with its default
 settings and mappings, W4A16_ASYM: 4-bit, group 128, zero points, lm_head left alone) in a venv of
@@ -189,6 +190,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--reference", choices=("llm-compressor", "autoawq", "both"), default="llm-compressor")
     ap.add_argument("--depth", action="store_true")
+    ap.add_argument("--defaults-only", action="store_true", help="skip the like-for-like `--no-clip` run")
     ap.add_argument("--keep", type=Path, help="copy the checkpoints into this directory before it ends")
     ap.add_argument("--run-autoawq", nargs=3, metavar=("SRC", "OUT", "TOKENS"), help=argparse.SUPPRESS)
     ap.add_argument("--run-llmcompressor", nargs=4, metavar=("SRC", "OUT", "TOKENS", "GROUP"), help=argparse.SUPPRESS)
@@ -216,13 +218,14 @@ def main() -> None:
             rows["llm-compressor 0.14 (defaults)"] = (theirs, measure(
                 [str(llmcompressor_python()), str(Path(__file__).resolve()), "--run-llmcompressor", str(src),
                  str(theirs), str(tokens), str(args.group_size)], env=env, cwd=tmp))
-            plain = tmp / "qconvert-awq-no-clip"
-            rows["qconvert --no-clip"] = (plain, measure(
-                qconvert_cmd() + [str(src), "--to", "awq", "-o", str(plain), "-q", "-j", "2", "--no-clip",
-                                  "--group-size", str(args.group_size), "--calib-samples", str(args.samples),
-                                  "--calib-seq-len", str(args.seq_len)]))
-            pairs += [("qconvert (defaults)", "llm-compressor 0.14 (defaults)"),
-                      ("qconvert --no-clip", "llm-compressor 0.14 (defaults)")]
+            pairs.append(("qconvert (defaults)", "llm-compressor 0.14 (defaults)"))
+            if not args.defaults_only:
+                plain = tmp / "qconvert-awq-no-clip"
+                rows["qconvert --no-clip"] = (plain, measure(
+                    qconvert_cmd() + [str(src), "--to", "awq", "-o", str(plain), "-q", "-j", "2", "--no-clip",
+                                      "--group-size", str(args.group_size), "--calib-samples", str(args.samples),
+                                      "--calib-seq-len", str(args.seq_len)]))
+                pairs.append(("qconvert --no-clip", "llm-compressor 0.14 (defaults)"))
         if args.reference in ("autoawq", "both"):
             theirs = tmp / "autoawq-awq"
             view = transformers4_view(src, tmp / "model-for-transformers4")
