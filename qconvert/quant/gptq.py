@@ -138,6 +138,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
     cols = perm.tolist()
     for i1 in range(0, K, BLOCK):
         i2 = min(i1 + BLOCK, K)
+        U1 = U[i1:i2, i1:i2].contiguous()
         groups = [c // g for c in cols[i1:i2]]
         # runs of columns whose group parameters are known when the run starts: the whole block
         # with act-order, else up to the next group's first column
@@ -147,7 +148,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, bits: int = 4, group_size: int = 128,
                 scales[groups[a]], zeros[groups[a]] = group_params(Wt[i1 + a:i1 + a + g].t(), bits, sym)
             run = torch.tensor(groups[a:b])
             S[a:b], Z[a:b] = scales[run], zeros[run]
-            _columns(Wt[i1:i2], U[i1:i2, i1:i2].contiguous(), S, Z, codes[i1:i2], Qt[i1:i2], Err, a, b, bits)
+            _columns(Wt[i1:i2], U1, S, Z, codes[i1:i2], Qt[i1:i2], Err, a, b, bits)
         if i2 < K:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Err[:i2 - i1], alpha=-1)
 

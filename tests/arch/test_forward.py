@@ -72,16 +72,10 @@ def test_imatrix_equals_transformers_linear_inputs(family, int8, tiny):
     ckpt.close()
 
 
-def test_int8_linear_close_to_float():
-    """int8 products: rows scaled to int8 on both sides, shared input quantized once."""
+def two_linears(g: torch.Generator):
+    """A bare Forward holding linears "l" (with a bias) and "m" that share an input of width 40;
+    their weights by name, and an input."""
     from qconvert.arch.forward import Forward
-    from qconvert.arch.layers import int8_rows
-
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(5, 40, generator=g) * torch.linspace(0.1, 10, 40)
-    codes, scale = int8_rows(a)
-    assert codes.dtype == torch.int8 and codes.abs().max() == 127
-    assert torch.allclose(codes * scale, a, atol=float(scale.max()) / 2 + 1e-7)
 
     class Fam:
         cfg = None
@@ -91,8 +85,21 @@ def test_int8_linear_close_to_float():
     fw = Forward(Fam, {})
     for name, t in w.items():
         fw.set(name, t)
+    return fw, w, torch.randn(3, 7, 40, generator=g)
+
+
+def test_int8_linear_close_to_float():
+    """int8 products: rows scaled to int8 on both sides, shared input quantized once."""
+    from qconvert.arch.layers import int8_rows
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 40, generator=g) * torch.linspace(0.1, 10, 40)
+    codes, scale = int8_rows(a)
+    assert codes.dtype == torch.int8 and codes.abs().max() == 127
+    assert torch.allclose(codes * scale, a, atol=float(scale.max()) / 2 + 1e-7)
+
+    fw, w, x = two_linears(g)
     assert fw.use_products("int8") == "int8"
-    x = torch.randn(3, 7, 40, generator=g)
     y = fw.linear(x, "l")
     ref = torch.nn.functional.linear(x, w["l.weight"], w["l.bias"])
     assert y.shape == ref.shape and 0 < float((y - ref).norm() / ref.norm()) < 0.02
@@ -108,19 +115,8 @@ def test_bf16_linear_close_to_float():
     """bfloat16 products (GPTQ's forward where the CPU has them): float32 out, within bfloat16's
     rounding of the float32 product; the input converted once for the linears that share it; a
     weight an observer replaces is converted anew."""
-    from qconvert.arch.forward import Forward
-
-    class Fam:
-        cfg = None
-
-    g = torch.Generator().manual_seed(0)
-    w = {"l.weight": torch.randn(24, 40, generator=g), "l.bias": torch.randn(24, generator=g),
-         "m.weight": torch.randn(8, 40, generator=g)}
-    fw = Forward(Fam, {})
-    for name, t in w.items():
-        fw.set(name, t)
+    fw, w, x = two_linears(torch.Generator().manual_seed(0))
     assert fw.use_products("bfloat16") == "bfloat16"
-    x = torch.randn(3, 7, 40, generator=g)
     y = fw.linear(x, "l")
     ref = torch.nn.functional.linear(x, w["l.weight"], w["l.bias"])
     assert y.dtype == torch.float32 and y.shape == ref.shape
