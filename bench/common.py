@@ -91,7 +91,7 @@ def compare_checkpoints(title: str, rows: dict[str, tuple[Path, tuple[float, int
     """Print the measured (wall, peak RSS) of each tool first (scoring takes a while and may
     fail), then the table with each checkpoint's size and scores; ratios are ours / the
     reference's for each (ours, reference) pair of row names, by default the first row / second."""
-    pairs = pairs or [tuple(rows)[:2]]
+    pairs = [tuple(rows)[:2]] if pairs is None else pairs
     print("wall time and peak RSS: " + ", ".join(f"{name} {wall:.1f} s {rss / 1e6:.0f} MB"
                                                   for name, (_, (wall, rss)) in rows.items()), flush=True)
     print(title)

@@ -1,9 +1,10 @@
-"""Safetensors checkpoint directories quantized one decoder layer at a time (GPTQ, AWQ): the
-plan of every output tensor (metadata only, every problem found before any compute), and the
-directory written as the layers are quantized.
+"""Safetensors checkpoint directories quantized one decoder layer at a time (GPTQ, AWQ, FP8):
+the plan of every output tensor (metadata only, every problem found before any compute), and
+the directory written as the layers are quantized.
 
 The plan lists each quantized linear's tensors through its layout (layouts.py) and every other
-tensor as a float16 copy, in decoder-layer order. The writer streams them into shards under a
+tensor as a copy (float16 for GPTQ and AWQ, as their loaders expect; in the checkpoint's own
+dtype for FP8, as llm-compressor saves it), in decoder-layer order. The writer streams them into shards under a
 temporary directory that is renamed into place only when complete: what precedes the layers at
 once, each layer's tensors as soon as the method has quantized it (flush), then the rest, the
 configs and the tokenizer files.
@@ -13,7 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from qconvert import __version__
 from qconvert.arch.base import NOT_TEXT, SKIP_SUFFIXES
 from qconvert.errors import InputError, UsageError
-from qconvert.layouts import LAYOUTS, Entry, Layout, Params
+from qconvert.layouts import LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, Layout, Params, to_numpy
 from qconvert.model import Model
 from qconvert.quant.blocks import first_nonfinite, to_float32
 from qconvert.read.checkpoint import SIDE_FILES, Tensor
@@ -33,11 +35,13 @@ GROUP_CHOICES = (32, 64, 128, 256)  # the loaders' CPU and GPU kernels take thes
 COPIED_FILES = [n for n in SIDE_FILES if n not in ("config.json", "README.md")]  # tokenizer, generation config
 # what a checkpoint directory holds besides its shards (write_configs)
 OWN_FILES = {"config.json", "quantize_config.json", *COPIED_FILES}
+# methods that quantize each linear from its weight alone (no calibration): the block of their scales
+PER_TENSOR = {"fp8": None, "fp8-block": (128, 128)}
 
 
 @dataclass
 class CheckpointOptions:
-    method: str = "gptq"  # or "awq"
+    method: str = "gptq"  # "awq", or one of PER_TENSOR
     bits: int = 4
     group_size: int = 128
     act_order: bool = True  # gptq: static groups, g_idx stays k // group, desc_act false
@@ -45,22 +49,33 @@ class CheckpointOptions:
     damp: float = 0.05
     max_shard_bytes: int = 5 * 10 ** 9
     clip: bool = True  # awq: AutoAWQ's clipping search after the scales (llm-compressor's AWQ has none)
+    dtype: str = "F16"  # the copies' and scales' dtype; FP8 takes the checkpoint's (set by the plan)
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.method in PER_TENSOR
 
     @property
     def layout(self) -> type[Layout]:
-        return LAYOUTS[self.method]
+        return FloatQuantized if self.per_tensor else LAYOUTS[self.method]
 
     @property
     def params(self) -> Params:
+        if self.per_tensor:
+            return Params(8, -1, dtype=self.dtype, block=PER_TENSOR[self.method])
         return Params(self.bits, self.group_size, v2=self.method == "gptq" and not self.sym)
 
     @property
     def checkpoint_format(self) -> str:
+        if self.per_tensor:
+            return FloatQuantized.format
         if self.method == "awq":
             return "awq_gemm"
         return "gptq" if self.sym else "gptq_v2"
 
     def check(self) -> None:
+        if self.per_tensor:
+            return
         if self.method == "awq" and self.bits != 4:
             raise UsageError(f"--to awq writes 4-bit GEMM checkpoints; --bits {self.bits} is not available")
         if self.bits not in (2, 4, 8):
@@ -92,6 +107,7 @@ class CheckpointPlan:
     copies: dict[str, Tensor]  # output name -> checkpoint tensor written as f16
     layer_of: dict[str, int]  # output name -> decoder layer (-1: written before the layers)
     names: dict[str, str]  # forward (HF) name -> checkpoint name
+    ignore: list[str] = field(default_factory=list)  # compressed-tensors: Linear modules left unquantized
 
     @property
     def total_bytes(self) -> int:
@@ -112,7 +128,10 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     opts.check()
     ckpt, family = model.ckpt, model.family
     assert ckpt is not None
-    check_replaceable_dir(path, force, opts.method, OWN_FILES)
+    if opts.per_tensor:
+        opts = replace(opts, bits=8, group_size=-1 if PER_TENSOR[opts.method] is None else PER_TENSOR[opts.method][1],
+                       dtype=_float_dtype(ckpt))
+    check_replaceable_dir(path, force, opts.layout.method, OWN_FILES)
     g, per_word = opts.group_size, 32 // opts.bits
     linears: dict[str, Linear] = {}
     copies: dict[str, Tensor] = {}
@@ -127,16 +146,26 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         if layer >= 0 and hf.endswith(".weight") and len(t.shape) == 2:
             family.check_float(t)
             prefix, hp = name[:-len(".weight")], hf[:-len(".weight")]
+            if opts.per_tensor and family.transposed(hf):
+                raise UsageError(f"{ckpt.path}: --to {opts.method} writes compressed-tensors, which quantizes Linear "
+                                 f"modules only; {ckpt.config.architecture()} stores {prefix} as a transposed Conv1D")
             n_out, n_in = (t.shape[1], t.shape[0]) if family.transposed(hf) else t.shape
+            block = PER_TENSOR.get(opts.method)
+            if block is not None and n_in % block[1]:
+                raise UsageError(f"{ckpt.path}: --to {opts.method} needs linear inputs in whole blocks of {block[1]} "
+                                 f"(its activations are quantized in groups of {block[1]}); {prefix} takes {n_in}; "
+                                 "use --to fp8 (per-channel scales)")
             gs = n_in if g == -1 else g
-            if n_in % gs or n_in % per_word or n_out % per_word:
+            if not opts.per_tensor and (n_in % gs or n_in % per_word or n_out % per_word):
                 misfits.append(f"{prefix} ({n_in} in, {n_out} out)")
             linears[hp] = Linear(prefix, hp, layer, n_out, n_in)
             entries_by_name[prefix] = opts.layout.entries(prefix, n_out, n_in, opts.params)
             for e in entries_by_name[prefix]:
                 layer_of[e.name] = layer
         else:
-            entries_by_name[name] = [Entry(name, "F16" if t.dtype in FLOAT_DTYPES else t.dtype, tuple(t.shape))]
+            dtype = (opts.dtype if t.dtype == "F64" or not opts.per_tensor else t.dtype) \
+                if t.dtype in FLOAT_DTYPES else t.dtype
+            entries_by_name[name] = [Entry(name, dtype, tuple(t.shape))]
             copies[name] = t
             layer_of[name] = layer
     if opts.method == "awq":
@@ -154,25 +183,60 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     order = sorted(entries_by_name, key=lambda n: (layer_of[entries_by_name[n][0].name], n))
     entries = [e for n in order for e in entries_by_name[n]]
     names = {n.replace("language_model.", ""): n for n in ckpt.tensors}
-    return CheckpointPlan(model, path, opts, force, entries, linears, copies, layer_of, names)
+    # compressed-tensors quantizes every Linear but those named here: the output head, and the
+    # modules of a multimodal checkpoint's other towers
+    ignore = ["lm_head", *sorted({f"re:.*{root.removeprefix('model.')}.*" for root in NOT_TEXT
+                                  if any(n.startswith(root) for n in ckpt.tensors)})]
+    return CheckpointPlan(model, path, opts, force, entries, linears, copies, layer_of, names, ignore)
 
 
-def to_f16(name: str, t) -> np.ndarray:
-    """A tensor as the checkpoint stores it: float16 (refusing NaN/Inf and values beyond its
-    range), other dtypes as they are."""
+def _float_dtype(ckpt) -> str:
+    """The dtype an FP8 checkpoint keeps its other tensors and its scales in: the decoder
+    linears' (float32 for float64, which no FP8 loader takes)."""
+    found = [t.dtype for n, t in ckpt.tensors.items() if n.endswith(".weight") and len(t.shape) == 2
+             and t.dtype in FLOAT_DTYPES]
+    dtype = max(set(found), key=found.count) if found else "F16"
+    return "F32" if dtype == "F64" else dtype
+
+
+def stored(name: str, t, dtype: str) -> np.ndarray:
+    """A tensor as the checkpoint stores it: a float one in `dtype` (refusing NaN/Inf and, for
+    float16, values beyond its range), other dtypes as they are."""
     if t.dtype not in FLOAT_DTYPES:
         return np.asarray(t.array())
+    if t.dtype == dtype:
+        a = t.array()
+        bad = first_nonfinite(to_float32(dtype, a))
+        if bad >= 0:
+            raise InputError(f"{name}: non-finite value at flat index {bad}")
+        out = np.array(a)
+        t.release()
+        return out
     a = to_float32(t.dtype, t.array())
     bad = first_nonfinite(a)
     if bad >= 0:
         raise InputError(f"{name}: non-finite value at flat index {bad}")
-    x = torch.from_numpy(a)  # torch's conversions use the job's threads; the same rounding as numpy's
-    big = float(max(x.max(), -x.min())) if x.numel() else 0.0
-    if big > 65504:
-        raise InputError(f"{name}: value {big:g} is beyond float16's range; cannot store it in 16 bits")
-    out = x.half().numpy()
+    x = tensor_view(a)  # torch's conversions use the job's threads; the same rounding as numpy's
+    if dtype == "F16":
+        big = float(max(x.max(), -x.min())) if x.numel() else 0.0
+        if big > 65504:
+            raise InputError(f"{name}: value {big:g} is beyond float16's range; cannot store it in 16 bits")
+    out = to_numpy(x.to(TORCH_DTYPES[dtype]))
     t.release()
     return out
+
+
+def to_f16(name: str, t) -> np.ndarray:
+    """A tensor as a GPTQ or AWQ checkpoint stores it: float16, other dtypes as they are."""
+    return stored(name, t, "F16")
+
+
+def tensor_view(a: np.ndarray) -> torch.Tensor:
+    """A torch tensor sharing a (possibly read-only, memory-mapped) array's memory, for reading
+    only (torch warns about every read-only array it wraps)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(a)
 
 
 @dataclass
@@ -185,7 +249,7 @@ class CheckpointWriter:
 
     def __post_init__(self) -> None:
         p = self.plan
-        self.dir = AtomicDir(p.path, p.force, p.opts.method, OWN_FILES)
+        self.dir = AtomicDir(p.path, p.force, p.opts.layout.method, OWN_FILES)
         self.shards = ShardedWriter(self.dir.tmp, p.entries, p.opts.max_shard_bytes,
                                     {"format": "pt", "quantizer": f"qconvert {__version__}"})
 
@@ -210,14 +274,15 @@ class CheckpointWriter:
             e = w.order[w.pos][1]
             if self.plan.layer_of[e.name] > upto_layer:
                 return
-            data = self.produced.pop(e.name) if e.name in self.produced else to_f16(e.name, self.plan.copies[e.name])
+            data = self.produced.pop(e.name) if e.name in self.produced else \
+                stored(e.name, self.plan.copies[e.name], e.dtype)
             w.write(e.name, data)
 
     def finish(self, calibration: dict) -> None:
         """Every tensor, the configs and the tokenizer files written; not yet in place."""
         self.flush(1 << 30)
         self.shards.finish()
-        write_configs(self.plan, self.dir.tmp, quantization_config(self.plan.opts, calibration))
+        write_configs(self.plan, self.dir.tmp, quantization_config(self.plan, calibration))
 
     def commit(self) -> None:
         """The directory appears at its path; `result` is its size and sha256 (over its files'
@@ -241,7 +306,10 @@ def tree_sha256(d: Path) -> str:
     return h.hexdigest()
 
 
-def quantization_config(opts: CheckpointOptions, calib: dict) -> dict:
+def quantization_config(plan: CheckpointPlan, calib: dict | None) -> dict:
+    opts = plan.opts
+    if opts.per_tensor:
+        return opts.layout.config(opts.params, {"ignore": plan.ignore, "method": opts.method})
     if opts.method == "awq":
         # clip is recorded only when off, so that default checkpoints keep their bytes
         return opts.layout.config(opts.params, {"calibration": calib, **({} if opts.clip else {"clip": False})})
@@ -253,9 +321,10 @@ def write_configs(plan: CheckpointPlan, directory: Path, qcfg: dict) -> None:
     src = plan.model.ckpt.path
     cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
     cfg["quantization_config"] = qcfg
-    cfg["dtype"] = "float16"
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = "float16"
+    if not plan.opts.per_tensor:  # FP8 keeps the checkpoint's dtype
+        cfg["dtype"] = "float16"
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = "float16"
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
     if qcfg["quant_method"] == "gptq":  # AutoGPTQ-era loaders read this file
         (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n", encoding="utf-8")

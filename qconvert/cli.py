@@ -359,8 +359,8 @@ def _print_plan(r) -> None:
         out.print(t)
     for o in r.outputs:
         if o["kind"] == "checkpoint":
-            t = Table(title=f"{escape(o['path'])} ({o['method'].upper()} {o['bits']}-bit, group {o['group_size']})",
-                      box=None)
+            scheme = o["scales"] or f"{o['bits']}-bit, group {o['group_size']}"
+            t = Table(title=f"{escape(o['path'])} ({o['method'].upper()} {scheme})", box=None)
             for col in ("tensor", "dtype", "shape"):
                 t.add_column(col)
             for e in o["tensors"]:
@@ -380,8 +380,12 @@ def _print_done(r) -> None:
             out.print(f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} "
                       f"bpw, sha256 {o['sha256'][:16]}…")
             continue
+        scheme = o["scales"] or f"{o['bits']}-bit group {o['group_size']}"
         line = (f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['method'].upper()} "
-                f"{o['bits']}-bit group {o['group_size']}, {o['n_linears']} linears")
+                f"{scheme}, {o['n_linears']} linears")
+        if o["scales"]:
+            es = [e["error"] for x in o["layers"] for e in x["linears"]]
+            line += f"; relative weight error {sum(es) / max(len(es), 1):.2e} on average"
         if o["method"] == "gptq":
             g = sum(x["gptq_error"] for x in o["layers"])
             rtn = sum(x["rtn_error"] for x in o["layers"])

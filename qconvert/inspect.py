@@ -61,7 +61,8 @@ def inspect_checkpoint(source: str) -> dict:
         method = found[0].method if found else None
         qcfg = ckpt.config.data.get("quantization_config") if found else None
         tensors = ckpt.tensors
-        quantized = sorted({n.rsplit(".", 1)[0] for n in tensors if n.endswith(".qweight")}) if found else []
+        marker = "." + found[0].marker if found else None
+        quantized = sorted({n[:-len(marker)] for n in tensors if n.endswith(marker)}) if found else []
         parts_of = set()
         linears = []
         for prefix in quantized:
@@ -71,7 +72,7 @@ def inspect_checkpoint(source: str) -> dict:
             n_out, n_in, group = linear_shape(layout, params, prefix, parts, ckpt.config.path)
             nbytes = sum(t_bytes(t) for t in parts.values())
             m = _LAYER.search(prefix)
-            linears.append({"name": prefix, "layer": int(m.group(1)) if m else None, "method": method,
+            linears.append({"name": prefix, "layer": int(m.group(1)) if m else None, "method": layout.label(params),
                             "bits": params.bits, "group_size": group, "shape": [n_out, n_in], "bytes": nbytes,
                             "bits_per_weight": round(nbytes * 8 / (n_out * n_in), 4)})
         others = [{"name": n, "dtype": t.dtype, "shape": list(t.shape), "bytes": t_bytes(t)}

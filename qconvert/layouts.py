@@ -12,6 +12,10 @@ AWQ GEMM (4-bit): qweight int32 [K, N/8] packs codes along the output dimension 
 interleave (slot i, bits 4i..4i+3, of word c holds column 8c + AWQ_ORDER[i]); qzeros int32
 [G, N/8] the same for the zero points (stored as they are); scales f16 [G, N]; no g_idx;
 W[k, n] = (q - z) s with the group g = k // group_size.
+
+compressed-tensors float-quantized (FP8): weight F8_E4M3 [N, K], the linear's own name;
+weight_scale [N, 1] (per output channel) or [ceil(N/128), ceil(K/128)] (per 128 x 128 block) in
+the checkpoint's float dtype; W = fp8 value * scale (quant/fp8.py holds the maths).
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from math import prod
 from typing import ClassVar
 
 import numpy as np
+import torch
 
 from qconvert import __version__
 from qconvert.errors import InputError
@@ -48,11 +53,20 @@ class Params:
     bits: int
     group_size: int
     v2: bool = False  # GPTQ's checkpoint_format gptq_v2: zero points stored as they are
+    dtype: str = "F16"  # the scales' dtype (compressed-tensors: the checkpoint's float dtype)
+    block: tuple[int, int] | None = None  # FP8: block scales of this shape, else one per output channel
 
 
 class Layout:
     method: ClassVar[str]  # quant_method in quantization_config
     parts: ClassVar[tuple[str, ...]]  # tensors per linear, after its prefix
+    marker: ClassVar[str] = "qweight"  # the part whose presence says a linear is quantized
+    required: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales")
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        """The method as `--to` names it."""
+        return cls.method
 
     @classmethod
     def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
@@ -73,6 +87,25 @@ class Layout:
     def shape(cls, parts: dict[str, tuple[int, ...]], p: Params) -> tuple[int, int]:
         """(out, in) features of a linear from its tensors' shapes."""
         raise NotImplementedError
+
+    @classmethod
+    def linear_shape(cls, p: Params, prefix: str, shapes: dict[str, tuple[int, ...]],
+                     where: object) -> tuple[int, int, int]:
+        """(out features, in features, group size) of one quantized linear from its tensors'
+        shapes, checked (group size -1: one group per output channel)."""
+        missing = [k for k in cls.required if k not in shapes]
+        if missing:
+            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+        if len(shapes["qweight"]) != 2 or len(shapes["scales"]) != 2:
+            raise InputError(f"{where}: {prefix}.qweight and .scales must be 2-D, got {list(shapes['qweight'])} "
+                             f"and {list(shapes['scales'])}")
+        n_out, n_in = cls.shape(shapes, p)
+        n_groups, cols = shapes["scales"]
+        if cols != n_out or n_groups < 1 or n_in % n_groups:
+            raise InputError(f"{where}: {prefix}.scales has shape {[n_groups, cols]}, which does not fit a "
+                             f"{n_out} x {n_in} {p.bits}-bit weight")
+        group = -1 if n_groups == 1 and p.group_size == -1 else n_in // n_groups
+        return n_out, n_in, group
 
     @classmethod
     def config(cls, p: Params, extra: dict) -> dict:
@@ -242,19 +275,152 @@ def _group(qcfg: dict, where: object) -> int:
     return g
 
 
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A torch tensor as the bytes a safetensors writer takes (bfloat16 and float8 as their bits)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    if t.dtype == torch.float8_e4m3fn:
+        return t.view(torch.uint8).numpy()
+    return t.numpy()
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """A checkpoint tensor's array (as read/safetensors.py views it) as a torch tensor of `dtype`."""
+    a = np.ascontiguousarray(a)
+    if dtype == "BF16":
+        return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
+    if dtype == "F8_E4M3":
+        return torch.from_numpy(a.view(np.uint8).copy()).view(torch.float8_e4m3fn)
+    return torch.from_numpy(a.copy())
+
+
+class FloatQuantized(Layout):
+    """compressed-tensors' float-quantized format: FP8 E4M3 weights with float scales per output
+    channel (llm-compressor's FP8_DYNAMIC) or per block (FP8_BLOCK), activations quantized
+    dynamically by the loader (per token, or per group of 128 with block weights)."""
+
+    method = "compressed-tensors"
+    format = "float-quantized"
+    parts = ("weight", "weight_scale")
+    marker = "weight_scale"
+    required = parts
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        return "fp8" if p.block is None else "fp8-block"
+
+    @classmethod
+    def scale_shape(cls, n_out: int, n_in: int, p: Params) -> tuple[int, int]:
+        if p.block is None:
+            return (n_out, 1)
+        return (-(-n_out // p.block[0]), -(-n_in // p.block[1]))
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        return [Entry(prefix + ".weight", "F8_E4M3", (n_out, n_in)),
+                Entry(prefix + ".weight_scale", p.dtype, cls.scale_shape(n_out, n_in, p))]
+
+    @classmethod
+    def pack(cls, q, scales, zeros, g_idx, p):
+        return {"weight": q, "weight_scale": scales}
+
+    @classmethod
+    def unpack(cls, parts, p):
+        from qconvert.quant import fp8
+
+        s = parts["weight_scale"]
+        scale_dtype = {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}.get(s.dtype, "F32")
+        codes = from_numpy(parts["weight"], "F8_E4M3")
+        return fp8.dequantize(codes, from_numpy(s, scale_dtype), p.block).float().numpy()
+
+    @classmethod
+    def shape(cls, parts, p):
+        return tuple(parts["weight"])
+
+    @classmethod
+    def linear_shape(cls, p, prefix, shapes, where):
+        missing = [k for k in cls.required if k not in shapes]
+        if missing:
+            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+        w, s = shapes["weight"], tuple(shapes["weight_scale"])
+        if len(w) != 2:
+            raise InputError(f"{where}: {prefix}.weight must be 2-D, got {list(w)}")
+        n_out, n_in = w
+        fits = (s in ((1,), (1, 1)) and p.block is None) or s == cls.scale_shape(n_out, n_in, p)
+        if not fits:
+            raise InputError(f"{where}: {prefix}.weight_scale has shape {list(s)}, which does not fit a "
+                             f"{n_out} x {n_in} weight with {_scheme(p)} scales")
+        return n_out, n_in, -1
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        """As llm-compressor saves it (compressed-tensors 0.20's ModelCompressor.update_config),
+        with qconvert named in `meta` (compressed-tensors ignores keys it does not know)."""
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
+                   "strategy": "channel", "dynamic": False}
+        acts = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": "token",
+                "dynamic": True}
+        if p.block is not None:
+            weights = {**weights, "strategy": "block", "block_structure": list(p.block)}
+            acts = {**acts, "group_size": p.block[1], "strategy": "group"}
+        return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                              "output_activations": None, "format": None}},
+                "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
+                "global_compression_ratio": None, "ignore": extra.get("ignore", ["lm_head"]),
+                "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        groups = qcfg.get("config_groups")
+        if not isinstance(groups, dict) or len(groups) != 1:
+            raise InputError(f"{where}: compressed-tensors checkpoints with {len(groups or {})} config groups "
+                             "cannot be read (one can)")
+        w = next(iter(groups.values())).get("weights") or {}
+        strategy = str(w.get("strategy", "")).lower()
+        if (w.get("num_bits"), str(w.get("type", "")).lower()) != (8, "float") or not w.get("symmetric", True) \
+                or strategy not in ("channel", "tensor", "block"):
+            raise InputError(f"{where}: float-quantized weights {w.get('num_bits')}-bit {w.get('type')} "
+                             f"{strategy or '(no strategy)'} cannot be read; 8-bit float with channel, tensor or "
+                             "block scales can")
+        block = None
+        if strategy == "block":
+            b = w.get("block_structure")
+            if not (isinstance(b, list) and len(b) == 2 and all(type(x) is int and x > 0 for x in b)):
+                raise InputError(f"{where}: block_structure must be two positive integers, got {b!r}")
+            block = (b[0], b[1])
+        return Params(8, -1, block=block)
+
+
+def _scheme(p: Params) -> str:
+    return "per-channel" if p.block is None else f"{p.block[0]} x {p.block[1]} block"
+
+
 LAYOUTS: dict[str, type[Layout]] = {cls.method: cls for cls in (AWQ, GPTQ)}
+COMPRESSED_TENSORS: dict[str, type[Layout]] = {cls.format: cls for cls in (FloatQuantized,)}  # by format
 
 
 def layout_of(config) -> tuple[type[Layout], Params] | None:
     """The layout and its parameters a checkpoint's config.json names, or None when it names no
-    quantization; a quant_method no layout decodes is an InputError."""
+    quantization; a quant_method (or compressed-tensors format) no layout decodes is an
+    InputError."""
     q = config.data.get("quantization_config")
     if q is None:
         return None
     if not isinstance(q, dict):
         raise InputError(f"{config.path}: quantization_config must be an object, got {q!r}")
     method = str(q.get("quant_method", "")).lower()
+    if method == FloatQuantized.method:
+        fmt = str(q.get("format", "")).lower()
+        if fmt not in COMPRESSED_TENSORS:
+            raise InputError(f"{config.path}: compressed-tensors format {q.get('format')!r} cannot be read; qconvert "
+                             f"reads {', '.join(COMPRESSED_TENSORS)}")
+        layout = COMPRESSED_TENSORS[fmt]
+        return layout, layout.params(q, config.path)
     if method not in LAYOUTS:
         raise InputError(f"{config.path}: quant_method {q.get('quant_method')!r} cannot be read; qconvert reads "
-                         f"{', '.join(LAYOUTS)}")
+                         f"{', '.join([*LAYOUTS, FloatQuantized.method])}")
     return LAYOUTS[method], LAYOUTS[method].params(q, config.path)

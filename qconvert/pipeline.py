@@ -5,9 +5,10 @@
       -> every output into place -> report
 
 GGUF files share one read of each tensor (memory-mapped, in row chunks) and one importance
-matrix; each checkpoint method runs its own pass over the calibration samples, because their
-maths differ (the importance matrix's forward uses int8 products, GPTQ's feeds the quantized
-layer's output forward, AWQ's the float one). Outputs appear only when every one is complete;
+matrix; each calibrated checkpoint method runs its own pass over the calibration samples,
+because their maths differ (the importance matrix's forward uses int8 products, GPTQ's feeds the
+quantized layer's output forward, AWQ's the float one); a per-tensor method (FP8) reads each
+linear once and quantizes it from its weight alone. Outputs appear only when every one is complete;
 a failure or an interruption leaves none behind.
 """
 from __future__ import annotations
@@ -25,9 +26,12 @@ from qconvert.calibrate.awq import AWQObserver
 from qconvert.calibrate.driver import native_bf16, run_layers
 from qconvert.calibrate.gptq import GPTQObserver
 from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, plan_checkpoint
-from qconvert.errors import Interrupted
+from qconvert.errors import InputError, Interrupted
+from qconvert.layouts import TORCH_DTYPES, from_numpy, to_numpy
 from qconvert.model import Model, open_model
 from qconvert.plan import Plan, make_plan, model_label
+from qconvert.quant import fp8
+from qconvert.quant.blocks import to_float32
 from qconvert.quant.recipes import Overrides
 from qconvert.read.imatrix import load_imatrix
 from qconvert.report import Report, describe, peak_rss_bytes
@@ -85,7 +89,7 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
         # calibrate and write: one importance matrix for the GGUF mixtures, one pass per method
         torch.set_num_threads(max(1, job.threads))
         samples = None
-        if checkpoints or (plan is not None and plan.needs_calibration):
+        if any(not cp.opts.per_tensor for cp in checkpoints) or (plan is not None and plan.needs_calibration):
             c = job.calibration
             samples = text.samples(model.ckpt.path, c.text, c.samples, c.seq_len, c.seed, model.bos,
                                    model.family.max_positions())
@@ -95,6 +99,9 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
                 passes.append(imatrix_pass(model, plan, samples, job.calibration.exact, job.threads, progress))
             written += write_gguf(plan, job.threads, progress)
         for cp in checkpoints:
+            if cp.opts.per_tensor:
+                written.append(tensor_pass(model, cp, progress))
+                continue
             writer, done = checkpoint_pass(model, cp, samples, job.calibration.exact, progress)
             written.append(writer)
             passes.append(done)
@@ -166,6 +173,59 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
     return writer, {"method": method, "targets": [method], "forward": products,
                     "feeds": observer.feeds,
                     "seconds": round(time.perf_counter() - t, 3)}
+
+
+# a per-tensor method: weight [N, K] in the checkpoint's dtype -> (codes, scales), and back
+TENSOR_METHODS = {"fp8": (fp8.channel, lambda q, s: fp8.dequantize(q, s)),
+                  "fp8-block": (fp8.blockwise, lambda q, s: fp8.dequantize(q, s, (128, 128)))}
+
+
+def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> CheckpointWriter:
+    """Each decoder layer's linears quantized from their weights alone, one tensor in memory at
+    a time, and written as each layer is done; the directory is complete, not yet in place. The
+    report gives each linear's relative squared error, |W - W'|^2 / |W|^2."""
+    method = cp.opts.method
+    quantize, dequantize = TENSOR_METHODS[method]
+    writer = CheckpointWriter(cp)
+    tensors = cp.model.ckpt.tensors
+    by_layer: dict[int, list] = {}
+    for lin in cp.linears.values():
+        by_layer.setdefault(lin.layer, []).append(lin)
+    n = max(by_layer) + 1
+    try:
+        writer.flush(-1)
+        for i in range(n):
+            for lin in by_layer.get(i, []):
+                t = tensors[lin.name + ".weight"]
+                w = from_checkpoint(t, cp.opts.dtype)
+                q, s = quantize(w)
+                w32 = w.float()
+                err = float((dequantize(q, s).float() - w32).pow(2).sum() / w32.pow(2).sum().clamp(min=1e-30))
+                writer.add_linear(lin, to_numpy(q), to_numpy(s), None, None)
+                writer.layers.setdefault(i, []).append({"name": lin.name, "error": round(err, 9)})
+                t.release()
+            writer.flush(i)
+            if progress:
+                progress(f"{method.upper()}: quantizing layers", i + 1, n)
+        writer.finish(None)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.report = {"layers": [{"layer": i, "linears": es} for i, es in sorted(writer.layers.items())]}
+    return writer
+
+
+def from_checkpoint(t, dtype: str) -> torch.Tensor:
+    """A float checkpoint tensor as torch in `dtype` (its own, or float32 for float64), refusing
+    NaN and infinity."""
+    a = to_float32(t.dtype, t.array()) if t.dtype != dtype else t.array()
+    w = from_numpy(a, dtype if t.dtype == dtype else "F32")
+    if w.dtype != TORCH_DTYPES[dtype]:
+        w = w.to(TORCH_DTYPES[dtype])
+    bad = ~torch.isfinite(w)
+    if bool(bad.any()):
+        raise InputError(f"{t.name}: non-finite value at flat index {int(bad.flatten().nonzero()[0])}")
+    return w
 
 
 def _labelled(progress: Progress | None, what: str) -> Callable[[int, int], None] | None:

@@ -68,6 +68,8 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
                               "act_order": o.act_order if o.method == "gptq" else False,
                               "sym": o.sym if o.method == "gptq" else False,
                               "clip": o.clip if o.method == "awq" else False,
+                              "scales": ("per channel" if o.group_size == -1 else f"{o.group_size} x {o.group_size} blocks")
+                              if o.per_tensor else None, "dtype": o.dtype if o.per_tensor else "F16",
                               "checkpoint_format": o.checkpoint_format, "n_linears": len(cp.linears),
                               "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)} for e in cp.entries]})
     if plan is not None:

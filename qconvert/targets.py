@@ -5,7 +5,7 @@ from calibration, and where its output goes.
 option given applies to a chosen target are all read from these rows. GGUF rows come from the
 recipes (quant/recipes.py: the per-tensor types llama.cpp's tools choose); checkpoint rows are
 safetensors directories quantized one decoder layer at a time (checkpoint.py, with their
-layouts in layouts.py).
+layouts in layouts.py), calibrated (GPTQ, AWQ) or each linear from its weight alone (FP8).
 """
 from __future__ import annotations
 
@@ -46,6 +46,12 @@ TARGETS: dict[str, Target] = {t.name: t for t in sorted([
     *(_gguf(r) for r in RECIPES.values()),
     Target("awq", "checkpoint", "AWQ 4-bit GEMM, zero points, group 128", "always", "transformers, GPTQModel, vLLM",
            ("bits", "group_size", "clip", "max_shard_size", *CALIBRATION), label="AWQ"),
+    Target("fp8", "checkpoint", "FP8 E4M3 weights with per-channel scales, dynamic per-token FP8 activations "
+           "(compressed-tensors float-quantized, llm-compressor's FP8_DYNAMIC)", "", "vLLM (GPUs), transformers",
+           ("max_shard_size",), label="FP8"),
+    Target("fp8-block", "checkpoint", "FP8 E4M3 weights with 128 x 128 block scales, dynamic FP8 activations per "
+           "group of 128 (compressed-tensors float-quantized, llm-compressor's FP8_BLOCK)", "", "vLLM (GPUs), transformers",
+           ("max_shard_size",), label="FP8-BLOCK"),
     Target("gptq", "checkpoint", "GPTQ 4-bit (2, 8), group 128, symmetric, activation order", "always",
            "transformers, GPTQModel, vLLM",
            ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", "exact_calib", *CALIBRATION),
@@ -103,9 +109,11 @@ def output_paths(label: str, chosen: list[Target], output: Path | None) -> list[
 
 def help_line() -> str:
     """`--to`'s help: every target, grouped by kind."""
+    calibrated = [t.name for t in TARGETS.values() if t.kind == "checkpoint" and t.calibration]
+    direct = [t.name for t in TARGETS.values() if t.kind == "checkpoint" and not t.calibration]
     return (f"Target(s), comma-separated, any mix. GGUF files: {', '.join(names('gguf'))}. Safetensors "
-            f"checkpoints (calibrated): {', '.join(names('checkpoint'))}. The checkpoint is read once for every "
-            "GGUF file, calibration runs once per method.")
+            f"checkpoints: {', '.join(calibrated)} (calibrated), {', '.join(direct)} (no calibration). The "
+            "checkpoint is read once for every GGUF file, calibration runs once per method.")
 
 
 def summary() -> str:

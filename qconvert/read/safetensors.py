@@ -29,6 +29,7 @@ DTYPES: dict[str, np.dtype] = {
     "I8": np.dtype("i1"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
+    "F8_E4M3": np.dtype("u1"),  # no numpy float8: raw bits, decoded through torch (quant/fp8.py)
 }
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers

@@ -25,6 +25,7 @@ INDEX_NAME = "model.safetensors.index.json"
 DTYPES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtype(np.int32): "I32",
           np.dtype(np.int64): "I64", np.dtype(np.uint8): "U8", np.dtype(np.int8): "I8",
           np.dtype(np.uint16): "BF16"}  # BF16 travels as its uint16 bits
+RAW_BITS = {"BF16": np.dtype(np.uint16), "F8_E4M3": np.dtype(np.uint8)}  # dtypes numpy has not: their bits
 def foreign_file(directory: Path, method: str, own_files: set[str]) -> str | None:
     """Why `directory` is not a previous qconvert output of `method` (quant_method), or None:
     its config.json must name qconvert as the quantizer and `method` as the method, and every
@@ -160,7 +161,7 @@ class ShardedWriter:
         if name != e.name:
             raise RuntimeError(f"safetensors writer: expected {e.name}, got {name}")
         a = np.ascontiguousarray(a)
-        if DTYPES.get(a.dtype) not in (e.dtype, "BF16" if e.dtype == "BF16" else None) or tuple(a.shape) != e.shape:
+        if (DTYPES.get(a.dtype) != e.dtype and RAW_BITS.get(e.dtype) != a.dtype) or tuple(a.shape) != e.shape:
             raise RuntimeError(f"safetensors writer: {name} is {a.dtype} {a.shape}, planned {e.dtype} {e.shape}")
         if s != self._shard:
             self._open(s)

@@ -1,0 +1,206 @@
+"""FP8 (compressed-tensors float-quantized): codes and scales byte-identical to what
+compressed-tensors 0.20 (the library llm-compressor saves with) makes from the same weights with
+the FP8_DYNAMIC and FP8_BLOCK schemes, its own decompression equal to our dequantized weights,
+its config schema accepting ours, and transformers loading the checkpoint (it decompresses on
+CPU) with weights equal to ours."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import numpy as np
+import pytest
+import torch
+
+from qconvert.quant import fp8
+from tests.helpers import copy_model, files_in, one_line_error, run_cli
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+BLOCK = (128, 128)
+
+
+def scheme(block: bool):
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import FP8_BLOCK, FP8_DYNAMIC
+
+    return QuantizationScheme(targets=["Linear"], **(FP8_BLOCK if block else FP8_DYNAMIC))
+
+
+def reference(w: torch.Tensor, block: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' (codes, scales) of w: its qparams from the channel's (block's) min and
+    max as llm-compressor's min-max observer gives them, then its compressor, with the zero point
+    llm-compressor's modules carry."""
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+    from compressed_tensors.quantization.utils import calculate_qparams
+    from compressed_tensors.quantization.utils import maybe_pad_tensor_for_block_quant
+
+    s = scheme(block)
+    if block:
+        p = maybe_pad_tensor_for_block_quant(w, BLOCK)
+        b = p.reshape(p.shape[0] // 128, 128, p.shape[1] // 128, 128)
+        lo, hi = b.amin((1, 3)), b.amax((1, 3))
+    else:
+        lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    scale, zp = calculate_qparams(lo, hi, s.weights)
+    out = NaiveQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, s)
+    assert set(out) == {"weight", "weight_scale"}
+    return out["weight"], out["weight_scale"]
+
+
+def awkward(n: int, k: int, dtype) -> torch.Tensor:
+    """Rows from 1e-8 to 100 in size, an all-zero row, negative zeros, an all-negative row, a
+    subnormal, values that saturate nothing but sit on E4M3 rounding ties."""
+    g = torch.Generator().manual_seed(n * 7 + k)
+    w = (torch.randn(n, k, generator=g) * torch.logspace(-8, 2, n)[:, None]).to(dtype)
+    w[3] = 0
+    w[5, :7] = -0.0
+    w[6] = -w[6].abs()
+    w[7, 3] = 1e-30
+    w[8] = torch.tensor([448.0, -448.0, 1.0, 0.5625, 0.59375] * (k // 5) + [0.0] * (k % 5)).to(dtype)
+    return w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block,shape", [(False, (96, 64)), (True, (300, 200)), (True, (256, 384))])
+def test_codes_and_scales_are_compressed_tensors(dtype, block, shape):
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+
+    w = awkward(*shape, DTYPES[dtype])
+    q, s = fp8.blockwise(w, BLOCK) if block else fp8.channel(w)
+    rq, rs = reference(w, block)
+    assert s.dtype == rs.dtype == w.dtype and torch.equal(s, rs)
+    assert q.dtype == rq.dtype == torch.float8_e4m3fn and torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+    theirs = NaiveQuantizationCompressor.decompress({"weight": q, "weight_scale": s}, scheme(block))["weight"]
+    ours = fp8.dequantize(q, s, BLOCK if block else None)
+    assert ours.dtype == theirs.dtype == w.dtype and torch.equal(ours, theirs)
+
+
+def linears(path, dtype):
+    """{prefix: weight} of the decoder linears of a tiny checkpoint, in its dtype."""
+    from safetensors.torch import load_file
+
+    ts = load_file(path / "model.safetensors")
+    return {k[:-len(".weight")]: v for k, v in ts.items() if ".layers." in k and v.dim() == 2}, ts
+
+
+@pytest.mark.parametrize("family,dtype,target", [("llama", "bfloat16", "fp8"), ("qwen3", "float16", "fp8"),
+                                                 ("gemma3", "float32", "fp8"),
+                                                 ("llama-wide", "bfloat16", "fp8-block")])
+def test_checkpoint_is_compressed_tensors(tiny, tmp_path, capsys, family, dtype, target):
+    """Every quantized linear byte-identical to compressed-tensors' compression of the source
+    weight, every other tensor copied byte for byte, the config as compressed-tensors writes it;
+    transformers loads it and decompresses to our dequantized weights; eval and inspect read it."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    src = tiny(family, dtype)
+    out = tmp_path / "fp8"
+    code, stdout, err = run_cli([src, "--to", target, "-o", out, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)["outputs"][0]
+    block = target == "fp8-block"
+    source, everything = linears(src, DTYPES[dtype])
+    got = load_file(out / "model.safetensors")
+    assert report["n_linears"] == len(source) > 0
+    for prefix, w in source.items():
+        rq, rs = reference(w, block)
+        assert torch.equal(got[prefix + ".weight"].view(torch.uint8), rq.view(torch.uint8)), prefix
+        assert got[prefix + ".weight_scale"].dtype == w.dtype and torch.equal(got[prefix + ".weight_scale"], rs)
+    others = {k: v for k, v in everything.items() if k[:-len(".weight")] not in source}
+    assert set(got) == {*others, *(p + s for p in source for s in (".weight", ".weight_scale"))}
+    for k, v in others.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    cfg = json.loads((out / "config.json").read_text())
+    q = cfg["quantization_config"]
+    theirs = QuantizationConfig.model_validate(q)
+    assert {k: v for k, v in q.items() if k not in ("meta", "version", "sparsity_config", "transform_config")} == \
+        theirs.to_dict()
+    assert theirs.to_dict() == QuantizationConfig(config_groups={"group_0": scheme(block)}, format="float-quantized",
+                                                  quantization_status="compressed", ignore=["lm_head"]).to_dict()
+    assert q["meta"]["quantizer"][0].startswith("qconvert:") and q["sparsity_config"] == {}
+    src_cfg = json.loads((src / "config.json").read_text())
+    assert cfg.get("dtype") == src_cfg.get("dtype")
+    assert "quantize_config.json" not in files_in(out)
+
+    import transformers
+
+    from qconvert.evaluate import open_model
+
+    m = transformers.AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        logits = m(torch.tensor([[1, 5, 9, 22, 40, 7]])).logits  # decompresses every layer
+    assert torch.isfinite(logits).all()
+    ours = open_model(str(out))
+    for prefix in source:
+        name = prefix.replace("model.language_model.", "model.")
+        theirs_w = m.get_submodule(name).weight.detach().float().numpy()
+        assert np.array_equal(ours.weights[prefix.replace("language_model.", "") + ".weight"].array(), theirs_w), prefix
+    ours.close()
+
+    code, stdout, err = run_cli(["inspect", out, "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["quant_method"] == "compressed-tensors" and info["quantized_linears"] == len(source)
+    text = tmp_path / "text.txt"
+    text.write_text(resources.files("qconvert.calibrate").joinpath("data/emma.txt").read_text(encoding="utf-8")[:8000],
+                    encoding="utf-8")
+    code, stdout, err = run_cli(["eval", out, "--text", text, "--base", src, "--ctx", "64", "--chunks", "4", "--json"],
+                                capsys)
+    assert code == 0, err
+    scores = json.loads(stdout)
+    assert 0 < scores["kl_divergence"] < 0.1 and scores["top1_agreement"] > 0.5  # E4M3: 3 mantissa bits
+
+
+def test_fp8_from_one_command_with_gguf_and_gptq(tiny, tmp_path, capsys):
+    """fp8 beside a GGUF file and a calibrated method: one read, one report; fp8 takes no
+    calibration and none of the calibrated methods' options."""
+    src = tiny("llama")
+    code, stdout, err = run_cli([src, "--to", "q8_0,fp8,gptq", "--group-size", "32", "--calib-seq-len", "64",
+                                 "-o", tmp_path, "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert [o["target"] for o in r["outputs"]] == ["q8_0", "fp8", "gptq"]
+    assert [p["method"] for p in r["calibration"]["passes"]] == ["gptq"]
+    fp = r["outputs"][1]
+    assert fp["scales"] == "per channel" and len(fp["layers"]) == 2
+    assert all(0 < e["error"] < 1e-3 for x in fp["layers"] for e in x["linears"])
+    code, _, err = run_cli([src, "--to", "fp8", "--group-size", "32", "-o", tmp_path / "x"], capsys)
+    assert code == 2
+    one_line_error(err, "--group-size", "not to --to fp8")
+    code, _, err = run_cli([src, "--to", "fp8", "--calib-samples", "4", "-o", tmp_path / "x"], capsys)
+    assert code == 2
+    one_line_error(err, "--calib-samples")
+    assert not (tmp_path / "x").exists()
+
+
+def test_fp8_refusals_leave_nothing(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    code, _, err = run_cli([tiny("gpt2"), "--to", "fp8", "-o", tmp_path / "o"], capsys)
+    assert code == 2
+    one_line_error(err, "Conv1D", "Linear")
+    code, _, err = run_cli([tiny("llama"), "--to", "fp8-block", "-o", tmp_path / "o"], capsys)
+    assert code == 2
+    one_line_error(err, "blocks of 128", "takes 64", "--to fp8")
+    bad = copy_model(tiny("llama", "bfloat16"), tmp_path / "bad")
+    ts = load_file(bad / "model.safetensors")
+    ts["model.layers.1.mlp.up_proj.weight"][2, 5] = float("inf")
+    save_file(ts, bad / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli([bad, "--to", "fp8", "-o", tmp_path / "o"], capsys)
+    assert code == 3
+    one_line_error(err, "up_proj", "non-finite")
+    assert files_in(tmp_path) == ["bad"]
+
+
+def test_force_replaces_a_previous_fp8_output_only(tiny, tmp_path, capsys):
+    src = tiny("llama")
+    out = tmp_path / "o"
+    assert run_cli([src, "--to", "fp8", "-o", out], capsys)[0] == 0
+    code, _, err = run_cli([src, "--to", "fp8", "-o", out], capsys)
+    assert code == 4
+    one_line_error(err, "already exists")
+    code, _, err = run_cli([src, "--to", "fp8", "-o", out, "--force"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([src, "--to", "fp8", "-o", src, "--force"], capsys)
+    assert code == 4
+    assert (src / "model.safetensors").is_file()
