@@ -24,7 +24,7 @@ import torch
 from qconvert import __version__
 from qconvert.arch.base import NOT_TEXT, SKIP_SUFFIXES
 from qconvert.errors import InputError, UsageError
-from qconvert.layouts import LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, Layout, Params, to_numpy
+from qconvert.layouts import LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, Layout, Params, TransformersFP8, to_numpy
 from qconvert.model import Model
 from qconvert.quant.blocks import first_nonfinite, to_float32
 from qconvert.read.checkpoint import SIDE_FILES, Tensor
@@ -37,6 +37,7 @@ COPIED_FILES = [n for n in SIDE_FILES if n not in ("config.json", "README.md")] 
 OWN_FILES = {"config.json", "quantize_config.json", *COPIED_FILES}
 # methods that quantize each linear from its weight alone (no calibration): the block of their scales
 PER_TENSOR = {"fp8": None, "fp8-block": (128, 128)}
+FORMATS = ("compressed-tensors", "hf-fp8")  # --format: how fp8-block is written
 
 
 @dataclass
@@ -50,6 +51,7 @@ class CheckpointOptions:
     max_shard_bytes: int = 5 * 10 ** 9
     clip: bool = True  # awq: AutoAWQ's clipping search after the scales (llm-compressor's AWQ has none)
     dtype: str = "F16"  # the copies' and scales' dtype; FP8 takes the checkpoint's (set by the plan)
+    fmt: str = "compressed-tensors"  # fp8-block: or "hf-fp8" (transformers' fp8 layout)
 
     @property
     def per_tensor(self) -> bool:
@@ -57,23 +59,30 @@ class CheckpointOptions:
 
     @property
     def layout(self) -> type[Layout]:
-        return FloatQuantized if self.per_tensor else LAYOUTS[self.method]
+        if self.per_tensor:
+            return TransformersFP8 if self.fmt == "hf-fp8" else FloatQuantized
+        return LAYOUTS[self.method]
 
     @property
     def params(self) -> Params:
         if self.per_tensor:
-            return Params(8, -1, dtype=self.dtype, block=PER_TENSOR[self.method])
+            return Params(8, -1, dtype="F32" if self.fmt == "hf-fp8" else self.dtype, block=PER_TENSOR[self.method])
         return Params(self.bits, self.group_size, v2=self.method == "gptq" and not self.sym)
 
     @property
     def checkpoint_format(self) -> str:
         if self.per_tensor:
-            return FloatQuantized.format
+            return "fp8" if self.fmt == "hf-fp8" else FloatQuantized.format
         if self.method == "awq":
             return "awq_gemm"
         return "gptq" if self.sym else "gptq_v2"
 
     def check(self) -> None:
+        if self.fmt not in FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
+        if self.fmt == "hf-fp8" and self.method != "fp8-block":
+            raise UsageError(f"--format hf-fp8 (transformers' fp8 layout) stores 128 x 128 block scales: it applies to "
+                             f"--to fp8-block, not --to {self.method}")
         if self.per_tensor:
             return
         if self.method == "awq" and self.bits != 4:
@@ -107,7 +116,7 @@ class CheckpointPlan:
     copies: dict[str, Tensor]  # output name -> checkpoint tensor written as f16
     layer_of: dict[str, int]  # output name -> decoder layer (-1: written before the layers)
     names: dict[str, str]  # forward (HF) name -> checkpoint name
-    ignore: list[str] = field(default_factory=list)  # compressed-tensors: Linear modules left unquantized
+    ignore: list[str] = field(default_factory=list)  # FP8: the Linear modules (name parts) left unquantized
 
     @property
     def total_bytes(self) -> int:
@@ -155,6 +164,10 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
                 raise UsageError(f"{ckpt.path}: --to {opts.method} needs linear inputs in whole blocks of {block[1]} "
                                  f"(its activations are quantized in groups of {block[1]}); {prefix} takes {n_in}; "
                                  "use --to fp8 (per-channel scales)")
+            if block is not None and opts.fmt == "hf-fp8" and n_out % block[0]:
+                raise UsageError(f"{ckpt.path}: --format hf-fp8 needs linear outputs in whole blocks of {block[0]} "
+                                 f"(transformers leaves other linears unquantized, and its loader refuses them); "
+                                 f"{prefix} gives {n_out}; use the default compressed-tensors format")
             gs = n_in if g == -1 else g
             if not opts.per_tensor and (n_in % gs or n_in % per_word or n_out % per_word):
                 misfits.append(f"{prefix} ({n_in} in, {n_out} out)")
@@ -185,7 +198,7 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     names = {n.replace("language_model.", ""): n for n in ckpt.tensors}
     # compressed-tensors quantizes every Linear but those named here: the output head, and the
     # modules of a multimodal checkpoint's other towers
-    ignore = ["lm_head", *sorted({f"re:.*{root.removeprefix('model.')}.*" for root in NOT_TEXT
+    ignore = ["lm_head", *sorted({root.removeprefix("model.").rstrip(".") for root in NOT_TEXT
                                   if any(n.startswith(root) for n in ckpt.tensors)})]
     return CheckpointPlan(model, path, opts, force, entries, linears, copies, layer_of, names, ignore)
 

@@ -75,6 +75,9 @@ Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction o
 Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="awq: after the scales, search each linear's "
                                                               "clipping range (AutoAWQ's auto_clip); --no-clip "
                                                               "skips it, as llm-compressor's AWQ does.")]
+Format = Annotated[str, typer.Option("--format", help="fp8-block: compressed-tensors (default; vLLM, transformers) "
+                                      "or hf-fp8 (transformers' own fp8 layout with weight_scale_inv, as DeepSeek-V3 "
+                                      "and Qwen3-FP8 ship; every linear must be whole 128 x 128 blocks).")]
 MaxShard = Annotated[str, typer.Option("--max-shard-size", help="gptq: largest safetensors shard, e.g. 5GB, "
                                                                 "500MB.")]
 
@@ -110,7 +113,7 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
                 group_size: GroupSize = 128,
                 act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
-                clip: Clip = True) -> None:
+                clip: Clip = True, fmt: Format = "compressed-tensors") -> None:
     """Convert MODEL to GGUF files and GPTQ/AWQ checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -151,7 +154,7 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
     job = Job(model, chosen, output, revision, force, threads or _cores(), dry_run, overrides, imatrix, no_calib,
               CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
               CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size),
-                                clip))
+                                clip, fmt=fmt.strip().lower()))
     if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
         _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
                           "it, vLLM refuses asymmetric GPTQ", "yellow")

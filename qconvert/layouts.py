@@ -16,6 +16,9 @@ W[k, n] = (q - z) s with the group g = k // group_size.
 compressed-tensors float-quantized (FP8): weight F8_E4M3 [N, K], the linear's own name;
 weight_scale [N, 1] (per output channel) or [ceil(N/128), ceil(K/128)] (per 128 x 128 block) in
 the checkpoint's float dtype; W = fp8 value * scale (quant/fp8.py holds the maths).
+
+transformers' fp8 (FineGrainedFP8): weight F8_E4M3 [N, K]; weight_scale_inv F32 [N/128, K/128],
+one per 128 x 128 block (whole blocks only); W = fp8 value * weight_scale_inv, in float32.
 """
 from __future__ import annotations
 
@@ -370,7 +373,8 @@ class FloatQuantized(Layout):
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
                                               "output_activations": None, "format": None}},
                 "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
-                "global_compression_ratio": None, "ignore": extra.get("ignore", ["lm_head"]),
+                "global_compression_ratio": None,
+                "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
                 "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
 
     @classmethod
@@ -395,11 +399,81 @@ class FloatQuantized(Layout):
         return Params(8, -1, block=block)
 
 
+class TransformersFP8(Layout):
+    """transformers' `fp8` quantization (FineGrainedFP8Config): FP8 E4M3 weights with float32
+    block scales stored as `weight_scale_inv`, dynamic activations; the layout DeepSeek-V3,
+    Qwen3-FP8 and Kimi ship, which vLLM serves and transformers dequantizes on a CPU."""
+
+    method = "fp8"
+    parts = ("weight", "weight_scale_inv")
+    marker = "weight_scale_inv"
+    required = parts
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        return "fp8-block"
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        bh, bw = p.block
+        return [Entry(prefix + ".weight", "F8_E4M3", (n_out, n_in)),
+                Entry(prefix + ".weight_scale_inv", "F32", (n_out // bh, n_in // bw))]
+
+    @classmethod
+    def pack(cls, q, scales, zeros, g_idx, p):
+        return {"weight": q, "weight_scale_inv": scales}
+
+    @classmethod
+    def unpack(cls, parts, p):
+        from qconvert.quant import fp8
+
+        codes = from_numpy(parts["weight"], "F8_E4M3")
+        scales = from_numpy(np.asarray(parts["weight_scale_inv"], np.float32), "F32")
+        return fp8.dequantize(codes.float(), scales, p.block).numpy()
+
+    @classmethod
+    def shape(cls, parts, p):
+        return tuple(parts["weight"])
+
+    @classmethod
+    def linear_shape(cls, p, prefix, shapes, where):
+        missing = [k for k in cls.required if k not in shapes]
+        if missing:
+            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+        w, s = shapes["weight"], tuple(shapes["weight_scale_inv"])
+        if len(w) != 2:
+            raise InputError(f"{where}: {prefix}.weight must be 2-D, got {list(w)}")
+        n_out, n_in = w
+        if n_out % p.block[0] or n_in % p.block[1] or s != (n_out // p.block[0], n_in // p.block[1]):
+            raise InputError(f"{where}: {prefix}.weight_scale_inv has shape {list(s)}, which does not fit a "
+                             f"{n_out} x {n_in} weight with {_scheme(p)} scales")
+        return n_out, n_in, -1
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        """As DeepSeek-V3 and Qwen3-FP8 ship it (transformers' FineGrainedFP8Config takes the
+        rest as defaults), with qconvert named in `meta`."""
+        return {"quant_method": cls.method, "activation_scheme": "dynamic", "fmt": "e4m3",
+                "weight_block_size": list(p.block), "modules_to_not_convert": extra.get("ignore", ["lm_head"]),
+                "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        b = qcfg.get("weight_block_size")
+        if not (isinstance(b, list) and len(b) == 2 and all(type(x) is int and x > 0 for x in b)):
+            raise InputError(f"{where}: fp8 weight_block_size must be two positive integers, got {b!r} (per-tensor "
+                             "fp8 checkpoints cannot be read)")
+        fmt = str(qcfg.get("scale_fmt", "float")).lower()
+        if fmt != "float":
+            raise InputError(f"{where}: fp8 scale_fmt {fmt!r} cannot be read (float can)")
+        return Params(8, -1, dtype="F32", block=(b[0], b[1]))
+
+
 def _scheme(p: Params) -> str:
     return "per-channel" if p.block is None else f"{p.block[0]} x {p.block[1]} block"
 
 
-LAYOUTS: dict[str, type[Layout]] = {cls.method: cls for cls in (AWQ, GPTQ)}
+LAYOUTS: dict[str, type[Layout]] = {cls.method: cls for cls in (AWQ, GPTQ, TransformersFP8)}
 COMPRESSED_TENSORS: dict[str, type[Layout]] = {cls.format: cls for cls in (FloatQuantized,)}  # by format
 
 

@@ -175,9 +175,11 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
                     "seconds": round(time.perf_counter() - t, 3)}
 
 
-# a per-tensor method: weight [N, K] in the checkpoint's dtype -> (codes, scales), and back
-TENSOR_METHODS = {"fp8": (fp8.channel, lambda q, s: fp8.dequantize(q, s)),
-                  "fp8-block": (fp8.blockwise, lambda q, s: fp8.dequantize(q, s, (128, 128)))}
+# a per-tensor method in a format: weight [N, K] in the checkpoint's dtype -> (codes, scales), and back
+TENSOR_METHODS = {("fp8", "compressed-tensors"): (fp8.channel, lambda q, s: fp8.dequantize(q, s)),
+                  ("fp8-block", "compressed-tensors"): (fp8.blockwise, lambda q, s: fp8.dequantize(q, s, (128, 128))),
+                  ("fp8-block", "hf-fp8"): (fp8.transformers_blockwise,
+                                            lambda q, s: fp8.dequantize(q, s, (128, 128)))}
 
 
 def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> CheckpointWriter:
@@ -185,7 +187,7 @@ def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> 
     a time, and written as each layer is done; the directory is complete, not yet in place. The
     report gives each linear's relative squared error, |W - W'|^2 / |W|^2."""
     method = cp.opts.method
-    quantize, dequantize = TENSOR_METHODS[method]
+    quantize, dequantize = TENSOR_METHODS[method, cp.opts.fmt]
     writer = CheckpointWriter(cp)
     tensors = cp.model.ckpt.tensors
     by_layer: dict[int, list] = {}

@@ -48,10 +48,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in sorted([
            ("bits", "group_size", "clip", "max_shard_size", *CALIBRATION), label="AWQ"),
     Target("fp8", "checkpoint", "FP8 E4M3 weights with per-channel scales, dynamic per-token FP8 activations "
            "(compressed-tensors float-quantized, llm-compressor's FP8_DYNAMIC)", "", "vLLM (GPUs), transformers",
-           ("max_shard_size",), label="FP8"),
+           ("max_shard_size", "fmt"), label="FP8"),
     Target("fp8-block", "checkpoint", "FP8 E4M3 weights with 128 x 128 block scales, dynamic FP8 activations per "
-           "group of 128 (compressed-tensors float-quantized, llm-compressor's FP8_BLOCK)", "", "vLLM (GPUs), transformers",
-           ("max_shard_size",), label="FP8-BLOCK"),
+           "group of 128 (compressed-tensors float-quantized, llm-compressor's FP8_BLOCK; `--format hf-fp8`: "
+           "transformers' fp8 layout)", "", "vLLM (GPUs), transformers", ("max_shard_size", "fmt"), label="FP8-BLOCK"),
     Target("gptq", "checkpoint", "GPTQ 4-bit (2, 8), group 128, symmetric, activation order", "always",
            "transformers, GPTQModel, vLLM",
            ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", "exact_calib", *CALIBRATION),

@@ -88,15 +88,18 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
 
     torch.manual_seed(seed)
     common = dict(initializer_range=0.08, tie_word_embeddings=False)
-    if family in ("llama", "llama-tied", "mistral", "llama-wide"):
-        style = "llama3" if family in ("llama", "llama-wide") else "smollm"
+    if family in ("llama", "llama-tied", "mistral", "llama-wide", "llama-blocks"):
+        style = "llama3" if family in ("llama", "llama-wide", "llama-blocks") else "smollm"
         ids = bpe_tokenizer(out, style, "<|begin_of_text|>", "<|end_of_text|>")
         cls = tf.MistralConfig if family == "mistral" else tf.LlamaConfig
         extra = {"sliding_window": None} if family == "mistral" else {}
         # llama-wide: rows of 256 and 512 so the K-quants apply, 8 layers so llama-quantize's
         # per-layer choices vary, 4 query heads per KV head
+        # llama-blocks: every linear in whole 128 x 128 blocks (transformers' fp8 layout)
         dims = (dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
                      num_key_value_heads=2) if family == "llama-wide" else
+                dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=8,
+                     num_key_value_heads=4) if family == "llama-blocks" else
                 dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2))
         cfg = cls(vocab_size=ids["vocab_size"], max_position_embeddings=256, rms_norm_eps=1e-5,

@@ -204,3 +204,59 @@ def test_force_replaces_a_previous_fp8_output_only(tiny, tmp_path, capsys):
     code, _, err = run_cli([src, "--to", "fp8", "-o", src, "--force"], capsys)
     assert code == 4
     assert (src / "model.safetensors").is_file()
+
+
+def test_transformers_fp8_layout(tiny, tmp_path, capsys):
+    """--format hf-fp8: codes and weight_scale_inv byte-identical to transformers' own Fp8Quantize
+    on the same weights; transformers loads it on CPU (dequantizing) to our weights, and its
+    logits equal our forward's on them."""
+    from types import SimpleNamespace
+
+    import transformers
+    from safetensors.torch import load_file
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    from qconvert.evaluate import open_model
+
+    src = tiny("llama-blocks", "bfloat16")
+    out = tmp_path / "hf"
+    code, stdout, err = run_cli([src, "--to", "fp8-block", "--format", "hf-fp8", "-o", out, "--json"], capsys)
+    assert code == 0, err
+    op = Fp8Quantize(SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=[128, 128],
+                                                                         scale_fmt="float")))
+    source, everything = linears(src, torch.bfloat16)
+    got = load_file(out / "model.safetensors")
+    for prefix, w in source.items():
+        theirs = op._quantize_one(prefix + ".weight", w)
+        assert torch.equal(got[prefix + ".weight"].view(torch.uint8), theirs[prefix + ".weight"].view(torch.uint8))
+        assert got[prefix + ".weight_scale_inv"].dtype == torch.float32
+        assert torch.equal(got[prefix + ".weight_scale_inv"], theirs[prefix + ".weight_scale_inv"]), prefix
+    for k, v in everything.items():
+        if k[:-len(".weight")] not in source:
+            assert torch.equal(got[k], v), k
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {k: q[k] for k in ("quant_method", "activation_scheme", "weight_block_size", "modules_to_not_convert")} == \
+        {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+         "modules_to_not_convert": ["lm_head"]}
+    m = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # dequantizes on a CPU
+    ours = open_model(str(out))
+    for prefix in source:
+        assert np.array_equal(ours.weights[prefix + ".weight"].array(), m.get_submodule(prefix).weight.detach().numpy())
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7, 3, 11]])
+    with torch.inference_mode():
+        theirs = m(ids).logits[0]
+        mine = ours.forward().logits(ids)[0]
+    ours.close()
+    assert float((mine - theirs).pow(2).mean().sqrt() / theirs.pow(2).mean().sqrt()) < 1e-4
+    code, _, err = run_cli([src, "--to", "fp8-block", "--format", "hf-fp8", "-o", out, "--force"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli([tiny("llama-wide"), "--to", "fp8-block", "--format", "hf-fp8", "-o", tmp_path / "x"], capsys)
+    assert code == 2
+    one_line_error(err, "k_proj gives 64", "whole blocks of 128")
+    code, _, err = run_cli([src, "--to", "fp8", "--format", "hf-fp8", "-o", tmp_path / "x"], capsys)
+    assert code == 2
+    one_line_error(err, "applies to --to fp8-block")
+    code, _, err = run_cli([src, "--to", "gptq", "--format", "hf-fp8", "-o", tmp_path / "x"], capsys)
+    assert code == 2
+    one_line_error(err, "--format applies to fp8")
+    assert not (tmp_path / "x").exists()

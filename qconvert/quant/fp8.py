@@ -10,6 +10,11 @@ the codes and scales are the bytes llm-compressor writes for the same weights.
             adds (it turns -0.0 into +0.0); a block's rows and columns past the tensor's edge
             are zero padding, which no maximum above 0 can change
     w'    = fp8 value * scale, rounded to the scale's dtype (compressed-tensors' dequantize)
+
+transformers' own `fp8` layout (FineGrainedFP8Config, DeepSeek-V3's and Qwen3-FP8's) is made
+by its Fp8Quantize op in float32 instead: per 128 x 128 block, m = max |w| (1 where it is 0),
+code = fp8(clamp(w * (448 / m), -448, 448)), and it stores weight_scale_inv = 1 / (448 / m),
+float32; w' = code * weight_scale_inv.
 """
 from __future__ import annotations
 
@@ -51,6 +56,18 @@ def blockwise(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[tor
     s = _scales(absmax)
     codes = _codes(b, s[:, None, :, None]).reshape(b.shape[0] * block[0], b.shape[2] * block[1])
     return codes[:N, :K].contiguous(), s
+
+
+def transformers_blockwise(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes float8_e4m3fn [N, K], weight_scale_inv float32 [N/bh, K/bw]) of w [N, K] (whole
+    blocks only) as transformers' Fp8Quantize computes them."""
+    N, K = w.shape
+    b = w.float().reshape(N // block[0], block[0], K // block[1], block[1])
+    m = b.abs().amax((1, 3))
+    scales = E4M3_MAX / torch.where(m > 0, m, torch.ones_like(m))
+    scales = torch.where(m > 0, scales, torch.ones_like(scales))
+    codes = torch.clamp(b * scales[:, None, :, None], -E4M3_MAX, E4M3_MAX).to(FP8)
+    return codes.reshape(N, K), (1.0 / scales).float()
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, block: tuple[int, int] | None = None) -> torch.Tensor:
