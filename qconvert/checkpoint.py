@@ -28,6 +28,7 @@ from qconvert.layouts import LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, Layou
 from qconvert.model import Model
 from qconvert.quant.blocks import first_nonfinite, to_float32
 from qconvert.read.checkpoint import SIDE_FILES, Tensor
+from qconvert.read.quantized import DequantizedLinear
 from qconvert.read.safetensors import FLOAT_DTYPES
 from qconvert.writers.safetensors import AtomicDir, ShardedWriter, check_replaceable_dir
 
@@ -204,10 +205,11 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
 
 
 def _float_dtype(ckpt) -> str:
-    """The dtype an FP8 checkpoint keeps its other tensors and its scales in: the decoder
-    linears' (float32 for float64, which no FP8 loader takes)."""
-    found = [t.dtype for n, t in ckpt.tensors.items() if n.endswith(".weight") and len(t.shape) == 2
-             and t.dtype in FLOAT_DTYPES]
+    """The dtype an FP8 checkpoint keeps its other tensors and its scales in: the float weights'
+    (of a quantized source, those stored as floats; float32 for float64, which no FP8 loader
+    takes)."""
+    found = [t.dtype for n, t in ckpt.tensors.items() if n.endswith(".weight") and t.dtype in FLOAT_DTYPES
+             and not isinstance(t, DequantizedLinear)]
     dtype = max(set(found), key=found.count) if found else "F16"
     return "F32" if dtype == "F64" else dtype
 

@@ -348,6 +348,7 @@ def _bars(bars: list[Progress]):
 
 
 def _print_plan(r) -> None:
+    _print_source(r)
     if r.tensors:
         ggufs = [o for o in r.outputs if o["kind"] == "gguf"]
         t = Table(title=f"plan: {escape(r.source)} ({escape(r.architecture)}, {r.n_params / 1e6:.1f}M params)",
@@ -377,7 +378,16 @@ def _print_plan(r) -> None:
                       "tensors")
 
 
+def _print_source(r) -> None:
+    q = r.source_quantization
+    if q:
+        fmt = f" {q['format']}" if q["format"] else ""
+        out.print(f"source: {q['quant_method']}{fmt} checkpoint; its {q['linears']} quantized linears are "
+                  "dequantized (float32) as they are read")
+
+
 def _print_done(r) -> None:
+    _print_source(r)
     for o in r.outputs:
         if o["kind"] == "gguf":
             out.print(f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} "

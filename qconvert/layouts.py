@@ -15,7 +15,8 @@ W[k, n] = (q - z) s with the group g = k // group_size.
 
 compressed-tensors float-quantized (FP8): weight F8_E4M3 [N, K], the linear's own name;
 weight_scale [N, 1] (per output channel) or [ceil(N/128), ceil(K/128)] (per 128 x 128 block) in
-the checkpoint's float dtype; W = fp8 value * scale (quant/fp8.py holds the maths).
+the checkpoint's float dtype; W = fp8 value * scale, read back exactly in float32 (quant/fp8.py
+holds the maths).
 
 transformers' fp8 (FineGrainedFP8): weight F8_E4M3 [N, K]; weight_scale_inv F32 [N/128, K/128],
 one per 128 x 128 block (whole blocks only); W = fp8 value * weight_scale_inv, in float32.
@@ -64,6 +65,7 @@ class Layout:
     method: ClassVar[str]  # quant_method in quantization_config
     parts: ClassVar[tuple[str, ...]]  # tensors per linear, after its prefix
     marker: ClassVar[str] = "qweight"  # the part whose presence says a linear is quantized
+    unused: ClassVar[tuple[str, ...]] = ()  # a linear's tensors a weight-only reader leaves out (activation scales)
     required: ClassVar[tuple[str, ...]] = ("qweight", "qzeros", "scales")
 
     @classmethod
@@ -310,6 +312,7 @@ class FloatQuantized(Layout):
     parts = ("weight", "weight_scale")
     marker = "weight_scale"
     required = parts
+    unused = ("input_scale", "input_zero_point", "weight_zero_point", "output_scale", "output_zero_point")
 
     @classmethod
     def label(cls, p: Params) -> str:
@@ -337,7 +340,9 @@ class FloatQuantized(Layout):
         s = parts["weight_scale"]
         scale_dtype = {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}.get(s.dtype, "F32")
         codes = from_numpy(parts["weight"], "F8_E4M3")
-        return fp8.dequantize(codes, from_numpy(s, scale_dtype), p.block).float().numpy()
+        # the exact products, in float32 (as FP8 kernels and llama.cpp's converter take them;
+        # compressed-tensors' own decompression rounds them to the scales' dtype)
+        return fp8.dequantize(codes.float(), from_numpy(s, scale_dtype).float(), p.block).numpy()
 
     @classmethod
     def shape(cls, parts, p):
@@ -408,6 +413,7 @@ class TransformersFP8(Layout):
     parts = ("weight", "weight_scale_inv")
     marker = "weight_scale_inv"
     required = parts
+    unused = ("activation_scale",)
 
     @classmethod
     def label(cls, p: Params) -> str:

@@ -15,7 +15,7 @@ from qconvert.errors import InputError
 from qconvert.layouts import layout_of
 from qconvert.read.checkpoint import Checkpoint, open_checkpoint
 from qconvert.read.gguf_model import open_gguf
-from qconvert.read.quantized import QuantizedWeights
+from qconvert.read.quantized import dequantized_view
 
 
 @dataclass
@@ -72,8 +72,9 @@ def open_model(source: str, revision: str | None = None) -> Model:
         family = family_for(ckpt)
         found = layout_of(ckpt.config)
         weights = None
-        if found is not None:  # decoded as it runs
-            weights = QuantizedWeights(ckpt, family, *found)
+        if found is not None:  # read as a float checkpoint, each quantized linear decoded when read
+            ckpt.tensors = dequantized_view(ckpt.tensors, family, *found, ckpt.config)
+            weights = {n.replace("language_model.", ""): t for n, t in ckpt.tensors.items()}
             family.check_tensors(lambda n: weights[n].shape if n in weights else None, ckpt.path)
         else:
             family.check_checkpoint()

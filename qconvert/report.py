@@ -9,6 +9,7 @@ import numpy as np
 
 from qconvert import __version__
 from qconvert.checkpoint import CheckpointPlan
+from qconvert.read.quantized import DequantizedLinear
 from qconvert.model import Model
 from qconvert.plan import Plan
 from qconvert.quant import blocks
@@ -31,6 +32,7 @@ class Report:
     dry_run: bool = False
     tensors: list[dict] = field(default_factory=list)  # the GGUF outputs' tensors
     calibration: dict | None = None  # samples, and the passes that ran over them
+    source_quantization: dict | None = None  # a quantized source: its method and the linears decoded as read
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -51,6 +53,11 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
     r = Report(source=ckpt.source, model_dir=str(ckpt.path), architecture=ckpt.config.architecture(),
                revision=ckpt.revision, inputs=[{"path": str(p), "bytes": p.stat().st_size} for p in ckpt.weight_files],
                n_params=n_params, threads=threads, dry_run=dry_run)
+    if model.kind not in ("float", "gguf"):
+        q = ckpt.config.data.get("quantization_config") or {}
+        decoded = sum(isinstance(t, DequantizedLinear) for t in ckpt.tensors.values())
+        r.source_quantization = {"quant_method": model.kind, "format": q.get("format") or q.get("checkpoint_format"),
+                                 "linears": decoded}
     cps = iter(checkpoints)
     gguf_outputs = iter(plan.outputs if plan is not None else [])
     for t in targets:

@@ -131,10 +131,13 @@ def test_checkpoint_is_compressed_tensors(tiny, tmp_path, capsys, family, dtype,
         logits = m(torch.tensor([[1, 5, 9, 22, 40, 7]])).logits  # decompresses every layer
     assert torch.isfinite(logits).all()
     ours = open_model(str(out))
-    for prefix in source:
+    for prefix in source:  # ours: the exact products in float32; compressed-tensors rounds them to the scales' dtype
         name = prefix.replace("model.language_model.", "model.")
-        theirs_w = m.get_submodule(name).weight.detach().float().numpy()
-        assert np.array_equal(ours.weights[prefix.replace("language_model.", "") + ".weight"].array(), theirs_w), prefix
+        theirs_w = m.get_submodule(name).weight.detach()
+        mine = torch.from_numpy(ours.weights[prefix.replace("language_model.", "") + ".weight"].array())
+        assert torch.equal(mine.to(theirs_w.dtype), theirs_w), prefix
+        rq, rs = reference(source[prefix], block)
+        assert torch.equal(mine, fp8.dequantize(rq.float(), rs.float(), BLOCK if block else None))
     ours.close()
 
     code, stdout, err = run_cli(["inspect", out, "--json"], capsys)

@@ -1,6 +1,7 @@
-"""A quantized checkpoint (GPTQ, AWQ GEMM, compressed-tensors FP8) as weights qconvert's forward
-can run: each quantized linear's weight is decoded on demand, through its layout (layouts.py),
-into float32 in the checkpoint's layout."""
+"""A quantized checkpoint (GPTQ, AWQ GEMM, compressed-tensors FP8, transformers' fp8) seen as a
+float one: each quantized linear's weight is decoded on demand, through its layout
+(layouts.py), in the checkpoint's layout, so the forward, the GGUF plan and the checkpoint
+methods read it as they read any float tensor, one at a time."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ def linear_shape(layout: type[Layout], p: Params, prefix: str, parts: dict, wher
 
 @dataclass
 class DequantizedLinear:
+    """A quantized linear's weight, decoded to float32 when read (codes times scales exactly,
+    as llama.cpp's converter and the FP8 kernels take them)."""
+
     name: str
     shape: tuple[int, ...]
     parts: dict
@@ -35,28 +39,26 @@ class DequantizedLinear:
             t.release()
 
 
-class QuantizedWeights:
-    """HF name -> tensor; `X.weight` of a quantized linear is decoded from its layout's parts
-    (X.qweight & co., or an FP8 X.weight with X.weight_scale)."""
-
-    def __init__(self, ckpt, family, layout: type[Layout], params: Params):
-        """`layout`, `params`: what layout_of() found in the checkpoint's config."""
-        self.layout, self.params = layout, params
-        self.family = family
-        self.where = ckpt.config.path
-        self.tensors = {n.replace("language_model.", ""): t for n, t in ckpt.tensors.items()}
-
-    def _quantized(self, name: str) -> bool:
-        return name.endswith(".weight") and f"{name[:-7]}.{self.layout.marker}" in self.tensors
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors or self._quantized(name)
-
-    def __getitem__(self, name: str):
-        if not self._quantized(name):
-            return self.tensors[name]
-        prefix = name[:-len(".weight")]
-        parts = {k: self.tensors[f"{prefix}.{k}"] for k in self.layout.parts if f"{prefix}.{k}" in self.tensors}
-        n_out, n_in, _ = linear_shape(self.layout, self.params, prefix, parts, self.where)
-        t = self.family.transposed(name)
-        return DequantizedLinear(name, (n_in, n_out) if t else (n_out, n_in), parts, self.layout, self.params, t)
+def dequantized_view(tensors: dict, family, layout: type[Layout], params: Params, config) -> dict:
+    """The checkpoint's tensors as a float checkpoint's (names kept): each quantized linear's
+    parts replaced by one `X.weight` decoded on demand, its activation scales left out, every
+    other tensor as it is."""
+    marker = "." + layout.marker
+    prefixes = {n[:-len(marker)] for n in tensors if n.endswith(marker)}
+    parts_of = {f"{p}.{k}": p for p in prefixes for k in layout.parts}
+    unused = {f"{p}.{k}" for p in prefixes for k in layout.unused}
+    out = {}
+    for name, t in tensors.items():
+        if name in unused:
+            continue
+        prefix = parts_of.get(name)
+        if prefix is None:
+            out[name] = t
+        elif name == f"{prefix}.{layout.marker}":
+            parts = {k: tensors[f"{prefix}.{k}"] for k in layout.parts if f"{prefix}.{k}" in tensors}
+            n_out, n_in, _ = linear_shape(layout, params, prefix, parts, config.path)
+            hf = prefix.replace("language_model.", "") + ".weight"
+            tr = family.transposed(hf)
+            out[prefix + ".weight"] = DequantizedLinear(prefix + ".weight", (n_in, n_out) if tr else (n_out, n_in),
+                                                        parts, layout, params, tr)
+    return out
