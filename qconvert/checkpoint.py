@@ -24,7 +24,8 @@ import torch
 from qconvert import __version__
 from qconvert.arch.base import NOT_TEXT, SKIP_SUFFIXES
 from qconvert.errors import InputError, UsageError
-from qconvert.layouts import LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, Layout, Params, TransformersFP8, to_numpy
+from qconvert.layouts import (LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, Layout, PackQuantized, Params,
+                               TransformersFP8, to_numpy)
 from qconvert.model import Model
 from qconvert.quant.blocks import first_nonfinite, to_float32
 from qconvert.read.checkpoint import SIDE_FILES, Tensor
@@ -38,7 +39,9 @@ COPIED_FILES = [n for n in SIDE_FILES if n not in ("config.json", "README.md")] 
 OWN_FILES = {"config.json", "quantize_config.json", *COPIED_FILES}
 # methods that quantize each linear from its weight alone (no calibration): the block of their scales
 PER_TENSOR = {"fp8": None, "fp8-block": (128, 128)}
-FORMATS = ("compressed-tensors", "hf-fp8")  # --format: how fp8-block is written
+# --format: the layouts each method writes, its own first (the default)
+FORMATS = {"gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors"),
+           "fp8": ("compressed-tensors",), "fp8-block": ("compressed-tensors", "hf-fp8")}
 
 
 @dataclass
@@ -52,7 +55,11 @@ class CheckpointOptions:
     max_shard_bytes: int = 5 * 10 ** 9
     clip: bool = True  # awq: AutoAWQ's clipping search after the scales (llm-compressor's AWQ has none)
     dtype: str = "F16"  # the copies' and scales' dtype; FP8 takes the checkpoint's (set by the plan)
-    fmt: str = "compressed-tensors"  # fp8-block: or "hf-fp8" (transformers' fp8 layout)
+    fmt: str = ""  # one of FORMATS[method]; "": the method's own
+
+    @property
+    def format(self) -> str:
+        return self.fmt or FORMATS[self.method][0]
 
     @property
     def per_tensor(self) -> bool:
@@ -61,29 +68,33 @@ class CheckpointOptions:
     @property
     def layout(self) -> type[Layout]:
         if self.per_tensor:
-            return TransformersFP8 if self.fmt == "hf-fp8" else FloatQuantized
-        return LAYOUTS[self.method]
+            return TransformersFP8 if self.format == "hf-fp8" else FloatQuantized
+        return PackQuantized if self.format == "compressed-tensors" else LAYOUTS[self.method]
 
     @property
     def params(self) -> Params:
         if self.per_tensor:
-            return Params(8, -1, dtype="F32" if self.fmt == "hf-fp8" else self.dtype, block=PER_TENSOR[self.method])
-        return Params(self.bits, self.group_size, v2=self.method == "gptq" and not self.sym)
+            return Params(8, -1, dtype="F32" if self.format == "hf-fp8" else self.dtype, block=PER_TENSOR[self.method])
+        zero_points = self.method == "awq" if self.format == "compressed-tensors" else False
+        return Params(self.bits, self.group_size, v2=zero_points or (self.method == "gptq" and not self.sym))
 
     @property
     def checkpoint_format(self) -> str:
+        if self.format == "compressed-tensors":
+            return self.layout.format
         if self.per_tensor:
-            return "fp8" if self.fmt == "hf-fp8" else FloatQuantized.format
+            return "fp8"
         if self.method == "awq":
             return "awq_gemm"
         return "gptq" if self.sym else "gptq_v2"
 
     def check(self) -> None:
-        if self.fmt not in FORMATS:
-            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
-        if self.fmt == "hf-fp8" and self.method != "fp8-block":
-            raise UsageError(f"--format hf-fp8 (transformers' fp8 layout) stores 128 x 128 block scales: it applies to "
-                             f"--to fp8-block, not --to {self.method}")
+        if self.format not in FORMATS[self.method]:
+            if self.format == "hf-fp8":
+                raise UsageError(f"--format hf-fp8 (transformers' fp8 layout) stores 128 x 128 block scales: it applies "
+                                 f"to --to fp8-block, not --to {self.method}")
+            raise UsageError(f"--format {self.format} does not apply to --to {self.method}; it writes "
+                             f"{' or '.join(FORMATS[self.method])}")
         if self.per_tensor:
             return
         if self.method == "awq" and self.bits != 4:
@@ -156,16 +167,16 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         if layer >= 0 and hf.endswith(".weight") and len(t.shape) == 2:
             family.check_float(t)
             prefix, hp = name[:-len(".weight")], hf[:-len(".weight")]
-            if opts.per_tensor and family.transposed(hf):
-                raise UsageError(f"{ckpt.path}: --to {opts.method} writes compressed-tensors, which quantizes Linear "
-                                 f"modules only; {ckpt.config.architecture()} stores {prefix} as a transposed Conv1D")
+            if opts.layout in (FloatQuantized, PackQuantized, TransformersFP8) and family.transposed(hf):
+                raise UsageError(f"{ckpt.path}: --to {opts.method} --format {opts.format} quantizes Linear modules "
+                                 f"only; {ckpt.config.architecture()} stores {prefix} as a transposed Conv1D")
             n_out, n_in = (t.shape[1], t.shape[0]) if family.transposed(hf) else t.shape
             block = PER_TENSOR.get(opts.method)
             if block is not None and n_in % block[1]:
                 raise UsageError(f"{ckpt.path}: --to {opts.method} needs linear inputs in whole blocks of {block[1]} "
                                  f"(its activations are quantized in groups of {block[1]}); {prefix} takes {n_in}; "
                                  "use --to fp8 (per-channel scales)")
-            if block is not None and opts.fmt == "hf-fp8" and n_out % block[0]:
+            if block is not None and opts.format == "hf-fp8" and n_out % block[0]:
                 raise UsageError(f"{ckpt.path}: --format hf-fp8 needs linear outputs in whole blocks of {block[0]} "
                                  f"(transformers leaves other linears unquantized, and its loader refuses them); "
                                  f"{prefix} gives {n_out}; use the default compressed-tensors format")
@@ -182,6 +193,9 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
             entries_by_name[name] = [Entry(name, dtype, tuple(t.shape))]
             copies[name] = t
             layer_of[name] = layer
+    if opts.method == "awq" and opts.layout is PackQuantized and family.awq_extra_tensors():
+        raise UsageError(f"{ckpt.path}: AWQ scales the activation inside {ckpt.config.architecture()}'s MLP, which "
+                         "compressed-tensors cannot hold; use --format awq")
     if opts.method == "awq":
         for name, shape, layer in family.awq_extra_tensors():
             entries_by_name[name] = [Entry(name, "F16", shape)]
@@ -325,6 +339,11 @@ def quantization_config(plan: CheckpointPlan, calib: dict | None) -> dict:
     opts = plan.opts
     if opts.per_tensor:
         return opts.layout.config(opts.params, {"ignore": plan.ignore, "method": opts.method})
+    if opts.layout is PackQuantized:
+        return opts.layout.config(opts.params, {"act_order": opts.act_order and opts.method == "gptq",
+                                                "method": opts.method, "calibration": calib, "ignore": plan.ignore,
+                                                **({"damp_percent": opts.damp} if opts.method == "gptq" else {}),
+                                                **({"clip": opts.clip} if opts.method == "awq" else {})})
     if opts.method == "awq":
         # clip is recorded only when off, so that default checkpoints keep their bytes
         return opts.layout.config(opts.params, {"calibration": calib, **({} if opts.clip else {"clip": False})})

@@ -75,9 +75,11 @@ Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction o
 Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="awq: after the scales, search each linear's "
                                                               "clipping range (AutoAWQ's auto_clip); --no-clip "
                                                               "skips it, as llm-compressor's AWQ does.")]
-Format = Annotated[str, typer.Option("--format", help="fp8-block: compressed-tensors (default; vLLM, transformers) "
-                                      "or hf-fp8 (transformers' own fp8 layout with weight_scale_inv, as DeepSeek-V3 "
-                                      "and Qwen3-FP8 ship; every linear must be whole 128 x 128 blocks).")]
+Format = Annotated[str, typer.Option("--format", help="The checkpoint's layout. gptq, awq: their own (default) or "
+                                      "compressed-tensors (pack-quantized, as llm-compressor writes them; vLLM's "
+                                      "preferred 4-bit layout). fp8-block: compressed-tensors (default) or hf-fp8 "
+                                      "(transformers' own fp8 layout with weight_scale_inv, as DeepSeek-V3 and "
+                                      "Qwen3-FP8 ship; every linear must be whole 128 x 128 blocks).")]
 MaxShard = Annotated[str, typer.Option("--max-shard-size", help="gptq: largest safetensors shard, e.g. 5GB, "
                                                                 "500MB.")]
 
@@ -113,7 +115,7 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
                 group_size: GroupSize = 128,
                 act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
-                clip: Clip = True, fmt: Format = "compressed-tensors") -> None:
+                clip: Clip = True, fmt: Format = "") -> None:
     """Convert MODEL to GGUF files and GPTQ/AWQ checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]

@@ -13,6 +13,8 @@ interleave (slot i, bits 4i..4i+3, of word c holds column 8c + AWQ_ORDER[i]); qz
 [G, N/8] the same for the zero points (stored as they are); scales f16 [G, N]; no g_idx;
 W[k, n] = (q - z) s with the group g = k // group_size.
 
+compressed-tensors pack-quantized: see PackQuantized.
+
 compressed-tensors float-quantized (FP8): weight F8_E4M3 [N, K], the linear's own name;
 weight_scale [N, 1] (per output channel) or [ceil(N/128), ceil(K/128)] (per 128 x 128 block) in
 the checkpoint's float dtype; W = fp8 value * scale, read back exactly in float32 (quant/fp8.py
@@ -475,12 +477,118 @@ class TransformersFP8(Layout):
         return Params(8, -1, dtype="F32", block=(b[0], b[1]))
 
 
+class PackQuantized(Layout):
+    """compressed-tensors' pack-quantized format (W4A16 and kin, which vLLM prefers for 4-bit
+    weights): the integer codes of a GPTQ or AWQ linear, written as llm-compressor writes its
+    GPTQ and AWQ. weight_packed int32 [N, ceil(K*b/32)]: each row's codes, stored unsigned
+    (value + 2^(b-1)), packed densely along the input dimension (element j of every 32 at bit
+    j*b); weight_scale [N, G]; weight_shape int64 [2] = (N, K); asymmetric: weight_zero_point
+    int32 [ceil(N*b/32), G], the zero points stored unsigned and packed the same way along the
+    output dimension; symmetric ones are 2^(b-1). W = (q - z) s, group k // group_size (or
+    weight_g_idx[k] where a checkpoint has it)."""
+
+    method = "compressed-tensors"
+    format = "pack-quantized"
+    parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+    marker = "weight_packed"
+    required = ("weight_packed", "weight_scale", "weight_shape")
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        return "int-packed"
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        n_groups = -(-n_in // (n_in if p.group_size == -1 else p.group_size))
+        out = [Entry(prefix + ".weight_packed", "I32", (n_out, -(-n_in * p.bits // 32))),
+               Entry(prefix + ".weight_scale", "F16", (n_out, n_groups)),
+               Entry(prefix + ".weight_shape", "I64", (2,))]
+        if p.v2:
+            out.append(Entry(prefix + ".weight_zero_point", "I32", (-(-n_out * p.bits // 32), n_groups)))
+        return out
+
+    @classmethod
+    def pack(cls, q, scales, zeros, g_idx, p):
+        N, K = q.shape
+        out = {"weight_packed": pack_cols(q, p.bits), "weight_scale": np.ascontiguousarray(scales.T).astype(np.float16),
+               "weight_shape": np.array([N, K], dtype=np.int64)}
+        if p.v2:
+            out["weight_zero_point"] = pack_rows(np.ascontiguousarray(zeros.T), p.bits)
+        return out
+
+    @classmethod
+    def unpack(cls, parts, p):
+        N, K = (int(x) for x in np.asarray(parts["weight_shape"]))
+        q = unpack_cols(parts["weight_packed"], p.bits)[:, :K]
+        s = parts["weight_scale"].astype(np.float32)  # [N, G]
+        if "weight_zero_point" in parts:
+            z = unpack_rows(parts["weight_zero_point"], p.bits)[:N]
+        else:
+            z = np.full(s.shape, 2 ** (p.bits - 1), dtype=np.int32)
+        g_idx = parts.get("weight_g_idx")
+        g = np.asarray(g_idx, dtype=np.int64) if g_idx is not None else np.arange(K) // -(-K // s.shape[1])
+        return (q - z[:, g]).astype(np.float32) * s[:, g]
+
+    @classmethod
+    def shape(cls, parts, p):
+        return parts["weight_packed"][0], parts["weight_scale"][1] * (p.group_size if p.group_size > 0 else 0)
+
+    @classmethod
+    def linear_shape(cls, p, prefix, shapes, where):
+        missing = [k for k in cls.required if k not in shapes]
+        if missing:
+            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+        w, s = shapes["weight_packed"], shapes["weight_scale"]
+        if len(w) != 2 or len(s) != 2 or w[0] != s[0] or tuple(shapes["weight_shape"]) != (2,):
+            raise InputError(f"{where}: {prefix}.weight_packed {list(w)} and .weight_scale {list(s)} do not fit one "
+                             f"{p.bits}-bit linear")
+        n_out = w[0]
+        n_in = s[1] * p.group_size if p.group_size > 0 else w[1] * 32 // p.bits
+        if -(-n_in * p.bits // 32) != w[1] or (p.group_size <= 0 and s[1] != 1):
+            raise InputError(f"{where}: {prefix}.weight_packed has shape {list(w)}, which does not fit {s[1]} groups "
+                             f"of {p.group_size} {p.bits}-bit weights")
+        return n_out, n_in, p.group_size if p.group_size > 0 else -1
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        """As llm-compressor saves a GPTQ or AWQ W4A16 checkpoint (static activation order
+        recorded as actorder "weight"), with qconvert named in `meta`."""
+        weights = {"num_bits": p.bits, "type": "int", "symmetric": not p.v2,
+                   "group_size": None if p.group_size == -1 else p.group_size,
+                   "strategy": "channel" if p.group_size == -1 else "group", "dynamic": False}
+        if extra.get("act_order"):
+            weights["actorder"] = "weight"
+        return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                              "output_activations": None, "format": None}},
+                "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
+                "global_compression_ratio": None,
+                "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
+                "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        groups = qcfg.get("config_groups")
+        if not isinstance(groups, dict) or len(groups) != 1:
+            raise InputError(f"{where}: compressed-tensors checkpoints with {len(groups or {})} config groups "
+                             "cannot be read (one can)")
+        w = next(iter(groups.values())).get("weights") or {}
+        bits, strategy = w.get("num_bits"), str(w.get("strategy", "")).lower()
+        if str(w.get("type", "int")).lower() != "int" or bits not in (2, 4, 8) or strategy not in ("group", "channel"):
+            raise InputError(f"{where}: pack-quantized weights {bits}-bit {w.get('type', 'int')} {strategy or '?'} "
+                             "cannot be read; 2-, 4- and 8-bit integers with group or channel scales can")
+        g = w.get("group_size") if strategy == "group" else -1
+        if strategy == "group" and not (type(g) is int and g > 0):
+            raise InputError(f"{where}: group_size must be a positive integer, got {g!r}")
+        return Params(bits, g, v2=not w.get("symmetric", True))
+
+
 def _scheme(p: Params) -> str:
     return "per-channel" if p.block is None else f"{p.block[0]} x {p.block[1]} block"
 
 
 LAYOUTS: dict[str, type[Layout]] = {cls.method: cls for cls in (AWQ, GPTQ, TransformersFP8)}
-COMPRESSED_TENSORS: dict[str, type[Layout]] = {cls.format: cls for cls in (FloatQuantized,)}  # by format
+COMPRESSED_TENSORS: dict[str, type[Layout]] = {cls.format: cls for cls in (FloatQuantized, PackQuantized)}
 
 
 def layout_of(config) -> tuple[type[Layout], Params] | None:

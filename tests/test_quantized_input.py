@@ -47,6 +47,24 @@ def compressed_tensors_decoded(d, block: bool) -> dict[str, torch.Tensor]:
         for k, v in ts.items() if k.endswith(".weight_scale")}
 
 
+def pack_quantized_decoded(d) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    q = json.loads((d / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(q).config_groups["group_0"]
+    ts = load_file(d / "model.safetensors")
+    out = {}
+    for k, v in ts.items():
+        if k.endswith(".weight_packed"):
+            p = k[:-len("_packed")]
+            sd = {n: ts[p + n] for n in ("_packed", "_scale", "_shape", "_zero_point") if p + n in ts}
+            sd = {"weight" + n: t.float() if n == "_scale" else t for n, t in sd.items()}
+            out[p] = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
+    return out
+
+
 def transformers_decoded(d) -> dict[str, torch.Tensor]:
     from types import SimpleNamespace
 
@@ -96,6 +114,12 @@ CASES = {  # name: (tiny family, dtype, how it is made, the independent decoder,
                ("weight", "weight_scale_inv")),
     "gptq": ("qwen3", "float32", ["--to", "gptq", "--group-size", "32", "--calib-seq-len", "64"], ours_decoded,
              ("qweight", "qzeros", "scales", "g_idx")),
+    "gptq-pack-quantized": ("llama", "bfloat16", ["--to", "gptq", "--format", "compressed-tensors", "--group-size",
+                                                  "32", "--calib-seq-len", "64"], pack_quantized_decoded,
+                            ("weight_packed", "weight_scale", "weight_shape")),
+    "awq-pack-quantized": ("qwen2", "float32", ["--to", "awq", "--format", "compressed-tensors", "--group-size", "32",
+                                                "--calib-seq-len", "64"], pack_quantized_decoded,
+                           ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")),
     "awq": ("llama", "float32", ["--to", "awq", "--group-size", "32", "--calib-seq-len", "64"],
             lambda d: autoawq_decoded(d, 32), ("qweight", "qzeros", "scales")),
 }
@@ -114,8 +138,7 @@ def test_quantized_source_converts_as_its_dequantized_float_checkpoint(tiny, tmp
     theirs = convert(capsys, reference, *args[:1], tmp_path / "from-float", *args[1:])
     q = ours["source_quantization"]
     assert q["linears"] == ours["outputs"][-1]["n_linears"] > 0 and theirs["source_quantization"] is None
-    assert q["quant_method"] == {"fp8": "compressed-tensors", "fp8-block": "compressed-tensors", "hf-fp8": "fp8"}.get(
-        case, case)
+    assert q["quant_method"] == {"gptq": "gptq", "awq": "awq", "hf-fp8": "fp8"}.get(case, "compressed-tensors")
     for a, b in zip(ours["outputs"], theirs["outputs"]):
         assert a["kind"] == b["kind"]
         if a["kind"] == "gguf":  # the same tensors (general.name differs: the directories' names)

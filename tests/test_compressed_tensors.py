@@ -1,0 +1,120 @@
+"""`--format compressed-tensors` for GPTQ and AWQ: the same codes, scales and zero points written
+as compressed-tensors' pack-quantized (W4A16 and kin), checked with compressed-tensors 0.20
+itself: its config schema reads ours, its decompressor gives exactly our dequantized weights
+(with float32 scales: the exact products), its compressor makes the same bytes from them; and
+transformers (with compressed-tensors) loads the symmetric ones and computes our logits."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import one_line_error, run_cli
+
+PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def make(src, out, capsys, method, *extra) -> dict:
+    code, stdout, err = run_cli([src, "--to", method, "--format", "compressed-tensors", "-o", out, "--calib-samples",
+                                 "8", "--calib-seq-len", "64", "--json", *extra], capsys)
+    assert code == 0, err
+    return json.loads(stdout)["outputs"][0]
+
+
+@pytest.mark.parametrize("family,method,extra", [
+    ("llama", "gptq", ["--group-size", "32"]),
+    ("qwen2", "gptq", ["--group-size", "64", "--bits", "8"]),
+    ("qwen3", "gptq", ["--group-size", "-1", "--asym"]),
+    ("llama", "awq", ["--group-size", "32"]),
+    ("gemma3", "awq", ["--group-size", "64", "--no-clip"]),
+])
+def test_pack_quantized_is_compressed_tensors(tiny, tmp_path, capsys, family, method, extra):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor as Packed
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from safetensors.torch import load_file
+
+    from qconvert.model import open_model
+
+    out = tmp_path / "ct"
+    r = make(tiny(family), out, capsys, method, *extra)
+    assert r["checkpoint_format"] == "pack-quantized"
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    cfg = QuantizationConfig.model_validate(q)
+    assert {k: v for k, v in q.items() if k not in ("meta", "version", "sparsity_config", "transform_config")} == \
+        cfg.to_dict()
+    scheme = cfg.config_groups["group_0"]
+    bits = int(extra[extra.index("--bits") + 1]) if "--bits" in extra else 4
+    group = int(extra[extra.index("--group-size") + 1])
+    expected = QuantizationScheme(targets=["Linear"], weights={
+        "num_bits": bits, "type": "int", "symmetric": method == "gptq" and "--asym" not in extra,
+        "strategy": "channel" if group == -1 else "group", "group_size": None if group == -1 else group,
+        "actorder": "weight" if method == "gptq" else None})
+    assert scheme == expected
+    assert ("quantize_config.json" in {p.name for p in out.iterdir()}) is False
+    ts = load_file(out / "model.safetensors")
+    m = open_model(str(out))
+    decoded = 0
+    for k in ts:
+        if not k.endswith(".weight_packed"):
+            continue
+        prefix = k[:-len(".weight_packed")]
+        sd = {p: ts[f"{prefix}.{p}"] for p in PARTS if f"{prefix}.{p}" in ts}
+        assert ("weight_zero_point" in sd) == (not scheme.weights.symmetric)
+        theirs = Packed.decompress({**sd, "weight_scale": sd["weight_scale"].float()}, scheme)
+        ours = torch.from_numpy(m.ckpt.tensors[prefix + ".weight"].array())
+        assert torch.equal(theirs["weight"], ours), prefix
+        zp = theirs.get("weight_zero_point", torch.zeros(sd["weight_scale"].shape, dtype=torch.int8))
+        again = Packed.compress({"weight": ours, "weight_scale": sd["weight_scale"].float(), "weight_zero_point": zp},
+                                scheme)
+        assert torch.equal(again["weight_packed"], sd["weight_packed"]), prefix
+        if "weight_zero_point" in sd:
+            assert torch.equal(again["weight_zero_point"], sd["weight_zero_point"]), prefix
+        assert again["weight_shape"].tolist() == sd["weight_shape"].tolist()
+        decoded += 1
+    m.close()
+    assert decoded == r["n_linears"]
+    code, stdout, err = run_cli(["inspect", out, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["quantized_linears"] == decoded
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_transformers_runs_symmetric_pack_quantized(tiny, tmp_path, capsys, family):
+    """transformers 5 with compressed-tensors 0.20 loads the symmetric checkpoints and its
+    logits equal our forward's on the dequantized weights. (Its 0.20 cannot initialise
+    asymmetric pack-quantized modules, whose packed zero points it expects unpacked; 0.19,
+    which llm-compressor 0.14 pins, loads our AWQ ones: see README.)"""
+    import transformers
+
+    from qconvert.model import open_model
+
+    out = tmp_path / "ct"
+    make(tiny(family), out, capsys, "gptq", "--group-size", "32")
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7, 3, 11]])
+    hm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hm(ids).logits[0]
+    m = open_model(str(out))
+    with torch.inference_mode():
+        ours = m.forward().logits(ids)[0]
+    m.close()
+    assert float((ours - theirs).pow(2).mean().sqrt() / theirs.pow(2).mean().sqrt()) < 1e-5
+
+
+def test_pack_quantized_refusals(tiny, tmp_path, capsys):
+    code, _, err = run_cli([tiny("gpt2"), "--to", "gptq", "--format", "compressed-tensors", "-o", tmp_path / "o"],
+                           capsys)
+    assert code == 2
+    one_line_error(err, "Conv1D")
+    code, _, err = run_cli([tiny("gpt_neox-64"), "--to", "awq", "--format", "compressed-tensors", "--group-size", "32",
+                            "-o", tmp_path / "o"], capsys)
+    assert code == 2
+    one_line_error(err, "activation", "--format awq")
+    code, _, err = run_cli([tiny("llama"), "--to", "gptq", "--format", "hf-fp8", "-o", tmp_path / "o"], capsys)
+    assert code == 2
+    one_line_error(err, "hf-fp8", "fp8-block")
+    code, _, err = run_cli([tiny("llama"), "--to", "awq", "--format", "gptq", "-o", tmp_path / "o"], capsys)
+    assert code == 2
+    one_line_error(err, "--format gptq does not apply to --to awq")
+    assert not (tmp_path / "o").exists()
