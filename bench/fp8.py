@@ -68,14 +68,27 @@ def compare_bytes(ours: Path, theirs: Path) -> bool:
         (da, sa, ba), (db, sb, bb) = a[n], b[n]
         same = sum(x == y for x, y in zip(ba, bb)) if len(ba) == len(bb) else 0
         print(f"  {n}: ours {da} {sa}, theirs {db} {sb}; {same} of {len(ba)} bytes equal")
+    # this directory's kernels.py would shadow the `kernels` package transformers imports
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    from compressed_tensors.quantization import QuantizationConfig
+
     qa = json.loads((ours / "config.json").read_text())["quantization_config"]
     qb = json.loads((theirs / "config.json").read_text())["quantization_config"]
-    skip = ("version", "meta")
-    same_cfg = {k: v for k, v in qa.items() if k not in skip} == {k: v for k, v in qb.items() if k not in skip}
-    print(f"quantization_config {'identical' if same_cfg else 'differs'} (but for version and meta)")
+    # as compressed-tensors reads them (its versions serialise defaults differently), but for the
+    # observer llm-compressor records (how it computed the scales at calibration; no loader reads it)
+    ca, cb = (QuantizationConfig.model_validate(q).to_dict() for q in (qa, qb))
+    for c in (ca, cb):
+        for g in c["config_groups"].values():
+            for args in (g.get("weights"), g.get("input_activations")):
+                if args:
+                    args.pop("observer", None)
+    same_cfg = ca == cb
+    print(f"quantization_config {'the same' if same_cfg else 'differs'} as compressed-tensors reads them "
+          "(but for the observer llm-compressor records)")
     if not same_cfg:
-        print(f"  ours   {json.dumps({k: v for k, v in qa.items() if k not in skip}, sort_keys=True)}")
-        print(f"  theirs {json.dumps({k: v for k, v in qb.items() if k not in skip}, sort_keys=True)}")
+        print(f"  ours   {json.dumps(ca, sort_keys=True)}")
+        print(f"  theirs {json.dumps(cb, sort_keys=True)}")
     return set(a) == set(b) and not differ and same_cfg
 
 

@@ -24,8 +24,8 @@ import torch
 from qconvert import __version__
 from qconvert.arch.base import NOT_TEXT, SKIP_SUFFIXES
 from qconvert.errors import InputError, UsageError
-from qconvert.layouts import (LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, Layout, PackQuantized, Params,
-                               TransformersFP8, to_numpy)
+from qconvert.layouts import (LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, IntQuantized, Layout, PackQuantized,
+                               Params, TransformersFP8, to_numpy)
 from qconvert.model import Model
 from qconvert.quant.blocks import first_nonfinite, to_float32
 from qconvert.read.checkpoint import SIDE_FILES, Tensor
@@ -41,7 +41,8 @@ OWN_FILES = {"config.json", "quantize_config.json", *COPIED_FILES}
 PER_TENSOR = {"fp8": None, "fp8-block": (128, 128)}
 # --format: the layouts each method writes, its own first (the default)
 FORMATS = {"gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors"),
-           "fp8": ("compressed-tensors",), "fp8-block": ("compressed-tensors", "hf-fp8")}
+           "w8a8": ("compressed-tensors",), "fp8": ("compressed-tensors",),
+           "fp8-block": ("compressed-tensors", "hf-fp8")}
 
 
 @dataclass
@@ -56,6 +57,8 @@ class CheckpointOptions:
     clip: bool = True  # awq: AutoAWQ's clipping search after the scales (llm-compressor's AWQ has none)
     dtype: str = "F16"  # the copies' and scales' dtype; FP8 takes the checkpoint's (set by the plan)
     fmt: str = ""  # one of FORMATS[method]; "": the method's own
+    smoothing: float = 0.5  # w8a8: SmoothQuant's migration strength
+    gptq: bool = True  # w8a8: GPTQ on the smoothed weights (else round to nearest)
 
     @property
     def format(self) -> str:
@@ -69,6 +72,8 @@ class CheckpointOptions:
     def layout(self) -> type[Layout]:
         if self.per_tensor:
             return TransformersFP8 if self.format == "hf-fp8" else FloatQuantized
+        if self.method == "w8a8":
+            return IntQuantized
         return PackQuantized if self.format == "compressed-tensors" else LAYOUTS[self.method]
 
     @property
@@ -97,6 +102,8 @@ class CheckpointOptions:
                              f"{' or '.join(FORMATS[self.method])}")
         if self.per_tensor:
             return
+        if self.method == "w8a8" and not 0 <= self.smoothing <= 1:
+            raise UsageError(f"--smoothing must be between 0 and 1, got {self.smoothing}")
         if self.method == "awq" and self.bits != 4:
             raise UsageError(f"--to awq writes 4-bit GEMM checkpoints; --bits {self.bits} is not available")
         if self.bits not in (2, 4, 8):
@@ -152,6 +159,8 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     if opts.per_tensor:
         opts = replace(opts, bits=8, group_size=-1 if PER_TENSOR[opts.method] is None else PER_TENSOR[opts.method][1],
                        dtype=_float_dtype(ckpt))
+    if opts.method == "w8a8":  # int8, one scale per output channel, symmetric
+        opts = replace(opts, bits=8, group_size=-1, sym=True)
     check_replaceable_dir(path, force, opts.layout.method, OWN_FILES)
     g, per_word = opts.group_size, 32 // opts.bits
     linears: dict[str, Linear] = {}
@@ -167,7 +176,7 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         if layer >= 0 and hf.endswith(".weight") and len(t.shape) == 2:
             family.check_float(t)
             prefix, hp = name[:-len(".weight")], hf[:-len(".weight")]
-            if opts.layout in (FloatQuantized, PackQuantized, TransformersFP8) and family.transposed(hf):
+            if opts.layout in (FloatQuantized, PackQuantized, IntQuantized, TransformersFP8) and family.transposed(hf):
                 raise UsageError(f"{ckpt.path}: --to {opts.method} --format {opts.format} quantizes Linear modules "
                                  f"only; {ckpt.config.architecture()} stores {prefix} as a transposed Conv1D")
             n_out, n_in = (t.shape[1], t.shape[0]) if family.transposed(hf) else t.shape
@@ -339,6 +348,11 @@ def quantization_config(plan: CheckpointPlan, calib: dict | None) -> dict:
     opts = plan.opts
     if opts.per_tensor:
         return opts.layout.config(opts.params, {"ignore": plan.ignore, "method": opts.method})
+    if opts.method == "w8a8":
+        return opts.layout.config(opts.params, {"act_order": opts.act_order and opts.gptq, "method": "w8a8",
+                                                "smoothing": opts.smoothing, "gptq": opts.gptq,
+                                                **({"damp_percent": opts.damp} if opts.gptq else {}),
+                                                "calibration": calib, "ignore": plan.ignore})
     if opts.layout is PackQuantized:
         return opts.layout.config(opts.params, {"act_order": opts.act_order and opts.method == "gptq",
                                                 "method": opts.method, "calibration": calib, "ignore": plan.ignore,

@@ -75,6 +75,10 @@ Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction o
 Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="awq: after the scales, search each linear's "
                                                               "clipping range (AutoAWQ's auto_clip); --no-clip "
                                                               "skips it, as llm-compressor's AWQ does.")]
+Smoothing = Annotated[float, typer.Option("--smoothing", help="w8a8: SmoothQuant's migration strength (0..1): how "
+                                           "much of the activations' range moves into the weights.")]
+UseGPTQ = Annotated[bool, typer.Option("--gptq/--no-gptq", help="w8a8: GPTQ on the smoothed weights (default), or "
+                                                                "round to nearest.")]
 Format = Annotated[str, typer.Option("--format", help="The checkpoint's layout. gptq, awq: their own (default) or "
                                       "compressed-tensors (pack-quantized, as llm-compressor writes them; vLLM's "
                                       "preferred 4-bit layout). fp8-block: compressed-tensors (default) or hf-fp8 "
@@ -115,7 +119,7 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
                 group_size: GroupSize = 128,
                 act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
-                clip: Clip = True, fmt: Format = "") -> None:
+                clip: Clip = True, fmt: Format = "", smoothing: Smoothing = 0.5, gptq: UseGPTQ = True) -> None:
     """Convert MODEL to GGUF files and GPTQ/AWQ checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -156,7 +160,7 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
     job = Job(model, chosen, output, revision, force, threads or _cores(), dry_run, overrides, imatrix, no_calib,
               CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
               CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size),
-                                clip, fmt=fmt.strip().lower()))
+                                clip, fmt=fmt.strip().lower(), smoothing=smoothing, gptq=gptq))
     if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
         _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
                           "it, vLLM refuses asymmetric GPTQ", "yellow")
@@ -398,10 +402,10 @@ def _print_done(r) -> None:
         scheme = o["scales"] or f"{o['bits']}-bit group {o['group_size']}"
         line = (f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['method'].upper()} "
                 f"{scheme}, {o['n_linears']} linears")
-        if o["scales"]:
+        if o["method"] in ("fp8", "fp8-block"):
             es = [e["error"] for x in o["layers"] for e in x["linears"]]
             line += f"; relative weight error {sum(es) / max(len(es), 1):.2e} on average"
-        if o["method"] == "gptq":
+        if o["method"] == "gptq" or (o["method"] == "w8a8" and o["layers"] and "gptq_error" in o["layers"][0]):
             g = sum(x["gptq_error"] for x in o["layers"])
             rtn = sum(x["rtn_error"] for x in o["layers"])
             line += f"; output error {g / rtn:.3f}x round-to-nearest's"

@@ -34,6 +34,7 @@ import torch
 
 from qconvert import __version__
 from qconvert.errors import InputError
+from qconvert.quant import fp8
 from qconvert.read.safetensors import DTYPES
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -337,8 +338,6 @@ class FloatQuantized(Layout):
 
     @classmethod
     def unpack(cls, parts, p):
-        from qconvert.quant import fp8
-
         s = parts["weight_scale"]
         scale_dtype = {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}.get(s.dtype, "F32")
         codes = from_numpy(parts["weight"], "F8_E4M3")
@@ -378,7 +377,7 @@ class FloatQuantized(Layout):
             acts = {**acts, "group_size": p.block[1], "strategy": "group"}
         return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
-                                              "output_activations": None, "format": None}},
+                                              "output_activations": None, "format": cls.format}},
                 "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
                 "global_compression_ratio": None,
                 "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
@@ -433,8 +432,6 @@ class TransformersFP8(Layout):
 
     @classmethod
     def unpack(cls, parts, p):
-        from qconvert.quant import fp8
-
         codes = from_numpy(parts["weight"], "F8_E4M3")
         scales = from_numpy(np.asarray(parts["weight_scale_inv"], np.float32), "F32")
         return fp8.dequantize(codes.float(), scales, p.block).numpy()
@@ -560,7 +557,7 @@ class PackQuantized(Layout):
             weights["actorder"] = "weight"
         return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
                 "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                              "output_activations": None, "format": None}},
+                                              "output_activations": None, "format": cls.format}},
                 "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
                 "global_compression_ratio": None,
                 "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
@@ -583,12 +580,93 @@ class PackQuantized(Layout):
         return Params(bits, g, v2=not w.get("symmetric", True))
 
 
+class IntQuantized(Layout):
+    """compressed-tensors' int-quantized format (W8A8 int8, llm-compressor's INT8_W8A8 scheme):
+    weight I8 [N, K] (the symmetric codes themselves), weight_scale [N, 1] (one per output
+    channel; [1] or [1, 1] for the tensor), activations quantized per token by the loader at
+    run time; W = q * scale."""
+
+    method = "compressed-tensors"
+    format = "int-quantized"
+    parts = ("weight", "weight_scale")
+    marker = "weight_scale"
+    required = parts
+    unused = ("input_scale", "input_zero_point", "weight_zero_point")
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        return "w8a8"
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        return [Entry(prefix + ".weight", "I8", (n_out, n_in)), Entry(prefix + ".weight_scale", "F16", (n_out, 1))]
+
+    @classmethod
+    def pack(cls, q, scales, zeros, g_idx, p):
+        return {"weight": (q.astype(np.int32) - zeros.T).astype(np.int8),
+                "weight_scale": np.ascontiguousarray(scales.T).astype(np.float16)}
+
+    @classmethod
+    def unpack(cls, parts, p):
+        s = parts["weight_scale"]
+        scale = from_numpy(s, "BF16").float().numpy() if s.dtype == np.uint16 else s.astype(np.float32)
+        return parts["weight"].astype(np.float32) * scale.reshape(-1, 1)
+
+    @classmethod
+    def shape(cls, parts, p):
+        return tuple(parts["weight"])
+
+    @classmethod
+    def linear_shape(cls, p, prefix, shapes, where):
+        missing = [k for k in cls.required if k not in shapes]
+        if missing:
+            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+        w, s = shapes["weight"], tuple(shapes["weight_scale"])
+        if len(w) != 2 or s not in ((w[0], 1), (1,), (1, 1)):
+            raise InputError(f"{where}: {prefix}.weight {list(w)} and .weight_scale {list(s)} do not fit one "
+                             "per-channel int8 linear")
+        return w[0], w[1], -1
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        """As llm-compressor saves its W8A8 int8 (INT8_W8A8), with qconvert named in `meta`."""
+        weights = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+                   "dynamic": False}
+        if extra.get("act_order"):
+            weights["actorder"] = "weight"
+        acts = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
+                "dynamic": True}
+        return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                              "output_activations": None, "format": cls.format}},
+                "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
+                "global_compression_ratio": None,
+                "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
+                "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        groups = qcfg.get("config_groups")
+        if not isinstance(groups, dict) or len(groups) != 1:
+            raise InputError(f"{where}: compressed-tensors checkpoints with {len(groups or {})} config groups "
+                             "cannot be read (one can)")
+        w = next(iter(groups.values())).get("weights") or {}
+        strategy = str(w.get("strategy", "")).lower()
+        if (w.get("num_bits"), str(w.get("type", "int")).lower()) != (8, "int") or not w.get("symmetric", True) \
+                or strategy not in ("channel", "tensor"):
+            raise InputError(f"{where}: int-quantized weights {w.get('num_bits')}-bit {strategy or '?'} "
+                             f"{'symmetric' if w.get('symmetric', True) else 'asymmetric'} cannot be read; "
+                             "8-bit symmetric with channel or tensor scales can")
+        return Params(8, -1)
+
+
 def _scheme(p: Params) -> str:
     return "per-channel" if p.block is None else f"{p.block[0]} x {p.block[1]} block"
 
 
 LAYOUTS: dict[str, type[Layout]] = {cls.method: cls for cls in (AWQ, GPTQ, TransformersFP8)}
-COMPRESSED_TENSORS: dict[str, type[Layout]] = {cls.format: cls for cls in (FloatQuantized, PackQuantized)}
+COMPRESSED_TENSORS: dict[str, type[Layout]] = {cls.format: cls for cls in (FloatQuantized, PackQuantized,
+                                                                             IntQuantized)}
 
 
 def layout_of(config) -> tuple[type[Layout], Params] | None:

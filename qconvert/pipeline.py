@@ -25,6 +25,7 @@ from qconvert.calibrate import text
 from qconvert.calibrate.awq import AWQObserver
 from qconvert.calibrate.driver import native_bf16, run_layers
 from qconvert.calibrate.gptq import GPTQObserver
+from qconvert.calibrate.w8a8 import W8A8Observer
 from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, plan_checkpoint
 from qconvert.errors import InputError, Interrupted
 from qconvert.layouts import TORCH_DTYPES, from_numpy, to_numpy
@@ -144,7 +145,7 @@ def imatrix_pass(model: Model, plan: Plan, samples: text.Calibration, exact: boo
             "seconds": round(time.perf_counter() - t, 3)}
 
 
-OBSERVERS = {"gptq": GPTQObserver, "awq": AWQObserver}  # a checkpoint method's observer of the layer loop
+OBSERVERS = {"gptq": GPTQObserver, "awq": AWQObserver, "w8a8": W8A8Observer}  # a checkpoint method's observer of the layer loop
 
 
 def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration, exact: bool,
@@ -187,7 +188,7 @@ def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> 
     a time, and written as each layer is done; the directory is complete, not yet in place. The
     report gives each linear's relative squared error, |W - W'|^2 / |W|^2."""
     method = cp.opts.method
-    quantize, dequantize = TENSOR_METHODS[method, cp.opts.fmt]
+    quantize, dequantize = TENSOR_METHODS[method, cp.opts.format]
     writer = CheckpointWriter(cp)
     tensors = cp.model.ckpt.tensors
     by_layer: dict[int, list] = {}

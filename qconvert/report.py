@@ -72,11 +72,13 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
             o = cp.opts
             r.outputs.append({"target": t.name, "kind": "checkpoint", "path": str(cp.path), "bytes": cp.total_bytes,
                               "sha256": None, "method": o.method, "bits": o.bits, "group_size": o.group_size,
-                              "act_order": o.act_order if o.method == "gptq" else False,
+                              "act_order": o.act_order if o.method == "gptq" or (o.method == "w8a8" and o.gptq) else False,
                               "sym": o.sym if o.method == "gptq" else False,
                               "clip": o.clip if o.method == "awq" else False,
                               "scales": ("per channel" if o.group_size == -1 else f"{o.group_size} x {o.group_size} blocks")
-                              if o.per_tensor else None, "dtype": o.dtype if o.per_tensor else "F16",
+                              if o.per_tensor or o.method == "w8a8" else None,
+                              "dtype": o.dtype if o.per_tensor else "F16",
+                              **({"smoothing": o.smoothing, "gptq": o.gptq} if o.method == "w8a8" else {}),
                               "checkpoint_format": o.checkpoint_format, "n_linears": len(cp.linears),
                               "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)} for e in cp.entries]})
     if plan is not None:

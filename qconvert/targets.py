@@ -52,6 +52,10 @@ TARGETS: dict[str, Target] = {t.name: t for t in sorted([
     Target("fp8-block", "checkpoint", "FP8 E4M3 weights with 128 x 128 block scales, dynamic FP8 activations per "
            "group of 128 (compressed-tensors float-quantized, llm-compressor's FP8_BLOCK; `--format hf-fp8`: "
            "transformers' fp8 layout)", "", "vLLM (GPUs), transformers", ("max_shard_size", "fmt"), label="FP8-BLOCK"),
+    Target("w8a8", "checkpoint", "int8 weights per output channel and dynamic per-token int8 activations, after "
+           "SmoothQuant, by GPTQ (compressed-tensors int-quantized, llm-compressor's W8A8)", "always",
+           "vLLM (GPUs and CPUs), transformers",
+           ("smoothing", "gptq", "act_order", "damp", "max_shard_size", "exact_calib", *CALIBRATION), label="W8A8"),
     Target("gptq", "checkpoint", "GPTQ 4-bit (2, 8), group 128, symmetric, activation order", "always",
            "transformers, GPTQModel, vLLM",
            ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", "fmt", "exact_calib", *CALIBRATION),

@@ -5,8 +5,10 @@ itself: its config schema reads ours, its decompressor gives exactly our dequant
 transformers (with compressed-tensors) loads the symmetric ones and computes our logits."""
 from __future__ import annotations
 
+import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -49,7 +51,7 @@ def test_pack_quantized_is_compressed_tensors(tiny, tmp_path, capsys, family, me
     expected = QuantizationScheme(targets=["Linear"], weights={
         "num_bits": bits, "type": "int", "symmetric": method == "gptq" and "--asym" not in extra,
         "strategy": "channel" if group == -1 else "group", "group_size": None if group == -1 else group,
-        "actorder": "weight" if method == "gptq" else None})
+        "actorder": "weight" if method == "gptq" else None}, format="pack-quantized")
     assert scheme == expected
     assert ("quantize_config.json" in {p.name for p in out.iterdir()}) is False
     ts = load_file(out / "model.safetensors")
@@ -118,3 +120,93 @@ def test_pack_quantized_refusals(tiny, tmp_path, capsys):
     assert code == 2
     one_line_error(err, "--format gptq does not apply to --to awq")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family,extra", [("llama", []), ("qwen2", ["--no-gptq"]), ("gemma3", ["--smoothing", "0.8"]),
+                                          ("gpt_neox-64", [])])
+def test_w8a8_is_compressed_tensors_int8(tiny, tmp_path, capsys, family, extra):
+    """--to w8a8: compressed-tensors' INT8_W8A8 config; its decompressor gives our weights and
+    its compressor our bytes; transformers loads and runs it (quantizing activations per token
+    as vLLM does) with our weights."""
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor as Naive
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import INT8_W8A8
+    import transformers
+    from safetensors.torch import load_file
+
+    from qconvert.model import open_model
+
+    out = tmp_path / "w8a8"
+    code, stdout, err = run_cli([tiny(family), "--to", "w8a8", "-o", out, "--calib-samples", "8", "--calib-seq-len",
+                                 "64", "--json", *extra], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)["outputs"][0]
+    assert r["checkpoint_format"] == "int-quantized" and r["gptq"] == ("--no-gptq" not in extra)
+    smoothed = [s for x in r["layers"] for s in x["smoothing"]]
+    assert len(smoothed) == 2 * len(r["layers"]) and all(s["min_scale"] >= 1e-5 for s in smoothed)
+    q = json.loads((out / "config.json").read_text())["quantization_config"]
+    cfg = QuantizationConfig.model_validate(q)
+    scheme = cfg.config_groups["group_0"]
+    preset = copy.deepcopy(INT8_W8A8)  # the library's own preset objects stay as they are
+    if "--no-gptq" not in extra:
+        preset["weights"] = preset["weights"].model_copy(update={"actorder": "weight"})
+    expected = QuantizationScheme(targets=["Linear"], format="int-quantized", **preset)
+    assert scheme == expected
+    ts = load_file(out / "model.safetensors")
+    m = open_model(str(out))
+    hm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hm(torch.tensor([[1, 5, 9, 22, 40, 7, 3, 11]])).logits  # decompresses every linear
+    assert torch.isfinite(logits).all()
+    n = 0
+    for k in ts:
+        if not k.endswith(".weight_scale"):
+            continue
+        prefix = k[:-len(".weight_scale")]
+        assert ts[prefix + ".weight"].dtype == torch.int8 and ts[k].shape == (ts[prefix + ".weight"].shape[0], 1)
+        theirs = Naive.decompress({"weight": ts[prefix + ".weight"], "weight_scale": ts[k].float()}, scheme)["weight"]
+        ours = torch.from_numpy(m.ckpt.tensors[prefix + ".weight"].array())
+        assert torch.equal(theirs, ours), prefix
+        again = Naive.compress({"weight": ours, "weight_scale": ts[k].float(),
+                                "weight_zero_point": torch.zeros(ts[k].shape, dtype=torch.int8)}, scheme)
+        assert torch.equal(again["weight"], ts[prefix + ".weight"]), prefix
+        loaded = hm.get_submodule(prefix.replace("language_model.", "")).weight.detach()
+        assert torch.equal(loaded.half(), ours.half()), prefix  # compressed-tensors decompresses in f16
+        n += 1
+    m.close()
+    assert n == r["n_linears"]
+
+
+def test_w8a8_smoothing_keeps_the_float_model_and_gptq_beats_rounding(tiny, tmp_path, capsys):
+    """The smoothing is folded exactly (norm / s, W s): with GPTQ the 8-bit model is at least as
+    close to the float model as round-to-nearest, and both are close."""
+    from qconvert.calibrate.w8a8 import smoothing_scales
+    from qconvert.model import open_model
+
+    x = torch.randn(2, 16, 8) * torch.tensor([1, 2, 3, 50, 1, 1, 0.5, 4.0])
+    w = [torch.randn(6, 8), torch.randn(4, 8)]
+    s = smoothing_scales(x, w, 0.5)
+    r = x.reshape(-1, 8).amax(0) - x.reshape(-1, 8).amin(0)
+    ws = 2 * torch.cat(w).abs().amax(0)
+    assert torch.allclose(s, (r.sqrt() / ws.sqrt()).clamp(min=1e-5))
+    src = tiny("llama")
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, 300, size=(2, 64)))
+    logits, reports = {}, {}
+    for name, extra in (("float", None), ("gptq", []), ("rtn", ["--no-gptq"])):
+        path = src
+        if extra is not None:
+            path = tmp_path / name
+            code, out, err = run_cli([src, "--to", "w8a8", "-o", path, "--calib-seq-len", "128", "--json", *extra],
+                                     capsys)
+            assert code == 0, err
+            reports[name] = json.loads(out)["outputs"][0]
+        m = open_model(str(path))
+        with torch.inference_mode():
+            logits[name] = m.forward().logits(ids)
+        m.close()
+
+    def rel(a, b):
+        return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+    assert rel(logits["gptq"], logits["float"]) < 0.02 and rel(logits["rtn"], logits["float"]) < 0.02
+    layers = reports["gptq"]["layers"]  # GPTQ's output error on the smoothed inputs, against rounding's
+    assert sum(x["gptq_error"] for x in layers) < 0.9 * sum(x["rtn_error"] for x in layers)
