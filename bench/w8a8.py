@@ -4,12 +4,12 @@ same model and calibration tokens, in llm-compressor's own venv (bench/awq.py bu
 CPU, float32, 2 threads.
 
 usage: python bench/w8a8.py [--model qwen2.5-0.5b] [--samples 32] [--seq-len 512] [--chunks 16]
-                            [--smoothing 0.5] [--keep DIR]
+                            [--smoothing 0.5] [--keep DIR] [--depth] [--depth-only]
 
 Prints wall time and peak RSS of both and perplexity / KL divergence / top-1 agreement on
 northangerabbey.txt against the float model, both checkpoints read by `qconvert eval` (the
 weights dequantized; the activations' run-time int8 rounding, the same for both, is not
-simulated).
+simulated). --depth: peak memory against depth, as bench/gptq.py (--depth-only: that alone).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from awq import llmcompressor_python  # noqa: E402
 from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
+from gptq import depth_check  # noqa: E402
 
 
 def run_llmcompressor(src: str, out: str, tokens: str, smoothing: str) -> None:
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--smoothing", default="0.5")
     ap.add_argument("--keep", type=Path)
+    ap.add_argument("--depth", action="store_true")
+    ap.add_argument("--depth-only", action="store_true")
     ap.add_argument("--run-llmcompressor", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_llmcompressor:
@@ -67,6 +70,9 @@ def main() -> None:
     src = REAL / "hf" / args.model
     if not src.is_dir():
         sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    if args.depth_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            return depth_check(Path(tmp), "w8a8")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"
@@ -85,6 +91,8 @@ def main() -> None:
         compare_checkpoints(f"{args.model}: W8A8 int8, SmoothQuant {args.smoothing}, {args.samples} x {args.seq_len} "
                             f"calibration tokens, 2 threads; scored on northangerabbey.txt, {args.chunks} x 512 tokens",
                             rows, src, args.chunks)
+        if args.depth:
+            depth_check(tmp, "w8a8")
 
 
 if __name__ == "__main__":

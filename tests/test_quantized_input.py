@@ -65,6 +65,19 @@ def pack_quantized_decoded(d) -> dict[str, torch.Tensor]:
     return out
 
 
+def int_quantized_decoded(d) -> dict[str, torch.Tensor]:
+    from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    q = json.loads((d / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(q).config_groups["group_0"]
+    ts = load_file(d / "model.safetensors")
+    return {k[:-len("_scale")]: NaiveQuantizationCompressor.decompress(
+        {"weight": ts[k[:-len("_scale")]], "weight_scale": v.float()}, scheme)["weight"]
+        for k, v in ts.items() if k.endswith(".weight_scale")}
+
+
 def transformers_decoded(d) -> dict[str, torch.Tensor]:
     from types import SimpleNamespace
 
@@ -120,6 +133,8 @@ CASES = {  # name: (tiny family, dtype, how it is made, the independent decoder,
     "awq-pack-quantized": ("qwen2", "float32", ["--to", "awq", "--format", "compressed-tensors", "--group-size", "32",
                                                 "--calib-seq-len", "64"], pack_quantized_decoded,
                            ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")),
+    "w8a8": ("gemma3", "float32", ["--to", "w8a8", "--calib-seq-len", "64"], int_quantized_decoded,
+             ("weight", "weight_scale")),
     "awq": ("llama", "float32", ["--to", "awq", "--group-size", "32", "--calib-seq-len", "64"],
             lambda d: autoawq_decoded(d, 32), ("qweight", "qzeros", "scales")),
 }
