@@ -305,12 +305,40 @@ def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(a.copy())
 
 
-class FloatQuantized(Layout):
+class CompressedTensors(Layout):
+    """What compressed-tensors' formats share: quant_method, one config group targeting Linear,
+    the quantization_config as llm-compressor saves it (compressed-tensors 0.20's
+    ModelCompressor.update_config), with qconvert named in `meta` (compressed-tensors ignores
+    keys it does not know)."""
+
+    method = "compressed-tensors"
+    format: ClassVar[str]
+
+    @classmethod
+    def compressed_tensors_config(cls, weights: dict, acts: dict | None, extra: dict) -> dict:
+        return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
+                                              "output_activations": None, "format": cls.format}},
+                "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
+                "global_compression_ratio": None,
+                "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
+                "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
+
+    @classmethod
+    def weight_args(cls, qcfg: dict, where: object) -> dict:
+        """The one config group's weight arguments."""
+        groups = qcfg.get("config_groups")
+        if not isinstance(groups, dict) or len(groups) != 1:
+            raise InputError(f"{where}: compressed-tensors checkpoints with {len(groups or {})} config groups "
+                             "cannot be read (one can)")
+        return next(iter(groups.values())).get("weights") or {}
+
+
+class FloatQuantized(CompressedTensors):
     """compressed-tensors' float-quantized format: FP8 E4M3 weights with float scales per output
     channel (llm-compressor's FP8_DYNAMIC) or per block (FP8_BLOCK), activations quantized
     dynamically by the loader (per token, or per group of 128 with block weights)."""
 
-    method = "compressed-tensors"
     format = "float-quantized"
     parts = ("weight", "weight_scale")
     marker = "weight_scale"
@@ -375,21 +403,11 @@ class FloatQuantized(Layout):
         if p.block is not None:
             weights = {**weights, "strategy": "block", "block_structure": list(p.block)}
             acts = {**acts, "group_size": p.block[1], "strategy": "group"}
-        return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
-                                              "output_activations": None, "format": cls.format}},
-                "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
-                "global_compression_ratio": None,
-                "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
-                "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
+        return cls.compressed_tensors_config(weights, acts, extra)
 
     @classmethod
     def params(cls, qcfg: dict, where: object) -> Params:
-        groups = qcfg.get("config_groups")
-        if not isinstance(groups, dict) or len(groups) != 1:
-            raise InputError(f"{where}: compressed-tensors checkpoints with {len(groups or {})} config groups "
-                             "cannot be read (one can)")
-        w = next(iter(groups.values())).get("weights") or {}
+        w = cls.weight_args(qcfg, where)
         strategy = str(w.get("strategy", "")).lower()
         if (w.get("num_bits"), str(w.get("type", "")).lower()) != (8, "float") or not w.get("symmetric", True) \
                 or strategy not in ("channel", "tensor", "block"):
@@ -474,7 +492,7 @@ class TransformersFP8(Layout):
         return Params(8, -1, dtype="F32", block=(b[0], b[1]))
 
 
-class PackQuantized(Layout):
+class PackQuantized(CompressedTensors):
     """compressed-tensors' pack-quantized format (W4A16 and kin, which vLLM prefers for 4-bit
     weights): the integer codes of a GPTQ or AWQ linear, written as llm-compressor writes its
     GPTQ and AWQ. weight_packed int32 [N, ceil(K*b/32)]: each row's codes, stored unsigned
@@ -484,7 +502,6 @@ class PackQuantized(Layout):
     output dimension; symmetric ones are 2^(b-1). W = (q - z) s, group k // group_size (or
     weight_g_idx[k] where a checkpoint has it)."""
 
-    method = "compressed-tensors"
     format = "pack-quantized"
     parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
     marker = "weight_packed"
@@ -555,21 +572,11 @@ class PackQuantized(Layout):
                    "strategy": "channel" if p.group_size == -1 else "group", "dynamic": False}
         if extra.get("act_order"):
             weights["actorder"] = "weight"
-        return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                              "output_activations": None, "format": cls.format}},
-                "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
-                "global_compression_ratio": None,
-                "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
-                "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
+        return cls.compressed_tensors_config(weights, None, extra)
 
     @classmethod
     def params(cls, qcfg: dict, where: object) -> Params:
-        groups = qcfg.get("config_groups")
-        if not isinstance(groups, dict) or len(groups) != 1:
-            raise InputError(f"{where}: compressed-tensors checkpoints with {len(groups or {})} config groups "
-                             "cannot be read (one can)")
-        w = next(iter(groups.values())).get("weights") or {}
+        w = cls.weight_args(qcfg, where)
         bits, strategy = w.get("num_bits"), str(w.get("strategy", "")).lower()
         if str(w.get("type", "int")).lower() != "int" or bits not in (2, 4, 8) or strategy not in ("group", "channel"):
             raise InputError(f"{where}: pack-quantized weights {bits}-bit {w.get('type', 'int')} {strategy or '?'} "
@@ -580,13 +587,12 @@ class PackQuantized(Layout):
         return Params(bits, g, v2=not w.get("symmetric", True))
 
 
-class IntQuantized(Layout):
+class IntQuantized(CompressedTensors):
     """compressed-tensors' int-quantized format (W8A8 int8, llm-compressor's INT8_W8A8 scheme):
     weight I8 [N, K] (the symmetric codes themselves), weight_scale [N, 1] (one per output
     channel; [1] or [1, 1] for the tensor), activations quantized per token by the loader at
     run time; W = q * scale."""
 
-    method = "compressed-tensors"
     format = "int-quantized"
     parts = ("weight", "weight_scale")
     marker = "weight_scale"
@@ -636,21 +642,11 @@ class IntQuantized(Layout):
             weights["actorder"] = "weight"
         acts = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token",
                 "dynamic": True}
-        return {"version": "0.20.0", "quant_method": cls.method, "sparsity_config": {}, "transform_config": {},
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts,
-                                              "output_activations": None, "format": cls.format}},
-                "kv_cache_scheme": None, "format": cls.format, "quantization_status": "compressed",
-                "global_compression_ratio": None,
-                "ignore": [x if x == "lm_head" else f"re:.*{x}.*" for x in extra.get("ignore", ["lm_head"])],
-                "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
+        return cls.compressed_tensors_config(weights, acts, extra)
 
     @classmethod
     def params(cls, qcfg: dict, where: object) -> Params:
-        groups = qcfg.get("config_groups")
-        if not isinstance(groups, dict) or len(groups) != 1:
-            raise InputError(f"{where}: compressed-tensors checkpoints with {len(groups or {})} config groups "
-                             "cannot be read (one can)")
-        w = next(iter(groups.values())).get("weights") or {}
+        w = cls.weight_args(qcfg, where)
         strategy = str(w.get("strategy", "")).lower()
         if (w.get("num_bits"), str(w.get("type", "int")).lower()) != (8, "int") or not w.get("symmetric", True) \
                 or strategy not in ("channel", "tensor"):
