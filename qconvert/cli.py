@@ -120,7 +120,7 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 group_size: GroupSize = 128,
                 act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
                 clip: Clip = True, fmt: Format = "", smoothing: Smoothing = 0.5, gptq: UseGPTQ = True) -> None:
-    """Convert MODEL to GGUF files and GPTQ/AWQ checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
+    """Convert MODEL to GGUF files and quantized safetensors checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
 
@@ -141,6 +141,10 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
       qconvert ./model --to gptq -o model-gptq/         [dim]# GPTQ 4-bit, group 128, calibrated[/dim]
 
       qconvert ./model --to awq -o model-awq/           [dim]# AWQ 4-bit GEMM, calibrated[/dim]
+
+      qconvert ./model --to fp8 -o model-fp8/           [dim]# FP8, no calibration[/dim]
+
+      qconvert ./model --to w8a8 -o model-w8a8/         [dim]# SmoothQuant + GPTQ int8[/dim]
 
       qconvert ./model --to q4_k_m,iq4_nl,gptq,awq -o out/  [dim]# all four from one command[/dim]
     """
