@@ -1,4 +1,6 @@
-"""vLLM loads a GPTQ or AWQ checkpoint of ours on the CPU and continues text as our forward does.
+"""vLLM loads a GPTQ, AWQ or compressed-tensors (pack-quantized, W8A8) checkpoint of ours on the
+CPU and continues text as our forward does (W8A8: vLLM also quantizes the activations, which our
+forward does not).
 
 usage: python bench/vllm_load.py CHECKPOINT [--base MODEL] [--prompts 4] [--tokens 24]
 
