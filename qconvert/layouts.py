@@ -104,6 +104,12 @@ class Layout:
         missing = [k for k in cls.required if k not in shapes]
         if missing:
             raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+        return cls.checked_shape(p, prefix, shapes, where)
+
+    @classmethod
+    def checked_shape(cls, p: Params, prefix: str, shapes: dict[str, tuple[int, ...]],
+                      where: object) -> tuple[int, int, int]:
+        """linear_shape once every required part is there (GPTQ's and AWQ's packed parts)."""
         if len(shapes["qweight"]) != 2 or len(shapes["scales"]) != 2:
             raise InputError(f"{where}: {prefix}.qweight and .scales must be 2-D, got {list(shapes['qweight'])} "
                              f"and {list(shapes['scales'])}")
@@ -374,14 +380,7 @@ class FloatQuantized(CompressedTensors):
         return fp8.dequantize(codes.float(), from_numpy(s, scale_dtype).float(), p.block).numpy()
 
     @classmethod
-    def shape(cls, parts, p):
-        return tuple(parts["weight"])
-
-    @classmethod
-    def linear_shape(cls, p, prefix, shapes, where):
-        missing = [k for k in cls.required if k not in shapes]
-        if missing:
-            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+    def checked_shape(cls, p, prefix, shapes, where):
         w, s = shapes["weight"], tuple(shapes["weight_scale"])
         if len(w) != 2:
             raise InputError(f"{where}: {prefix}.weight must be 2-D, got {list(w)}")
@@ -455,14 +454,7 @@ class TransformersFP8(Layout):
         return fp8.dequantize(codes.float(), scales, p.block).numpy()
 
     @classmethod
-    def shape(cls, parts, p):
-        return tuple(parts["weight"])
-
-    @classmethod
-    def linear_shape(cls, p, prefix, shapes, where):
-        missing = [k for k in cls.required if k not in shapes]
-        if missing:
-            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+    def checked_shape(cls, p, prefix, shapes, where):
         w, s = shapes["weight"], tuple(shapes["weight_scale_inv"])
         if len(w) != 2:
             raise InputError(f"{where}: {prefix}.weight must be 2-D, got {list(w)}")
@@ -544,14 +536,7 @@ class PackQuantized(CompressedTensors):
         return (q - z[:, g]).astype(np.float32) * s[:, g]
 
     @classmethod
-    def shape(cls, parts, p):
-        return parts["weight_packed"][0], parts["weight_scale"][1] * (p.group_size if p.group_size > 0 else 0)
-
-    @classmethod
-    def linear_shape(cls, p, prefix, shapes, where):
-        missing = [k for k in cls.required if k not in shapes]
-        if missing:
-            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+    def checked_shape(cls, p, prefix, shapes, where):
         w, s = shapes["weight_packed"], shapes["weight_scale"]
         if len(w) != 2 or len(s) != 2 or w[0] != s[0] or tuple(shapes["weight_shape"]) != (2,):
             raise InputError(f"{where}: {prefix}.weight_packed {list(w)} and .weight_scale {list(s)} do not fit one "
@@ -619,14 +604,7 @@ class IntQuantized(CompressedTensors):
         return parts["weight"].astype(np.float32) * scale.reshape(-1, 1)
 
     @classmethod
-    def shape(cls, parts, p):
-        return tuple(parts["weight"])
-
-    @classmethod
-    def linear_shape(cls, p, prefix, shapes, where):
-        missing = [k for k in cls.required if k not in shapes]
-        if missing:
-            raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
+    def checked_shape(cls, p, prefix, shapes, where):
         w, s = shapes["weight"], tuple(shapes["weight_scale"])
         if len(w) != 2 or s not in ((w[0], 1), (1,), (1, 1)):
             raise InputError(f"{where}: {prefix}.weight {list(w)} and .weight_scale {list(s)} do not fit one "
