@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd, tool_venv  # noqa: E402
+from common import (calibration_tokens, compare_checkpoints, leave_bench_dir, measure, qconvert_cmd,  # noqa: E402
+                    real_model, tool_venv)
 from gptq import depth_check  # noqa: E402
 
 AUTOAWQ_VENV = Path(os.environ.get("QCONVERT_AUTOAWQ", Path.home() / ".cache" / "qconvert-autoawq"))
@@ -55,10 +56,7 @@ def run_llmcompressor(src: str, out: str, tokens: str, group: str) -> None:
     """In a child process (llm-compressor's venv): its AWQ recipe on the given token samples,
     then every quantized Linear's weight replaced by compressed-tensors' fake quantization of it
     (what its kernels compute with) and saved as a plain float checkpoint."""
-    # this directory's scripts (kernels.py, awq.py) would shadow packages transformers imports
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    for name in ("kernels", "awq", "gptq", "common", "eval"):
-        sys.modules.pop(name, None)
+    leave_bench_dir()
     import torch
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from datasets import Dataset
@@ -160,8 +158,7 @@ def transformers4_view(src: Path, dst: Path) -> Path:
 def run_autoawq(src: str, out: str, tokens: str) -> None:
     """In a child process: AutoAWQ's own quantize + save on the given token samples, in float32
     (its default dtype here, the checkpoint's bfloat16, runs matrix products ~4x slower on a CPU)."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.modules.pop("awq", None)  # this script is named awq.py too
+    leave_bench_dir()  # this script is named awq.py too
     import torch
     from awq import AutoAWQForCausalLM
     from transformers import AutoTokenizer
@@ -199,9 +196,7 @@ def main() -> None:
         return run_autoawq(*args.run_autoawq)
     if args.run_llmcompressor:
         return run_llmcompressor(*args.run_llmcompressor)
-    src = REAL / "hf" / args.model
-    if not src.is_dir():
-        sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    src = real_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"

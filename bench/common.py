@@ -17,6 +17,28 @@ IMATRIX = LLAMACPP / "llama.cpp" / "build" / "bin" / "llama-imatrix"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "tools"
 
 
+BENCH = Path(__file__).resolve().parent
+
+
+def real_model(name: str) -> Path:
+    """real-models.sh's checkpoint `name`, or exit saying how to make it."""
+    src = REAL / "hf" / name
+    if not src.is_dir():
+        sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    return src
+
+
+def leave_bench_dir() -> None:
+    """Before a reference tool is imported: this directory's scripts (kernels.py, awq.py, ...)
+    shadow packages of the same names (Hugging Face's `kernels`, AutoAWQ's `awq`), so the
+    directory leaves the path and any script imported under such a name is forgotten."""
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
+    for f in BENCH.glob("*.py"):
+        m = sys.modules.get(f.stem)
+        if m is not None and Path(getattr(m, "__file__", None) or "/").resolve().parent == BENCH:
+            del sys.modules[f.stem]
+
+
 def need_reference() -> None:
     missing = [p for p in (CONVERT, CONVERT_PY, QUANTIZE, REAL / "hf") if not p.exists()]
     if missing:

@@ -23,14 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from awq import llmcompressor_python  # noqa: E402
-from common import REAL, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
+from common import compare_checkpoints, leave_bench_dir, measure, qconvert_cmd, real_model  # noqa: E402
 
 
 def run_llmcompressor(src: str, out: str, scheme: str) -> None:
     """In a child process (llm-compressor's venv): its FP8 recipe, saved compressed."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    for name in ("kernels", "awq", "gptq", "common", "eval", "fp8"):
-        sys.modules.pop(name, None)
+    leave_bench_dir()
     import torch
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -68,9 +66,7 @@ def compare_bytes(ours: Path, theirs: Path) -> bool:
         (da, sa, ba), (db, sb, bb) = a[n], b[n]
         same = sum(x == y for x, y in zip(ba, bb)) if len(ba) == len(bb) else 0
         print(f"  {n}: ours {da} {sa}, theirs {db} {sb}; {same} of {len(ba)} bytes equal")
-    # this directory's kernels.py would shadow the `kernels` package transformers imports
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    leave_bench_dir()  # compressed-tensors imports transformers, which imports `kernels`
     from compressed_tensors.quantization import QuantizationConfig
 
     qa = json.loads((ours / "config.json").read_text())["quantization_config"]
@@ -102,9 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.run_llmcompressor:
         return run_llmcompressor(*args.run_llmcompressor)
-    src = REAL / "hf" / args.model
-    if not src.is_dir():
-        sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    src = real_model(args.model)
     preset = {"fp8": "FP8_DYNAMIC", "fp8-block": "FP8_BLOCK"}[args.scheme]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

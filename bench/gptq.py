@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
+from common import (REAL, calibration_tokens, compare_checkpoints, leave_bench_dir, measure,  # noqa: E402
+                    qconvert_cmd, real_model)
 
 
 def run_gptqmodel(src: str, out: str, tokens: str, defaults: bool, group: int) -> None:
     """In a child process: GPTQModel's own quantize + save on the given token samples, with its
     default QuantizeConfig (but the group size) or with act_group_aware off."""
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    # bench/ would shadow packages of the same name (bench/kernels.py, Hugging Face's `kernels`)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    leave_bench_dir()
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -89,9 +89,7 @@ def main() -> None:
     if args.run_gptqmodel:
         src_, out, tokens_, defaults, group = args.run_gptqmodel
         return run_gptqmodel(src_, out, tokens_, defaults == "1", int(group))
-    src = REAL / "hf" / args.model
-    if not src.is_dir():
-        sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    src = real_model(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"

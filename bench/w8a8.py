@@ -24,15 +24,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from awq import llmcompressor_python  # noqa: E402
-from common import REAL, calibration_tokens, compare_checkpoints, measure, qconvert_cmd  # noqa: E402
+from common import (calibration_tokens, compare_checkpoints, leave_bench_dir, measure, qconvert_cmd,  # noqa: E402
+                    real_model)
 from gptq import depth_check  # noqa: E402
 
 
 def run_llmcompressor(src: str, out: str, tokens: str, smoothing: str) -> None:
     """In a child process (llm-compressor's venv): SmoothQuant + GPTQ W8A8 on the given samples."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    for name in ("kernels", "awq", "gptq", "common", "eval", "fp8", "w8a8"):
-        sys.modules.pop(name, None)
+    leave_bench_dir()
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -67,9 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.run_llmcompressor:
         return run_llmcompressor(*args.run_llmcompressor)
-    src = REAL / "hf" / args.model
-    if not src.is_dir():
-        sys.exit(f"missing {src}: run ../shared/tools/real-models.sh first")
+    src = real_model(args.model)
     if args.depth_only:
         with tempfile.TemporaryDirectory() as tmp:
             return depth_check(Path(tmp), "w8a8")
