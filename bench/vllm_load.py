@@ -1,8 +1,8 @@
 """vLLM loads a GPTQ, AWQ or compressed-tensors (pack-quantized, W8A8) checkpoint of ours on the
-CPU and continues text as our forward does (W8A8: vLLM also quantizes the activations, which our
-forward does not).
+CPU and continues text as our forward does (W8A8: with each quantized linear's input quantized
+per token as the checkpoint asks, as `qconvert eval` does; --weights-only: without).
 
-usage: python bench/vllm_load.py CHECKPOINT [--base MODEL] [--prompts 4] [--tokens 24]
+usage: python bench/vllm_load.py CHECKPOINT [--base MODEL] [--prompts 4] [--tokens 24] [--weights-only]
 
 A check, not a benchmark, kept with them because it needs what they need: a real model's
 checkpoint (`qconvert ~/.cache/qconvert-real/hf/qwen2.5-0.5b --to awq -o DIR`) and a reference
@@ -45,7 +45,7 @@ from pathlib import Path
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the default takes most of the memory
 from vllm import LLM, SamplingParams
 ckpt, prompts, out, tokens = sys.argv[1:]
-method = json.loads((Path(ckpt) / "config.json").read_text())["quantization_config"]["quant_method"]
+method = json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
 llm = LLM(model=ckpt, quantization=method, dtype="float16", max_model_len=512, enforce_eager=True,
           gpu_memory_utilization=0.5)  # on a CPU: the share of RAM vLLM may take, checked at start
 res = llm.generate([{"prompt_token_ids": p} for p in json.loads(Path(prompts).read_text())],
@@ -54,14 +54,14 @@ Path(out).write_text(json.dumps([list(r.outputs[0].token_ids) for r in res]))
 """
 
 
-def greedy(path: Path, prompts: list[list[int]], n: int) -> list[list[int]]:
+def greedy(path: Path, prompts: list[list[int]], n: int, activations: bool = True) -> list[list[int]]:
     import torch
 
     from qconvert.evaluate import open_model
 
     model = open_model(str(path))
     try:
-        fw = model.forward()
+        fw = model.forward(activations)
         outs = []
         with torch.inference_mode():
             for p in prompts:
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--base", type=Path, default=REAL / "hf" / "qwen2.5-0.5b")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--weights-only", action="store_true", help="our forward without the activation quantization")
     args = ap.parse_args()
     from tokenizers import Tokenizer
 
@@ -96,7 +97,8 @@ def main() -> None:
         subprocess.run([str(vllm_python()), "-c", CHILD, str(args.checkpoint.resolve()), str(pfile), str(vfile),
                         str(args.tokens)], check=True, cwd=tmp)
         theirs = json.loads(vfile.read_text())
-    ours, flt = greedy(args.checkpoint, prompts, args.tokens), greedy(args.base, prompts, args.tokens)
+    ours = greedy(args.checkpoint, prompts, args.tokens, not args.weights_only)
+    flt = greedy(args.base, prompts, args.tokens)
     same, drift = first_difference(theirs, ours), first_difference(ours, flt)
     print(f"{args.checkpoint}: greedy continuations of {len(prompts)} prompts, {args.tokens} tokens")
     print(f"  first token where vLLM and qconvert's forward differ: {same}")

@@ -302,11 +302,16 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF mo
              ctx: Annotated[int, typer.Option("--ctx", help="Tokens per chunk; the second half of each is scored.")] = 512,
              chunks: Annotated[Optional[int], typer.Option("--chunks", help="Score at most this many chunks "
                                                            "(default: the whole text).")] = None,
+             activations: Annotated[bool, typer.Option("--activations/--weights-only", help="W8A8 and FP8 "
+                                                       "checkpoints: quantize each quantized linear's input at run "
+                                                       "time as their loaders do (--weights-only: the dequantized "
+                                                       "weights alone).")] = True,
              revision: Revision = None, json_: Json = False, quiet: Quiet = False, threads: Threads = 0) -> None:
     """Perplexity of MODEL on a text and, with --base, KL divergence and top-1 agreement against it.
 
-    qconvert's own forward runs on the dequantized weights; scoring follows llama-perplexity
-    (chunks of --ctx tokens, BOS first when the model adds one, second half of each scored).
+    qconvert's own forward runs on the dequantized weights, with the activation quantization a
+    W8A8 or FP8 checkpoint's config asks for; scoring follows llama-perplexity (chunks of --ctx
+    tokens, BOS first when the model adds one, second half of each scored).
 
     [b]Examples[/b]
 
@@ -320,7 +325,7 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF mo
     show = not (quiet or json_ or not err.is_terminal)
     try:
         r = evaluate(model, text, base, tokenizer, ctx, chunks, threads or _cores(), revision,
-                     _bars(bars) if show else None)
+                     _bars(bars) if show else None, activations)
     finally:
         for bar in bars:
             bar.stop()
@@ -331,6 +336,8 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF mo
         return
     out.print(f"{escape(r.model)}: {r.chunks} chunks x {r.ctx} tokens of {escape(r.text)}, {r.tokens_scored} tokens "
               "scored")
+    if r.activations is not None:
+        out.print(f"activations: {r.activations}")
     out.print(f"perplexity {r.perplexity:.4f} ± {r.perplexity_stderr:.4f}")
     if r.base is not None:
         out.print(f"base perplexity {r.base_perplexity:.4f} ({escape(r.base)})")

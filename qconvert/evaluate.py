@@ -43,6 +43,7 @@ class EvalReport:
     kl_divergence_stderr: float | None = None
     kl_divergence_p99: float | None = None
     top1_agreement: float | None = None
+    activations: str | None = None  # the model's run-time activation quantization as simulated; None: none
     seconds: float = 0.0
     peak_rss_bytes: int = 0
 
@@ -66,9 +67,10 @@ def chunk_tokens(ids: list[int], ctx: int, chunks: int | None, bos_id: int | Non
     return out
 
 
-def _final_hidden(model: Model, tokens: torch.Tensor, progress: Progress | None, what: str) -> tuple[object, torch.Tensor]:
+def _final_hidden(model: Model, tokens: torch.Tensor, progress: Progress | None, what: str,
+                  activations: bool = False) -> tuple[object, torch.Tensor]:
     """The last layer's output at the scoring positions [n, ctx/2 - 1, D], and the forward (for its head)."""
-    fw = model.forward()
+    fw = model.forward(activations)
     half = tokens.shape[1] // 2
     h = run_layers(fw, tokens, progress=(lambda d, t: progress(what, d, t)) if progress else None)
     return fw, h[:, half:-1].contiguous()
@@ -76,7 +78,7 @@ def _final_hidden(model: Model, tokens: torch.Tensor, progress: Progress | None,
 
 def evaluate(source: str, text_path: Path, base: str | None = None, tokenizer: str | None = None, ctx: int = 512,
              chunks: int | None = None, threads: int = 1, revision: str | None = None,
-             progress: Progress | None = None) -> EvalReport:
+             progress: Progress | None = None, activations: bool = True) -> EvalReport:
 
     start = time.perf_counter()
     torch.set_num_threads(max(1, threads))
@@ -112,7 +114,7 @@ def evaluate(source: str, text_path: Path, base: str | None = None, tokenizer: s
             raise InputError(f"{tok_dir}: the tokenizer gives id {int(tokens.max())}, beyond the model's "
                              f"{n_vocab} tokens; is it the model's own tokenizer?")
         t = torch.from_numpy(tokens)
-        fw, h = _final_hidden(model, t, progress, "model")
+        fw, h = _final_hidden(model, t, progress, "model", activations)
         fw_ref, h_ref = _final_hidden(ref, t, progress, "base") if ref else (None, None)
         half = ctx // 2
         targets = t[:, half + 1:]
@@ -149,6 +151,8 @@ def evaluate(source: str, text_path: Path, base: str | None = None, tokenizer: s
         report.kl_divergence_stderr = float(kld.std()) / math.sqrt(n) if n > 1 else 0.0
         report.kl_divergence_p99 = float(torch.quantile(kld.flatten(), 0.99))
         report.top1_agreement = float(same.double().mean())
+    if activations and model.acts is not None:
+        report.activations = model.acts.label
     report.seconds = round(time.perf_counter() - start, 3)
     report.peak_rss_bytes = peak_rss_bytes()
     return report

@@ -35,6 +35,7 @@ import torch
 from qconvert import __version__
 from qconvert.errors import InputError
 from qconvert.quant import fp8
+from qconvert.quant.activations import ActivationQuant
 from qconvert.read.safetensors import DTYPES
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -62,6 +63,7 @@ class Params:
     v2: bool = False  # GPTQ's checkpoint_format gptq_v2: zero points stored as they are
     dtype: str = "F16"  # the scales' dtype (compressed-tensors: the checkpoint's float dtype)
     block: tuple[int, int] | None = None  # FP8: block scales of this shape, else one per output channel
+    acts: ActivationQuant | None = None  # what the loader does to each quantized linear's input; None: nothing
 
 
 class Layout:
@@ -339,6 +341,12 @@ class CompressedTensors(Layout):
                              "cannot be read (one can)")
         return next(iter(groups.values())).get("weights") or {}
 
+    @classmethod
+    def activations(cls, qcfg: dict, where: object) -> ActivationQuant | None:
+        """The one config group's input activations."""
+        return ActivationQuant.from_compressed_tensors(next(iter(qcfg["config_groups"].values())).get(
+            "input_activations"), where)
+
 
 class FloatQuantized(CompressedTensors):
     """compressed-tensors' float-quantized format: FP8 E4M3 weights with float scales per output
@@ -419,7 +427,7 @@ class FloatQuantized(CompressedTensors):
             if not (isinstance(b, list) and len(b) == 2 and all(type(x) is int and x > 0 for x in b)):
                 raise InputError(f"{where}: block_structure must be two positive integers, got {b!r}")
             block = (b[0], b[1])
-        return Params(8, -1, block=block)
+        return Params(8, -1, block=block, acts=cls.activations(qcfg, where))
 
 
 class TransformersFP8(Layout):
@@ -481,7 +489,9 @@ class TransformersFP8(Layout):
         fmt = str(qcfg.get("scale_fmt", "float")).lower()
         if fmt != "float":
             raise InputError(f"{where}: fp8 scale_fmt {fmt!r} cannot be read (float can)")
-        return Params(8, -1, dtype="F32", block=(b[0], b[1]))
+        scheme = str(qcfg.get("activation_scheme", "dynamic")).lower()
+        acts = ActivationQuant("fp8", b[1], simulated=scheme == "dynamic")  # transformers' act_quant, per weight block width
+        return Params(8, -1, dtype="F32", block=(b[0], b[1]), acts=acts)
 
 
 class PackQuantized(CompressedTensors):
@@ -569,7 +579,7 @@ class PackQuantized(CompressedTensors):
         g = w.get("group_size") if strategy == "group" else -1
         if strategy == "group" and not (type(g) is int and g > 0):
             raise InputError(f"{where}: group_size must be a positive integer, got {g!r}")
-        return Params(bits, g, v2=not w.get("symmetric", True))
+        return Params(bits, g, v2=not w.get("symmetric", True), acts=cls.activations(qcfg, where))
 
 
 class IntQuantized(CompressedTensors):
@@ -631,7 +641,7 @@ class IntQuantized(CompressedTensors):
             raise InputError(f"{where}: int-quantized weights {w.get('num_bits')}-bit {strategy or '?'} "
                              f"{'symmetric' if w.get('symmetric', True) else 'asymmetric'} cannot be read; "
                              "8-bit symmetric with channel or tensor scales can")
-        return Params(8, -1)
+        return Params(8, -1, acts=cls.activations(qcfg, where))
 
 
 def _scheme(p: Params) -> str:

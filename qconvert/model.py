@@ -15,7 +15,8 @@ from qconvert.errors import InputError
 from qconvert.layouts import layout_of
 from qconvert.read.checkpoint import Checkpoint, open_checkpoint
 from qconvert.read.gguf_model import open_gguf
-from qconvert.read.quantized import dequantized_view
+from qconvert.quant.activations import ActivationQuant
+from qconvert.read.quantized import DequantizedLinear, dequantized_view
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Model:
     tokenizer_dir: Path | None  # where tokenizer.json / tokenizer.model are, if anywhere
     ckpt: Checkpoint | None = None  # None for a GGUF file
     kind: str = "float"  # "float", "gguf", or the quant_method of a quantized checkpoint
+    acts: ActivationQuant | None = None  # a quantized checkpoint's run-time activation quantization
     _close: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -36,8 +38,14 @@ class Model:
         knows whether its tokenizer adds a BOS, and eval asks the base model."""
         return self.kind == "gguf" or self.tokenizer_dir is not None
 
-    def forward(self):
-        return self.family.forward(self.weights)
+    def forward(self, activations: bool = False):
+        """The family's forward on this model's weights; `activations`: with the loader's
+        quantization of each quantized linear's input where the checkpoint asks for one."""
+        fw = self.family.forward(self.weights)
+        if activations and self.acts is not None and self.acts.simulated:
+            fw.quantize_inputs(self.acts, frozenset(n[:-len(".weight")] for n, t in self.weights.items()
+                                                    if isinstance(t, DequantizedLinear)))
+        return fw
 
     def close(self) -> None:
         for fn in self._close:
@@ -82,7 +90,7 @@ def open_model(source: str, revision: str | None = None) -> Model:
         tok = ckpt.path if has_tokenizer(ckpt.path) else None
         bos = family.bos_id() if tok is not None else None
         return Model(source, family, weights, bos, family.cfg.positive(int, "vocab_size"), tok, ckpt,
-                     found[0].method if found else "float", [ckpt.close])
+                     found[0].method if found else "float", found[1].acts if found else None, [ckpt.close])
     except BaseException:
         ckpt.close()
         raise

@@ -155,9 +155,14 @@ def test_w8a8_is_compressed_tensors_int8(tiny, tmp_path, capsys, family, extra):
     ts = load_file(out / "model.safetensors")
     m = open_model(str(out))
     hm = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7, 3, 11]])
     with torch.no_grad():
-        logits = hm(torch.tensor([[1, 5, 9, 22, 40, 7, 3, 11]])).logits  # decompresses every linear
+        logits = hm(ids).logits  # decompresses every linear; quantizes their inputs per token
+        simulated, weights_only = m.forward(True).logits(ids), m.forward().logits(ids)
     assert torch.isfinite(logits).all()
+    assert m.acts.label == "int8 per token"
+    assert torch.allclose(simulated, logits, rtol=0, atol=1e-5 * logits.abs().max())
+    assert (weights_only - logits).abs().max() > 10 * (simulated - logits).abs().max()
     n = 0
     for k in ts:
         if not k.endswith(".weight_scale"):

@@ -61,6 +61,53 @@ def awkward(n: int, k: int, dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("args,group", [(dict(num_bits=8, type="int", strategy="token"), None),
+                                        (dict(num_bits=8, type="float", strategy="token"), None),
+                                        (dict(num_bits=8, type="float", strategy="group", group_size=128), 128)])
+def test_activation_quantization_is_compressed_tensors(dtype, args, group):
+    """The run-time activation quantization eval simulates (quant/activations.py) equals
+    compressed-tensors' forward_quantize with dynamic scales, which transformers runs for these
+    checkpoints: tokens from 1e-6 to 1e3 in size, an all-zero token, saturating outliers, -0.0,
+    tokens whose scale underflows in float16."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+    from qconvert.quant.activations import ActivationQuant
+
+    a = {**args, "dynamic": True}
+    ours = ActivationQuant.from_compressed_tensors(a, "config.json")
+    assert ours == ActivationQuant("int8" if args["type"] == "int" else "fp8", group)
+    module = torch.nn.Linear(1, 1)
+    module.quantization_status = QuantizationStatus.FROZEN
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 384, generator=g) * torch.logspace(-6, 3, 6)[None, :, None]
+    x[0, 0] = 0
+    x[1, 1, :7] = 6e4
+    x[2, 2, 100] = -0.0
+    x[2, 3] = x[2, 3] * 1e-4
+    x = x.to(DTYPES[dtype])
+    theirs = forward_quantize(module, x, "input", QuantizationArgs(**a))
+    mine = ours(x)
+    assert mine.dtype == x.dtype and torch.equal(mine, theirs)
+    assert not torch.equal(mine, x)
+
+
+def test_activation_quantization_refusals():
+    from qconvert.errors import InputError
+    from qconvert.quant.activations import ActivationQuant
+
+    assert ActivationQuant.from_compressed_tensors(None, "c") is None
+    static = ActivationQuant.from_compressed_tensors({"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                      "dynamic": False}, "c")
+    assert not static.simulated and "not simulated" in static.label
+    for bad in ({"num_bits": 4, "type": "int", "strategy": "token"}, {"num_bits": 8, "strategy": "channel"},
+                {"num_bits": 8, "strategy": "group", "group_size": 0},
+                {"num_bits": 8, "strategy": "token", "symmetric": False}):
+        with pytest.raises(InputError, match="^c: input activations"):
+            ActivationQuant.from_compressed_tensors(bad, "c")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block,shape", [(False, (96, 64)), (True, (300, 200)), (True, (256, 384))])
 def test_codes_and_scales_are_compressed_tensors(dtype, block, shape):
     from compressed_tensors.compressors.naive_quantized.base import NaiveQuantizationCompressor
@@ -128,10 +175,16 @@ def test_checkpoint_is_compressed_tensors(tiny, tmp_path, capsys, family, dtype,
     from qconvert.evaluate import open_model
 
     m = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7]])
     with torch.no_grad():
-        logits = m(torch.tensor([[1, 5, 9, 22, 40, 7]])).logits  # decompresses every layer
+        logits = m(ids).logits  # decompresses every layer; quantizes their inputs to fp8 per token (group)
     assert torch.isfinite(logits).all()
     ours = open_model(str(out))
+    assert ours.acts.label == ("fp8 per group of 128" if block else "fp8 per token")
+    if dtype == "float32":  # compressed-tensors' weights are ours (other dtypes: rounded to the scales' dtype)
+        with torch.no_grad():
+            simulated = ours.forward(True).logits(ids)
+        assert torch.allclose(simulated, logits, rtol=0, atol=1e-5 * logits.abs().max())
     for prefix in source:  # ours: the exact products in float32; compressed-tensors rounds them to the scales' dtype
         name = prefix.replace("model.language_model.", "model.")
         theirs_w = m.get_submodule(name).weight.detach()
@@ -152,7 +205,14 @@ def test_checkpoint_is_compressed_tensors(tiny, tmp_path, capsys, family, dtype,
                                 capsys)
     assert code == 0, err
     scores = json.loads(stdout)
-    assert 0 < scores["kl_divergence"] < 0.1 and scores["top1_agreement"] > 0.5  # E4M3: 3 mantissa bits
+    assert scores["activations"] == ours.acts.label
+    code, stdout, err = run_cli(["eval", out, "--text", text, "--base", src, "--ctx", "64", "--chunks", "4", "--json",
+                                 "--weights-only"], capsys)
+    assert code == 0, err
+    weights_only = json.loads(stdout)
+    assert weights_only["activations"] is None
+    assert 0 < weights_only["kl_divergence"] < 0.1 and weights_only["top1_agreement"] > 0.5  # E4M3: 3 mantissa bits
+    assert weights_only["kl_divergence"] < scores["kl_divergence"] < 0.2  # fp8 inputs add their own error
 
 
 def test_fp8_from_one_command_with_gguf_and_gptq(tiny, tmp_path, capsys):

@@ -53,6 +53,14 @@ class Forward:
         # set by the layer loop (calibrate/driver.py) for the layers it runs: each observer sees
         # every linear layer's input before the layer runs (observers.py)
         self.observers: tuple = ()
+        # set by quantize_inputs: the loader's run-time quantization of these linears' inputs
+        self._acts: tuple[Callable[[torch.Tensor], torch.Tensor], frozenset[str]] | None = None
+
+    def quantize_inputs(self, quantize: Callable[[torch.Tensor], torch.Tensor], linears: frozenset[str]) -> None:
+        """Run the input of each linear layer in `linears` (HF prefixes) through `quantize` (a
+        W8A8 or FP8 checkpoint's activation quantization, quant/activations.py) before its
+        matrix product, as the loader does."""
+        self._acts = (quantize, linears)
 
     def use_products(self, kind: str) -> str:
         """Run the linear layers' matrix products as `kind` where this forward can; returns the
@@ -136,8 +144,16 @@ class Forward:
         for o in self.observers:
             o.linear_input(self, hf, x)
 
-    def linear(self, x: torch.Tensor, hf: str, bias: bool | None = None) -> torch.Tensor:
+    def linear_input(self, hf: str, x: torch.Tensor) -> torch.Tensor:
+        """What a linear layer multiplies: its input, offered to the observers first, then
+        quantized as the loader quantizes it (quantize_inputs) where it does."""
         self.observe(hf, x)
+        if self._acts is not None and hf in self._acts[1]:
+            return self.per_input("acts", x, lambda: self._acts[0](x))
+        return x
+
+    def linear(self, x: torch.Tensor, hf: str, bias: bool | None = None) -> torch.Tensor:
+        x = self.linear_input(hf, x)
         b = self.w(hf + ".bias") if (bias is None and self.has(hf + ".bias")) or bias else None
         if self.products != "float32":
             return self.low_precision_linear(x, hf, b)

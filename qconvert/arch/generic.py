@@ -190,8 +190,9 @@ class TransformersForward(Forward):
 
     def _linear_hook(self, hf: str, layer: torch.nn.Module, name: str):
         def hook(module, args):
-            self.observe(hf, args[0])
+            x = self.linear_input(hf, args[0])
             self._assign(layer, name + ".weight", self.w(hf + ".weight"))  # an observer's replacement, if any
+            return None if x is args[0] else (x, *args[1:])
         return hook
 
     def _sync(self, i: int, layer: torch.nn.Module) -> None:

@@ -30,7 +30,7 @@ class GPT2Forward(Forward):
         self.prefix = "transformer." if self.has("transformer.wte.weight") else ""
 
     def conv1d(self, x, name):
-        self.observe(name, x)
+        x = self.linear_input(name, x)
         if self.products != "float32":
             return self.low_precision_linear(x, name, self.w(name + ".bias"))
         return x @ self.w(name + ".weight") + self.w(name + ".bias")
