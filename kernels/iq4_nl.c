@@ -76,28 +76,22 @@ QK_INLINE int32_t nl_index(float al) {
     return al >= (float)KVALUES[15] ? 15 : idx;
 }
 
-/* iq4_nl_block for QK_LANES blocks at once (block b in lane b): the same float operations in
- * the same order per lane, so the bytes are those of the scalar code; lanes let SIMD work. */
-QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *ys) {
-    float X[32][QK_LANES], W[32][QK_LANES], A[32][QK_LANES];
+/* The scale search of quantize_row_iq4_nl_impl for QK_LANES blocks of 32 at once (block b in
+ * lane b), weights W given: the same float operations in the same order per lane as the scalar
+ * code, so the bytes are the same; lanes let SIMD work. d[b]: the block's scale, 0 for a block
+ * whose largest magnitude is under GROUP_MAX_EPS. */
+QK_INLINE void iq4_search_lanes(const float X[32][QK_LANES], const float W[32][QK_LANES], float d[QK_LANES]) {
+    float A[32][QK_LANES];
     int32_t I[32][QK_LANES];
-    float sigma2[QK_LANES], amax[QK_LANES], mx[QK_LANES], d[QK_LANES], best[QK_LANES] = {0}, id[QK_LANES];
-    float sumqx[QK_LANES], sumq2[QK_LANES];
-    for (int b = 0; b < QK_LANES; ++b)
-        for (int j = 0; j < 32; ++j) X[j][b] = xs[32 * b + j];
-    for (int b = 0; b < QK_LANES; ++b) sigma2[b] = amax[b] = mx[b] = 0;
+    float amax[QK_LANES], mx[QK_LANES], best[QK_LANES] = {0}, id[QK_LANES], sumqx[QK_LANES], sumq2[QK_LANES];
+    for (int b = 0; b < QK_LANES; ++b) amax[b] = mx[b] = 0;
     for (int j = 0; j < 32; ++j)
         for (int b = 0; b < QK_LANES; ++b) {
-            sigma2[b] += X[j][b] * X[j][b];
             const float ax = fabsf(X[j][b]);
             const int take = ax > amax[b];
             amax[b] = take ? ax : amax[b];
             mx[b] = take ? X[j][b] : mx[b];
         }
-    for (int b = 0; b < QK_LANES; ++b) sigma2[b] *= 2.f / 32;
-    for (int j = 0; j < 32; ++j)
-        for (int b = 0; b < QK_LANES; ++b)
-            W[j][b] = qws ? qws[32 * b + j] * sqrtf(sigma2[b] + X[j][b] * X[j][b]) : X[j][b] * X[j][b];
     for (int b = 0; b < QK_LANES; ++b) {
         if (amax[b] < QK_GROUP_MAX_EPS) mx[b] = 1.0f;  /* a zero block: results discarded below */
         d[b] = -mx[b] / KVALUES[0];
@@ -138,8 +132,24 @@ QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *y
             }
         }
     }
-    for (int b = 0; b < QK_LANES; ++b) {
+    for (int b = 0; b < QK_LANES; ++b)
         if (amax[b] < QK_GROUP_MAX_EPS) d[b] = 0;
+}
+
+/* iq4_nl_block for QK_LANES blocks at once */
+QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *ys) {
+    float X[32][QK_LANES], W[32][QK_LANES], sigma2[QK_LANES], d[QK_LANES];
+    for (int b = 0; b < QK_LANES; ++b)
+        for (int j = 0; j < 32; ++j) X[j][b] = xs[32 * b + j];
+    for (int b = 0; b < QK_LANES; ++b) sigma2[b] = 0;
+    for (int j = 0; j < 32; ++j)
+        for (int b = 0; b < QK_LANES; ++b) sigma2[b] += X[j][b] * X[j][b];
+    for (int b = 0; b < QK_LANES; ++b) sigma2[b] *= 2.f / 32;
+    for (int j = 0; j < 32; ++j)
+        for (int b = 0; b < QK_LANES; ++b)
+            W[j][b] = qws ? qws[32 * b + j] * sqrtf(sigma2[b] + X[j][b] * X[j][b]) : X[j][b] * X[j][b];
+    iq4_search_lanes(X, W, d);
+    for (int b = 0; b < QK_LANES; ++b) {
         const uint16_t dh = qk_f32_to_f16(d[b]);
         uint8_t *y = ys + 18 * b;
         y[0] = (uint8_t)(dh & 0xff);
@@ -148,6 +158,80 @@ QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *y
         uint8_t L[32];
         for (int j = 0; j < 32; ++j) L[j] = (uint8_t)nl_index(inv * X[j][b]);
         for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
+    }
+}
+
+/* IQ4_XS: super-blocks of 256 = 8 blocks of 32, block_iq4_xs {f16 d; u16 scales_h; u8
+ * scales_l[4]; u8 qs[128]} (136 bytes); value = d * (ls - 32) * kvalues[q], ls 6 bits per block
+ * (low 4 in scales_l, high 2 in scales_h). Oracle: quantize_iq4_xs ->
+ * quantize_row_iq4_nl_impl(256, 32, ..., ntry 7). Quirks: sigma2 = 2*mean x^2 of the whole
+ * super-block, summed in order; each block's d found as IQ4_NL's (0 under GROUP_MAX_EPS); the
+ * super-block's d = -max_scale/32, max_scale the block d of largest magnitude (the first on
+ * ties), so an all-zero super-block stores -0.0 (0x8000); ls = clamp(nearest_int(d_b/d), -32,
+ * 31); the levels are searched again with the float d*ls, and a block whose d*ls is 0 gets
+ * index 8 (value 1, nearest 0, the upper on the tie). The 8 blocks are the 8 lanes. */
+QK_CLONES static void iq4_xs_superblock(const float *x, const float *qw, uint8_t *y) {
+    float X[32][QK_LANES], W[32][QK_LANES], d[QK_LANES];
+    float sigma2 = 0;
+    for (int j = 0; j < QK_K; ++j) sigma2 += x[j] * x[j];
+    sigma2 *= 2.f / QK_K;
+    for (int b = 0; b < QK_LANES; ++b)
+        for (int j = 0; j < 32; ++j) {
+            const float v = x[32 * b + j];
+            X[j][b] = v;
+            W[j][b] = qw ? qw[32 * b + j] * sqrtf(sigma2 + v * v) : v * v;
+        }
+    iq4_search_lanes(X, W, d);
+    float max_scale = 0, amax_scale = 0;
+    for (int b = 0; b < QK_LANES; ++b) {
+        const float abs_d = fabsf(d[b]);
+        if (abs_d > amax_scale) { amax_scale = abs_d; max_scale = d[b]; }
+    }
+    const float dd = -max_scale / 32;
+    const uint16_t dh = qk_f32_to_f16(dd);
+    const float id = dd ? 1 / dd : 0.f;
+    uint16_t scales_h = 0;
+    uint8_t *scales_l = y + 4, *qs = y + 8;
+    memset(scales_l, 0, 4);
+    for (int b = 0; b < QK_LANES; ++b) {
+        int l = qk_nearest_int(id * d[b]);
+        l = QK_MAX(-32, QK_MIN(31, l));
+        const float dl = dd * l;
+        const float idl = dl ? 1 / dl : 0.f;
+        uint8_t L[32];
+        for (int j = 0; j < 32; ++j) L[j] = (uint8_t)nl_index(idl * X[j][b]);
+        for (int j = 0; j < 16; ++j) qs[16 * b + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
+        l += 32;
+        scales_l[b / 2] |= (uint8_t)((l & 0xf) << 4 * (b % 2));
+        scales_h |= (uint16_t)((l >> 4) << 2 * b);
+    }
+    y[0] = (uint8_t)(dh & 0xff);
+    y[1] = (uint8_t)(dh >> 8);
+    y[2] = (uint8_t)(scales_h & 0xff);
+    y[3] = (uint8_t)(scales_h >> 8);
+}
+
+void qk_quantize_iq4_xs(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    const int64_t nb = n / QK_K;
+    for (int64_t r = 0; r < nrows; ++r)
+        for (int64_t ib = 0; ib < nb; ++ib)
+            iq4_xs_superblock(src + r * n + QK_K * ib, qw ? qw + QK_K * ib : NULL, dst + (r * nb + ib) * 136);
+}
+
+void qk_dequantize_iq4_xs(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
+    for (int64_t i = 0; i < nrows * n / QK_K; ++i) {
+        const uint8_t *y = src + i * 136;
+        const float d = qk_f16_to_f32((uint16_t)(y[0] | (y[1] << 8)));
+        const int scales_h = y[2] | (y[3] << 8);
+        float *out = dst + i * QK_K;
+        for (int b = 0; b < 8; ++b) {
+            const int ls = ((y[4 + b / 2] >> 4 * (b % 2)) & 0xf) | (((scales_h >> 2 * b) & 3) << 4);
+            const float dl = d * (ls - 32);
+            for (int j = 0; j < 16; ++j) {
+                out[32 * b + j] = dl * KVALUES[y[8 + 16 * b + j] & 0xf];
+                out[32 * b + j + 16] = dl * KVALUES[y[8 + 16 * b + j] >> 4];
+            }
+        }
     }
 }
 

@@ -22,6 +22,7 @@ static const qtype QTYPES[] = {
     {"Q5_K", 256, 176, qk_quantize_q5_K, qk_dequantize_q5_K},
     {"Q6_K", 256, 210, qk_quantize_q6_K, qk_dequantize_q6_K},
     {"IQ4_NL", 32, 18, qk_quantize_iq4_nl, qk_dequantize_iq4_nl},
+    {"IQ4_XS", 256, 136, qk_quantize_iq4_xs, qk_dequantize_iq4_xs},
 };
 
 static const qtype *find_qtype(const char *name) {

@@ -57,6 +57,7 @@ QK_DECLARE(q4_K)
 QK_DECLARE(q5_K)
 QK_DECLARE(q6_K)
 QK_DECLARE(iq4_nl)
+QK_DECLARE(iq4_xs)
 
 /* float conversions, round-to-nearest-even, NaN kept quiet */
 uint16_t qk_f32_to_f16(float f);

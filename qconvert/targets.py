@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qconvert.errors import UsageError
-from qconvert.quant.recipes import RECIPES, Recipe
+from qconvert.quant.recipes import NOT_YET, RECIPES, Recipe
 
 CALIBRATION = ("calib", "calib_samples", "calib_seq_len", "seed")  # how calibration text becomes samples
 MIXTURE = ("no_calib", "imatrix", "exact_calib", "tensor_type", "output_tensor_type", "token_embedding_type",
@@ -74,6 +74,9 @@ def parse(spec: str) -> list[Target]:
         name = part.strip().lower()
         if not name:
             continue
+        if name in NOT_YET:
+            raise UsageError(f"--to {name}: not available yet; it needs {', '.join(sorted(NOT_YET[name]))} tensors, "
+                             "which qconvert cannot quantize yet")
         if name not in TARGETS:
             raise UsageError(f"--to: unknown target {part.strip()!r}; known: {', '.join(TARGETS)}")
         if TARGETS[name] not in out:
@@ -86,9 +89,12 @@ def parse(spec: str) -> list[Target]:
 def check_options(chosen: list[Target], given: dict[str, str]) -> None:
     """`given`: the options on the command line (parameter name -> flag as typed). One that
     applies to none of the chosen targets is a usage error naming the targets it applies to."""
+    mixtures = [t.name for t in TARGETS.values() if t.options == MIXTURE]
     for param, flag in given.items():
         users = [t.name for t in TARGETS.values() if param in t.options]
         if users and not any(param in t.options for t in chosen):
+            if set(mixtures) <= set(users):  # the GGUF mixtures by one name: there are many
+                users = ["the GGUF mixtures (q4_k_m, iq4_xs, ...)", *(u for u in users if u not in mixtures)]
             raise UsageError(f"{flag} applies to {', '.join(users)}, not to --to "
                              f"{','.join(t.name for t in chosen)}")
 

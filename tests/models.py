@@ -88,16 +88,19 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
 
     torch.manual_seed(seed)
     common = dict(initializer_range=0.08, tie_word_embeddings=False)
-    if family in ("llama", "llama-tied", "mistral", "llama-wide", "llama-blocks"):
-        style = "llama3" if family in ("llama", "llama-wide", "llama-blocks") else "smollm"
+    if family in ("llama", "llama-tied", "mistral", "llama-wide", "llama-blocks", "llama-80"):
+        style = "llama3" if family in ("llama", "llama-wide", "llama-blocks", "llama-80") else "smollm"
         ids = bpe_tokenizer(out, style, "<|begin_of_text|>", "<|end_of_text|>")
         cls = tf.MistralConfig if family == "mistral" else tf.LlamaConfig
         extra = {"sliding_window": None} if family == "mistral" else {}
         # llama-wide: rows of 256 and 512 so the K-quants apply, 8 layers so llama-quantize's
         # per-layer choices vary, 4 query heads per KV head
         # llama-blocks: every linear in whole 128 x 128 blocks (transformers' fp8 layout)
+        # llama-80: 80 layers with grouped keys, which llama.cpp takes for a 70B (its attn_v rule)
         dims = (dict(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=8,
                      num_key_value_heads=2) if family == "llama-wide" else
+                dict(hidden_size=256, intermediate_size=256, num_hidden_layers=80, num_attention_heads=8,
+                     num_key_value_heads=4) if family == "llama-80" else
                 dict(hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=8,
                      num_key_value_heads=4) if family == "llama-blocks" else
                 dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

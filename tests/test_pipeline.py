@@ -44,14 +44,17 @@ def test_one_command_gives_the_bytes_of_separate_runs(tiny, tmp_path, capsys):
         assert alone["sha256"] == together["sha256"]
 
 
+MIXTURES = "the GGUF mixtures (q4_k_m, iq4_xs, ...)"
+
+
 @pytest.mark.parametrize("args,flag,users", [
     (["--to", "q8_0", "--bits", "3"], "--bits", "awq, gptq"),
-    (["--to", "q8_0,f16", "--calib-samples", "8"], "--calib-samples", "iq4_nl, q4_k_m, awq, gptq, w8a8"),
-    (["--to", "gptq", "--tensor-type", "attn=q8_0"], "--tensor-type", "iq4_nl, q4_k_m"),
-    (["--to", "gptq", "--pure"], "--pure", "iq4_nl, q4_k_m"),
+    (["--to", "q8_0,f16", "--calib-samples", "8"], "--calib-samples", f"{MIXTURES}, awq, gptq, w8a8"),
+    (["--to", "gptq", "--tensor-type", "attn=q8_0"], "--tensor-type", MIXTURES),
+    (["--to", "gptq", "--pure"], "--pure", MIXTURES),
     (["--to", "awq", "--no-act-order"], "--no-act-order", "gptq, w8a8"),
     (["--to", "awq,q4_k_m", "--damp", "0.1"], "--damp", "gptq, w8a8"),
-    (["--to", "q8_0", "--imatrix", "m.gguf"], "--imatrix", "iq4_nl, q4_k_m"),
+    (["--to", "q8_0", "--imatrix", "m.gguf"], "--imatrix", MIXTURES),
 ])
 def test_options_for_no_chosen_target_are_usage_errors(tiny, tmp_path, capsys, args, flag, users):
     code, _, err = run_cli([tiny("llama"), *args, "-o", tmp_path / "out"], capsys)

@@ -161,7 +161,8 @@ class Family:
     def shape(self) -> ModelShape:
         """Head counts and depth, as llama-quantize's choices read them."""
         n_head = self.cfg.need(int, "num_attention_heads", "n_head", "n_heads")
-        return ModelShape(self.n_layers, n_head, self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=n_head))
+        return ModelShape(self.n_layers, n_head, self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=n_head),
+                          self.arch_name)
 
     def forward(self, weights=None):
         """The family's layer-by-layer torch forward, reading the checkpoint's tensors, or

@@ -36,10 +36,17 @@ class ModelShape:
     n_layer: int
     n_head: int
     n_head_kv: int
+    arch: str = ""  # the GGUF architecture name
 
     @property
     def n_gqa(self) -> int:
         return self.n_head // max(self.n_head_kv, 1)
+
+    @property
+    def is_70b(self) -> bool:
+        """llama.cpp's LLM_TYPE_70B, which bumps attn_v: 80 layers of Llama with grouped keys,
+        or of Qwen2 (its load_hparams)."""
+        return self.n_layer == 80 and (self.arch == "qwen2" or (self.arch == "llama" and self.n_head != self.n_head_kv))
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,11 @@ class IQ4_NL(Blocks):
     reference = Ref(iq4_nl.quantize, iq4_nl.dequantize)
 
 
+class IQ4_XS(Blocks):
+    name, ggml = "IQ4_XS", GT.IQ4_XS
+    reference = Ref(iq4_nl.quantize_xs, iq4_nl.dequantize_xs)
+
+
 def get(name: str) -> type[BlockType]:
     try:
         return REGISTRY[name.upper()]

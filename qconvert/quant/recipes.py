@@ -59,19 +59,14 @@ class Recipe:
         return _llama_quantize_types(self, tensors, shape, overrides or Overrides(), has_imatrix)
 
 
-RECIPES: dict[str, Recipe] = {r.name: r for r in [
+_FLOATS = [
     Recipe("bf16", "BF16", LlamaFileType.MOSTLY_BF16, "bfloat16, lossless for bf16 checkpoints",
            choose=_float_or(blocks.BF16, blocks.BF16)),
     Recipe("f16", "F16", LlamaFileType.MOSTLY_F16, "float16", choose=_float_or(blocks.F16, blocks.F16)),
     Recipe("f32", "F32", LlamaFileType.ALL_F32, "float32, the reference", choose=_float_or(blocks.F32, blocks.F32)),
-    Recipe("iq4_nl", "IQ4_NL", LlamaFileType.MOSTLY_IQ4_NL, "4.5 bits per weight, non-linear levels",
-           default=blocks.IQ4_NL),
-    Recipe("q4_k_m", "Q4_K_M", LlamaFileType.MOSTLY_Q4_K_M, "4.5-5 bits per weight, K-quant mixture",
-           default=blocks.Q4_K),
     Recipe("q8_0", "Q8_0", LlamaFileType.MOSTLY_Q8_0, "8.5 bits per weight, near lossless",
            choose=_float_or(blocks.Q8_0, blocks.F16)),
-]}
-
+]
 
 def parse_type(flag: str, value: str) -> type[BlockType]:
     try:
@@ -130,7 +125,9 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-_FALLBACK = {"Q4_K": blocks.Q5_0, "Q5_K": blocks.Q5_1, "Q6_K": blocks.Q8_0}
+_FALLBACK = {**dict.fromkeys(("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"), "IQ4_NL"),
+             **dict.fromkeys(("Q2_K", "Q3_K", "TQ1_0", "TQ2_0"), "Q4_0"), "Q4_K": "Q5_0", "Q5_K": "Q5_1",
+             "Q6_K": "Q8_0"}
 
 
 def fallback(kind: type[BlockType], ncols: int) -> type[BlockType]:
@@ -141,17 +138,222 @@ def fallback(kind: type[BlockType], ncols: int) -> type[BlockType]:
     if kind.block > 32:
         if kind.name not in _FALLBACK:
             raise UsageError(f"no fallback type for {kind.name} on rows of {ncols}")
-        kind = _FALLBACK[kind.name]
+        kind = blocks.get(_FALLBACK[kind.name])
     return kind if ncols % kind.block == 0 else blocks.F16
+
+
+@dataclass
+class _State:
+    """quantize_state_impl's counters, advanced in llama-quantize's tensor order."""
+
+    n_attention_wv: int
+    n_layer: int
+    tied: bool
+    has_imatrix: bool
+    output: type[BlockType] | None  # --output-tensor-type, which a tied token_embd takes too
+    i_attention_wv: int = 0
+    i_ffn_down: int = 0
+    i_ffn_gate: int = 0
+    i_ffn_up: int = 0
+
+
+F = LlamaFileType
+_IQ2_FAMILY = (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M)
+
+
+def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str, shape: ModelShape,
+          st: _State) -> type[BlockType]:
+    """llama_tensor_get_type_impl for the dense families qconvert converts (no Falcon, no
+    experts: n_expert is 0, so its expert rules never fire): the mixture's type for one tensor,
+    advancing the counters as llama.cpp does."""
+    B = blocks
+    gqa = shape.n_gqa
+    if cat == "output" or (st.tied and cat == "token_embd"):
+        if st.output is not None:
+            return st.output
+        if t.shape[-1] % new.block != 0:
+            return B.Q8_0
+        if ftype in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S,
+                     F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M):
+            return B.Q5_K
+        return new if new is B.Q8_0 else B.Q6_K
+    if cat == "token_embd":
+        if ftype in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+            return B.get("Q2_K")
+        if ftype in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ3_XXS):
+            return B.get("IQ3_S")
+        if ftype in (F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0):
+            return B.Q4_K
+        return new
+    if ftype in _IQ2_FAMILY:
+        iq3 = ftype in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M)
+        if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+            new = B.Q4_K if gqa >= 4 else B.get("IQ3_S" if iq3 else "Q2_K")
+            st.i_attention_wv += 1
+        elif cat == "ffn_down":
+            if st.i_ffn_down < st.n_layer // 8:
+                new = B.get("IQ3_S" if iq3 else "Q2_K")
+            st.i_ffn_down += 1
+        elif cat == "attn_output":
+            if ftype in (F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+                new = B.get("IQ2_XXS")
+            elif iq3:
+                new = B.get("IQ3_S")
+        return new
+    if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
+        if ftype == F.MOSTLY_Q2_K:
+            new = B.Q4_K if gqa >= 4 else B.get("Q3_K")
+        elif ftype == F.MOSTLY_Q2_K_S and gqa >= 4:
+            new = B.Q4_K
+        elif ftype == F.MOSTLY_IQ3_XXS:
+            new = B.Q4_K if gqa >= 4 else B.get("IQ3_XXS" if st.has_imatrix else "IQ3_S")
+        elif ftype in (F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_S) and gqa >= 4:
+            new = B.Q4_K
+        elif ftype == F.MOSTLY_IQ3_M:
+            new = B.Q4_K
+        elif ftype == F.MOSTLY_Q3_K_M:
+            new = B.Q5_K if st.i_attention_wv < 2 else B.Q4_K
+        elif ftype == F.MOSTLY_Q3_K_L:
+            new = B.Q5_K
+        elif ftype in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and gqa >= 4:
+            new = B.Q5_K
+        elif ftype in (F.MOSTLY_Q4_K_M, F.MOSTLY_Q5_K_M) and use_more_bits(st.i_attention_wv, st.n_attention_wv):
+            new = B.Q6_K
+        elif ftype == F.MOSTLY_Q4_K_S and st.i_attention_wv < 4:
+            new = B.Q5_K
+        if shape.is_70b and new.name in ("Q3_K", "Q4_K"):
+            new = B.Q5_K
+        st.i_attention_wv += 1
+    elif cat == "attn_k":
+        if ftype == F.MOSTLY_IQ3_XS:
+            new = B.get("IQ3_XXS")
+        elif ftype == F.MOSTLY_IQ3_XXS:
+            new = B.get("IQ2_S")
+    elif cat == "attn_q":
+        if ftype == F.MOSTLY_IQ3_XS:
+            new = B.get("IQ3_XXS")
+        elif ftype == F.MOSTLY_IQ3_XXS:
+            new = B.get("IQ2_S")
+    elif cat == "ffn_down":
+        i, n = st.i_ffn_down, st.n_layer
+        if ftype == F.MOSTLY_Q2_K:
+            new = B.get("Q3_K")
+        elif ftype == F.MOSTLY_Q2_K_S:
+            if i < n // 8:
+                new = B.Q4_K
+        elif ftype == F.MOSTLY_IQ3_XXS and not st.has_imatrix:
+            new = B.Q4_K if i < n // 8 else B.get("Q3_K")
+        elif ftype == F.MOSTLY_Q3_K_M:
+            new = B.Q5_K if i < n // 16 else B.Q4_K  # (Falcon alone keeps Q3_K off use_more_bits)
+        elif ftype == F.MOSTLY_IQ3_M and i < n // 8:
+            new = B.Q4_K
+        elif ftype == F.MOSTLY_Q3_K_L:
+            new = B.Q5_K
+        elif ftype == F.MOSTLY_Q4_K_M:
+            if use_more_bits(i, n):
+                new = B.Q6_K
+        elif i < n // 8 and ftype in (F.MOSTLY_IQ4_NL, F.MOSTLY_IQ4_XS) and not st.has_imatrix:
+            new = B.Q5_K
+        elif ftype == F.MOSTLY_Q5_K_M and use_more_bits(i, n):
+            new = B.Q6_K
+        elif ftype == F.MOSTLY_Q4_K_S and i < n // 8:
+            new = B.Q5_K
+        elif ftype in (F.MOSTLY_Q4_0, F.MOSTLY_Q5_0) and st.has_imatrix and i < n // 8:
+            new = B.Q4_1 if ftype == F.MOSTLY_Q4_0 else B.Q5_1
+        st.i_ffn_down += 1
+    elif cat == "attn_output":
+        name = {F.MOSTLY_Q2_K: "Q3_K", F.MOSTLY_IQ3_XXS: "IQ3_S", F.MOSTLY_Q3_K_M: "Q4_K", F.MOSTLY_Q3_K_L: "Q5_K",
+                F.MOSTLY_IQ3_M: "Q4_K"}.get(ftype)
+        if name is not None:
+            new = B.get(name)
+    elif cat == "attn_qkv":
+        if ftype in (F.MOSTLY_Q3_K_M, F.MOSTLY_Q3_K_L, F.MOSTLY_IQ3_M):
+            new = B.Q4_K
+        elif ftype == F.MOSTLY_Q4_K_M:
+            new = B.Q5_K
+        elif ftype == F.MOSTLY_Q5_K_M:
+            new = B.Q6_K
+    elif cat in ("ffn_gate", "ffn_up"):
+        i = st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up
+        if ftype == F.MOSTLY_IQ3_XS and st.n_layer // 8 <= i < 7 * st.n_layer // 8:
+            new = B.get("IQ3_XXS")
+        if cat == "ffn_gate":
+            st.i_ffn_gate += 1
+        else:
+            st.i_ffn_up += 1
+    return new
+
+
+# llama-quantize's file types for text models: (--to, its file type, its default tensor type,
+# the other types its rules can choose besides Q6_K / Q8_0 for the output, summary)
+_LADDER = [
+    ("q2_k", "MOSTLY_Q2_K", "Q2_K", ("Q3_K", "Q4_K"), "2.6-3 bits per weight, K-quant mixture"),
+    ("q2_k_s", "MOSTLY_Q2_K_S", "Q2_K", ("Q4_K",), "2.6 bits per weight, K-quant mixture (needs an importance matrix)"),
+    ("q3_k_s", "MOSTLY_Q3_K_S", "Q3_K", (), "3.4 bits per weight, K-quant"),
+    ("q3_k_m", "MOSTLY_Q3_K_M", "Q3_K", ("Q4_K", "Q5_K"), "3.7-3.9 bits per weight, K-quant mixture"),
+    ("q3_k_l", "MOSTLY_Q3_K_L", "Q3_K", ("Q5_K",), "4-4.3 bits per weight, K-quant mixture"),
+    ("q4_0", "MOSTLY_Q4_0", "Q4_0", ("Q4_1",), "4.5 bits per weight, legacy blocks of 32"),
+    ("q4_1", "MOSTLY_Q4_1", "Q4_1", (), "5 bits per weight, legacy blocks of 32 with a minimum"),
+    ("q5_0", "MOSTLY_Q5_0", "Q5_0", ("Q5_1",), "5.5 bits per weight, legacy blocks of 32"),
+    ("q5_1", "MOSTLY_Q5_1", "Q5_1", (), "6 bits per weight, legacy blocks of 32 with a minimum"),
+    ("q4_k_s", "MOSTLY_Q4_K_S", "Q4_K", ("Q5_K",), "4.5-4.6 bits per weight, K-quant mixture"),
+    ("q4_k_m", "MOSTLY_Q4_K_M", "Q4_K", (), "4.5-5 bits per weight, K-quant mixture"),
+    ("q5_k_s", "MOSTLY_Q5_K_S", "Q5_K", (), "5.5 bits per weight, K-quant"),
+    ("q5_k_m", "MOSTLY_Q5_K_M", "Q5_K", (), "5.5-5.7 bits per weight, K-quant mixture"),
+    ("q6_k", "MOSTLY_Q6_K", "Q6_K", (), "6.6 bits per weight, K-quant"),
+    ("iq4_nl", "MOSTLY_IQ4_NL", "IQ4_NL", ("Q5_K",), "4.5 bits per weight, non-linear levels"),
+    ("iq4_xs", "MOSTLY_IQ4_XS", "IQ4_XS", ("Q5_K",), "4.25 bits per weight, non-linear levels, super-blocks"),
+    ("iq3_xxs", "MOSTLY_IQ3_XXS", "IQ3_XXS", ("IQ3_S", "IQ2_S", "Q3_K", "Q4_K"), "3.1 bits per weight, lattice"),
+    ("iq3_xs", "MOSTLY_IQ3_XS", "IQ3_S", ("IQ3_XXS", "Q4_K"), "3.3 bits per weight, lattice mixture"),
+    ("iq3_s", "MOSTLY_IQ3_S", "IQ3_S", ("Q4_K",), "3.4 bits per weight, lattice"),
+    ("iq3_m", "MOSTLY_IQ3_M", "IQ3_S", ("Q4_K",), "3.7 bits per weight, lattice mixture"),
+    ("iq2_xxs", "MOSTLY_IQ2_XXS", "IQ2_XXS", ("Q2_K", "Q4_K", "Q5_K"), "2.1 bits per weight, lattice"),
+    ("iq2_xs", "MOSTLY_IQ2_XS", "IQ2_XS", ("Q2_K", "Q4_K", "Q5_K"), "2.3 bits per weight, lattice"),
+    ("iq2_s", "MOSTLY_IQ2_S", "IQ2_XS", ("IQ3_S", "Q4_K", "Q5_K"), "2.5 bits per weight, lattice mixture"),
+    ("iq2_m", "MOSTLY_IQ2_M", "IQ2_S", ("IQ3_S", "Q4_K", "Q5_K"), "2.7 bits per weight, lattice mixture"),
+    ("iq1_s", "MOSTLY_IQ1_S", "IQ1_S", ("IQ2_XXS", "Q2_K", "Q4_K", "Q5_K"), "1.6 bits per weight, lattice"),
+    ("iq1_m", "MOSTLY_IQ1_M", "IQ1_M", ("IQ2_XXS", "Q2_K", "Q4_K", "Q5_K"), "1.75 bits per weight, lattice"),
+    ("tq1_0", "MOSTLY_TQ1_0", "TQ1_0", ("Q4_K",), "1.7 bits per weight, ternary"),
+    ("tq2_0", "MOSTLY_TQ2_0", "TQ2_0", ("Q4_K",), "2.1 bits per weight, ternary"),
+]
+
+
+def _needs(default: str, extra: tuple[str, ...]) -> set[str]:
+    """Every tensor type a mixture can write: its own, its rules', the output's, and their
+    fallbacks for rows that fit no block."""
+    out = {default, *extra, "Q6_K", "Q8_0", "F16"}
+    while True:
+        more = {_FALLBACK[n] for n in out if n in _FALLBACK} - out
+        if not more:
+            return out
+        out |= more
+
+
+def _ladder() -> tuple[list[Recipe], dict[str, set[str]]]:
+    """The mixtures whose every tensor type has kernels here, and the others with what they lack."""
+    ready, missing = [], {}
+    for name, ftype, default, extra, summary in _LADDER:
+        lacking = {n for n in _needs(default, extra) if n not in blocks.REGISTRY}
+        if lacking:
+            missing[name] = lacking
+        else:
+            ready.append(Recipe(name, name.upper(), LlamaFileType[ftype], summary, default=blocks.get(default)))
+    return ready, missing
+
+
+_READY, NOT_YET = _ladder()
+RECIPES: dict[str, Recipe] = {r.name: r for r in sorted([*_FLOATS, *_READY], key=lambda r: r.name)}
+# types llama-quantize refuses to write without an importance matrix (tensor_requires_imatrix),
+# and Q2_K in a q2_k_s file; token_embd and output never need one
+NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
 
 
 def _llama_quantize_types(recipe: Recipe, tensors: list[PlannedTensor], shape: ModelShape, o: Overrides,
                           has_imatrix: bool) -> list[type[BlockType]]:
-    q4_k_m = recipe.name == "q4_k_m"
+    """llama_tensor_get_type over the tensors in llama-quantize's order."""
     cats = [_category(t.name) for t in tensors]
-    n_attn_wv = sum(c in ("attn_v", "attn_qkv", "attn_kv_b") for c in cats)
-    tied = "output" not in cats
-    i_attn_wv = i_ffn_down = 0
+    st = _State(sum(c in ("attn_v", "attn_qkv", "attn_kv_b") for c in cats), shape.n_layer, "output" not in cats,
+                has_imatrix, o.output)
     out: list[type[BlockType]] = []
     for t, cat in zip(tensors, cats):
         if not allows_quantization(t):
@@ -171,26 +373,6 @@ def _llama_quantize_types(recipe: Recipe, tensors: list[PlannedTensor], shape: M
                 new, manual = kind, True
                 break
         if not manual and not o.pure:
-            if cat == "output" or (tied and cat == "token_embd"):
-                if o.output is not None:
-                    new = o.output
-                elif t.shape[-1] % new.block != 0:
-                    new = blocks.Q8_0
-                elif new is not blocks.Q8_0:
-                    new = blocks.Q6_K
-            elif cat in ("attn_v", "attn_qkv", "attn_kv_b"):
-                if not q4_k_m and shape.n_gqa >= 4:
-                    new = blocks.Q5_K
-                elif q4_k_m and use_more_bits(i_attn_wv, n_attn_wv):
-                    new = blocks.Q6_K
-                i_attn_wv += 1
-            elif cat == "ffn_down":
-                i_layer, n_layer = i_ffn_down, shape.n_layer
-                if q4_k_m:
-                    if use_more_bits(i_layer, n_layer):
-                        new = blocks.Q6_K
-                elif i_layer < n_layer // 8 and not has_imatrix:
-                    new = blocks.Q5_K
-                i_ffn_down += 1
+            new = _bump(recipe.file_type, new, t, cat, shape, st)
         out.append(fallback(new, t.shape[-1]))
     return out

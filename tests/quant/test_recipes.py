@@ -13,10 +13,10 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFReader
 
 from qconvert.quant import blocks
-from qconvert.quant.recipes import Overrides, use_more_bits
+from qconvert.quant.recipes import RECIPES, Overrides, use_more_bits
 from tests.helpers import convert_to, one_line_error, run_cli
 
-FTYPES = {"q4_k_m": 15, "iq4_nl": 25}
+FTYPES = {r.name: int(r.file_type) for r in RECIPES.values() if r.quantizes_like_llama_quantize}
 
 
 def llama_quantize(src, dst, ftype: int, **params) -> None:
@@ -30,7 +30,7 @@ def llama_quantize(src, dst, ftype: int, **params) -> None:
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
 
 
-@pytest.mark.parametrize("recipe", ["q4_k_m", "iq4_nl"])
+@pytest.mark.parametrize("recipe", FTYPES)
 @pytest.mark.parametrize("family", ["llama-wide", "llama-tied", "qwen2", "gpt2", "gemma3"])
 def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_path):
     src = tiny(family)
@@ -39,6 +39,29 @@ def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_p
     llama_quantize(f32, ref, FTYPES[recipe])
     ours = convert_to(src, recipe, tmp_path / "ours.gguf", threads=2).outputs[0]["path"]
     assert filecmp.cmp(ours, ref, shallow=False), "not byte-identical to llama-quantize's file"
+
+
+@pytest.mark.parametrize("recipe", ["q4_k_s", "q4_k_m"])
+def test_eighty_layers_with_grouped_keys_are_a_70b(recipe, tiny, tmp_path):
+    """llama.cpp's LLM_TYPE_70B (80 Llama layers, n_head != n_head_kv) bumps Q4_K attn_v to Q5_K."""
+    src = tiny("llama-80")
+    f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    ref = tmp_path / "ref.gguf"
+    llama_quantize(f32, ref, FTYPES[recipe])
+    ours = convert_to(src, recipe, tmp_path / "ours.gguf", threads=2).outputs[0]["path"]
+    assert filecmp.cmp(ours, ref, shallow=False)
+    types = {t.name: t.tensor_type for t in GGUFReader(ours).tensors}
+    assert all(types[f"blk.{i}.attn_v.weight"] in (GT.Q5_K, GT.Q6_K) for i in range(80))
+
+
+def test_ladder_types_without_kernels_are_usage_errors(tiny, tmp_path, capsys):
+    from qconvert.quant.recipes import NOT_YET
+
+    for name in NOT_YET:
+        code, _, err = run_cli([tiny("llama"), "--to", f"q8_0,{name}", "-o", tmp_path], capsys)
+        assert code == 2
+        one_line_error(err, f"--to {name}: not available yet")
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_mixture_varies_by_layer(tiny, tmp_path):
@@ -51,7 +74,7 @@ def test_the_mixture_varies_by_layer(tiny, tmp_path):
     assert types["blk.0.attn_norm.weight"] == GT.F32
 
 
-@pytest.mark.parametrize("recipe", ["q4_k_m", "iq4_nl"])
+@pytest.mark.parametrize("recipe", FTYPES)
 def test_overrides_match_llama_quantize(recipe, tiny, tmp_path):
     src = tiny("llama-wide")
     f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
@@ -156,8 +179,8 @@ def llama_quantize_with_imatrix(src, dst, ftype, weights: dict[str, np.ndarray])
     llama_quantize(src, dst, ftype, imatrix=ctypes.cast(arr, type(llama_cpp.llama_model_quantize_default_params().imatrix)))
 
 
-@pytest.mark.parametrize("fmt", ["gguf", "dat"])
-@pytest.mark.parametrize("recipe", ["q4_k_m", "iq4_nl"])
+@pytest.mark.parametrize("fmt,recipe", [(f, r) for r in FTYPES for f in ("gguf", "dat")
+                                        if f == "gguf" or r in ("q4_k_m", "iq4_nl")])
 def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
     src = tiny("llama-wide")
     f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
