@@ -3,7 +3,7 @@ llama-quantize calls), same rows, same run: MB of float32 input per second, one 
 cores, without and with importance weights. Targets: >= 1.0x ggml on one thread for every type,
 >= 1.5x for IQ4_NL and the K-quants with importance weights.
 
-usage: python bench/kernels.py [--rows 512] [--cols 4096] [--repeat 3]
+usage: python bench/kernels.py [--rows 512] [--cols 4096] [--repeat 3] [--types Q2_K,Q3_K]
 ggml comes from llama-cpp-python's libggml-base.so; its multi-threaded figure splits rows over
 threads as llama-quantize does.
 """
@@ -23,7 +23,7 @@ from qconvert import _kernels  # noqa: E402
 from qconvert.quant import blocks  # noqa: E402
 from tests.oracles import ggml  # noqa: E402
 
-TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"]
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
 
 def ours(kind, rows, qw, threads):
@@ -63,7 +63,7 @@ def best_of(fn, repeat):
     return min(times), out
 
 
-def check_real(model_dir: Path) -> None:
+def check_real(model_dir: Path, kinds: list[str]) -> None:
     """Byte equality with ggml on rows of a real checkpoint's weights, every type, +-imatrix."""
     from safetensors.numpy import safe_open
 
@@ -74,7 +74,7 @@ def check_real(model_dir: Path) -> None:
         for name in picked:
             w = np.ascontiguousarray(f.get_tensor(name)[:64], dtype=np.float32)
             qw = (np.random.default_rng(1).lognormal(0, 1.5, w.shape[1]) + 1e-3).astype(np.float32)
-            for kind in TYPES:
+            for kind in kinds:
                 if not blocks.get(kind).fits(w.shape[1]):
                     continue
                 for imat in (None, qw):
@@ -91,11 +91,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=256)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--types", default=",".join(TYPES), help="comma-separated block types (default: all)")
     ap.add_argument("--real", type=Path, action="append", default=[],
                     help="also check byte equality on rows of this checkpoint (repeatable)")
     args = ap.parse_args()
+    kinds = [k.strip().upper() for k in args.types.split(",") if k.strip()]
     for d in args.real:
-        check_real(d)
+        check_real(d, kinds)
     rng = np.random.default_rng(0)
     rows = (rng.standard_t(5, size=(args.rows, args.cols)) * 0.02).astype(np.float32)
     qw = (rng.lognormal(0, 1.5, args.cols) + 1e-3).astype(np.float32)
@@ -104,7 +106,7 @@ def main() -> None:
     print(f"{mb:.0f} MB of float32 rows [{args.rows} x {args.cols}], best of {args.repeat}; MB/s and ratio ours/ggml")
     print(f"{'type':7s} {'imatrix':7s} | {'ours 1t':>8s} {'ggml 1t':>8s} {'x':>5s} | "
           f"{'ours ' + str(cores) + 't':>8s} {'ggml ' + str(cores) + 't':>8s} {'x':>5s}")
-    for kind in TYPES:
+    for kind in kinds:
         for use_qw in (False, True):
             if kind == "Q8_0" and use_qw:
                 continue  # ggml ignores importance weights for Q8_0

@@ -10,14 +10,6 @@
 #include "qk.h"
 #include "search.h"
 
-static void put_f16(uint8_t *p, float f) {
-    const uint16_t h = qk_f32_to_f16(f);
-    p[0] = (uint8_t)(h & 0xff);
-    p[1] = (uint8_t)(h >> 8);
-}
-
-static float get_f16(const uint8_t *p) { return qk_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
-
 /* 6-bit scale ls and min lm of sub-block j into the 12-byte scales array (get_scale_min_k4) */
 static void put_scale_min(uint8_t *s, int j, uint8_t ls, uint8_t lm) {
     if (j < 4) {
@@ -68,8 +60,8 @@ QK_CLONES static void kx_superblock(const float *x, const float *qw, int nmax, f
             uint8_t lm = (uint8_t)qk_nearest_int(inv_min * mins[j]);
             put_scale_min(scales12, j, QK_MIN(63, ls), QK_MIN(63, lm));
         }
-        put_f16(d_out, max_scale / 63.f);
-        put_f16(d_out + 2, max_min / 63.f);
+        qk_put_f16(d_out, max_scale / 63.f);
+        qk_put_f16(d_out + 2, max_min / 63.f);
     } else {
         float sum_x2 = 0, sw[8];
         for (int l = 0; l < QK_K; ++l) sum_x2 += x[l] * x[l];
@@ -87,12 +79,12 @@ QK_CLONES static void kx_superblock(const float *x, const float *qw, int nmax, f
         const float d_block = qk_make_qp_quants(8, 63, scales, Ls, sw);
         const float m_block = qk_make_qp_quants(8, 63, mins, Lm, sw);
         for (int j = 0; j < 8; ++j) put_scale_min(scales12, j, QK_MIN(63, Ls[j]), QK_MIN(63, Lm[j]));
-        put_f16(d_out, d_block);
-        put_f16(d_out + 2, m_block);
+        qk_put_f16(d_out, d_block);
+        qk_put_f16(d_out + 2, m_block);
     }
     for (int j = 0; j < 8; ++j)
         for (int l = 0; l < 32; ++l) L[32 * j + l] = LT[l][j];
-    const float dd = get_f16(d_out), dmin = get_f16(d_out + 2);
+    const float dd = qk_get_f16(d_out), dmin = qk_get_f16(d_out + 2);
     for (int j = 0; j < 8; ++j) {
         uint8_t sc, m;
         get_scale_min(scales12, j, &sc, &m);
@@ -125,7 +117,7 @@ QK_CLONES void qk_quantize_q4_K(const float *src, uint8_t *dst, int64_t nrows, i
 void qk_dequantize_q4_K(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
     for (int64_t b = 0; b < nrows * n / QK_K; ++b) {
         const uint8_t *y = src + b * 144, *q = y + 16;
-        const float d = get_f16(y), min = get_f16(y + 2);
+        const float d = qk_get_f16(y), min = qk_get_f16(y + 2);
         float *out = dst + b * QK_K;
         for (int j = 0, is = 0; j < QK_K; j += 64, is += 2, q += 32) {
             uint8_t sc, m;
@@ -168,7 +160,7 @@ QK_CLONES void qk_quantize_q5_K(const float *src, uint8_t *dst, int64_t nrows, i
 void qk_dequantize_q5_K(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
     for (int64_t b = 0; b < nrows * n / QK_K; ++b) {
         const uint8_t *y = src + b * 176, *qh = y + 16, *ql = y + 48;
-        const float d = get_f16(y), min = get_f16(y + 2);
+        const float d = qk_get_f16(y), min = qk_get_f16(y + 2);
         float *out = dst + b * QK_K;
         uint8_t u1 = 1, u2 = 2;
         for (int j = 0, is = 0; j < QK_K; j += 64, is += 2, ql += 32) {
@@ -210,9 +202,9 @@ QK_CLONES void qk_quantize_q6_K(const float *src, uint8_t *dst, int64_t nrows, i
                 continue;
             }
             const float iscale = -128.f / max_scale;
-            put_f16(y + 208, 1 / iscale);
+            qk_put_f16(y + 208, 1 / iscale);
             for (int ib = 0; ib < 16; ++ib) sc[ib] = (int8_t)QK_MIN(127, qk_nearest_int(iscale * scales[ib]));
-            const float dd = get_f16(y + 208);
+            const float dd = qk_get_f16(y + 208);
             for (int j = 0; j < 16; ++j) {
                 const float d = dd * (float)sc[j];
                 if (!d) continue;
@@ -239,7 +231,7 @@ void qk_dequantize_q6_K(const uint8_t *src, float *dst, int64_t nrows, int64_t n
     for (int64_t b = 0; b < nrows * n / QK_K; ++b) {
         const uint8_t *y = src + b * 210, *ql = y, *qh = y + 128;
         const int8_t *sc = (const int8_t *)(y + 192);
-        const float d = get_f16(y + 208);
+        const float d = qk_get_f16(y + 208);
         float *out = dst + b * QK_K;
         for (int k = 0; k < QK_K; k += 128, out += 128, ql += 64, qh += 32, sc += 8) {
             for (int l = 0; l < 32; ++l) {

@@ -10,14 +10,6 @@
 #include "qk.h"
 #include "search.h"
 
-QK_INLINE void put_f16(uint8_t *p, float f) {
-    const uint16_t h = qk_f32_to_f16(f);
-    p[0] = (uint8_t)(h & 0xff);
-    p[1] = (uint8_t)(h >> 8);
-}
-
-static float get_f16(const uint8_t *p) { return qk_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
-
 QK_INLINE float row_sigma2(const float *x, int64_t n) {
     float sum_x2 = 0;
     for (int64_t j = 0; j < n; ++j) sum_x2 += x[j] * x[j];
@@ -47,7 +39,7 @@ QK_INLINE void q4_0_block_ref(const float *x, uint8_t *y) {
     const float max = qk_signed_absmax32(x, &amax);
     const float d = max / -8;
     const float id = d ? 1.0f / d : 0.0f;
-    put_f16(y, d);
+    qk_put_f16(y, d);
     int32_t L[32];
     for (int j = 0; j < 32; ++j) {
         const int32_t l = (int32_t)(x[j] * id + 8.5f);  /* truncation, as (int8_t) of it */
@@ -66,7 +58,7 @@ QK_CLONES void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, i
             float w[32];
             int8_t L[32];
             importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
-            put_f16(y, qk_make_qx_quants(32, 8, x + 32 * ib, L, 1, w));
+            qk_put_f16(y, qk_make_qx_quants(32, 8, x + 32 * ib, L, 1, w));
             for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
         }
     }
@@ -75,7 +67,7 @@ QK_CLONES void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, i
 void qk_dequantize_q4_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
     for (int64_t b = 0; b < nrows * n / 32; ++b) {
         const uint8_t *y = src + b * 18;
-        const float d = get_f16(y);
+        const float d = qk_get_f16(y);
         for (int j = 0; j < 16; ++j) {
             dst[32 * b + j] = (float)((y[2 + j] & 0x0F) - 8) * d;
             dst[32 * b + j + 16] = (float)((y[2 + j] >> 4) - 8) * d;
@@ -90,8 +82,8 @@ QK_INLINE void q4_1_block_ref(const float *x, uint8_t *y) {
     qk_minmax32(x, &min, &max);
     const float d = (max - min) / 15;
     const float id = d ? 1.0f / d : 0.0f;
-    put_f16(y, d);
-    put_f16(y + 2, min);
+    qk_put_f16(y, d);
+    qk_put_f16(y + 2, min);
     int32_t L[32];
     for (int j = 0; j < 32; ++j) {
         const int32_t l = (int32_t)((x[j] - min) * id + 0.5f);  /* truncation, as (int8_t) of it */
@@ -128,8 +120,8 @@ QK_CLONES void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, i
                 qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, 15, d, min, L);
                 for (int b = 0; b < QK_LANES; ++b) {
                     uint8_t *yb = y + 20 * b;
-                    put_f16(yb, d[b]);
-                    put_f16(yb + 2, -min[b]);
+                    qk_put_f16(yb, d[b]);
+                    qk_put_f16(yb + 2, -min[b]);
                     for (int j = 0; j < 16; ++j) yb[4 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
                 }
                 ib += QK_LANES - 1;
@@ -139,9 +131,9 @@ QK_CLONES void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, i
             float w[32], min;
             uint8_t L[32], Laux[32];
             importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
-            const float d = qk_make_qkx_quants(32, 15, x + 32 * ib, w, L, &min, Laux, -0.9f, 0.05f, 36, 1);
-            put_f16(y, d);
-            put_f16(y + 2, -min);
+            const float d = qk_make_qkx_quants(32, 15, x + 32 * ib, w, L, &min, Laux, -0.9f, 0.05f, 36, 1, 0);
+            qk_put_f16(y, d);
+            qk_put_f16(y + 2, -min);
             for (int j = 0; j < 16; ++j) y[4 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
         }
     }
@@ -150,7 +142,7 @@ QK_CLONES void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, i
 void qk_dequantize_q4_1(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
     for (int64_t b = 0; b < nrows * n / 32; ++b) {
         const uint8_t *y = src + b * 20;
-        const float d = get_f16(y), m = get_f16(y + 2);
+        const float d = qk_get_f16(y), m = qk_get_f16(y + 2);
         for (int j = 0; j < 16; ++j) {
             dst[32 * b + j] = (float)(y[4 + j] & 0x0F) * d + m;
             dst[32 * b + j + 16] = (float)(y[4 + j] >> 4) * d + m;
@@ -165,7 +157,7 @@ QK_INLINE void q5_0_block_ref(const float *x, uint8_t *y) {
     const float max = qk_signed_absmax32(x, &amax);
     const float d = max / -16;
     const float id = d ? 1.0f / d : 0.0f;
-    put_f16(y, d);
+    qk_put_f16(y, d);
     uint8_t L[32];
     for (int j = 0; j < 32; ++j) L[j] = (uint8_t)QK_MIN(31, (int8_t)(x[j] * id + 16.5f));
     pack_q5(L, y + 6, y + 2);
@@ -181,7 +173,7 @@ QK_CLONES void qk_quantize_q5_0(const float *src, uint8_t *dst, int64_t nrows, i
             float w[32];
             int8_t L[32];
             importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
-            put_f16(y, qk_make_qx_quants(32, 16, x + 32 * ib, L, 1, w));
+            qk_put_f16(y, qk_make_qx_quants(32, 16, x + 32 * ib, L, 1, w));
             pack_q5((const uint8_t *)L, y + 6, y + 2);
         }
     }
@@ -197,7 +189,7 @@ static int q5_level(const uint8_t *y, int j, int hi_off) {
 void qk_dequantize_q5_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
     for (int64_t b = 0; b < nrows * n / 32; ++b) {
         const uint8_t *y = src + b * 22;
-        const float d = get_f16(y);
+        const float d = qk_get_f16(y);
         for (int j = 0; j < 32; ++j) dst[32 * b + j] = (float)(q5_level(y, j, 2) - 16) * d;
     }
 }
@@ -209,8 +201,8 @@ QK_INLINE void q5_1_block_ref(const float *x, uint8_t *y) {
     qk_minmax32(x, &min, &max);
     const float d = (max - min) / 31;
     const float id = d ? 1.0f / d : 0.0f;
-    put_f16(y, d);
-    put_f16(y + 2, min);
+    qk_put_f16(y, d);
+    qk_put_f16(y + 2, min);
     uint8_t L[32];
     for (int j = 0; j < 32; ++j) L[j] = (uint8_t)((x[j] - min) * id + 0.5f);
     pack_q5(L, y + 8, y + 4);
@@ -229,8 +221,8 @@ QK_CLONES void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, i
                 qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, 31, d, min, L);
                 for (int b = 0; b < QK_LANES; ++b) {
                     uint8_t *yb = y + 24 * b;
-                    put_f16(yb, d[b]);
-                    put_f16(yb + 2, -min[b]);
+                    qk_put_f16(yb, d[b]);
+                    qk_put_f16(yb + 2, -min[b]);
                     for (int j = 0; j < 32; ++j) Lb[j] = L[j][b];
                     pack_q5(Lb, yb + 8, yb + 4);
                 }
@@ -241,9 +233,9 @@ QK_CLONES void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, i
             float w[32], min;
             uint8_t L[32], Laux[32];
             importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
-            const float d = qk_make_qkx_quants(32, 31, x + 32 * ib, w, L, &min, Laux, -0.9f, 0.05f, 36, 1);
-            put_f16(y, d);
-            put_f16(y + 2, -min);
+            const float d = qk_make_qkx_quants(32, 31, x + 32 * ib, w, L, &min, Laux, -0.9f, 0.05f, 36, 1, 0);
+            qk_put_f16(y, d);
+            qk_put_f16(y + 2, -min);
             pack_q5(L, y + 8, y + 4);
         }
     }
@@ -252,7 +244,7 @@ QK_CLONES void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, i
 void qk_dequantize_q5_1(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
     for (int64_t b = 0; b < nrows * n / 32; ++b) {
         const uint8_t *y = src + b * 24;
-        const float d = get_f16(y), m = get_f16(y + 2);
+        const float d = qk_get_f16(y), m = qk_get_f16(y + 2);
         for (int j = 0; j < 32; ++j) dst[32 * b + j] = (float)q5_level(y, j, 4) * d + m;
     }
 }

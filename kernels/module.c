@@ -18,6 +18,8 @@ static const qtype QTYPES[] = {
     {"Q4_1", 32, 20, qk_quantize_q4_1, qk_dequantize_q4_1},
     {"Q5_0", 32, 22, qk_quantize_q5_0, qk_dequantize_q5_0},
     {"Q5_1", 32, 24, qk_quantize_q5_1, qk_dequantize_q5_1},
+    {"Q2_K", 256, 84, qk_quantize_q2_K, qk_dequantize_q2_K},
+    {"Q3_K", 256, 110, qk_quantize_q3_K, qk_dequantize_q3_K},
     {"Q4_K", 256, 144, qk_quantize_q4_K, qk_dequantize_q4_K},
     {"Q5_K", 256, 176, qk_quantize_q5_K, qk_dequantize_q5_K},
     {"Q6_K", 256, 210, qk_quantize_q6_K, qk_dequantize_q6_K},

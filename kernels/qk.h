@@ -53,6 +53,8 @@ QK_DECLARE(q4_0)
 QK_DECLARE(q4_1)
 QK_DECLARE(q5_0)
 QK_DECLARE(q5_1)
+QK_DECLARE(q2_K)
+QK_DECLARE(q3_K)
 QK_DECLARE(q4_K)
 QK_DECLARE(q5_K)
 QK_DECLARE(q6_K)
@@ -63,6 +65,14 @@ QK_DECLARE(iq4_xs)
 uint16_t qk_f32_to_f16(float f);
 float qk_f16_to_f32(uint16_t h);
 uint16_t qk_f32_to_bf16(float f);
+
+/* a little-endian f16 in a block */
+static inline void qk_put_f16(uint8_t *p, float f) {
+    const uint16_t h = qk_f32_to_f16(f);
+    p[0] = (uint8_t)(h & 0xff);
+    p[1] = (uint8_t)(h >> 8);
+}
+static inline float qk_get_f16(const uint8_t *p) { return qk_f16_to_f32((uint16_t)(p[0] | (p[1] << 8))); }
 
 void qk_f32_to_f16_n(const float *src, uint16_t *dst, int64_t n);
 void qk_f32_to_bf16_n(const float *src, uint16_t *dst, int64_t n);

@@ -61,10 +61,11 @@ QK_INLINE float qk_make_qx_quants(int n, int nmax, const float *x, int8_t *L, in
     return scale;
 }
 
-/* make_qkx2_quants (weights given, error by squares; `max == min` test) and make_qkx3_quants
- * (weights may be NULL meaning x^2; `max <= min` test): one body, `v3` picks the variant. */
+/* make_qkx2_quants (weights given; `max == min` test) and make_qkx3_quants (weights may be NULL
+ * meaning x^2; `max <= min` test): one body, `v3` picks the variant; errors by squares, or by
+ * magnitudes where `mad` (use_mad, Q2_K's). */
 QK_INLINE float qk_make_qkx_quants(int n, int nmax, const float *x, const float *weights, uint8_t *L, float *the_min,
-                         uint8_t *Laux, float rmin, float rdelta, int nstep, int v3) {
+                         uint8_t *Laux, float rmin, float rdelta, int nstep, int v3, int mad) {
 #define W(i) (weights ? weights[i] : x[i] * x[i])
     float min = x[0], max = x[0];
     float sum_w = W(0);
@@ -89,7 +90,7 @@ QK_INLINE float qk_make_qkx_quants(int n, int nmax, const float *x, const float 
         const int l = qk_nearest_int(iscale * (x[i] - min));
         L[i] = (uint8_t)QK_MAX(0, QK_MIN(nmax, l));
         float diff = scale * (float)L[i] + min - x[i];
-        diff = diff * diff;
+        diff = mad ? fabsf(diff) : diff * diff;
         best_error += W(i) * diff;
     }
     for (int is = 0; is <= nstep; ++is) {
@@ -115,7 +116,7 @@ QK_INLINE float qk_make_qkx_quants(int n, int nmax, const float *x, const float 
             float err = 0;
             for (int i = 0; i < n; ++i) {
                 float diff = this_scale * (float)Laux[i] + this_min - x[i];
-                diff = diff * diff;
+                diff = mad ? fabsf(diff) : diff * diff;
                 err += W(i) * diff;
             }
             if (err < best_error) {
@@ -129,6 +130,56 @@ QK_INLINE float qk_make_qkx_quants(int n, int nmax, const float *x, const float 
     *the_min = -min;
     return scale;
 #undef W
+}
+
+/* make_q3_quants with do_rmse (Q3_K without an importance matrix): weights x^2, levels from
+ * nearest_int(-nmax/max * x), then up to 5 rounds that move single levels where sumlx^2/suml2
+ * grows (running sums); L = level + nmax; an all-zero block gives 0 and levels 0. */
+QK_INLINE float qk_make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
+    float max = 0, amax = 0;
+    for (int i = 0; i < n; ++i) {
+        const float ax = fabsf(x[i]);
+        if (ax > amax) { amax = ax; max = x[i]; }
+    }
+    if (amax < QK_GROUP_MAX_EPS) {
+        memset(L, 0, (size_t)n);
+        return 0.f;
+    }
+    const float iscale = (float)(-nmax) / max;
+    float sumlx = 0, suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = qk_nearest_int(iscale * x[i]);
+        l = QK_MAX(-nmax, QK_MIN(nmax - 1, l));
+        L[i] = (int8_t)l;
+        const float w = x[i] * x[i];
+        sumlx += w * x[i] * (float)l;
+        suml2 += w * (float)l * (float)l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            const float w = x[i] * x[i];
+            float slx = sumlx - w * x[i] * (float)L[i];
+            if (slx > 0) {
+                float sl2 = suml2 - w * (float)L[i] * (float)L[i];
+                int new_l = qk_nearest_int(x[i] * sl2 / slx);
+                new_l = QK_MAX(-nmax, QK_MIN(nmax - 1, new_l));
+                if (new_l != L[i]) {
+                    slx += w * x[i] * (float)new_l;
+                    sl2 += w * (float)new_l * (float)new_l;
+                    if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = (int8_t)new_l;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    for (int i = 0; i < n; ++i) L[i] = (int8_t)(L[i] + nmax);
+    return suml2 > 0.0f ? sumlx / suml2 : 0.0f;
 }
 
 QK_INLINE float qk_make_qp_quants(int n, int nmax, const float *x, uint8_t *L, const float *qw) {

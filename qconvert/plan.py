@@ -19,7 +19,7 @@ from qconvert.arch.base import Family
 from qconvert.arch.spec import PlannedTensor
 from qconvert.errors import InputError, OutputError, QConvertError, UsageError
 from qconvert.quant.blocks import BlockType
-from qconvert.quant.recipes import Overrides, Recipe, layer_order_key
+from qconvert.quant.recipes import Overrides, Recipe, layer_order_key, requires_imatrix
 from qconvert.model import Model
 from qconvert.read.checkpoint import Checkpoint
 from qconvert.read.imatrix import Imatrix
@@ -181,6 +181,9 @@ def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family
     else:
         weights = [None] * len(tensors)
     for t, ty in zip(tensors, types):
+        if mixture and im is None and not calibrate and requires_imatrix(t.name, ty, recipe):
+            raise UsageError(f"--to {recipe.name}: llama.cpp writes {t.name} as {ty.name} only from an importance "
+                             "matrix; drop --no-calib (qconvert calibrates) or give --imatrix FILE")
         if not ty.fits(t.shape[-1]):
             raise UsageError(f"{t.name}: rows of {t.shape[-1]} do not fit {ty.name} (blocks of {ty.block}); "
                              "choose another type for it")

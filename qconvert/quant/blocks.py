@@ -210,6 +210,16 @@ class Q5_1(Blocks):
     reference = _by_name(legacy, "Q5_1")
 
 
+class Q2_K(Blocks):
+    name, ggml = "Q2_K", GT.Q2_K
+    reference = _by_name(kquants, "Q2_K")
+
+
+class Q3_K(Blocks):
+    name, ggml = "Q3_K", GT.Q3_K
+    reference = _by_name(kquants, "Q3_K")
+
+
 class Q4_K(Blocks):
     name, ggml = "Q4_K", GT.Q4_K
     reference = _by_name(kquants, "Q4_K")

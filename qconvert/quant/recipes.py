@@ -343,9 +343,15 @@ def _ladder() -> tuple[list[Recipe], dict[str, set[str]]]:
 
 _READY, NOT_YET = _ladder()
 RECIPES: dict[str, Recipe] = {r.name: r for r in sorted([*_FLOATS, *_READY], key=lambda r: r.name)}
-# types llama-quantize refuses to write without an importance matrix (tensor_requires_imatrix),
-# and Q2_K in a q2_k_s file; token_embd and output never need one
-NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
+_NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
+
+
+def requires_imatrix(name: str, kind: type[BlockType], recipe: Recipe) -> bool:
+    """tensor_requires_imatrix: the types llama-quantize refuses to write without an importance
+    matrix, and Q2_K in a q2_k_s file; token_embd and output never need one."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return kind.name in _NEEDS_IMATRIX or (kind.name == "Q2_K" and recipe.file_type == LlamaFileType.MOSTLY_Q2_K_S)
 
 
 def _llama_quantize_types(recipe: Recipe, tensors: list[PlannedTensor], shape: ModelShape, o: Overrides,

@@ -17,6 +17,7 @@ from qconvert.quant.recipes import RECIPES, Overrides, use_more_bits
 from tests.helpers import convert_to, one_line_error, run_cli
 
 FTYPES = {r.name: int(r.file_type) for r in RECIPES.values() if r.quantizes_like_llama_quantize}
+PLAIN = [r for r in FTYPES if r != "q2_k_s"]  # llama-quantize writes these without an importance matrix
 
 
 def llama_quantize(src, dst, ftype: int, **params) -> None:
@@ -30,7 +31,7 @@ def llama_quantize(src, dst, ftype: int, **params) -> None:
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p)) == 0
 
 
-@pytest.mark.parametrize("recipe", FTYPES)
+@pytest.mark.parametrize("recipe", PLAIN)
 @pytest.mark.parametrize("family", ["llama-wide", "llama-tied", "qwen2", "gpt2", "gemma3"])
 def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_path):
     src = tiny(family)
@@ -41,9 +42,9 @@ def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_p
     assert filecmp.cmp(ours, ref, shallow=False), "not byte-identical to llama-quantize's file"
 
 
-@pytest.mark.parametrize("recipe", ["q4_k_s", "q4_k_m"])
+@pytest.mark.parametrize("recipe", ["q4_k_s", "q3_k_s"])
 def test_eighty_layers_with_grouped_keys_are_a_70b(recipe, tiny, tmp_path):
-    """llama.cpp's LLM_TYPE_70B (80 Llama layers, n_head != n_head_kv) bumps Q4_K attn_v to Q5_K."""
+    """llama.cpp's LLM_TYPE_70B (80 Llama layers, n_head != n_head_kv) bumps Q3_K and Q4_K attn_v to Q5_K."""
     src = tiny("llama-80")
     f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
     ref = tmp_path / "ref.gguf"
@@ -52,6 +53,27 @@ def test_eighty_layers_with_grouped_keys_are_a_70b(recipe, tiny, tmp_path):
     assert filecmp.cmp(ours, ref, shallow=False)
     types = {t.name: t.tensor_type for t in GGUFReader(ours).tensors}
     assert all(types[f"blk.{i}.attn_v.weight"] in (GT.Q5_K, GT.Q6_K) for i in range(80))
+
+
+def test_mixtures_that_need_an_importance_matrix_calibrate_and_refuse_no_calib(tiny, tmp_path, capsys):
+    """llama-quantize refuses q2_k_s without an importance matrix; qconvert calibrates by
+    default, and --no-calib is a usage error that says why, with nothing written."""
+    import llama_cpp
+
+    src = tiny("llama-wide")
+    f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = FTYPES["q2_k_s"]
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp_path / "ref.gguf").encode(), ctypes.byref(p)) != 0
+    code, _, err = run_cli([src, "--to", "q2_k_s", "--no-calib", "-o", tmp_path / "x.gguf"], capsys)
+    assert code == 2
+    one_line_error(err, "--to q2_k_s", "blk.0.attn_k.weight as Q2_K only from an importance matrix", "--no-calib")
+    assert not (tmp_path / "x.gguf").exists()
+    code, out, err = run_cli([src, "--to", "q2_k_s", "--calib-samples", "4", "--calib-seq-len", "32", "-o",
+                              tmp_path / "x.gguf", "--json"], capsys)
+    assert code == 0, err
+    types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "x.gguf").tensors}
+    assert types["blk.3.ffn_up.weight"] == GT.Q2_K and types["blk.0.ffn_down.weight"] == GT.Q4_K
 
 
 def test_ladder_types_without_kernels_are_usage_errors(tiny, tmp_path, capsys):
@@ -74,7 +96,7 @@ def test_the_mixture_varies_by_layer(tiny, tmp_path):
     assert types["blk.0.attn_norm.weight"] == GT.F32
 
 
-@pytest.mark.parametrize("recipe", FTYPES)
+@pytest.mark.parametrize("recipe", PLAIN)
 def test_overrides_match_llama_quantize(recipe, tiny, tmp_path):
     src = tiny("llama-wide")
     f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]

@@ -73,9 +73,10 @@ def make_qx_quants(x: np.ndarray, nmax: int, qw: np.ndarray | None) -> tuple[np.
 
 
 def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: float, rdelta: float,
-                    nstep: int, v3: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    nstep: int, v3: bool, mad: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """make_qkx2_quants (v3 False: weights given, `max == min` test) or make_qkx3_quants
-    (v3 True: weights may be None meaning x^2, `max <= min` test): (scale, the_min, L uint8)."""
+    (v3 True: weights may be None meaning x^2, `max <= min` test): (scale, the_min, L uint8).
+    mad: errors weighted by |diff| instead of diff^2 (use_mad, Q2_K's)."""
     w = weights if weights is not None else x * x
     sum_w = seqsum(w)
     sum_x = seqsum(w * x)
@@ -88,7 +89,7 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
 
     def error(scale, lf, minv):
         diff = scale[:, None] * lf + minv[:, None] - x
-        return seqsum(w * (diff * diff))
+        return seqsum(w * (np.abs(diff) if mad else diff * diff))
 
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = F(nmax) / _safe(mx - mn)
@@ -119,6 +120,42 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
     scale = np.where(degenerate, F(0), scale).astype(F)
     minv = np.where(degenerate, mn, minv).astype(F)
     return scale, (-minv).astype(F), L
+
+
+def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """make_q3_quants with do_rmse (Q3_K without an importance matrix): (scale [B], levels
+    0..2*nmax-1 int8 [B, n]). Weights x^2; levels start at nearest_int(-nmax/max * x), then up to
+    5 rounds move one level at a time where that raises sumlx^2/suml2 (the running sums, not
+    recomputed); an all-zero block (max |x| under GROUP_MAX_EPS) gives scale 0 and levels 0."""
+    w = x * x
+    amax, mx = signed_absmax(x)
+    zero = amax < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = (F(-nmax) / _safe(mx)).astype(F)
+        L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
+        lf = L.astype(F)
+        sumlx, suml2 = seqsum(w * x * lf), seqsum(w * lf * lf)
+        for _ in range(5):
+            changed = np.zeros(x.shape[0], dtype=bool)
+            for i in range(x.shape[1]):
+                wi, xi, Li = w[:, i], x[:, i], L[:, i].astype(F)
+                slx = sumlx - wi * xi * Li
+                sl2 = suml2 - wi * Li * Li
+                new_l = np.clip(nearest_int(xi * sl2 / _safe(slx)), -nmax, nmax - 1)
+                nf = new_l.astype(F)
+                slx2 = slx + wi * xi * nf
+                sl22 = sl2 + wi * nf * nf
+                accept = (slx > 0) & (new_l != L[:, i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+                L[:, i] = np.where(accept, new_l, L[:, i])
+                sumlx = np.where(accept, slx2, sumlx).astype(F)
+                suml2 = np.where(accept, sl22, suml2).astype(F)
+                changed |= accept
+            if not changed.any():
+                break  # a block with no change this round would not change in the next either
+        scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
+    L = (L + nmax).astype(np.int8)
+    L[zero] = 0
+    return np.where(zero, F(0), scale).astype(F), L
 
 
 def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
