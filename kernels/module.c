@@ -25,6 +25,8 @@ static const qtype QTYPES[] = {
     {"Q6_K", 256, 210, qk_quantize_q6_K, qk_dequantize_q6_K},
     {"IQ4_NL", 32, 18, qk_quantize_iq4_nl, qk_dequantize_iq4_nl},
     {"IQ4_XS", 256, 136, qk_quantize_iq4_xs, qk_dequantize_iq4_xs},
+    {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0},
+    {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0},
 };
 
 static const qtype *find_qtype(const char *name) {

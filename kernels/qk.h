@@ -60,6 +60,8 @@ QK_DECLARE(q5_K)
 QK_DECLARE(q6_K)
 QK_DECLARE(iq4_nl)
 QK_DECLARE(iq4_xs)
+QK_DECLARE(tq1_0)
+QK_DECLARE(tq2_0)
 
 /* float conversions, round-to-nearest-even, NaN kept quiet */
 uint16_t qk_f32_to_f16(float f);

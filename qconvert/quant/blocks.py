@@ -14,7 +14,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, iq4_nl, kquants, legacy, q8_0
+from qconvert.quant.reference import floats, iq4_nl, kquants, legacy, q8_0, ternary
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -243,6 +243,16 @@ class IQ4_NL(Blocks):
 class IQ4_XS(Blocks):
     name, ggml = "IQ4_XS", GT.IQ4_XS
     reference = Ref(iq4_nl.quantize_xs, iq4_nl.dequantize_xs)
+
+
+class TQ1_0(Blocks):
+    name, ggml = "TQ1_0", GT.TQ1_0
+    reference = _by_name(ternary, "TQ1_0")
+
+
+class TQ2_0(Blocks):
+    name, ggml = "TQ2_0", GT.TQ2_0
+    reference = _by_name(ternary, "TQ2_0")
 
 
 def get(name: str) -> type[BlockType]:

@@ -30,10 +30,12 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
         "huge": (rng.normal(size=(16, n)) * 1e30).astype(np.float32),
         "ties": ties,
         "negative_ties": -ties,
+        # x / max |x| exactly +-0.5 and +-0.75 (TQ's lroundf rounds halves away from zero)
+        "halves": np.tile(np.array([2.0, 1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.0], np.float32), (16, n // 8)),
     }
 
 
-QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K"]
+QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0"]
 
 
 def importance(n: int, seed: int = 11) -> np.ndarray:
