@@ -3,22 +3,27 @@
 --outtype f32 + llama-imatrix + one llama-quantize per type, same model and calibration text
 (qconvert's shipped text, 32 chunks of 512 tokens), same run: wall time and peak RSS. Then the
 same ladder from llama-imatrix's own matrix (`--imatrix`) must be byte-identical, file for
-file, to llama-quantize's.
+file, to llama-quantize's (q8_0, which qconvert writes as convert_hf_to_gguf.py does: tensor for
+tensor, llama-quantize's file carrying the imatrix keys besides). With --eval N, `qconvert eval`
+scores qconvert's calibrated files on N chunks of northangerabbey.txt against the float model
+and prints its table; --plot FILE keeps its picture.
 
-usage: python bench/ladder.py [--model smollm2-135m] [--ladder q2_k,q3_k_m,...]
+usage: python bench/ladder.py [--model smollm2-135m] [--ladder q2_k,q3_k_m,...] [--eval 16] [--plot ladder.png]
 """
 from __future__ import annotations
 
 import argparse
 import filecmp
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IMATRIX, QUANTIZE, measure, need_reference, qconvert_cmd, real_model, reference_convert_cmd  # noqa: E402
+from common import (IMATRIX, QUANTIZE, REAL, measure, need_reference, qconvert_cmd, real_model,  # noqa: E402
+                    reference_convert_cmd)
 from qconvert.quant.recipes import RECIPES  # noqa: E402
 
 CALIB = Path(__file__).resolve().parents[1] / "qconvert" / "calibrate" / "data" / "emma.txt"
@@ -29,7 +34,9 @@ LADDER = [r.name for r in RECIPES.values() if r.quantizes_like_llama_quantize]
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ladder", default=",".join(LADDER), help="comma-separated mixtures (default: all)")
+    ap.add_argument("--ladder", default=",".join(LADDER), help="comma-separated GGUF targets (default: every mixture)")
+    ap.add_argument("--eval", type=int, default=0, help="score qconvert's files on this many chunks of 512 tokens")
+    ap.add_argument("--plot", type=Path, help="with --eval: keep the ladder's picture here")
     args = ap.parse_args()
     need_reference()
     src = real_model(args.model)
@@ -52,8 +59,16 @@ def main() -> None:
         given = measure(qconvert_cmd() + [str(src), "--to", ",".join(ladder), "-o", str(tmp / "given"), "-q",
                                           "--imatrix", str(imat)])
         label = {p.name.rsplit("-", 1)[-1][:-len(".gguf")].lower(): p for p in (tmp / "given").iterdir()}
-        same = {name: filecmp.cmp(label[name], ref[name], shallow=False) for name in ladder}
+        same = {name: identical(label[name], ref[name], RECIPES[name].quantizes_like_llama_quantize) for name in ladder}
         sizes = {name: ref[name].stat().st_size for name in ladder}
+        scored = ""
+        if args.eval:
+            files = sorted((tmp / "ours").iterdir(), key=lambda p: p.stat().st_size)
+            cmd = qconvert_cmd() + ["eval", *map(str, files), "--text", str(REAL / "text" / "northangerabbey.txt"),
+                                    "--base", str(src), "--chunks", str(args.eval), "--markdown"]
+            if args.plot:
+                cmd += ["--plot", str(args.plot.resolve())]
+            scored = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     print(f"{args.model}: {len(ladder)} files ({', '.join(ladder)}), calibration {SAMPLES} x {SEQ} tokens, "
           f"{threads} threads")
     for name, (s, r) in steps.items():
@@ -64,8 +79,21 @@ def main() -> None:
     print(f"  ratio qconvert / llama.cpp: time {ours[0] / ref_time:.2f}x, peak RSS {ours[1] / ref_rss:.2f}x")
     for name in ladder:
         print(f"  {name:8s} {sizes[name] / 1e6:8.1f} MB  byte-identical to llama-quantize's: {same[name]}")
+    if scored:
+        print(scored)
     if not all(same.values()):
         sys.exit(1)
+
+
+def identical(ours: Path, theirs: Path, whole_file: bool) -> bool:
+    """The whole files, or (a convert-style type) every tensor's name, type, shape and bytes."""
+    if whole_file:
+        return filecmp.cmp(ours, theirs, shallow=False)
+    from gguf import GGUFReader
+
+    a, b = GGUFReader(ours).tensors, GGUFReader(theirs).tensors
+    key = lambda t: (t.name, int(t.tensor_type), tuple(int(x) for x in t.shape), bytes(t.data.tobytes()))  # noqa: E731
+    return sorted(map(key, a)) == sorted(map(key, b))
 
 
 if __name__ == "__main__":

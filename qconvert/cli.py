@@ -291,8 +291,8 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
 
 
 @app.command("eval")
-def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF model directory or hub id.",
-                                                  show_default=False)],
+def eval_cmd(models: Annotated[list[str], typer.Argument(metavar="MODEL", help="GGUF files, or HF model directories or hub ids; "
+                                                         "several are scored in one run.", show_default=False)],
              text: Annotated[Path, typer.Option("--text", help="Text to score: plain text, or JSON Lines with a "
                                                 "\"text\" field.", show_default=False)],
              base: Annotated[Optional[str], typer.Option("--base", help="Reference model (HF directory, hub id or "
@@ -306,34 +306,60 @@ def eval_cmd(model: Annotated[str, typer.Argument(help="A GGUF file, or an HF mo
                                                        "checkpoints: quantize each quantized linear's input at run "
                                                        "time as their loaders do (--weights-only: the dequantized "
                                                        "weights alone).")] = True,
+             plot: Annotated[Optional[Path], typer.Option("--plot", help="Draw KL divergence against bits per "
+                                                          "weight, one point per file, into this .png/.svg/.pdf "
+                                                          "(needs --base and matplotlib).")] = None,
+             markdown: Annotated[bool, typer.Option("--markdown", help="Print the table as a Markdown section for a "
+                                                    "model card.")] = False,
              revision: Revision = None, json_: Json = False, quiet: Quiet = False, threads: Threads = 0) -> None:
-    """Perplexity of MODEL on a text and, with --base, KL divergence and top-1 agreement against it.
+    """Perplexity of each MODEL on a text and, with --base, KL divergence and top-1 agreement against it.
 
     qconvert's own forward runs on the dequantized weights, with the activation quantization a
     W8A8 or FP8 checkpoint's config asks for; scoring follows llama-perplexity (chunks of --ctx
-    tokens, BOS first when the model adds one, second half of each scored).
+    tokens, BOS first when the model adds one, second half of each scored). Several files are
+    scored in one run, one at a time, against the base's layers run once: one table, and with
+    --plot the picture of the ladder.
 
     [b]Examples[/b]
 
       qconvert eval SmolLM2-135M-Q4_K_M.gguf --text book.txt --base ./SmolLM2-135M
 
+      qconvert eval out/*.gguf --text book.txt --base ./model --plot ladder.png --markdown
+
       qconvert eval model-Q8_0.gguf --text book.txt --tokenizer ./model --chunks 20 --json
     """
-    from qconvert.evaluate import evaluate
+    from qconvert import scores
+    from qconvert.evaluate import evaluate_many
 
+    if plot is not None:
+        scores.check_plot(plot, base)
     bars: list[Progress] = []
     show = not (quiet or json_ or not err.is_terminal)
     try:
-        r = evaluate(model, text, base, tokenizer, ctx, chunks, threads or _cores(), revision,
-                     _bars(bars) if show else None, activations)
+        reports = evaluate_many(models, text, base, tokenizer, ctx, chunks, threads or _cores(), revision,
+                                _bars(bars) if show else None, activations)
     finally:
         for bar in bars:
             bar.stop()
+    if plot is not None:
+        scores.plot(reports, plot)
     if json_:
-        print(json.dumps(r.as_dict(), indent=2))
+        found = [r.as_dict() for r in reports]
+        print(json.dumps(found[0] if len(found) == 1 else found, indent=2))
+        return
+    if markdown:
+        print(scores.markdown(reports), end="")
         return
     if quiet:
         return
+    if len(reports) > 1:
+        t = Table(*scores.COLUMNS, title=escape(scores.caption(reports)), box=None)
+        for row in scores.rows(reports):
+            t.add_row(*map(escape, row))
+        out.print(t)
+        out.print(f"{sum(r.seconds for r in reports):.1f}s, peak memory {reports[-1].peak_rss_bytes / 1e9:.2f} GB")
+        return
+    r = reports[0]
     out.print(f"{escape(r.model)}: {r.chunks} chunks x {r.ctx} tokens of {escape(r.text)}, {r.tokens_scored} tokens "
               "scored")
     if r.activations is not None:

@@ -30,6 +30,7 @@ class Model:
     ckpt: Checkpoint | None = None  # None for a GGUF file
     kind: str = "float"  # "float", "gguf", or the quant_method of a quantized checkpoint
     acts: ActivationQuant | None = None  # a quantized checkpoint's run-time activation quantization
+    label: str = "float"  # a quantized checkpoint's method as --to names it (gptq, w8a8, fp8-block ...)
     _close: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -90,7 +91,8 @@ def open_model(source: str, revision: str | None = None) -> Model:
         tok = ckpt.path if has_tokenizer(ckpt.path) else None
         bos = family.bos_id() if tok is not None else None
         return Model(source, family, weights, bos, family.cfg.positive(int, "vocab_size"), tok, ckpt,
-                     found[0].method if found else "float", found[1].acts if found else None, [ckpt.close])
+                     found[0].method if found else "float", found[1].acts if found else None,
+                     found[0].label(found[1]) if found else "float", [ckpt.close])
     except BaseException:
         ckpt.close()
         raise

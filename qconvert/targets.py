@@ -63,6 +63,22 @@ TARGETS: dict[str, Target] = {t.name: t for t in sorted([
 ], key=lambda t: (t.kind != "gguf", t.name))}
 
 
+def _mixtures(keep) -> tuple[str, ...]:
+    return tuple(t.name for t in TARGETS.values() if t.recipe is not None and t.recipe.quantizes_like_llama_quantize
+                 and keep(t.name))
+
+
+# named sets of GGUF targets, as a publisher would guess them: `--to k-quants`
+SETS: dict[str, tuple[str, ...]] = {
+    "k-quants": _mixtures(lambda n: n.startswith("q") and "_k" in n and n != "q2_k_s"),
+    "i-quants": _mixtures(lambda n: n.startswith("iq")),
+    "legacy-quants": (*_mixtures(lambda n: n in ("q4_0", "q4_1", "q5_0", "q5_1")), "q8_0"),
+    # every GGUF file but f32 (the reference) and the ternary types (for models trained ternary)
+    "all-gguf": tuple(t.name for t in TARGETS.values()
+                      if t.kind == "gguf" and t.name not in ("f32", "tq1_0", "tq2_0")),
+}
+
+
 def names(kind: str | None = None) -> list[str]:
     return [t.name for t in TARGETS.values() if kind is None or t.kind == kind]
 
@@ -70,7 +86,9 @@ def names(kind: str | None = None) -> list[str]:
 def parse(spec: str) -> list[Target]:
     """`--to q8_0,gptq` -> rows, in order, without repeats."""
     out: list[Target] = []
-    for part in spec.split(","):
+    parts = [p.strip() for p in spec.split(",")]
+    parts = [n for p in parts for n in (SETS[p.lower()] if p.lower() in SETS else (p,))]
+    for part in parts:
         name = part.strip().lower()
         if not name:
             continue
@@ -78,7 +96,8 @@ def parse(spec: str) -> list[Target]:
             raise UsageError(f"--to {name}: not available yet; it needs {', '.join(sorted(NOT_YET[name]))} tensors, "
                              "which qconvert cannot quantize yet")
         if name not in TARGETS:
-            raise UsageError(f"--to: unknown target {part.strip()!r}; known: {', '.join(TARGETS)}")
+            raise UsageError(f"--to: unknown target {part.strip()!r}; known: {', '.join(TARGETS)}, and the sets "
+                             f"{', '.join(SETS)}")
         if TARGETS[name] not in out:
             out.append(TARGETS[name])
     if not out:
@@ -121,9 +140,9 @@ def help_line() -> str:
     """`--to`'s help: every target, grouped by kind."""
     calibrated = [t.name for t in TARGETS.values() if t.kind == "checkpoint" and t.calibration]
     direct = [t.name for t in TARGETS.values() if t.kind == "checkpoint" and not t.calibration]
-    return (f"Target(s), comma-separated, any mix. GGUF files: {', '.join(names('gguf'))}. Safetensors "
-            f"checkpoints: {', '.join(calibrated)} (calibrated), {', '.join(direct)} (no calibration). The "
-            "checkpoint is read once for every GGUF file, calibration runs once per method.")
+    return (f"Target(s), comma-separated, any mix. GGUF files: {', '.join(names('gguf'))}; sets of them: "
+            f"{', '.join(SETS)}. Safetensors checkpoints: {', '.join(calibrated)} (calibrated), {', '.join(direct)} "
+            "(no calibration). The checkpoint is read once for every GGUF file, calibration runs once per method.")
 
 
 def summary() -> str:

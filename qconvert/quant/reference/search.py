@@ -122,6 +122,34 @@ def make_qkx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None, rmin: 
     return scale, (-minv).astype(F), L
 
 
+def _move_levels(x: np.ndarray, w: np.ndarray, L: np.ndarray, sumlx: np.ndarray, suml2: np.ndarray,
+                 lo: int | None, hi: int, q3: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The refinement make_q3_quants and make_qp_quants share: up to 5 rounds over each block's
+    levels L [B, n] (changed in place), in order, moving level i to nearest_int(x_i * sl2 / slx)
+    (the running sums without it; clamped to [lo, hi]) where that raises sumlx^2 / suml2.
+    make_q3_quants (q3) needs slx > 0 before and sl2 > 0 after; make_qp_quants needs slx > 0 and
+    sl2 > 0 before and stores the level through uint8. Returns the final (sumlx, suml2)."""
+    for _ in range(5):
+        changed = np.zeros(x.shape[0], dtype=bool)
+        for i in range(x.shape[1]):
+            wi, xi, Li = w[:, i], x[:, i], L[:, i].astype(F)
+            slx = sumlx - wi * xi * Li
+            sl2 = suml2 - wi * Li * Li
+            new_l = np.clip(nearest_int(xi * sl2 / _safe(slx)), lo, hi)
+            nf = new_l.astype(F)
+            slx2 = slx + wi * xi * nf
+            sl22 = sl2 + wi * nf * nf
+            ok = (slx > 0) & ((sl22 > 0) if q3 else (sl2 > 0))
+            accept = ok & (new_l != L[:, i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[:, i] = np.where(accept, new_l if q3 else new_l & 0xFF, L[:, i])
+            sumlx = np.where(accept, slx2, sumlx).astype(F)
+            suml2 = np.where(accept, sl22, suml2).astype(F)
+            changed |= accept
+        if not changed.any():
+            break  # a block with no change this round would not change in the next either
+    return sumlx, suml2
+
+
 def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     """make_q3_quants with do_rmse (Q3_K without an importance matrix): (scale [B], levels
     0..2*nmax-1 int8 [B, n]). Weights x^2; levels start at nearest_int(-nmax/max * x), then up to
@@ -134,24 +162,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
         iscale = (F(-nmax) / _safe(mx)).astype(F)
         L = np.clip(nearest_int(iscale[:, None] * x), -nmax, nmax - 1)
         lf = L.astype(F)
-        sumlx, suml2 = seqsum(w * x * lf), seqsum(w * lf * lf)
-        for _ in range(5):
-            changed = np.zeros(x.shape[0], dtype=bool)
-            for i in range(x.shape[1]):
-                wi, xi, Li = w[:, i], x[:, i], L[:, i].astype(F)
-                slx = sumlx - wi * xi * Li
-                sl2 = suml2 - wi * Li * Li
-                new_l = np.clip(nearest_int(xi * sl2 / _safe(slx)), -nmax, nmax - 1)
-                nf = new_l.astype(F)
-                slx2 = slx + wi * xi * nf
-                sl22 = sl2 + wi * nf * nf
-                accept = (slx > 0) & (new_l != L[:, i]) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[:, i] = np.where(accept, new_l, L[:, i])
-                sumlx = np.where(accept, slx2, sumlx).astype(F)
-                suml2 = np.where(accept, sl22, suml2).astype(F)
-                changed |= accept
-            if not changed.any():
-                break  # a block with no change this round would not change in the next either
+        sumlx, suml2 = _move_levels(x, w, L, seqsum(w * x * lf), seqsum(w * lf * lf), -nmax, nmax - 1, q3=True)
         scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
     L = (L + nmax).astype(np.int8)
     L[zero] = 0
@@ -183,24 +194,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, qw: np.ndarray) -> tuple[np.ndarray
         sumlx = seqsum(qw * x * l.astype(F))
         suml2 = seqsum(qw * l.astype(F) * l.astype(F))
         L = (l & 0xFF).astype(np.int64)
-        for _ in range(5):
-            changed = np.zeros(x.shape[0], dtype=bool)
-            for i in range(x.shape[1]):
-                w, xi, Li = qw[:, i], x[:, i], L[:, i].astype(F)
-                slx = sumlx - w * xi * Li
-                sl2 = suml2 - w * Li * Li
-                ok = (slx > 0) & (sl2 > 0)
-                new_l = np.minimum(nmax, nearest_int(xi * sl2 / _safe(slx)))
-                nf = new_l.astype(F)
-                slx2 = slx + w * xi * nf
-                sl22 = sl2 + w * nf * nf
-                accept = ok & (new_l != L[:, i]) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
-                L[:, i] = np.where(accept, new_l & 0xFF, L[:, i])
-                sumlx = np.where(accept, slx2, sumlx).astype(F)
-                suml2 = np.where(accept, sl22, suml2).astype(F)
-                changed |= accept
-            if not changed.any():
-                break  # a block with no change this round would not change in the next either
+        sumlx, suml2 = _move_levels(x, qw, L, sumlx, suml2, None, nmax, q3=False)
         scale = np.where(suml2 > 0, sumlx / _safe(suml2), F(0)).astype(F)
     L = L.astype(np.uint8)
     L[zero] = 0
