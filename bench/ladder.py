@@ -6,9 +6,12 @@ same ladder from llama-imatrix's own matrix (`--imatrix`) must be byte-identical
 file, to llama-quantize's (q8_0, which qconvert writes as convert_hf_to_gguf.py does: tensor for
 tensor, llama-quantize's file carrying the imatrix keys besides). With --eval N, `qconvert eval`
 scores qconvert's calibrated files on N chunks of northangerabbey.txt against the float model
-and prints its table; --plot FILE keeps its picture.
+and prints its table; --plot FILE keeps its picture. With --plain, every file is also made
+without an importance matrix by both (`--no-calib`; llama-quantize without --imatrix) and
+compared the same way (q2_k_s left out: llama-quantize refuses it).
 
 usage: python bench/ladder.py [--model smollm2-135m] [--ladder q2_k,q3_k_m,...] [--eval 16] [--plot ladder.png]
+                              [--plain]
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ def main() -> None:
     ap.add_argument("--ladder", default=",".join(LADDER), help="comma-separated GGUF targets (default: every mixture)")
     ap.add_argument("--eval", type=int, default=0, help="score qconvert's files on this many chunks of 512 tokens")
     ap.add_argument("--plot", type=Path, help="with --eval: keep the ladder's picture here")
+    ap.add_argument("--plain", action="store_true", help="also compare the files made without an importance matrix")
     args = ap.parse_args()
     need_reference()
     src = real_model(args.model)
@@ -60,6 +64,16 @@ def main() -> None:
                                           "--imatrix", str(imat)])
         label = {p.name.rsplit("-", 1)[-1][:-len(".gguf")].lower(): p for p in (tmp / "given").iterdir()}
         same = {name: identical(label[name], ref[name], RECIPES[name].quantizes_like_llama_quantize) for name in ladder}
+        if args.plain:
+            plain = [name for name in ladder if name != "q2_k_s"]
+            subprocess.run(qconvert_cmd() + [str(src), "--to", ",".join(plain), "-o", str(tmp / "plain"), "-q",
+                                             "--no-calib"], check=True)
+            mine = {p.name.rsplit("-", 1)[-1][:-len(".gguf")].lower(): p for p in (tmp / "plain").iterdir()}
+            for name in plain:
+                theirs = tmp / f"plain-{name}.gguf"
+                measure([str(QUANTIZE), str(f32), str(theirs), name.upper(), threads])
+                same[f"{name} plain"] = identical(mine[name], theirs, RECIPES[name].quantizes_like_llama_quantize)
+                theirs.unlink()
         sizes = {name: ref[name].stat().st_size for name in ladder}
         scored = ""
         if args.eval:
@@ -78,7 +92,8 @@ def main() -> None:
     print(f"  qconvert, one command, --imatrix       {given[0]:7.1f} s {given[1] / 1e6:8.0f} MB")
     print(f"  ratio qconvert / llama.cpp: time {ours[0] / ref_time:.2f}x, peak RSS {ours[1] / ref_rss:.2f}x")
     for name in ladder:
-        print(f"  {name:8s} {sizes[name] / 1e6:8.1f} MB  byte-identical to llama-quantize's: {same[name]}")
+        print(f"  {name:8s} {sizes[name] / 1e6:8.1f} MB  byte-identical to llama-quantize's: {same[name]}"
+              + (f"; without an importance matrix: {same[name + ' plain']}" if name + " plain" in same else ""))
     if scored:
         print(scored)
     if not all(same.values()):

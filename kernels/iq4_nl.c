@@ -212,10 +212,7 @@ QK_CLONES static void iq4_xs_superblock(const float *x, const float *qw, uint8_t
 }
 
 void qk_quantize_iq4_xs(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    const int64_t nb = n / QK_K;
-    for (int64_t r = 0; r < nrows; ++r)
-        for (int64_t ib = 0; ib < nb; ++ib)
-            iq4_xs_superblock(src + r * n + QK_K * ib, qw ? qw + QK_K * ib : NULL, dst + (r * nb + ib) * 136);
+    qk_each_superblock(src, dst, nrows, n, qw, 136, iq4_xs_superblock);
 }
 
 void qk_dequantize_iq4_xs(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {

@@ -72,10 +72,7 @@ QK_CLONES static void q2_K_block(const float *x, const float *qw, uint8_t *y) {
 }
 
 void qk_quantize_q2_K(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    const int64_t nb = n / QK_K;
-    for (int64_t r = 0; r < nrows; ++r)
-        for (int64_t i = 0; i < nb; ++i)
-            q2_K_block(src + r * n + i * QK_K, qw ? qw + i * QK_K : NULL, dst + (r * nb + i) * 84);
+    qk_each_superblock(src, dst, nrows, n, qw, 84, q2_K_block);
 }
 
 void qk_dequantize_q2_K(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
@@ -244,10 +241,7 @@ QK_CLONES static void q3_K_block(const float *x, const float *qw, uint8_t *y) {
 }
 
 void qk_quantize_q3_K(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    const int64_t nb = n / QK_K;
-    for (int64_t r = 0; r < nrows; ++r)
-        for (int64_t i = 0; i < nb; ++i)
-            q3_K_block(src + r * n + i * QK_K, qw ? qw + i * QK_K : NULL, dst + (r * nb + i) * 110);
+    qk_each_superblock(src, dst, nrows, n, qw, 110, q3_K_block);
 }
 
 void qk_dequantize_q3_K(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {

@@ -63,6 +63,16 @@ QK_DECLARE(iq4_xs)
 QK_DECLARE(tq1_0)
 QK_DECLARE(tq2_0)
 
+/* quantize rows of super-blocks of 256: fn(x, its importance weights or NULL, its block) for
+ * each, blocks of `bytes` bytes in row order */
+typedef void (*qk_superblock_fn)(const float *x, const float *qw, uint8_t *y);
+static inline void qk_each_superblock(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw,
+                                      int64_t bytes, qk_superblock_fn fn) {
+    const int64_t nb = n / QK_K;
+    for (int64_t r = 0; r < nrows; ++r)
+        for (int64_t i = 0; i < nb; ++i) fn(src + r * n + i * QK_K, qw ? qw + i * QK_K : NULL, dst + (r * nb + i) * bytes);
+}
+
 /* float conversions, round-to-nearest-even, NaN kept quiet */
 uint16_t qk_f32_to_f16(float f);
 float qk_f16_to_f32(uint16_t h);
