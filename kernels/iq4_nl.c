@@ -24,11 +24,8 @@ static void iq4_nl_block(const float *xb, const float *qw, uint8_t *y) {
     } else {
         for (int j = 0; j < 32; ++j) weight[j] = xb[j] * xb[j];
     }
-    float amax = 0, max = 0;
-    for (int j = 0; j < 32; ++j) {
-        const float ax = fabsf(xb[j]);
-        if (ax > amax) { amax = ax; max = xb[j]; }
-    }
+    float amax;
+    const float max = qk_signed_absmax(32, xb, &amax);
     float d = 0;
     if (amax >= QK_GROUP_MAX_EPS) {
         d = -max / KVALUES[0];
@@ -84,14 +81,7 @@ QK_INLINE void iq4_search_lanes(const float X[32][QK_LANES], const float W[32][Q
     float A[32][QK_LANES];
     int32_t I[32][QK_LANES];
     float amax[QK_LANES], mx[QK_LANES], best[QK_LANES] = {0}, id[QK_LANES], sumqx[QK_LANES], sumq2[QK_LANES];
-    for (int b = 0; b < QK_LANES; ++b) amax[b] = mx[b] = 0;
-    for (int j = 0; j < 32; ++j)
-        for (int b = 0; b < QK_LANES; ++b) {
-            const float ax = fabsf(X[j][b]);
-            const int take = ax > amax[b];
-            amax[b] = take ? ax : amax[b];
-            mx[b] = take ? X[j][b] : mx[b];
-        }
+    qk_signed_absmax_lanes(32, X, amax, mx);
     for (int b = 0; b < QK_LANES; ++b) {
         if (amax[b] < QK_GROUP_MAX_EPS) mx[b] = 1.0f;  /* a zero block: results discarded below */
         d[b] = -mx[b] / KVALUES[0];

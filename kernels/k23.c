@@ -104,14 +104,7 @@ QK_INLINE void qx_lanes16(const float X[16][QK_LANES], const float W[16][QK_LANE
                           int8_t L[16][QK_LANES]) {
     float amax[QK_LANES], mx[QK_LANES], its[QK_LANES], sumlx[QK_LANES], suml2[QK_LANES], best[QK_LANES];
     int take[QK_LANES];
-    for (int b = 0; b < QK_LANES; ++b) amax[b] = mx[b] = 0;
-    for (int i = 0; i < 16; ++i)
-        for (int b = 0; b < QK_LANES; ++b) {
-            const float ax = fabsf(X[i][b]);
-            const int t = ax > amax[b];
-            amax[b] = t ? ax : amax[b];
-            mx[b] = t ? X[i][b] : mx[b];
-        }
+    qk_signed_absmax_lanes(16, X, amax, mx);
     for (int b = 0; b < QK_LANES; ++b) {
         if (amax[b] < QK_GROUP_MAX_EPS) mx[b] = 1.0f;  /* an all-zero block: results discarded below */
         its[b] = (float)(-nmax) / mx[b];

@@ -9,12 +9,33 @@
 #include <string.h>
 #include "qk.h"
 
-QK_INLINE float qk_make_qx_quants(int n, int nmax, const float *x, int8_t *L, int rmse_type, const float *qw) {
+/* ggml's `if (ax > amax) { amax = ax; max = x[i]; }` scan: max |x| into *amax_out, and the
+ * signed value it came from (the first on ties; 0 when nothing is above 0) */
+QK_INLINE float qk_signed_absmax(int n, const float *x, float *amax_out) {
     float max = 0, amax = 0;
     for (int i = 0; i < n; ++i) {
         const float ax = fabsf(x[i]);
         if (ax > amax) { amax = ax; max = x[i]; }
     }
+    *amax_out = amax;
+    return max;
+}
+
+/* the same scan for QK_LANES blocks of n at once, block b in lane b of X[i][b] */
+QK_INLINE void qk_signed_absmax_lanes(int n, const float X[][QK_LANES], float amax[QK_LANES], float mx[QK_LANES]) {
+    for (int b = 0; b < QK_LANES; ++b) amax[b] = mx[b] = 0;
+    for (int i = 0; i < n; ++i)
+        for (int b = 0; b < QK_LANES; ++b) {
+            const float ax = fabsf(X[i][b]);
+            const int take = ax > amax[b];
+            amax[b] = take ? ax : amax[b];
+            mx[b] = take ? X[i][b] : mx[b];
+        }
+}
+
+QK_INLINE float qk_make_qx_quants(int n, int nmax, const float *x, int8_t *L, int rmse_type, const float *qw) {
+    float amax;
+    const float max = qk_signed_absmax(n, x, &amax);
     if (amax < QK_GROUP_MAX_EPS) {
         memset(L, 0, (size_t)n);
         return 0.f;
@@ -136,11 +157,8 @@ QK_INLINE float qk_make_qkx_quants(int n, int nmax, const float *x, const float 
  * nearest_int(-nmax/max * x), then up to 5 rounds that move single levels where sumlx^2/suml2
  * grows (running sums); L = level + nmax; an all-zero block gives 0 and levels 0. */
 QK_INLINE float qk_make_q3_quants(int n, int nmax, const float *x, int8_t *L) {
-    float max = 0, amax = 0;
-    for (int i = 0; i < n; ++i) {
-        const float ax = fabsf(x[i]);
-        if (ax > amax) { amax = ax; max = x[i]; }
-    }
+    float amax;
+    const float max = qk_signed_absmax(n, x, &amax);
     if (amax < QK_GROUP_MAX_EPS) {
         memset(L, 0, (size_t)n);
         return 0.f;

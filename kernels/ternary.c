@@ -21,16 +21,16 @@ static uint8_t tq_byte(const float *x, int stride, int n, float id, int pad) {
     return (uint8_t)(((uint16_t)q * 256 + 242) / 243);
 }
 
-void qk_quantize_tq1_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+static void tq1_0_block(const float *x, const float *qw, uint8_t *y) {
     (void)qw;
-    for (int64_t b = 0; b < nrows * n / QK_K; ++b) {
-        const float *x = src + b * QK_K;
-        uint8_t *y = dst + b * 54;
-        const float id = tq_scale(x, y + 52);
-        for (int m = 0; m < 32; ++m) y[m] = tq_byte(x + m, 32, 5, id, 0);
-        for (int m = 0; m < 16; ++m) y[32 + m] = tq_byte(x + 160 + m, 16, 5, id, 0);
-        for (int j = 0; j < 4; ++j) y[48 + j] = tq_byte(x + 240 + j, 4, 4, id, 1);
-    }
+    const float id = tq_scale(x, y + 52);
+    for (int m = 0; m < 32; ++m) y[m] = tq_byte(x + m, 32, 5, id, 0);
+    for (int m = 0; m < 16; ++m) y[32 + m] = tq_byte(x + 160 + m, 16, 5, id, 0);
+    for (int j = 0; j < 4; ++j) y[48 + j] = tq_byte(x + 240 + j, 4, 4, id, 1);
+}
+
+void qk_quantize_tq1_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    qk_each_superblock(src, dst, nrows, n, qw, 54, tq1_0_block);
 }
 
 static float tq1_value(uint8_t byte, int n, float d) {
@@ -54,22 +54,22 @@ void qk_dequantize_tq1_0(const uint8_t *src, float *dst, int64_t nrows, int64_t 
     }
 }
 
-void qk_quantize_tq2_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+static void tq2_0_block(const float *x, const float *qw, uint8_t *y) {
     (void)qw;
-    for (int64_t b = 0; b < nrows * n / QK_K; ++b) {
-        const float *x = src + b * QK_K;
-        uint8_t *y = dst + b * 66;
-        const float id = tq_scale(x, y + 64);
-        for (int h = 0; h < 2; ++h)
-            for (int m = 0; m < 32; ++m) {
-                uint8_t q = 0;
-                for (int k = 0; k < 4; ++k) {
-                    const int t = (int)lroundf(x[128 * h + m + 32 * k] * id) + 1;
-                    q = (uint8_t)(q + ((t & 3) << (2 * k)));
-                }
-                y[32 * h + m] = q;
+    const float id = tq_scale(x, y + 64);
+    for (int h = 0; h < 2; ++h)
+        for (int m = 0; m < 32; ++m) {
+            uint8_t q = 0;
+            for (int k = 0; k < 4; ++k) {
+                const int t = (int)lroundf(x[128 * h + m + 32 * k] * id) + 1;
+                q = (uint8_t)(q + ((t & 3) << (2 * k)));
             }
-    }
+            y[32 * h + m] = q;
+        }
+}
+
+void qk_quantize_tq2_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    qk_each_superblock(src, dst, nrows, n, qw, 66, tq2_0_block);
 }
 
 void qk_dequantize_tq2_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {

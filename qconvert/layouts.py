@@ -333,19 +333,23 @@ class CompressedTensors(Layout):
                 "moe_sparsity_config": None, "meta": _meta({k: v for k, v in extra.items() if k != "ignore"})}
 
     @classmethod
-    def weight_args(cls, qcfg: dict, where: object) -> dict:
-        """The one config group's weight arguments."""
+    def group(cls, qcfg: dict, where: object) -> dict:
+        """The one config group."""
         groups = qcfg.get("config_groups")
         if not isinstance(groups, dict) or len(groups) != 1:
             raise InputError(f"{where}: compressed-tensors checkpoints with {len(groups or {})} config groups "
                              "cannot be read (one can)")
-        return next(iter(groups.values())).get("weights") or {}
+        return next(iter(groups.values()))
+
+    @classmethod
+    def weight_args(cls, qcfg: dict, where: object) -> dict:
+        """The one config group's weight arguments."""
+        return cls.group(qcfg, where).get("weights") or {}
 
     @classmethod
     def activations(cls, qcfg: dict, where: object) -> ActivationQuant | None:
         """The one config group's input activations."""
-        return ActivationQuant.from_compressed_tensors(next(iter(qcfg["config_groups"].values())).get(
-            "input_activations"), where)
+        return ActivationQuant.from_compressed_tensors(cls.group(qcfg, where).get("input_activations"), where)
 
 
 class FloatQuantized(CompressedTensors):

@@ -108,7 +108,7 @@ def parse(spec: str) -> list[Target]:
 def check_options(chosen: list[Target], given: dict[str, str]) -> None:
     """`given`: the options on the command line (parameter name -> flag as typed). One that
     applies to none of the chosen targets is a usage error naming the targets it applies to."""
-    mixtures = [t.name for t in TARGETS.values() if t.options == MIXTURE]
+    mixtures = _mixtures(lambda n: True)
     for param, flag in given.items():
         users = [t.name for t in TARGETS.values() if param in t.options]
         if users and not any(param in t.options for t in chosen):
