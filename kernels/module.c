@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <string.h>
 #include "qk.h"
+#include "lattice.h"
 
 typedef struct {
     const char *name;
@@ -10,23 +11,24 @@ typedef struct {
     int64_t bytes;      /* bytes per block */
     void (*quantize)(const float *, uint8_t *, int64_t, int64_t, const float *);
     void (*dequantize)(const uint8_t *, float *, int64_t, int64_t);
+    int lattice;        /* the QK_LAT_* grid its quantizer searches (built first), or -1 */
 } qtype;
 
 static const qtype QTYPES[] = {
-    {"Q8_0", 32, 34, qk_quantize_q8_0, qk_dequantize_q8_0},
-    {"Q4_0", 32, 18, qk_quantize_q4_0, qk_dequantize_q4_0},
-    {"Q4_1", 32, 20, qk_quantize_q4_1, qk_dequantize_q4_1},
-    {"Q5_0", 32, 22, qk_quantize_q5_0, qk_dequantize_q5_0},
-    {"Q5_1", 32, 24, qk_quantize_q5_1, qk_dequantize_q5_1},
-    {"Q2_K", 256, 84, qk_quantize_q2_K, qk_dequantize_q2_K},
-    {"Q3_K", 256, 110, qk_quantize_q3_K, qk_dequantize_q3_K},
-    {"Q4_K", 256, 144, qk_quantize_q4_K, qk_dequantize_q4_K},
-    {"Q5_K", 256, 176, qk_quantize_q5_K, qk_dequantize_q5_K},
-    {"Q6_K", 256, 210, qk_quantize_q6_K, qk_dequantize_q6_K},
-    {"IQ4_NL", 32, 18, qk_quantize_iq4_nl, qk_dequantize_iq4_nl},
-    {"IQ4_XS", 256, 136, qk_quantize_iq4_xs, qk_dequantize_iq4_xs},
-    {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0},
-    {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0},
+    {"Q8_0", 32, 34, qk_quantize_q8_0, qk_dequantize_q8_0, -1},
+    {"Q4_0", 32, 18, qk_quantize_q4_0, qk_dequantize_q4_0, -1},
+    {"Q4_1", 32, 20, qk_quantize_q4_1, qk_dequantize_q4_1, -1},
+    {"Q5_0", 32, 22, qk_quantize_q5_0, qk_dequantize_q5_0, -1},
+    {"Q5_1", 32, 24, qk_quantize_q5_1, qk_dequantize_q5_1, -1},
+    {"Q2_K", 256, 84, qk_quantize_q2_K, qk_dequantize_q2_K, -1},
+    {"Q3_K", 256, 110, qk_quantize_q3_K, qk_dequantize_q3_K, -1},
+    {"Q4_K", 256, 144, qk_quantize_q4_K, qk_dequantize_q4_K, -1},
+    {"Q5_K", 256, 176, qk_quantize_q5_K, qk_dequantize_q5_K, -1},
+    {"Q6_K", 256, 210, qk_quantize_q6_K, qk_dequantize_q6_K, -1},
+    {"IQ4_NL", 32, 18, qk_quantize_iq4_nl, qk_dequantize_iq4_nl, -1},
+    {"IQ4_XS", 256, 136, qk_quantize_iq4_xs, qk_dequantize_iq4_xs, -1},
+    {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0, -1},
+    {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0, -1},
 };
 
 static const qtype *find_qtype(const char *name) {
@@ -82,7 +84,9 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     }
     PyObject *ret = NULL;
     const qtype *t = find_qtype(name);
-    if (t && check_rows(t, nrows, n_per_row)) {
+    if (t && t->lattice >= 0 && !qk_lattice_get(t->lattice)) {
+        PyErr_Format(PyExc_ValueError, "%s: its lattice is not built (call lattice() first)", name);
+    } else if (t && check_rows(t, nrows, n_per_row)) {
         const int64_t need_src = (int64_t)nrows * n_per_row * 4;
         const int64_t need_dst = (int64_t)nrows * (n_per_row / t->block) * t->bytes;
         if (src.len != need_src || dst.len != need_dst) {
@@ -195,6 +199,40 @@ static PyObject *py_first_nonfinite(PyObject *self, PyObject *args) {
     return PyLong_FromLongLong(at);
 }
 
+static PyObject *py_lattice(PyObject *self, PyObject *args) {
+    static const char *names[QK_LAT_COUNT] = {
+        [QK_LAT_IQ2_XXS] = "IQ2_XXS", [QK_LAT_IQ2_XS] = "IQ2_XS", [QK_LAT_IQ2_S] = "IQ2_S",
+        [QK_LAT_IQ1] = "IQ1", [QK_LAT_IQ3_XXS] = "IQ3_XXS", [QK_LAT_IQ3_S] = "IQ3_S"};
+    const char *name;
+    Py_buffer levels;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "sy*", &name, &levels)) return NULL;
+    int which = -1;
+    for (int i = 0; i < QK_LAT_COUNT; i++) if (strcmp(names[i], name) == 0) which = i;
+    PyObject *ret = NULL;
+    if (which < 0) {
+        PyErr_Format(PyExc_ValueError, "unknown lattice %s", name);
+    } else {
+        int size, dim, rc;
+        qk_lattice_shape(which, &size, &dim);
+        if (levels.len != (Py_ssize_t)size * dim) {
+            PyErr_Format(PyExc_ValueError, "lattice %s: %d x %d levels expected, got %zd bytes", name, size, dim,
+                         levels.len);
+        } else {
+            rc = qk_lattice_build(which, levels.buf, size, dim); /* under the GIL: built once */
+            const qk_lattice *l = qk_lattice_get(which);
+            if (rc || !l) {
+                PyErr_Format(PyExc_ValueError, "lattice %s: levels out of range or out of memory", name);
+            } else {
+                ret = Py_BuildValue("(y#y#)", (const char *)l->map, (Py_ssize_t)l->map_size * 4,
+                                    (const char *)l->neighbours, (Py_ssize_t)l->neighbours_size * 2);
+            }
+        }
+    }
+    PyBuffer_Release(&levels);
+    return ret;
+}
+
 static PyObject *py_have_avx2(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -211,6 +249,9 @@ static PyMethodDef methods[] = {
      "convert(kind, src, dst, threads=1): kind is f32>f16, f32>bf16, f16>f32 or bf16>f32"},
     {"first_nonfinite", py_first_nonfinite, METH_VARARGS,
      "first_nonfinite(src_f32) -> index of the first NaN/Inf, or -1"},
+    {"lattice", py_lattice, METH_VARARGS,
+     "lattice(name, levels) -> (map int32 bytes, neighbours uint16 bytes): builds an i-quant grid's neighbour "
+     "map once (name IQ2_XXS, IQ2_XS, IQ2_S, IQ1, IQ3_XXS or IQ3_S; levels: its points' level per coordinate)"},
     {"have_avx2", py_have_avx2, METH_NOARGS,
      "have_avx2() -> whether the AVX2 paths run (the CPU has AVX2 and QCONVERT_NO_SIMD is unset)"},
     {NULL, NULL, 0, NULL},

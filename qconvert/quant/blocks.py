@@ -6,6 +6,7 @@ otherwise the C extension must import, and a broken build is a loud error.
 """
 from __future__ import annotations
 
+import functools
 import os
 from functools import partial
 from typing import Callable, ClassVar, NamedTuple
@@ -14,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, iq4_nl, kquants, legacy, q8_0, ternary
+from qconvert.quant.reference import floats, iq4_nl, kquants, lattice, legacy, q8_0, ternary
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -140,12 +141,18 @@ class Blocks(BlockType):
     """A block-quantized type: C kernel `_k.quantize(name, ...)` or the numpy `reference`."""
 
     reference: ClassVar[Ref]
+    # the i-quant grid its quantizer searches (reference/lattice.py), built on first use
+    lattice: ClassVar[str | None] = None
+    # ggml_quantize_requires_imatrix: ggml's quantizer has no path without importance weights
+    needs_imatrix: ClassVar[bool] = False
 
     @classmethod
     def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
         nrows, n = rows.shape
         if not cls.fits(n):
             raise ValueError(f"{cls.name}: row length must be a multiple of {cls.block}, got {n}")
+        if cls.needs_imatrix and imatrix is None:
+            raise ValueError(f"{cls.name}: importance weights are required (ggml cannot quantize it without them)")
         qw = None
         if imatrix is not None:
             qw = np.ascontiguousarray(imatrix, dtype=np.float32).reshape(-1)
@@ -158,6 +165,8 @@ class Blocks(BlockType):
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if _k is None:
             return cls.reference.quantize(rows, qw)
+        if cls.lattice is not None:
+            _build_lattice(cls.lattice)
         out = np.empty((nrows, n // cls.block * cls.block_bytes), dtype=np.uint8)
         _k.quantize(cls.name, rows, out, nrows, n, threads, qw)
         return out
@@ -171,6 +180,12 @@ class Blocks(BlockType):
         out = np.empty(shape, dtype=np.float32)
         _k.dequantize(cls.name, data, out, out.size // n, n, threads)
         return out
+
+
+@functools.cache
+def _build_lattice(name: str) -> None:
+    """The C kernels' copy of an i-quant grid and its neighbour map, from the gguf package's table."""
+    _k.lattice(name, lattice.levels(name).tobytes())
 
 
 class Ref(NamedTuple):
