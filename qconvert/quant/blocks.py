@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, iq4_nl, kquants, lattice, legacy, q8_0, ternary
+from qconvert.quant.reference import floats, iq3, iq4_nl, kquants, lattice, legacy, q8_0, ternary
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -177,6 +177,8 @@ class Blocks(BlockType):
         data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
         if _k is None:
             return cls.reference.dequantize(data, n).reshape(shape)
+        if cls.lattice is not None:
+            _build_lattice(cls.lattice)
         out = np.empty(shape, dtype=np.float32)
         _k.dequantize(cls.name, data, out, out.size // n, n, threads)
         return out
@@ -268,6 +270,22 @@ class TQ1_0(Blocks):
 class TQ2_0(Blocks):
     name, ggml = "TQ2_0", GT.TQ2_0
     reference = _by_name(ternary, "TQ2_0")
+
+
+class IQ3_XXS(Blocks):
+    name, ggml = "IQ3_XXS", GT.IQ3_XXS
+    lattice = "IQ3_XXS"
+    # the largest value it stores is 65504 * 7.75 * 62 (f16 d, block scale 15, grid value 62);
+    # far beyond, from |x| ~ 1e12, ggml's neighbour search finds no finite distance and aborts
+    overflow = 65504.0 * 7.75 * 62
+    reference = _by_name(iq3, "IQ3_XXS")
+
+
+class IQ3_S(Blocks):
+    name, ggml = "IQ3_S", GT.IQ3_S
+    lattice = "IQ3_S"
+    overflow = 65504.0 * 31 * 15  # f16 d, block scale 1 + 2*15, grid value 15; see IQ3_XXS
+    reference = _by_name(iq3, "IQ3_S")
 
 
 def get(name: str) -> type[BlockType]:
