@@ -23,11 +23,13 @@ from qconvert import _kernels  # noqa: E402
 from qconvert.quant import blocks  # noqa: E402
 from tests.oracles import ggml  # noqa: E402
 
-TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
+TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S"]
 
 
 def ours(kind, rows, qw, threads):
     bt = blocks.get(kind)
+    if getattr(bt, "lattice", None):
+        blocks._build_lattice(bt.lattice)  # once; Blocks.quantize does it on first use
     out = np.empty((rows.shape[0], rows.shape[1] // bt.block * bt.block_bytes), np.uint8)
     _kernels.quantize(kind, rows, out, rows.shape[0], rows.shape[1], threads, qw)
     return out

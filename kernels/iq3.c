@@ -54,11 +54,10 @@
 /* gguf's IQ3_XXS.grid_map: the value each level dequantizes to */
 static const float XXS_VALUES[8] = {4, 12, 20, 28, 36, 44, 52, 62};
 
-/* a lattice as the search reads it: coordinates as floats, levels as bytes */
+/* a lattice as the search reads it: its points' levels */
 typedef struct {
     const int32_t *map;
     const uint16_t *neighbours;
-    float coord[512][4];
     int8_t level[512][4];
     int xxs;  /* IQ3_XXS's variant of the search, else IQ3_S's */
 } iq3_grid;
@@ -68,31 +67,46 @@ static void iq3_grid_load(iq3_grid *g, const qk_lattice *lat, int xxs) {
     g->neighbours = lat->neighbours;
     g->xxs = xxs;
     for (int j = 0; j < lat->size; ++j)
-        for (int i = 0; i < 4; ++i) {
-            g->coord[j][i] = (float)lat->grid[4 * j + i];
-            g->level[j][i] = (int8_t)((lat->grid[4 * j + i] - 1) / 2);
-        }
+        for (int i = 0; i < 4; ++i) g->level[j][i] = (int8_t)((lat->grid[4 * j + i] - 1) / 2);
+
 }
 
-/* iq3_find_best_neighbour: the listed grid point of least weighted distance at `scale`, its
- * levels into L; the first on ties; the first listed where none is below FLT_MAX */
-static int iq3_neighbour(const iq3_grid *g, const uint16_t *list, const float *xv, const float *w, float scale,
-                         int8_t *L) {
-    float best = FLT_MAX;
-    int found = -1;
-    for (int j = 1; j <= list[0]; ++j) {
-        const float *p = g->coord[list[j]];
-        float d2 = 0;
-        for (int i = 0; i < 4; ++i) {
-            const float diff = scale * p[i] - xv[i];
-            d2 += w[i] * diff * diff;
+/* iq3_find_best_neighbour: the listed grid point of least weighted distance
+ * sum_i w_i * (scale * q_i - x_i)^2 at `scale` (q_i = 2l_i + 1), its levels into L; the first on
+ * ties; the first listed where none is below FLT_MAX (ggml aborts there).
+ * Each term depends on one coordinate's level only, so the 4 x 8 possible terms are computed first
+ * (each with ggml's operations) and a neighbour's distance adds its four in ggml's order. ggml's
+ * running `if (d2 < best)` scan is replaced, 16 neighbours at a time, by the least of those below
+ * FLT_MAX (a minimum does not depend on the order it is taken in once NaN is out) and the first
+ * index reaching it: the same choice, without the scan's chain of dependent compares. */
+QK_INLINE int iq3_neighbour(const iq3_grid *g, const uint16_t *list, const float *xv, const float *w, float scale,
+                            int8_t *L) {
+    float term[4][8];
+    for (int i = 0; i < 4; ++i)
+        for (int l = 0; l < 8; ++l) {
+            const float diff = scale * (float)(2 * l + 1) - xv[i];
+            term[i][l] = w[i] * diff * diff;
         }
-        if (d2 < best) {
-            best = d2;
-            found = list[j];
+    const int n = list[0];
+    float best = FLT_MAX;
+    int found = list[1];
+    for (int j0 = 0; j0 < n; j0 += 16) {
+        const int m = n - j0 < 16 ? n - j0 : 16;
+        float d2[16], low = INFINITY;
+        for (int j = 0; j < m; ++j) {
+            const int8_t *lv = g->level[list[1 + j0 + j]];
+            float d = 0;
+            for (int i = 0; i < 4; ++i) d += term[i][lv[i]];
+            d2[j] = d < FLT_MAX ? d : INFINITY;  /* NaN and FLT_MAX never pass ggml's `d2 < best` */
+            low = d2[j] < low ? d2[j] : low;
+        }
+        if (low < best) {
+            int j = 0;
+            while (d2[j] != low) ++j;
+            best = low;
+            found = list[1 + j0 + j];
         }
     }
-    if (found < 0) found = list[1];
     memcpy(L, g->level[found], 4);
     return found;
 }
@@ -109,7 +123,7 @@ QK_INLINE int iq3_index(const int8_t *L) { return L[0] | L[1] << 3 | L[2] << 6 |
 
 /* one block of 32 weights xb with weights w: its scale; its groups' grid indexes and its 4 sign
  * bytes; *empty when ggml skips the block */
-static float iq3_block(const iq3_grid *g, const float *xb, const float *w, uint16_t idx[8], uint8_t signs[4],
+QK_CLONES static float iq3_block(const iq3_grid *g, const float *xb, const float *w, uint16_t idx[8], uint8_t signs[4],
                        int *empty) {
     float xval[32], waux[32], wx[32];
     int8_t L[32], Laux[32];
