@@ -17,7 +17,8 @@ from qconvert.quant.recipes import RECIPES, Overrides, use_more_bits
 from tests.helpers import convert_to, one_line_error, run_cli
 
 FTYPES = {r.name: int(r.file_type) for r in RECIPES.values() if r.quantizes_like_llama_quantize}
-PLAIN = [r for r in FTYPES if r != "q2_k_s"]  # llama-quantize writes these without an importance matrix
+# llama-quantize writes these without an importance matrix: q2_k_s's Q2_K and iq3_xs's IQ3_XXS need one
+PLAIN = [r for r in FTYPES if r not in ("q2_k_s", "iq3_xs")]
 
 
 def llama_quantize(src, dst, ftype: int, **params) -> None:
@@ -74,6 +75,22 @@ def test_mixtures_that_need_an_importance_matrix_calibrate_and_refuse_no_calib(t
     assert code == 0, err
     types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "x.gguf").tensors}
     assert types["blk.3.ffn_up.weight"] == GT.Q2_K and types["blk.0.ffn_down.weight"] == GT.Q4_K
+
+
+def test_iq3_xs_needs_an_importance_matrix(tiny, tmp_path, capsys):
+    """llama-quantize refuses IQ3_XXS tensors without an importance matrix (ggml itself would
+    quantize them): so does --to iq3_xs --no-calib, before writing anything."""
+    import llama_cpp
+
+    src = tiny("llama-wide")
+    f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = FTYPES["iq3_xs"]
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp_path / "ref.gguf").encode(), ctypes.byref(p)) != 0
+    code, _, err = run_cli([src, "--to", "iq3_xs", "--no-calib", "-o", tmp_path / "x.gguf"], capsys)
+    assert code == 2
+    one_line_error(err, "--to iq3_xs", "as IQ3_XXS only from an importance matrix", "--no-calib")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_ladder_types_without_kernels_are_usage_errors(tiny, tmp_path, capsys):
