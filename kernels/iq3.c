@@ -68,7 +68,6 @@ static void iq3_grid_load(iq3_grid *g, const qk_lattice *lat, int xxs) {
     g->xxs = xxs;
     for (int j = 0; j < lat->size; ++j)
         for (int i = 0; i < 4; ++i) g->level[j][i] = (int8_t)((lat->grid[4 * j + i] - 1) / 2);
-
 }
 
 /* iq3_find_best_neighbour: the listed grid point of least weighted distance
@@ -79,8 +78,8 @@ static void iq3_grid_load(iq3_grid *g, const qk_lattice *lat, int xxs) {
  * running `if (d2 < best)` scan is replaced, 16 neighbours at a time, by the least of those below
  * FLT_MAX (a minimum does not depend on the order it is taken in once NaN is out) and the first
  * index reaching it: the same choice, without the scan's chain of dependent compares. */
-QK_INLINE int iq3_neighbour(const iq3_grid *g, const uint16_t *list, const float *xv, const float *w, float scale,
-                            int8_t *L) {
+QK_INLINE void iq3_neighbour(const iq3_grid *g, const uint16_t *list, const float *xv, const float *w, float scale,
+                             int8_t *L) {
     float term[4][8];
     for (int i = 0; i < 4; ++i)
         for (int l = 0; l < 8; ++l) {
@@ -108,7 +107,6 @@ QK_INLINE int iq3_neighbour(const iq3_grid *g, const uint16_t *list, const float
         }
     }
     memcpy(L, g->level[found], 4);
-    return found;
 }
 
 /* the levels of the 4 magnitudes xv at inverse scale id */
@@ -162,7 +160,7 @@ QK_CLONES static float iq3_block(const iq3_grid *g, const float *xb, const float
     for (int i = 1; i < 32; ++i) max = max > xval[i] ? max : xval[i];
     *empty = g->xxs ? max < 1e-8f : max == 0;
     if (*empty) return 0;
-    for (int i = 0; i < 32; ++i) wx[i] = w[i] * xval[i];
+    for (int i = 0; i < 32; ++i) wx[i] = w[i] * xval[i];  /* ggml's w*xval*q is (w*xval)*q: the product is kept */
     memset(L, 0, sizeof L);
     float best = 0, scale = max / 15;
     for (int k = 0; k < 8; ++k) on_grid[k] = g->xxs;
