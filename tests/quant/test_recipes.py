@@ -17,7 +17,9 @@ from qconvert.quant.recipes import RECIPES, Overrides, use_more_bits
 from tests.helpers import convert_to, one_line_error, run_cli
 
 FTYPES = {r.name: int(r.file_type) for r in RECIPES.values() if r.quantizes_like_llama_quantize}
-PLAIN = [r for r in FTYPES if r != "q2_k_s"]  # llama-quantize writes these without an importance matrix
+# llama-quantize writes these without an importance matrix (not q2_k_s, nor a mixture of a
+# ggml_quantize_requires_imatrix type)
+PLAIN = [r for r in FTYPES if r != "q2_k_s" and not RECIPES[r].default.needs_imatrix]
 
 
 def llama_quantize(src, dst, ftype: int, **params) -> None:
