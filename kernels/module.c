@@ -31,6 +31,7 @@ static const qtype QTYPES[] = {
     {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0, -1, 0},
     {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0, -1, 0},
     {"IQ2_XXS", 256, 66, qk_quantize_iq2_xxs, qk_dequantize_iq2_xxs, QK_LAT_IQ2_XXS, 1},
+    {"IQ2_XS", 256, 74, qk_quantize_iq2_xs, qk_dequantize_iq2_xs, QK_LAT_IQ2_XS, 1},
 };
 
 static const qtype *find_qtype(const char *name) {

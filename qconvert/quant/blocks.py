@@ -278,6 +278,12 @@ class IQ2_XXS(Blocks):
     reference = _by_name(iq2, "IQ2_XXS")
 
 
+class IQ2_XS(Blocks):
+    name, ggml = "IQ2_XS", GT.IQ2_XS
+    lattice, needs_imatrix = "IQ2_XS", True
+    reference = _by_name(iq2, "IQ2_XS")
+
+
 def get(name: str) -> type[BlockType]:
     try:
         return REGISTRY[name.upper()]

@@ -36,7 +36,10 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
 
 
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
-               "IQ2_XXS"]
+               "IQ2_XXS", "IQ2_XS"]
+# cases on which ggml_quantize_chunk aborts the process (IQ2_XS: iq2_find_best_neighbour's
+# GGML_ASSERT once the weights overflow): there the C kernel is held to the numpy reference only
+GGML_ABORTS = {("IQ2_XS", "huge")}
 
 
 def kernel_ready(bt) -> None:
@@ -61,6 +64,9 @@ def test_every_type_is_ggml(kind, imatrix):
         pytest.skip(f"ggml_quantize_chunk aborts for {kind} without importance weights: see test_needs_imatrix")
     for case, rows in cases(512).items():
         qw = importance(rows.shape[1]) if imatrix else None
+        if (kind, case) in GGML_ABORTS:
+            assert np.array_equal(bt.quantize(rows, 2, qw), bt.reference.quantize(rows, qw)), case
+            continue
         expect = ggml_quantize(int(bt.ggml), rows, qw)
         assert np.array_equal(bt.quantize(rows, 2, qw).reshape(-1), expect.reshape(-1)), case
         assert np.array_equal(bt.reference.quantize(rows, qw).reshape(-1), expect.reshape(-1)), case
