@@ -32,6 +32,7 @@ static const qtype QTYPES[] = {
     {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0, -1, 0},
     {"IQ2_XXS", 256, 66, qk_quantize_iq2_xxs, qk_dequantize_iq2_xxs, QK_LAT_IQ2_XXS, 1},
     {"IQ2_XS", 256, 74, qk_quantize_iq2_xs, qk_dequantize_iq2_xs, QK_LAT_IQ2_XS, 1},
+    {"IQ2_S", 256, 82, qk_quantize_iq2_s, qk_dequantize_iq2_s, QK_LAT_IQ2_S, 0},
 };
 
 static const qtype *find_qtype(const char *name) {

@@ -284,6 +284,12 @@ class IQ2_XS(Blocks):
     reference = _by_name(iq2, "IQ2_XS")
 
 
+class IQ2_S(Blocks):
+    name, ggml = "IQ2_S", GT.IQ2_S
+    lattice = "IQ2_S"  # ggml quantizes it without importance weights too
+    reference = _by_name(iq2, "IQ2_S")
+
+
 def get(name: str) -> type[BlockType]:
     try:
         return REGISTRY[name.upper()]

@@ -32,14 +32,21 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
         "negative_ties": -ties,
         # x / max |x| exactly +-0.5 and +-0.75 (TQ's lroundf rounds halves away from zero)
         "halves": np.tile(np.array([2.0, 1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.0], np.float32), (16, n // 8)),
+        # mostly zeros: the IQ2 sign-parity fix-up meets ties (the first zero is flipped) and its
+        # neighbour search equal distances
+        "sparse": np.where(rng.random((16, n)) < 0.3, rng.normal(size=(16, n)), 0).astype(np.float32),
+        # every 16 weights their own magnitude, 1e-17 to 1e-6: groups either side of the
+        # GROUP_MAX_EPS thresholds (1e-15; IQ2_S 1e-8) and weights that underflow
+        "near_eps": (rng.normal(size=(16, n)) * np.repeat(10.0 ** rng.uniform(-17, -6, (16, n // 16)), 16, axis=1)
+                     ).astype(np.float32),
     }
 
 
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
-               "IQ2_XXS", "IQ2_XS"]
-# cases on which ggml_quantize_chunk aborts the process (IQ2_XS: iq2_find_best_neighbour's
+               "IQ2_XXS", "IQ2_XS", "IQ2_S"]
+# cases on which ggml_quantize_chunk aborts the process (IQ2_XS, IQ2_S: iq2_find_best_neighbour's
 # GGML_ASSERT once the weights overflow): there the C kernel is held to the numpy reference only
-GGML_ABORTS = {("IQ2_XS", "huge")}
+GGML_ABORTS = {("IQ2_XS", "huge"), ("IQ2_S", "huge")}
 
 
 def kernel_ready(bt) -> None:
