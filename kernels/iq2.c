@@ -52,21 +52,40 @@ static const iq2_kind IQ2_XS = {QK_LAT_IQ2_XS, 16, 74, QK_GROUP_MAX_EPS, 0, 1, 0
 static const iq2_kind IQ2_S = {QK_LAT_IQ2_S, 16, 82, 1e-8f, 1, 0, 0};
 
 /* iq2_find_best_neighbour: the listed grid point (nb: count, then indexes) nearest to xv at
- * `scale` by squared differences weighted by wa; the first on ties */
+ * `scale` by squared differences weighted by wa; the first on ties. A coordinate takes one of
+ * three values, so its 3 possible terms wa*diff*diff are computed once, each the very float ggml
+ * computes per point; a point's distance adds its 8 terms in ggml's order. The distances of a
+ * chunk of points are independent (SIMD across points), the scan for the least stays in order. */
+#define IQ2_CHUNK 64
 QK_INLINE int iq2_nearest(const qk_lattice *lat, const uint16_t *nb, const float *xv, const float *wa, float scale) {
+    float t0[8], t1[8], t2[8];
+    for (int i = 0; i < 8; ++i) {
+        const float d0 = scale * 1.0f - xv[i], d1 = scale * 3.0f - xv[i], d2 = scale * 5.0f - xv[i];
+        t0[i] = wa[i] * d0 * d0;
+        t1[i] = wa[i] * d1 * d1;
+        t2[i] = wa[i] * d2 * d2;
+    }
     float best_d2 = FLT_MAX;
     int best = -1;
-    for (int j = 1; j <= nb[0]; ++j) {
-        const int8_t *pg = lat->grid + 8 * nb[j];
-        float d2 = 0;
-        for (int i = 0; i < 8; ++i) {
-            const float diff = scale * (float)pg[i] - xv[i];
-            d2 += wa[i] * diff * diff;
+    const int n = nb[0];
+    for (int j0 = 0; j0 < n; j0 += IQ2_CHUNK) {
+        const int m = QK_MIN(IQ2_CHUNK, n - j0);
+        uint32_t u[IQ2_CHUNK];
+        float dist[IQ2_CHUNK];
+        for (int j = 0; j < m; ++j) u[j] = lat->index[nb[1 + j0 + j]];
+        for (int j = 0; j < m; ++j) {
+            float d2 = 0;
+            for (int i = 0; i < 8; ++i) {
+                const uint32_t l = u[j] >> 2 * i & 3;
+                d2 += l == 0 ? t0[i] : l == 1 ? t1[i] : t2[i];
+            }
+            dist[j] = d2;
         }
-        if (d2 < best_d2) {
-            best_d2 = d2;
-            best = nb[j];
-        }
+        for (int j = 0; j < m; ++j)
+            if (dist[j] < best_d2) {
+                best_d2 = dist[j];
+                best = nb[1 + j0 + j];
+            }
     }
     return best >= 0 ? best : nb[1];  /* ggml asserts here */
 }
@@ -99,31 +118,55 @@ QK_INLINE void iq2_sums(int n, const float *weight, const float *xval, const int
     *sumq2 = s2;
 }
 
+/* The trial scales of one group, trial j in lane j: the grid point each rounds to (or the nearest
+ * neighbour at the trial's scale 1/id[j], and then off[j] = 1) as q = 2l+1 in Q[i][j]. Lanes past
+ * ntrial are computed and ignored. */
+#define IQ2_LANES 24  /* at least the 19 trials of XS and S */
+QK_INLINE void iq2_trials(const qk_lattice *lat, int ntrial, const float *xv, const float *wa, const float *id,
+                          float Q[][IQ2_LANES], uint8_t *off) {
+    int32_t u[IQ2_LANES];
+    for (int j = 0; j < IQ2_LANES; ++j) u[j] = 0;
+    for (int i = 0; i < 8; ++i)
+        for (int j = 0; j < IQ2_LANES; ++j) {
+            int32_t l = qk_lane_int(0.5f * (id[j] * xv[i] - 1));
+            l = l < 0 ? 0 : l > 2 ? 2 : l;
+            u[j] |= l << 2 * i;
+            Q[i][j] = (float)(2 * l + 1);
+        }
+    for (int j = 0; j < ntrial; ++j) {
+        const int32_t m = lat->map[u[j]];
+        off[j] = m < 0;
+        if (m < 0) {
+            const int8_t *pg = lat->grid + 8 * iq2_nearest(lat, lat->neighbours - m - 1, xv, wa, 1 / id[j]);
+            for (int i = 0; i < 8; ++i) Q[i][j] = (float)pg[i];
+        }
+    }
+}
+
 /* One sub-block of t->sub weights: 0 when skipped (index and signs 0), else 1 with its scale,
  * its groups' grid indexes and sign bytes. */
-static int iq2_subblock(const iq2_kind *t, const qk_lattice *lat, const float *xb, const float *qw, float sigma2,
+QK_CLONES static int iq2_subblock(const iq2_kind *t, const qk_lattice *lat, const float *xb, const float *qw, float sigma2,
                         float *scale_out, uint16_t *index, uint8_t *signs) {
     const int n = t->sub, ng = n / 8;
-    float weight[32], waux[32], xval[32];
-    int8_t L[32], Laux[32];
-    int on[4], on_aux[4];
+    float weight[32], waux[32], xval[32] = {0};  /* zeroed only to quiet -Wmaybe-uninitialized */
+    int8_t L[32];
+    int on[4];
     uint8_t s[4];
     memset(index, 0, (size_t)ng * sizeof *index);
     memset(signs, 0, (size_t)ng);
     for (int i = 0; i < n; ++i) weight[i] = qw ? qw[i] * sqrtf(sigma2 + xb[i] * xb[i]) : 0.25f * sigma2 + xb[i] * xb[i];
     for (int i = 0; i < n; ++i) waux[i] = sqrtf(weight[i]);
+    for (int i = 0; i < n; ++i) xval[i] = xb[i] >= 0 ? xb[i] : -xb[i];
     for (int k = 0; k < ng; ++k) {
         const float *x = xb + 8 * k;
         float *xv = xval + 8 * k;
         int neg = 0;
         s[k] = 0;
-        for (int i = 0; i < 8; ++i) {
-            xv[i] = x[i] >= 0 ? x[i] : -x[i];
+        for (int i = 0; i < 8; ++i)
             if (!(x[i] >= 0)) {
                 ++neg;
                 s[k] |= (uint8_t)(1 << i);
             }
-        }
         if (t->parity && neg % 2) {
             const float *w = weight + 8 * k;
             int imin = 0;
@@ -157,20 +200,29 @@ static int iq2_subblock(const iq2_kind *t, const qk_lattice *lat, const float *x
         base = max;
         ntry = 9;
     }
-    memset(L, 0, (size_t)n);
-    for (int k = 0; k < ng; ++k) on[k] = 1;
-    float best = 0, sumqx, sumq2;
-    for (int is = -ntry; is <= ntry; ++is) {
-        const float id = (5.0f + (float)is * 0.1f) / base, this_scale = 1 / id;
-        for (int k = 0; k < ng; ++k) on_aux[k] = iq2_point(lat, xval + 8 * k, waux + 8 * k, id, this_scale, Laux + 8 * k);
-        iq2_sums(n, weight, xval, Laux, &sumqx, &sumq2);
-        if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-            scale = sumqx / sumq2;
-            best = scale * sumqx;
-            memcpy(L, Laux, (size_t)n);
-            memcpy(on, on_aux, sizeof on);
+    float Q[32][IQ2_LANES], sx[IQ2_LANES], s2[IQ2_LANES], id[IQ2_LANES];
+    uint8_t off[4][IQ2_LANES];
+    const int ntrial = 2 * ntry + 1;
+    for (int j = 0; j < IQ2_LANES; ++j) id[j] = (5.0f + (float)(QK_MIN(j, ntrial - 1) - ntry) * 0.1f) / base;
+    for (int k = 0; k < ng; ++k) iq2_trials(lat, ntrial, xval + 8 * k, waux + 8 * k, id, Q + 8 * k, off[k]);
+    for (int j = 0; j < IQ2_LANES; ++j) sx[j] = s2[j] = 0;
+    for (int i = 0; i < n; ++i) {
+        const float w = weight[i], wx = w * xval[i];
+        for (int j = 0; j < IQ2_LANES; ++j) {
+            sx[j] += wx * Q[i][j];
+            s2[j] += w * Q[i][j] * Q[i][j];
         }
     }
+    float best = 0, sumqx, sumq2;
+    int kept = -1;
+    for (int j = 0; j < ntrial; ++j)
+        if (s2[j] > 0 && sx[j] * sx[j] > best * s2[j]) {
+            scale = sx[j] / s2[j];
+            best = scale * sx[j];
+            kept = j;
+        }
+    for (int i = 0; i < n; ++i) L[i] = (int8_t)(kept < 0 ? 0 : ((int)Q[i][kept] - 1) / 2);
+    for (int k = 0; k < ng; ++k) on[k] = kept < 0 || !off[k][kept];
     int refit = t->xxs;
     for (int k = 0; k < ng; ++k) refit |= !on[k];
     if (refit && scale > 0) {
