@@ -83,8 +83,9 @@ int qk_lattice_build(int which, const uint8_t *levels, int size, int dim) {
     int32_t *map = malloc((size_t)s->map_size * sizeof(int32_t));
     int *d2 = malloc((size_t)s->size * sizeof(int));
     int32_t *count = malloc((size_t)s->map_size * sizeof(int32_t));
+    uint16_t *index_of = malloc((size_t)s->size * sizeof(uint16_t));
     uint16_t *neighbours = NULL;
-    if (!grid || !map || !d2 || !count) goto fail;
+    if (!grid || !map || !d2 || !count || !index_of) goto fail;
     for (int j = 0; j < s->size * s->dim; ++j) {
         if (levels[j] >> s->bits) goto fail;
         grid[j] = (int8_t)(2 * levels[j] + 1);
@@ -95,6 +96,7 @@ int qk_lattice_build(int which, const uint8_t *levels, int size, int dim) {
         for (int k = 0; k < s->dim; ++k) index |= levels[j * s->dim + k] << (s->bits * k);
         if (index >= s->map_size) goto fail;
         map[index] = j;
+        index_of[j] = (uint16_t)index;
     }
     int64_t total = 0;
     for (int i = 0; i < s->map_size; ++i) {
@@ -115,13 +117,14 @@ int qk_lattice_build(int which, const uint8_t *levels, int size, int dim) {
     }
     free(d2);
     free(count);
-    built[which] = (qk_lattice){s->size, s->dim, grid, map, neighbours, s->map_size, (int32_t)total};
+    built[which] = (qk_lattice){s->size, s->dim, grid, map, neighbours, index_of, s->map_size, (int32_t)total};
     return 0;
 fail:
     free(grid);
     free(map);
     free(d2);
     free(count);
+    free(index_of);
     free(neighbours);
     return -1;
 }

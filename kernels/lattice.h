@@ -16,6 +16,7 @@ typedef struct {
     const int32_t *map;         /* levels index (sum l_k << bits*k) -> grid index when on the grid,
                                  * else -(1 + offset of its neighbour list) */
     const uint16_t *neighbours; /* at each offset: count n, then n grid indexes, nearest first */
+    const uint16_t *index;      /* each grid point's levels index (where map points back to it) */
     int32_t map_size;
     int32_t neighbours_size;
 } qk_lattice;

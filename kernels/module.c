@@ -12,25 +12,29 @@ typedef struct {
     void (*quantize)(const float *, uint8_t *, int64_t, int64_t, const float *);
     void (*dequantize)(const uint8_t *, float *, int64_t, int64_t);
     int lattice;        /* the QK_LAT_* grid its quantizer searches (built first), or -1 */
+    int needs_imatrix;  /* ggml_quantize_requires_imatrix: no path without importance weights */
 } qtype;
 
 static const qtype QTYPES[] = {
-    {"Q8_0", 32, 34, qk_quantize_q8_0, qk_dequantize_q8_0, -1},
-    {"Q4_0", 32, 18, qk_quantize_q4_0, qk_dequantize_q4_0, -1},
-    {"Q4_1", 32, 20, qk_quantize_q4_1, qk_dequantize_q4_1, -1},
-    {"Q5_0", 32, 22, qk_quantize_q5_0, qk_dequantize_q5_0, -1},
-    {"Q5_1", 32, 24, qk_quantize_q5_1, qk_dequantize_q5_1, -1},
-    {"Q2_K", 256, 84, qk_quantize_q2_K, qk_dequantize_q2_K, -1},
-    {"Q3_K", 256, 110, qk_quantize_q3_K, qk_dequantize_q3_K, -1},
-    {"Q4_K", 256, 144, qk_quantize_q4_K, qk_dequantize_q4_K, -1},
-    {"Q5_K", 256, 176, qk_quantize_q5_K, qk_dequantize_q5_K, -1},
-    {"Q6_K", 256, 210, qk_quantize_q6_K, qk_dequantize_q6_K, -1},
-    {"IQ4_NL", 32, 18, qk_quantize_iq4_nl, qk_dequantize_iq4_nl, -1},
-    {"IQ4_XS", 256, 136, qk_quantize_iq4_xs, qk_dequantize_iq4_xs, -1},
-    {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0, -1},
-    {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0, -1},
-    {"IQ3_XXS", 256, 98, qk_quantize_iq3_xxs, qk_dequantize_iq3_xxs, QK_LAT_IQ3_XXS},
-    {"IQ3_S", 256, 110, qk_quantize_iq3_s, qk_dequantize_iq3_s, QK_LAT_IQ3_S},
+    {"Q8_0", 32, 34, qk_quantize_q8_0, qk_dequantize_q8_0, -1, 0},
+    {"Q4_0", 32, 18, qk_quantize_q4_0, qk_dequantize_q4_0, -1, 0},
+    {"Q4_1", 32, 20, qk_quantize_q4_1, qk_dequantize_q4_1, -1, 0},
+    {"Q5_0", 32, 22, qk_quantize_q5_0, qk_dequantize_q5_0, -1, 0},
+    {"Q5_1", 32, 24, qk_quantize_q5_1, qk_dequantize_q5_1, -1, 0},
+    {"Q2_K", 256, 84, qk_quantize_q2_K, qk_dequantize_q2_K, -1, 0},
+    {"Q3_K", 256, 110, qk_quantize_q3_K, qk_dequantize_q3_K, -1, 0},
+    {"Q4_K", 256, 144, qk_quantize_q4_K, qk_dequantize_q4_K, -1, 0},
+    {"Q5_K", 256, 176, qk_quantize_q5_K, qk_dequantize_q5_K, -1, 0},
+    {"Q6_K", 256, 210, qk_quantize_q6_K, qk_dequantize_q6_K, -1, 0},
+    {"IQ4_NL", 32, 18, qk_quantize_iq4_nl, qk_dequantize_iq4_nl, -1, 0},
+    {"IQ4_XS", 256, 136, qk_quantize_iq4_xs, qk_dequantize_iq4_xs, -1, 0},
+    {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0, -1, 0},
+    {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0, -1, 0},
+    {"IQ2_XXS", 256, 66, qk_quantize_iq2_xxs, qk_dequantize_iq2_xxs, QK_LAT_IQ2_XXS, 1},
+    {"IQ2_XS", 256, 74, qk_quantize_iq2_xs, qk_dequantize_iq2_xs, QK_LAT_IQ2_XS, 1},
+    {"IQ2_S", 256, 82, qk_quantize_iq2_s, qk_dequantize_iq2_s, QK_LAT_IQ2_S, 0},
+    {"IQ3_XXS", 256, 98, qk_quantize_iq3_xxs, qk_dequantize_iq3_xxs, QK_LAT_IQ3_XXS, 0},
+    {"IQ3_S", 256, 110, qk_quantize_iq3_s, qk_dequantize_iq3_s, QK_LAT_IQ3_S, 0},
 };
 
 static const qtype *find_qtype(const char *name) {
@@ -88,6 +92,9 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
     const qtype *t = find_qtype(name);
     if (t && t->lattice >= 0 && !qk_lattice_get(t->lattice)) {
         PyErr_Format(PyExc_ValueError, "%s: its lattice is not built (call lattice() first)", name);
+    } else if (t && t->needs_imatrix && !qw.buf) {
+        PyErr_Format(PyExc_ValueError, "%s: importance weights are required (ggml cannot quantize it without them)",
+                     name);
     } else if (t && check_rows(t, nrows, n_per_row)) {
         const int64_t need_src = (int64_t)nrows * n_per_row * 4;
         const int64_t need_dst = (int64_t)nrows * (n_per_row / t->block) * t->bytes;

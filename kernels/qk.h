@@ -64,6 +64,9 @@ QK_DECLARE(tq1_0)
 QK_DECLARE(tq2_0)
 QK_DECLARE(iq3_xxs)
 QK_DECLARE(iq3_s)
+QK_DECLARE(iq2_xxs)
+QK_DECLARE(iq2_xs)
+QK_DECLARE(iq2_s)
 
 /* quantize rows of super-blocks of 256: fn(x, its importance weights or NULL, its block) for
  * each, blocks of `bytes` bytes in row order */

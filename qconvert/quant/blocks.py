@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, iq3, iq4_nl, kquants, lattice, legacy, q8_0, ternary
+from qconvert.quant.reference import floats, iq2, iq3, iq4_nl, kquants, lattice, legacy, q8_0, ternary
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -286,6 +286,29 @@ class IQ3_S(Blocks):
     lattice = "IQ3_S"
     overflow = 65504.0 * 31 * 15  # f16 d, block scale 1 + 2*15, grid value 15; see IQ3_XXS
     reference = _by_name(iq3, "IQ3_S")
+
+
+class IQ2_XXS(Blocks):
+    name, ggml = "IQ2_XXS", GT.IQ2_XXS
+    lattice, needs_imatrix = "IQ2_XXS", True
+    # the largest value it stores is 65504 * 15.5 * 0.25 * 43 (f16 d, block scale 15, grid value
+    # 43); beyond, d overflows, and from |x| ~ 1e12 ggml's neighbour search aborts (IQ2_XS, IQ2_S)
+    overflow = 65504.0 * 15.5 * 0.25 * 43
+    reference = _by_name(iq2, "IQ2_XXS")
+
+
+class IQ2_XS(Blocks):
+    name, ggml = "IQ2_XS", GT.IQ2_XS
+    lattice, needs_imatrix = "IQ2_XS", True
+    overflow = 65504.0 * 15.5 * 0.25 * 43  # see IQ2_XXS
+    reference = _by_name(iq2, "IQ2_XS")
+
+
+class IQ2_S(Blocks):
+    name, ggml = "IQ2_S", GT.IQ2_S
+    lattice = "IQ2_S"  # ggml quantizes it without importance weights too
+    overflow = 65504.0 * 15.5 * 0.25 * 43  # see IQ2_XXS
+    reference = _by_name(iq2, "IQ2_S")
 
 
 def get(name: str) -> type[BlockType]:

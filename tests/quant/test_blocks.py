@@ -35,17 +35,24 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
         # 0 and +-1 or 2 of the smallest subnormal: block maxima whose scale max/15 is 0 (IQ3_S
         # then writes its groups under d = 0)
         "denormal": (rng.integers(-2, 3, size=(16, n)) * np.float32(1.4e-45)).astype(np.float32),
+        # mostly zeros: the IQ2 sign-parity fix-up meets ties (the first zero is flipped) and its
+        # neighbour search equal distances
+        "sparse": np.where(rng.random((16, n)) < 0.3, rng.normal(size=(16, n)), 0).astype(np.float32),
+        # every 16 weights their own magnitude, 1e-17 to 1e-6: groups either side of the
+        # GROUP_MAX_EPS thresholds (1e-15; IQ2_S 1e-8) and weights that underflow
+        "near_eps": (rng.normal(size=(16, n)) * np.repeat(10.0 ** rng.uniform(-17, -6, (16, n // 16)), 16, axis=1)
+                     ).astype(np.float32),
     }
 
 
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
-               "IQ3_XXS", "IQ3_S"]
+               "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
 
-# cases ggml_quantize_chunk aborts on (GGML_ASSERT), so they cannot be compared with it: for "huge"
-# the i-quants' squared weights overflow to inf and iq3_find_best_neighbour finds no finite
-# distance. Ours take the first neighbour there, C and numpy alike; the pipeline refuses such
-# values first (BlockType.overflow).
-GGML_ABORTS = {"IQ3_XXS": {"huge"}, "IQ3_S": {"huge"}}
+# cases on which ggml_quantize_chunk aborts the process (GGML_ASSERT), so they cannot be compared
+# with it: for "huge" the i-quants' squared weights overflow to inf and the neighbour search finds
+# no finite distance. Ours take the first neighbour there, C and numpy alike, and are held to each
+# other; the pipeline refuses such values first (BlockType.overflow).
+GGML_ABORTS = {("IQ3_XXS", "huge"), ("IQ3_S", "huge"), ("IQ2_XS", "huge"), ("IQ2_S", "huge")}
 
 
 def kernel_ready(kind: str) -> type[blocks.BlockType]:
@@ -69,9 +76,11 @@ def test_every_type_is_ggml(kind, imatrix):
     """Every case, byte for byte against ggml_quantize_chunk, in the active backend (C, or
     numpy under QCONVERT_PUREPYTHON=1) and in the numpy reference itself."""
     bt = blocks.get(kind)
+    if bt.needs_imatrix and not imatrix:
+        pytest.skip(f"ggml_quantize_chunk aborts for {kind} without importance weights: see test_needs_imatrix")
     for case, rows in cases(512).items():
         qw = importance(rows.shape[1]) if imatrix else None
-        if case in GGML_ABORTS.get(kind, ()):
+        if (kind, case) in GGML_ABORTS:
             assert np.array_equal(bt.quantize(rows, 2, qw), bt.reference.quantize(rows, qw)), case
             continue
         expect = ggml_quantize(int(bt.ggml), rows, qw)
@@ -79,11 +88,26 @@ def test_every_type_is_ggml(kind, imatrix):
         assert np.array_equal(bt.reference.quantize(rows, qw).reshape(-1), expect.reshape(-1)), case
 
 
+@pytest.mark.parametrize("kind", [k for k in QUANT_TYPES if blocks.get(k).needs_imatrix])
+def test_needs_imatrix(kind):
+    """ggml_quantize_requires_imatrix types: refused without importance weights at every door
+    (ggml_quantize_chunk aborts the process instead, so it is not called here)."""
+    bt = blocks.get(kind)
+    kernel_ready(kind)
+    rows = cases(256)["gaussian"]
+    with pytest.raises(ValueError, match="importance weights are required"):
+        bt.quantize(rows)
+    with pytest.raises(ValueError, match="importance weights are required"):
+        bt.reference.quantize(rows, None)
+    with pytest.raises(ValueError, match="importance weights are required"):
+        _kernels.quantize(kind, rows, np.empty((16, bt.nbytes((1, 256))), np.uint8), 16, 256, 1, None)
+
+
 @pytest.mark.parametrize("kind", QUANT_TYPES)
 def test_c_kernel_is_reference(kind):
     bt = kernel_ready(kind)
     rows = cases(256)["student_t"]
-    for qw in (None, importance(256)):
+    for qw in ([] if bt.needs_imatrix else [None]) + [importance(256)]:
         out = np.empty((rows.shape[0], 256 // bt.block * bt.block_bytes), np.uint8)
         _kernels.quantize(kind, rows, out, rows.shape[0], 256, 1, qw)
         assert np.array_equal(out, bt.reference.quantize(rows, qw))
@@ -95,7 +119,7 @@ def test_dequantize_is_gguf(kind):
 
     bt = kernel_ready(kind)
     rows = cases(512)["student_t"]
-    data = ggml_quantize(int(bt.ggml), rows)
+    data = ggml_quantize(int(bt.ggml), rows, importance(512) if bt.needs_imatrix else None)
     expect = gguf.quants.dequantize(data, bt.ggml).reshape(rows.shape)
     assert np.array_equal(bt.dequantize(data, rows.shape), expect)
     assert np.array_equal(bt.reference.dequantize(data.reshape(-1), 512).reshape(rows.shape), expect)

@@ -17,8 +17,10 @@ from qconvert.quant.recipes import RECIPES, Overrides, use_more_bits
 from tests.helpers import convert_to, one_line_error, run_cli
 
 FTYPES = {r.name: int(r.file_type) for r in RECIPES.values() if r.quantizes_like_llama_quantize}
-# llama-quantize writes these without an importance matrix: q2_k_s's Q2_K and iq3_xs's IQ3_XXS need one
-PLAIN = [r for r in FTYPES if r not in ("q2_k_s", "iq3_xs")]
+# llama-quantize writes these without an importance matrix: not q2_k_s (its Q2_K), nor a mixture
+# with tensors of a type tensor_requires_imatrix names (iq3_xs's IQ3_XXS, the IQ2/IQ1 mixtures)
+PLAIN = [r for r in FTYPES if r not in ("q2_k_s", "iq3_xs") and not RECIPES[r].default.needs_imatrix
+         and RECIPES[r].default.name not in ("IQ3_XXS", "IQ2_S", "IQ1_M")]
 
 
 def llama_quantize(src, dst, ftype: int, **params) -> None:
