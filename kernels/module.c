@@ -29,6 +29,7 @@ static const qtype QTYPES[] = {
     {"IQ4_XS", 256, 136, qk_quantize_iq4_xs, qk_dequantize_iq4_xs, -1},
     {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0, -1},
     {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0, -1},
+    {"IQ1_S", 256, 50, qk_quantize_iq1_s, qk_dequantize_iq1_s, QK_LAT_IQ1},
 };
 
 static const qtype *find_qtype(const char *name) {
@@ -118,7 +119,9 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "sy*w*nn|i", &name, &src, &dst, &nrows, &n_per_row, &threads)) return NULL;
     PyObject *ret = NULL;
     const qtype *t = find_qtype(name);
-    if (t && check_rows(t, nrows, n_per_row)) {
+    if (t && t->lattice >= 0 && !qk_lattice_get(t->lattice)) {
+        PyErr_Format(PyExc_ValueError, "%s: its lattice is not built (call lattice() first)", name);
+    } else if (t && check_rows(t, nrows, n_per_row)) {
         const int64_t need_src = (int64_t)nrows * (n_per_row / t->block) * t->bytes;
         const int64_t need_dst = (int64_t)nrows * n_per_row * 4;
         if (src.len != need_src || dst.len != need_dst) {

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, iq4_nl, kquants, lattice, legacy, q8_0, ternary
+from qconvert.quant.reference import floats, iq1, iq4_nl, kquants, lattice, legacy, q8_0, ternary
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -177,6 +177,8 @@ class Blocks(BlockType):
         data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
         if _k is None:
             return cls.reference.dequantize(data, n).reshape(shape)
+        if cls.lattice is not None:
+            _build_lattice(cls.lattice)
         out = np.empty(shape, dtype=np.float32)
         _k.dequantize(cls.name, data, out, out.size // n, n, threads)
         return out
@@ -268,6 +270,13 @@ class TQ1_0(Blocks):
 class TQ2_0(Blocks):
     name, ggml = "TQ2_0", GT.TQ2_0
     reference = _by_name(ternary, "TQ2_0")
+
+
+class IQ1_S(Blocks):
+    name, ggml = "IQ1_S", GT.IQ1_S
+    lattice = "IQ1"
+    needs_imatrix = True
+    reference = _by_name(iq1, "IQ1_S")
 
 
 def get(name: str) -> type[BlockType]:

@@ -7,7 +7,7 @@ from gguf import GGMLQuantizationType as GT
 
 from qconvert import _kernels
 from qconvert.quant import blocks
-from qconvert.quant.reference import floats, q8_0
+from qconvert.quant.reference import floats, lattice, q8_0
 from tests.oracles import ggml_quantize
 
 
@@ -35,7 +35,8 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
     }
 
 
-QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0"]
+QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
+               "IQ1_S"]
 
 
 def importance(n: int, seed: int = 11) -> np.ndarray:
@@ -50,6 +51,8 @@ def test_every_type_is_ggml(kind, imatrix):
     """Every case, byte for byte against ggml_quantize_chunk, in the active backend (C, or
     numpy under QCONVERT_PUREPYTHON=1) and in the numpy reference itself."""
     bt = blocks.get(kind)
+    if bt.needs_imatrix and not imatrix:
+        pytest.skip("ggml aborts without importance weights: test_types_that_need_an_imatrix_refuse")
     for case, rows in cases(512).items():
         qw = importance(rows.shape[1]) if imatrix else None
         expect = ggml_quantize(int(bt.ggml), rows, qw)
@@ -57,11 +60,32 @@ def test_every_type_is_ggml(kind, imatrix):
         assert np.array_equal(bt.reference.quantize(rows, qw).reshape(-1), expect.reshape(-1)), case
 
 
+@pytest.mark.parametrize("kind", [k for k in QUANT_TYPES if blocks.get(k).needs_imatrix])
+def test_types_that_need_an_imatrix_refuse(kind):
+    """ggml_quantize_chunk aborts the process for these without importance weights; we raise."""
+    bt = blocks.get(kind)
+    rows = cases(256)["gaussian"]
+    with pytest.raises(ValueError, match="importance weights are required"):
+        bt.quantize(rows)
+    with pytest.raises(ValueError, match="importance weights are required"):
+        bt.reference.quantize(rows, None)
+
+
+def kernel(kind: str):
+    """The block type, its lattice built for direct _kernels calls (in either backend)."""
+    bt = blocks.get(kind)
+    if bt.lattice is not None:
+        _kernels.lattice(bt.lattice, lattice.levels(bt.lattice).tobytes())
+    return bt
+
+
 @pytest.mark.parametrize("kind", QUANT_TYPES)
 def test_c_kernel_is_reference(kind):
-    bt = blocks.get(kind)
+    bt = kernel(kind)
     rows = cases(256)["student_t"]
     for qw in (None, importance(256)):
+        if qw is None and bt.needs_imatrix:
+            continue
         out = np.empty((rows.shape[0], 256 // bt.block * bt.block_bytes), np.uint8)
         _kernels.quantize(kind, rows, out, rows.shape[0], 256, 1, qw)
         assert np.array_equal(out, bt.reference.quantize(rows, qw))
@@ -71,9 +95,9 @@ def test_c_kernel_is_reference(kind):
 def test_dequantize_is_gguf(kind):
     import gguf
 
-    bt = blocks.get(kind)
+    bt = kernel(kind)
     rows = cases(512)["student_t"]
-    data = ggml_quantize(int(bt.ggml), rows)
+    data = ggml_quantize(int(bt.ggml), rows, importance(512) if bt.needs_imatrix else None)
     expect = gguf.quants.dequantize(data, bt.ggml).reshape(rows.shape)
     assert np.array_equal(bt.dequantize(data, rows.shape), expect)
     assert np.array_equal(bt.reference.dequantize(data.reshape(-1), 512).reshape(rows.shape), expect)
@@ -92,7 +116,7 @@ def test_q8_0_on_real_weights_and_gguf_reference():
 
 @pytest.mark.parametrize("kind", QUANT_TYPES)
 def test_bytes_do_not_depend_on_threads(kind):
-    bt = blocks.get(kind)
+    bt = kernel(kind)
     rows = np.random.default_rng(3).normal(size=(37, 512)).astype(np.float32)
     qw = importance(512)
     outs = []
