@@ -1,4 +1,6 @@
-/* IQ1_S: super-blocks of 256 = 8 blocks of 32, block_iq1_s {f16 d; u8 qs[32]; u16 qh[8]} (50
+/* IQ1_S and IQ1_M, the 1.5- and 1.75-bit lattice i-quants; they share the sort, the neighbour
+ * search and the scale refit below (IQ1_M's layout and its own quirks at iq1_m_superblock).
+ * IQ1_S: super-blocks of 256 = 8 blocks of 32, block_iq1_s {f16 d; u8 qs[32]; u16 qh[8]} (50
  * bytes). Each group of 8 weights is a point of the 2048-point lattice QK_LAT_IQ1 (levels l in
  * 0..2 per coordinate), index low 8 bits in qs, high 3 bits in qh[block] bits 3k..3k+2; value =
  * d * (2s+1) * (l - 1 + delta), s = qh bits 12..14, delta = -1/8 when qh bit 15 is set, else +1/8.
@@ -34,6 +36,8 @@
 #define IQ1_DELTA 0.125f
 #define IQ1_S_EPS 1e-12f
 #define IQ1_S_BYTES 50
+#define IQ1_M_EPS 1e-7f
+#define IQ1_M_BYTES 56
 
 /* the values of levels 0, 1, 2 with the shift +delta and -delta */
 static const float IQ1_PLUS[3] = {-1 + IQ1_DELTA, IQ1_DELTA, 1 + IQ1_DELTA};
@@ -228,6 +232,149 @@ void qk_quantize_iq1_s(const float *src, uint8_t *dst, int64_t nrows, int64_t n,
     qk_each_superblock(src, dst, nrows, n, qw, IQ1_S_BYTES, iq1_s_superblock);
 }
 
+/* quantize_row_iq1_m_impl's split search over a block of 16 in sorted order `order`, weighted
+ * values wx and weights w: prefix sums per half of the block (the other half's entry copied), and
+ * for each split the four sign pairs k = (first half, second half): 0 ++, 1 +-, 2 -+, 3 --. The
+ * best (i1, i2, k) (i1 = -1 when none) and its scale (max when none). */
+static float iq1_m_split(const uint8_t *order, const float *wx, const float *w, float max, int *i1_out, int *i2_out,
+                         int *k_out) {
+    float px[2][17], pw[2][17];
+    px[0][0] = px[1][0] = pw[0][0] = pw[1][0] = 0;
+    for (int j = 0; j < 16; ++j) {
+        const int i = order[j], h = i < 8 ? 0 : 1;
+        px[h][j + 1] = px[h][j] + wx[i];
+        px[1 - h][j + 1] = px[1 - h][j];
+        pw[h][j + 1] = pw[h][j] + w[i];
+        pw[1 - h][j + 1] = pw[1 - h][j];
+    }
+    const float p2 = IQ1_PLUS[2], m2 = IQ1_MINUS[2];
+    const float cp1 = IQ1_PLUS[0] * IQ1_PLUS[0] - IQ1_PLUS[1] * IQ1_PLUS[1];
+    const float cp2 = IQ1_PLUS[1] * IQ1_PLUS[1] - IQ1_PLUS[2] * IQ1_PLUS[2];
+    const float cm1 = IQ1_MINUS[0] * IQ1_MINUS[0] - IQ1_MINUS[1] * IQ1_MINUS[1];
+    const float cm2 = IQ1_MINUS[1] * IQ1_MINUS[1] - IQ1_MINUS[2] * IQ1_MINUS[2];
+    float best = -FLT_MAX, scale = max;
+    int bi1 = -1, bi2 = -1, bk = -1;
+    for (int i1 = 0; i1 <= 16; ++i1)
+        for (int i2 = i1; i2 <= 16; ++i2) {
+            float qp[2], qm[2], sp[2], sm[2];  /* sumqx and sumq2 of each half, sign + and - */
+            for (int h = 0; h < 2; ++h) {
+                const float sx = px[h][i1] + px[h][i2];
+                qp[h] = px[h][16] * p2 - sx;
+                qm[h] = px[h][16] * m2 - sx;
+                sp[h] = pw[h][16] * p2 * p2 + pw[h][i1] * cp1 + pw[h][i2] * cp2;
+                sm[h] = pw[h][16] * m2 * m2 + pw[h][i1] * cm1 + pw[h][i2] * cm2;
+            }
+            const float sumqx[4] = {qp[0] + qp[1], qp[0] + qm[1], qm[0] + qp[1], qm[0] + qm[1]};
+            const float sumq2[4] = {sp[0] + sp[1], sp[0] + sm[1], sm[0] + sp[1], sm[0] + sm[1]};
+            for (int k = 0; k < 4; ++k)
+                if (sumq2[k] > 0 && sumqx[k] * sumqx[k] > best * sumq2[k]) {
+                    scale = sumqx[k] / sumq2[k];
+                    best = scale * sumqx[k];
+                    bi1 = i1;
+                    bi2 = i2;
+                    bk = k;
+                }
+        }
+    *i1_out = bi1;
+    *i2_out = bi2;
+    *k_out = bk;
+    return scale;
+}
+
+/* IQ1_M: super-blocks of 256 = 16 blocks of 16, block_iq1_m {u8 qs[32]; u8 qh[16]; u16 sc[4]}
+ * (56 bytes). Group k (0, 1) of block b: index qs[2b+k] | ((qh[b] >> 4k) & 7) << 8, delta
+ * negative when qh[b] bit 4k+3 is set; block scale d * (2s+1), s 3 bits at sc[b/4] bits 3(b%4);
+ * the f16 d is spread over the top nibbles of sc[0..3], its lowest bits in sc[0]. Oracle: ggml
+ * quantize_iq1_m -> quantize_row_iq1_m_impl, with importance weights or without (weights x^2:
+ * ggml's assert on them is commented out). Quirks beyond IQ1_S's: blocks under 1e-7 are zero
+ * blocks; each half of a block takes its own sign (see iq1_m_split); a mirrored block's sign pair
+ * becomes 3 - k; the block scales are rounded as IQ1_S's against d = max_scale / 15, then d is
+ * refit by least squares over the whole super-block with the final values xx[l] * (2s+1) (zero
+ * blocks included, at grid point 0 with sign +) and stored as f16(d * 1.1125f); when every block's
+ * scale is 0 only the indexes are written. */
+static void iq1_m_superblock(const float *x, const float *qw, uint8_t *y) {
+    static const uint8_t SIGN_BITS[4] = {0x00, 0x80, 0x08, 0x88};
+    const qk_lattice *lat = qk_lattice_get(QK_LAT_IQ1);
+    uint8_t *qs = y, *qh = y + 32;
+    uint16_t sc[4] = {0, 0, 0, 0};
+    float w[QK_K], scales[16];
+    int signs[16];
+    uint16_t index[16][2];
+    memset(y, 0, IQ1_M_BYTES);
+    memset(index, 0, sizeof index);
+    float sumx2 = 0;
+    for (int i = 0; i < QK_K; ++i) sumx2 += x[i] * x[i];
+    const float sigma2 = 2 * sumx2 / QK_K;
+    for (int i = 0; i < QK_K; ++i) w[i] = qw ? qw[i] * sqrtf(sigma2 + x[i] * x[i]) : x[i] * x[i];
+    float max_scale = 0;
+    for (int ib = 0; ib < 16; ++ib) {
+        const float *xb = x + 16 * ib, *wb = w + 16 * ib;
+        float wx[16];
+        uint8_t order[16], tmp[16];
+        int8_t L[16];
+        scales[ib] = 0;
+        signs[ib] = 0;
+        const float max = block_max(xb, 16);
+        if (max < IQ1_M_EPS) continue;
+        for (int j = 0; j < 16; ++j) {
+            order[j] = (uint8_t)j;
+            wx[j] = wb[j] * xb[j];
+        }
+        iq1_sort(xb, order, tmp, 16);
+        int i1, i2, k;
+        float scale = iq1_m_split(order, wx, wb, max, &i1, &i2, &k);
+        if (i1 < 0 || i2 < 0 || k < 0) continue;
+        iq1_levels(order, 16, i1, i2, L);
+        if (scale < 0) {
+            for (int j = 0; j < 16; ++j) L[j] = (int8_t)(2 - L[j]);
+            scale = -scale;
+            k = 3 - k;
+        }
+        const float *xx[2] = {k < 2 ? IQ1_PLUS : IQ1_MINUS, k % 2 == 0 ? IQ1_PLUS : IQ1_MINUS};
+        scale = iq1_snap(lat, xb, wb, 16, L, xx, scale, index[ib]);
+        qs[2 * ib] = (uint8_t)(index[ib][0] & 255);
+        qs[2 * ib + 1] = (uint8_t)(index[ib][1] & 255);
+        qh[ib] = (uint8_t)(index[ib][0] >> 8 | (index[ib][1] >> 8) << 4);
+        scales[ib] = scale;
+        signs[ib] = k;
+        max_scale = max_scale > scale ? max_scale : scale;
+    }
+    if (!max_scale) return;
+    float d = max_scale / 15;
+    const float id = 1 / d;
+    float sumqx = 0, sumq2 = 0;
+    for (int ib = 0; ib < 16; ++ib) {
+        int l = qk_nearest_int(0.5f * (id * scales[ib] - 1));
+        l = QK_MAX(0, QK_MIN(7, l));
+        sc[ib / 4] = (uint16_t)(sc[ib / 4] | l << 3 * (ib % 4));
+        qh[ib] |= SIGN_BITS[signs[ib]];
+        const float *xx[2] = {signs[ib] < 2 ? IQ1_PLUS : IQ1_MINUS, signs[ib] % 2 == 0 ? IQ1_PLUS : IQ1_MINUS};
+        for (int k = 0; k < 2; ++k) {
+            const int8_t *g = lat->grid + 8 * index[ib][k];
+            for (int j = 0; j < 8; ++j) {
+                const int i = 16 * ib + 8 * k + j;
+                const float q = xx[k][g[j] >> 1] * (float)(2 * l + 1);
+                sumqx += w[i] * q * x[i];
+                sumq2 += w[i] * q * q;
+            }
+        }
+    }
+    if (sumq2 > 0) d = sumqx / sumq2;
+    const uint16_t s = qk_f32_to_f16(d * 1.1125f);
+    sc[0] = (uint16_t)(sc[0] | (s & 0x000f) << 12);
+    sc[1] = (uint16_t)(sc[1] | (s & 0x00f0) << 8);
+    sc[2] = (uint16_t)(sc[2] | (s & 0x0f00) << 4);
+    sc[3] = (uint16_t)(sc[3] | (s & 0xf000));
+    for (int j = 0; j < 4; ++j) {
+        y[48 + 2 * j] = (uint8_t)(sc[j] & 0xff);
+        y[49 + 2 * j] = (uint8_t)(sc[j] >> 8);
+    }
+}
+
+void qk_quantize_iq1_m(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    qk_each_superblock(src, dst, nrows, n, qw, IQ1_M_BYTES, iq1_m_superblock);
+}
+
 /* the lattice value (level - 1) of coordinate j of grid point p */
 static inline float iq1_grid_value(const qk_lattice *lat, int p, int j) { return (float)((lat->grid[8 * p + j] >> 1) - 1); }
 
@@ -244,6 +391,27 @@ void qk_dequantize_iq1_s(const uint8_t *src, float *dst, int64_t nrows, int64_t 
             for (int k = 0; k < 4; ++k) {
                 const int p = y[2 + 4 * ib + k] | ((qh >> 3 * k) & 7) << 8;
                 for (int j = 0; j < 8; ++j) out[32 * ib + 8 * k + j] = dl * (iq1_grid_value(lat, p, j) + delta);
+            }
+        }
+    }
+}
+
+void qk_dequantize_iq1_m(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
+    const qk_lattice *lat = qk_lattice_get(QK_LAT_IQ1);
+    for (int64_t i = 0; i < nrows * n / QK_K; ++i) {
+        const uint8_t *y = src + i * IQ1_M_BYTES;
+        uint16_t sc[4];
+        for (int j = 0; j < 4; ++j) sc[j] = (uint16_t)(y[48 + 2 * j] | y[49 + 2 * j] << 8);
+        const float d = qk_f16_to_f32((uint16_t)(sc[0] >> 12 | (sc[1] >> 8 & 0x00f0) | (sc[2] >> 4 & 0x0f00) |
+                                                 (sc[3] & 0xf000)));
+        float *out = dst + i * QK_K;
+        for (int ib = 0; ib < 16; ++ib) {
+            const float dl = d * (float)(2 * ((sc[ib / 4] >> 3 * (ib % 4)) & 7) + 1);
+            const int qh = y[32 + ib];
+            for (int k = 0; k < 2; ++k) {
+                const int p = y[2 * ib + k] | ((qh >> 4 * k) & 7) << 8;
+                const float delta = qh & (0x08 << 4 * k) ? -IQ1_DELTA : IQ1_DELTA;
+                for (int j = 0; j < 8; ++j) out[16 * ib + 8 * k + j] = dl * (iq1_grid_value(lat, p, j) + delta);
             }
         }
     }

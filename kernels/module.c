@@ -30,6 +30,7 @@ static const qtype QTYPES[] = {
     {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0, -1},
     {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0, -1},
     {"IQ1_S", 256, 50, qk_quantize_iq1_s, qk_dequantize_iq1_s, QK_LAT_IQ1},
+    {"IQ1_M", 256, 56, qk_quantize_iq1_m, qk_dequantize_iq1_m, QK_LAT_IQ1},
 };
 
 static const qtype *find_qtype(const char *name) {

@@ -63,6 +63,7 @@ QK_DECLARE(iq4_xs)
 QK_DECLARE(tq1_0)
 QK_DECLARE(tq2_0)
 QK_DECLARE(iq1_s)
+QK_DECLARE(iq1_m)
 
 /* quantize rows of super-blocks of 256: fn(x, its importance weights or NULL, its block) for
  * each, blocks of `bytes` bytes in row order */

@@ -279,6 +279,12 @@ class IQ1_S(Blocks):
     reference = _by_name(iq1, "IQ1_S")
 
 
+class IQ1_M(Blocks):
+    name, ggml = "IQ1_M", GT.IQ1_M
+    lattice = "IQ1"  # quantize_row_iq1_m_impl has a path without importance weights (x^2)
+    reference = _by_name(iq1, "IQ1_M")
+
+
 def get(name: str) -> type[BlockType]:
     try:
         return REGISTRY[name.upper()]

@@ -18,6 +18,10 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
     ties[:, ::32] = 127.0  # amax 127 -> id 1: every x*id lands exactly on a .5 tie of roundf
     outlier = rng.normal(size=(16, n)).astype(np.float32)
     outlier[np.arange(16), rng.integers(0, n, 16)] = 1e4
+    rep = np.random.default_rng(2)  # its own stream: the cases above stay as they were
+    repeats = rep.integers(-3, 4, size=(16, n)).astype(np.float32)
+    repeats[:8] = np.where(repeats[:8] == 0, rep.choice(np.array([0.0, -0.0], np.float32), size=(8, n)), repeats[:8])
+    repeats[8:] = rep.choice(np.array([0.3, 1.0], np.float32), size=(8, n))
     return {
         "gaussian": rng.normal(size=(16, n)).astype(np.float32),
         "student_t": rng.standard_t(2.0, size=(16, n)).astype(np.float32),
@@ -32,11 +36,14 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
         "negative_ties": -ties,
         # x / max |x| exactly +-0.5 and +-0.75 (TQ's lroundf rounds halves away from zero)
         "halves": np.tile(np.array([2.0, 1.0, -1.0, 0.5, -0.5, 1.5, -1.5, 0.0], np.float32), (16, n // 8)),
+        # few distinct values, +0 and -0 among them: the IQ1 types sort a block, and the order of
+        # equal values (glibc's qsort keeps index order) and neighbour-search ties change their bytes
+        "repeats": repeats,
     }
 
 
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
-               "IQ1_S"]
+               "IQ1_S", "IQ1_M"]
 
 
 def importance(n: int, seed: int = 11) -> np.ndarray:
@@ -69,6 +76,21 @@ def test_types_that_need_an_imatrix_refuse(kind):
         bt.quantize(rows)
     with pytest.raises(ValueError, match="importance weights are required"):
         bt.reference.quantize(rows, None)
+
+
+@pytest.mark.parametrize("kind", ["IQ1_S", "IQ1_M"])
+def test_blocks_without_importance(kind):
+    """Importance weights 0 over whole blocks: no split of the block has sumq2 > 0, and ggml
+    leaves it a zero block (IQ1_M's d refit still counts it)."""
+    bt = blocks.get(kind)
+    qw = importance(512)
+    qw[:64] = 0  # blocks 0-1 of IQ1_S, 0-3 of IQ1_M
+    qw[300:316] = 0
+    for case in ("gaussian", "repeats"):
+        rows = cases(512)[case]
+        expect = ggml_quantize(int(bt.ggml), rows, qw)
+        assert np.array_equal(bt.quantize(rows, 2, qw), expect), case
+        assert np.array_equal(bt.reference.quantize(rows, qw), expect), case
 
 
 def kernel(kind: str):

@@ -95,18 +95,45 @@ def _first_best(qx: np.ndarray, q2: np.ndarray, scale: np.ndarray) -> tuple[np.n
     return pick, scale
 
 
-def _split_s(sx: np.ndarray, sw: np.ndarray, max_: np.ndarray):
-    """quantize_row_iq1_s_impl's search: (i1, i2, sign 0 = + / 1 = -, scale), i1 = -1 when
-    nothing won."""
-    n = sx.shape[1] - 1
+def _split_s(x: np.ndarray, w: np.ndarray, order: np.ndarray, max_: np.ndarray):
+    """quantize_row_iq1_s_impl's search over blocks [B, n] sorted by `order`: (i1, i2, sign 0 = +,
+    1 = -, scale), i1 = -1 where nothing won."""
+    sx, sw = _sorted_prefix(w * x, order), _sorted_prefix(w, order)
+    n = x.shape[1]
     i1, i2 = _splits(n)
     a, b, c = sx[:, i1] - sx[:, :1], sx[:, i2] - sx[:, i1], sx[:, n:] - sx[:, i2]
     wa, wb, wc = sw[:, i1] - sw[:, :1], sw[:, i2] - sw[:, i1], sw[:, n:] - sw[:, i2]
     qx = np.stack([a * v[0] + b * v[1] + c * v[2] for v in SHIFTED], axis=2)  # [B, splits, sign]
     q2 = np.stack([wa * v[0] * v[0] + wb * v[1] * v[1] + wc * v[2] * v[2] for v in SHIFTED], axis=2)
-    pick, scale = _first_best(qx.reshape(len(sx), -1), q2.reshape(len(sx), -1), max_)
+    pick, scale = _first_best(qx.reshape(len(x), -1), q2.reshape(len(x), -1), max_)
     split = np.maximum(pick, 0) // 2
     return np.where(pick >= 0, i1[split], -1), i2[split], np.maximum(pick, 0) % 2, scale
+
+
+def _split_m(x: np.ndarray, w: np.ndarray, order: np.ndarray, max_: np.ndarray):
+    """quantize_row_iq1_m_impl's search over blocks [B, n] sorted by `order`: (i1, i2, sign pair
+    0 = ++, 1 = +-, 2 = -+, 3 = --, scale), i1 = -1 where nothing won. A half's prefix sums add +0
+    where ggml copies the entry: the same floats, as a sum started at +0 is never -0."""
+    n = x.shape[1]
+    second = order >= n // 2  # which half each sorted value is in
+    wx, ws = np.take_along_axis(w * x, order, axis=1), np.take_along_axis(w, order, axis=1)
+    zero = np.zeros((len(x), 1), F)
+    px = [np.concatenate([zero, np.cumsum(np.where(second == h, wx, F(0)), axis=1, dtype=F)], axis=1)
+          for h in (0, 1)]
+    pw = [np.concatenate([zero, np.cumsum(np.where(second == h, ws, F(0)), axis=1, dtype=F)], axis=1)
+          for h in (0, 1)]
+    i1, i2 = _splits(n)
+    qx, q2 = [], []  # per sign (+, -) the two halves' sums [B, splits]
+    for v in SHIFTED:
+        c1, c2 = v[0] * v[0] - v[1] * v[1], v[1] * v[1] - v[2] * v[2]
+        qx.append([px[h][:, n:] * v[2] - (px[h][:, i1] + px[h][:, i2]) for h in (0, 1)])
+        q2.append([pw[h][:, n:] * v[2] * v[2] + pw[h][:, i1] * c1 + pw[h][:, i2] * c2 for h in (0, 1)])
+    pairs = [(0, 0), (0, 1), (1, 0), (1, 1)]  # (first half's sign, second half's)
+    sumqx = np.stack([qx[a][0] + qx[b][1] for a, b in pairs], axis=2)
+    sumq2 = np.stack([q2[a][0] + q2[b][1] for a, b in pairs], axis=2)
+    pick, scale = _first_best(sumqx.reshape(len(x), -1), sumq2.reshape(len(x), -1), max_)
+    split = np.maximum(pick, 0) // 4
+    return np.where(pick >= 0, i1[split], -1), i2[split], np.maximum(pick, 0) % 4, scale
 
 
 def _nearest(x: np.ndarray, w: np.ndarray, scale: np.ndarray, xx: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -176,45 +203,82 @@ def _block_max(x: np.ndarray) -> np.ndarray:
     return m
 
 
+def _group_signs(kind: str, code: np.ndarray) -> np.ndarray:
+    """[B, groups]: 0 (+) or 1 (-) per group of 8 from a block's sign code."""
+    if kind == "IQ1_S":
+        return np.repeat(code[:, None], 4, axis=1)
+    return np.stack([code >> 1, code & 1], axis=1)
+
+
+def _search(kind: str, x: np.ndarray, w: np.ndarray):
+    """Every block of super-blocks x, w [S, 256]: (scale [B], sign code [B], grid indexes
+    [B, n/8]), a zero block scale 0, code 0, indexes 0."""
+    n = BLOCK[kind]
+    xb, wb = x.reshape(-1, n), w.reshape(-1, n)
+    B = len(xb)
+    scale, code, index = np.zeros(B, F), np.zeros(B, np.int64), np.zeros((B, n // 8), np.int64)
+    max_ = _block_max(xb)
+    live = np.flatnonzero(max_ >= EPS[kind])
+    if not live.size:
+        return scale, code, index
+    x1, w1 = xb[live], wb[live]
+    order = np.argsort(x1, axis=1, kind="stable")
+    i1, i2, c, sc = (_split_s if kind == "IQ1_S" else _split_m)(x1, w1, order, max_[live])
+    rank = np.argsort(order, axis=1)
+    L = np.where(rank < i1[:, None], 0, np.where(rank < i2[:, None], 1, 2))
+    neg = sc < 0  # mirrored: levels 2 - l, every sign flipped
+    L = np.where(neg[:, None], 2 - L, L)
+    sc = np.where(neg, -sc, sc).astype(F)
+    c = np.where(neg, (1 if kind == "IQ1_S" else 3) - c, c)
+    ok = i1 >= 0
+    xx = SHIFTED[_group_signs(kind, c[ok])]  # [blocks, groups, level]
+    idx, sc = _snap(x1[ok], w1[ok], L[ok], xx, sc[ok])
+    live = live[ok]
+    scale[live], code[live], index[live] = sc, c[ok], idx
+    return scale, code, index
+
+
 def _iq1_s(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     S = x.shape[0]
-    xb, wb = x.reshape(-1, 32), w.reshape(-1, 32)
-    B = xb.shape[0]
-    max_ = _block_max(xb)
-    live = np.flatnonzero(max_ >= EPS["IQ1_S"])
-    scale = np.zeros(B, F)
-    sign = np.zeros(B, np.int64)
-    index = np.zeros((B, 4), np.int64)
-    if live.size:
-        x1, w1 = xb[live], wb[live]
-        order = np.argsort(x1, axis=1, kind="stable")
-        i1, i2, s, sc = _split_s(_sorted_prefix(w1 * x1, order), _sorted_prefix(w1, order), max_[live])
-        ok = i1 >= 0
-        rank = np.argsort(order, axis=1)
-        L = np.where(rank < i1[:, None], 0, np.where(rank < i2[:, None], 1, 2))
-        neg = sc < 0
-        L = np.where(neg[:, None], 2 - L, L)
-        sc = np.where(neg, -sc, sc).astype(F)
-        s = np.where(neg, 1 - s, s)
-        xx = np.broadcast_to(SHIFTED[s][:, None, :], (len(live), 4, 3))
-        idx, sc = _snap(x1[ok], w1[ok], L[ok], xx[ok], sc[ok])
-        live = live[ok]
-        scale[live], sign[live], index[live] = sc, s[ok], idx
-    scale = scale.reshape(S, 8)
-    sign = sign.reshape(S, 8)
-    index = index.reshape(S, 8, 4)
+    scale, sign, index = (a.reshape(S, 8, *a.shape[1:]) for a in _search("IQ1_S", x, w))
     max_scale = scale.max(axis=1)
     has = max_scale != 0
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        d = max_scale / F(15)
-        dh = np.where(has, d * F(1.125), F(0)).astype(F).astype(np.float16)
-        inv = (F(1) / np.where(has, d, F(1))).astype(F)
-        l = np.clip(nearest_int(F(0.5) * (inv[:, None] * scale - F(1))), 0, 7) | (sign << 3)
+    d = max_scale / F(15)
+    dh = np.where(has, d * F(1.125), F(0)).astype(F).astype(np.float16)
+    inv = (F(1) / np.where(has, d, F(1))).astype(F)
+    l = np.clip(nearest_int(F(0.5) * (inv[:, None] * scale - F(1))), 0, 7) | (sign << 3)
     qh = ((index >> 8) << (3 * np.arange(4))).sum(axis=2) | np.where(has[:, None], l << 12, 0)
     out = np.empty((S, 50), np.uint8)
     out[:, :2] = dh.view(np.uint8).reshape(S, 2)
     out[:, 2:34] = (index & 255).reshape(S, 32)
     out[:, 34:] = qh.astype("<u2").view(np.uint8).reshape(S, 16)
+    return out
+
+
+SIGN_BITS = np.array([0x00, 0x80, 0x08, 0x88])  # IQ1_M's qh bits of sign pairs ++, +-, -+, --
+
+
+def _iq1_m(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    S = x.shape[0]
+    scale, code, index = (a.reshape(S, 16, *a.shape[1:]) for a in _search("IQ1_M", x, w))
+    max_scale = scale.max(axis=1)
+    has = max_scale != 0
+    d = max_scale / F(15)
+    inv = (F(1) / np.where(has, d, F(1))).astype(F)
+    l = np.clip(nearest_int(F(0.5) * (inv[:, None] * scale - F(1))), 0, 7)  # [S, 16]
+    # d refit over the super-block with the final values, zero blocks (grid point 0, sign +) included
+    xx = SHIFTED[_group_signs("IQ1_M", code.reshape(-1))].reshape(S, 16, 2, 3)
+    q = np.take_along_axis(xx, _lattice()[0][index].astype(np.intp), axis=3)  # [S, 16, 2, 8]
+    q = (q * (2 * l + 1).astype(F)[:, :, None, None]).reshape(S, 256)
+    sumqx, sumq2 = seqsum(w * q * x), seqsum(w * q * q)
+    d = np.where(sumq2 > 0, sumqx / np.where(sumq2 > 0, sumq2, F(1)), d).astype(F)
+    s = (d * F(1.1125)).astype(np.float16).view(np.uint16).astype(np.int64)
+    sc = (l.reshape(S, 4, 4) << (3 * np.arange(4))).sum(axis=2)
+    sc |= ((s[:, None] >> (4 * np.arange(4))) & 0xF) << 12  # d's nibbles, lowest first
+    out = np.empty((S, 56), np.uint8)
+    out[:, :32] = (index & 255).reshape(S, 32)
+    out[:, 32:48] = (index[:, :, 0] >> 8) | ((index[:, :, 1] >> 8) << 4) | np.where(has[:, None], SIGN_BITS[code], 0)
+    out[:, 48:] = np.where(has[:, None], sc, 0).astype("<u2").view(np.uint8).reshape(S, 8)
     return out
 
 
@@ -225,22 +289,30 @@ def quantize(kind: str, rows: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     if kind == "IQ1_S" and qw is None:
         raise ValueError("IQ1_S: importance weights are required (ggml cannot quantize it without them)")
     x = rows.reshape(-1, 256)
-    out = _iq1_s(x, _weights(x, qw, nrows))
+    out = (_iq1_s if kind == "IQ1_S" else _iq1_m)(x, _weights(x, qw, nrows))
     return out.reshape(nrows, -1)
 
 
-def _grid_values() -> np.ndarray:
-    return (_lattice()[0].astype(F) - F(1))  # [2048, 8]: level - 1
-
-
 def dequantize(kind: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
+    """dequantize_row_iq1_s / dequantize_row_iq1_m: d * (2s+1) * (grid value + delta)."""
     b = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, BYTES[kind])
     S = b.shape[0]
-    g = _grid_values()
-    d = b[:, :2].copy().view(np.float16).astype(F)  # [S, 1]
-    qh = b[:, 34:].copy().view("<u2").astype(np.int64)  # [S, 8]
-    index = b[:, 2:34].reshape(S, 8, 4).astype(np.int64) | (((qh[:, :, None] >> (3 * np.arange(4))) & 7) << 8)
-    dl = d * (2 * ((qh >> 12) & 7) + 1).astype(F)
-    delta = np.where(qh & 0x8000, -DELTA, DELTA).astype(F)
-    v = dl[:, :, None, None] * (g[index] + delta[:, :, None, None])
+    g = _lattice()[0].astype(F) - F(1)  # [2048, 8]: level - 1
+    if kind == "IQ1_S":
+        d = b[:, :2].copy().view(np.float16).astype(F)  # [S, 1]
+        qh = b[:, 34:].copy().view("<u2").astype(np.int64)  # [S, 8 blocks]
+        index = b[:, 2:34].reshape(S, 8, 4) | (((qh[:, :, None] >> (3 * np.arange(4))) & 7) << 8)
+        s = (qh >> 12) & 7
+        negative = np.repeat((qh & 0x8000)[:, :, None] != 0, 4, axis=2)
+    else:
+        sc = b[:, 48:].copy().view("<u2").astype(np.int64)  # [S, 4]
+        bits = ((sc >> 12) << (4 * np.arange(4))).sum(axis=1)  # the f16 d, from the top nibbles
+        d = bits.astype(np.uint16).view(np.float16).astype(F)[:, None]
+        qh = b[:, 32:48].astype(np.int64)[:, :, None] >> (4 * np.arange(2))  # [S, 16 blocks, group]
+        index = b[:, :32].reshape(S, 16, 2) | ((qh & 7) << 8)
+        s = ((sc[:, :, None] >> (3 * np.arange(4))) & 7).reshape(S, 16)
+        negative = (qh & 0x08) != 0
+    dl = d * (2 * s + 1).astype(F)  # [S, blocks]
+    delta = np.where(negative, -DELTA, DELTA).astype(F)  # [S, blocks, groups]
+    v = dl[:, :, None, None] * (g[index] + delta[:, :, :, None])
     return v.reshape(-1, n_per_row)
