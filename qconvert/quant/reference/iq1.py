@@ -19,7 +19,7 @@ The search, per block of n (32 or 16), every sum in float32 and in the order wri
 - the values are sorted by glibc's qsort, whose merge sort keeps equal values (and -0 against +0)
   in index order, exactly numpy's stable argsort for values without NaN;
 - every split i1 <= i2 of the sorted values into levels 0, 1, 2 (i1 outer, i2 inner) is scored
-  from prefix sums in sorted order. IQ1_S: for delta + then -,
+  from prefix sums in sorted order (every expression left to right). IQ1_S: for delta + then -,
   sumqx = (sx[i1] - sx[0])*v0 + (sx[i2] - sx[i1])*v1 + (sx[n] - sx[i2])*v2 and likewise sumq2 with
   (sw[.] - sw[.])*v*v. IQ1_M keeps prefix sums per half (the other half's entry copied) and, per
   half h, qx = tx_h*v2 - (px_h[i1] + px_h[i2]) and q2 = tw_h*v2*v2 + pw_h[i1]*c1 + pw_h[i2]*c2
@@ -31,8 +31,11 @@ The search, per block of n (32 or 16), every sum in float32 and in the order wri
 - a group of 8 levels off the grid takes the neighbour nearest in sum_i w_i (scale*v[l_i] - x_i)^2
   (summed in coordinate order, the first on ties); when some group moved, the scale is refit by
   least squares over the block, only if both sums are > 0;
-- IQ1_S: d = max_scale / 15 stored as f16(d * 1.125); s = clamp(nearest_int(0.5 * (id*s_b - 1)),
-  0, 7), id = 1/d; all scales 0: d 0 and no scale bits.
+- the block scales s_b become s = clamp(nearest_int(0.5 * (id*s_b - 1)), 0, 7) with id = 1/d,
+  d = max_scale / 15. IQ1_S stores f16(d * 1.125). IQ1_M refits d by least squares over the
+  super-block with the final values v[l]*(2s+1) (zero blocks included, at grid point 0 with sign +;
+  only if sumq2 > 0) and stores f16(d * 1.1125). When every scale is 0 only the indexes are
+  written (no d, scale or sign bits).
 ggml's fallback when no neighbour's distance is below FLT_MAX reads x at the grid index, past the
 block (and aborts if that finds nothing); it needs w * diff^2 to overflow float for every neighbour,
 far beyond what the f16 d holds, and its bytes depend on memory outside the row: we scan the grid
