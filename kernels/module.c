@@ -35,6 +35,8 @@ static const qtype QTYPES[] = {
     {"IQ2_S", 256, 82, qk_quantize_iq2_s, qk_dequantize_iq2_s, QK_LAT_IQ2_S, 0},
     {"IQ3_XXS", 256, 98, qk_quantize_iq3_xxs, qk_dequantize_iq3_xxs, QK_LAT_IQ3_XXS, 0},
     {"IQ3_S", 256, 110, qk_quantize_iq3_s, qk_dequantize_iq3_s, QK_LAT_IQ3_S, 0},
+    {"IQ1_S", 256, 50, qk_quantize_iq1_s, qk_dequantize_iq1_s, QK_LAT_IQ1, 1},
+    {"IQ1_M", 256, 56, qk_quantize_iq1_m, qk_dequantize_iq1_m, QK_LAT_IQ1, 0},
 };
 
 static const qtype *find_qtype(const char *name) {

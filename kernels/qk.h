@@ -67,6 +67,8 @@ QK_DECLARE(iq3_s)
 QK_DECLARE(iq2_xxs)
 QK_DECLARE(iq2_xs)
 QK_DECLARE(iq2_s)
+QK_DECLARE(iq1_s)
+QK_DECLARE(iq1_m)
 
 /* quantize rows of super-blocks of 256: fn(x, its importance weights or NULL, its block) for
  * each, blocks of `bytes` bytes in row order */

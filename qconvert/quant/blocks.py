@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, iq2, iq3, iq4_nl, kquants, lattice, legacy, q8_0, ternary
+from qconvert.quant.reference import floats, iq1, iq2, iq3, iq4_nl, kquants, lattice, legacy, q8_0, ternary
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -309,6 +309,25 @@ class IQ2_S(Blocks):
     lattice = "IQ2_S"  # ggml quantizes it without importance weights too
     overflow = 65504.0 * 15.5 * 0.25 * 43  # see IQ2_XXS
     reference = _by_name(iq2, "IQ2_S")
+
+
+class IQ1_S(Blocks):
+    name, ggml = "IQ1_S", GT.IQ1_S
+    lattice = "IQ1"
+    needs_imatrix = True
+    # the largest value it stores is 65504 * 15 * 1.125 (f16 d, block scale 2*7+1, grid value
+    # 1 + delta 0.125); beyond, d overflows
+    overflow = 65504.0 * 15 * 1.125
+    reference = _by_name(iq1, "IQ1_S")
+
+
+class IQ1_M(Blocks):
+    name, ggml = "IQ1_M", GT.IQ1_M
+    lattice = "IQ1"  # quantize_row_iq1_m_impl has a path without importance weights (x^2)
+    overflow = 65504.0 * 15 * 1.125  # see IQ1_S
+    reference = _by_name(iq1, "IQ1_M")
+
+
 
 
 def get(name: str) -> type[BlockType]:

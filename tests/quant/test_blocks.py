@@ -18,6 +18,10 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
     ties[:, ::32] = 127.0  # amax 127 -> id 1: every x*id lands exactly on a .5 tie of roundf
     outlier = rng.normal(size=(16, n)).astype(np.float32)
     outlier[np.arange(16), rng.integers(0, n, 16)] = 1e4
+    rep = np.random.default_rng(2)  # its own stream: the cases above stay as they were
+    repeats = rep.integers(-3, 4, size=(16, n)).astype(np.float32)
+    repeats[:8] = np.where(repeats[:8] == 0, rep.choice(np.array([0.0, -0.0], np.float32), size=(8, n)), repeats[:8])
+    repeats[8:] = rep.choice(np.array([0.3, 1.0], np.float32), size=(8, n))
     return {
         "gaussian": rng.normal(size=(16, n)).astype(np.float32),
         "student_t": rng.standard_t(2.0, size=(16, n)).astype(np.float32),
@@ -42,11 +46,14 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
         # GROUP_MAX_EPS thresholds (1e-15; IQ2_S 1e-8) and weights that underflow
         "near_eps": (rng.normal(size=(16, n)) * np.repeat(10.0 ** rng.uniform(-17, -6, (16, n // 16)), 16, axis=1)
                      ).astype(np.float32),
+        # few distinct values, +0 and -0 among them: the IQ1 types sort a block, and the order of
+        # equal values (glibc's qsort keeps index order) and neighbour-search ties change their bytes
+        "repeats": repeats,
     }
 
 
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
-               "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S"]
+               "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 
 # cases on which ggml_quantize_chunk aborts the process (GGML_ASSERT), so they cannot be compared
 # with it: for "huge" the i-quants' squared weights overflow to inf and the neighbour search finds
@@ -92,8 +99,7 @@ def test_every_type_is_ggml(kind, imatrix):
 def test_needs_imatrix(kind):
     """ggml_quantize_requires_imatrix types: refused without importance weights at every door
     (ggml_quantize_chunk aborts the process instead, so it is not called here)."""
-    bt = blocks.get(kind)
-    kernel_ready(kind)
+    bt = kernel_ready(kind)
     rows = cases(256)["gaussian"]
     with pytest.raises(ValueError, match="importance weights are required"):
         bt.quantize(rows)
@@ -101,6 +107,21 @@ def test_needs_imatrix(kind):
         bt.reference.quantize(rows, None)
     with pytest.raises(ValueError, match="importance weights are required"):
         _kernels.quantize(kind, rows, np.empty((16, bt.nbytes((1, 256))), np.uint8), 16, 256, 1, None)
+
+
+@pytest.mark.parametrize("kind", ["IQ1_S", "IQ1_M"])
+def test_blocks_without_importance(kind):
+    """Importance weights 0 over whole blocks: no split of the block has sumq2 > 0, and ggml
+    leaves it a zero block (IQ1_M's d refit still counts it)."""
+    bt = blocks.get(kind)
+    qw = importance(512)
+    qw[:64] = 0  # blocks 0-1 of IQ1_S, 0-3 of IQ1_M
+    qw[300:316] = 0
+    for case in ("gaussian", "repeats"):
+        rows = cases(512)[case]
+        expect = ggml_quantize(int(bt.ggml), rows, qw)
+        assert np.array_equal(bt.quantize(rows, 2, qw), expect), case
+        assert np.array_equal(bt.reference.quantize(rows, qw), expect), case
 
 
 @pytest.mark.parametrize("kind", QUANT_TYPES)
