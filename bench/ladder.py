@@ -8,7 +8,7 @@ tensor, llama-quantize's file carrying the imatrix keys besides). With --eval N,
 scores qconvert's calibrated files on N chunks of northangerabbey.txt against the float model
 and prints its table; --plot FILE keeps its picture. With --plain, every file is also made
 without an importance matrix by both (`--no-calib`; llama-quantize without --imatrix) and
-compared the same way (q2_k_s and iq3_xs left out: llama-quantize refuses them).
+compared the same way (the mixtures llama-quantize writes only from an importance matrix left out).
 
 usage: python bench/ladder.py [--model smollm2-135m] [--ladder q2_k,q3_k_m,...] [--eval 16] [--plot ladder.png]
                               [--plain]
@@ -65,7 +65,7 @@ def main() -> None:
         label = {p.name.rsplit("-", 1)[-1][:-len(".gguf")].lower(): p for p in (tmp / "given").iterdir()}
         same = {name: identical(label[name], ref[name], RECIPES[name].quantizes_like_llama_quantize) for name in ladder}
         if args.plain:
-            plain = [name for name in ladder if name not in ("q2_k_s", "iq3_xs")]
+            plain = [name for name in ladder if not RECIPES[name].needs_imatrix]
             subprocess.run(qconvert_cmd() + [str(src), "--to", ",".join(plain), "-o", str(tmp / "plain"), "-q",
                                              "--no-calib"], check=True)
             mine = {p.name.rsplit("-", 1)[-1][:-len(".gguf")].lower(): p for p in (tmp / "plain").iterdir()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qconvert.errors import UsageError
-from qconvert.quant.recipes import NOT_YET, RECIPES, Recipe
+from qconvert.quant.recipes import RECIPES, Recipe
 
 CALIBRATION = ("calib", "calib_samples", "calib_seq_len", "seed")  # how calibration text becomes samples
 MIXTURE = ("no_calib", "imatrix", "exact_calib", "tensor_type", "output_tensor_type", "token_embedding_type",
@@ -92,9 +92,6 @@ def parse(spec: str) -> list[Target]:
         name = part.strip().lower()
         if not name:
             continue
-        if name in NOT_YET:
-            raise UsageError(f"--to {name}: not available yet; it needs {', '.join(sorted(NOT_YET[name]))} tensors, "
-                             "which qconvert cannot quantize yet")
         if name not in TARGETS:
             raise UsageError(f"--to: unknown target {part.strip()!r}; known: {', '.join(TARGETS)}, and the sets "
                              f"{', '.join(SETS)}")

@@ -311,6 +311,24 @@ def test_failure_after_planning_leaves_no_directory(model, tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("recipe,value", [("q8_0", 1e7), ("iq3_s", 4e7), ("iq2_s", 2e7), ("iq1_m", 2e6)])
+def test_values_a_type_cannot_store_are_refused(recipe, value, tiny, tmp_path, capsys):
+    """Beyond a type's largest magnitude its f16 scale overflows (and from ~1e12 ggml's lattice
+    search aborts the process): refused, naming the tensor, the value and the type, no file left."""
+    from safetensors.torch import load_file, save_file
+
+    model = copy_model(tiny("llama-wide"), tmp_path / "m")
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.layers.2.mlp.up_proj.weight"][3, 7] = -value
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    calib = {"q8_0": [], "iq3_s": ["--no-calib"]}.get(recipe, ["--calib-samples", "2", "--calib-seq-len", "16"])
+    code, _, err = run_cli([model, "--to", recipe, *calib, "-o", out / "x.gguf"], capsys)
+    assert code == 3, err
+    one_line_error(err, "model.layers.2.mlp.up_proj.weight", f"{value:.4g}", "--to " + recipe)
+    assert not out.exists() or files_in(out) == []
+
+
 # 9. messages: one line, plain text, brackets kept ---------------------------------------------
 
 def test_brackets_in_paths_and_messages_survive(tmp_path, capsys, tiny):

@@ -47,6 +47,7 @@ class Recipe:
     summary: str
     choose: Callable[[PlannedTensor], type[BlockType]] | None = None  # convert_hf_to_gguf.py-style
     default: type[BlockType] | None = None  # llama-quantize-style: the mixture's base type
+    needs_imatrix: bool = False  # llama-quantize writes it only from an importance matrix
 
     @property
     def quantizes_like_llama_quantize(self) -> bool:
@@ -288,7 +289,7 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
 # the other types its rules can choose besides Q6_K / Q8_0 for the output, summary)
 _LADDER = [
     ("q2_k", "MOSTLY_Q2_K", "Q2_K", ("Q3_K", "Q4_K"), "2.6-3 bits per weight, K-quant mixture"),
-    ("q2_k_s", "MOSTLY_Q2_K_S", "Q2_K", ("Q4_K",), "2.6 bits per weight, K-quant mixture (needs an importance matrix)"),
+    ("q2_k_s", "MOSTLY_Q2_K_S", "Q2_K", ("Q4_K",), "2.6 bits per weight, K-quant mixture"),
     ("q3_k_s", "MOSTLY_Q3_K_S", "Q3_K", (), "3.4 bits per weight, K-quant"),
     ("q3_k_m", "MOSTLY_Q3_K_M", "Q3_K", ("Q4_K", "Q5_K"), "3.7-3.9 bits per weight, K-quant mixture"),
     ("q3_k_l", "MOSTLY_Q3_K_L", "Q3_K", ("Q5_K",), "4-4.3 bits per weight, K-quant mixture"),
@@ -303,16 +304,24 @@ _LADDER = [
     ("q6_k", "MOSTLY_Q6_K", "Q6_K", (), "6.6 bits per weight, K-quant"),
     ("iq4_nl", "MOSTLY_IQ4_NL", "IQ4_NL", ("Q5_K",), "4.5 bits per weight, non-linear levels"),
     ("iq4_xs", "MOSTLY_IQ4_XS", "IQ4_XS", ("Q5_K",), "4.25 bits per weight, non-linear levels, super-blocks"),
-    ("iq3_xxs", "MOSTLY_IQ3_XXS", "IQ3_XXS", ("IQ3_S", "IQ2_S", "Q3_K", "Q4_K"), "3.1 bits per weight, lattice"),
-    ("iq3_xs", "MOSTLY_IQ3_XS", "IQ3_S", ("IQ3_XXS", "Q4_K"), "3.3 bits per weight, lattice mixture"),
+    ("iq3_xxs", "MOSTLY_IQ3_XXS", "IQ3_XXS", ("IQ3_S", "IQ2_S", "Q3_K", "Q4_K"),
+     "3.1 bits per weight, lattice"),
+    ("iq3_xs", "MOSTLY_IQ3_XS", "IQ3_S", ("IQ3_XXS", "Q4_K"),
+     "3.3 bits per weight, lattice mixture"),
     ("iq3_s", "MOSTLY_IQ3_S", "IQ3_S", ("Q4_K",), "3.4 bits per weight, lattice"),
     ("iq3_m", "MOSTLY_IQ3_M", "IQ3_S", ("Q4_K",), "3.7 bits per weight, lattice mixture"),
-    ("iq2_xxs", "MOSTLY_IQ2_XXS", "IQ2_XXS", ("Q2_K", "Q4_K", "Q5_K"), "2.1 bits per weight, lattice"),
-    ("iq2_xs", "MOSTLY_IQ2_XS", "IQ2_XS", ("Q2_K", "Q4_K", "Q5_K"), "2.3 bits per weight, lattice"),
-    ("iq2_s", "MOSTLY_IQ2_S", "IQ2_XS", ("IQ3_S", "Q4_K", "Q5_K"), "2.5 bits per weight, lattice mixture"),
-    ("iq2_m", "MOSTLY_IQ2_M", "IQ2_S", ("IQ3_S", "Q4_K", "Q5_K"), "2.7 bits per weight, lattice mixture"),
-    ("iq1_s", "MOSTLY_IQ1_S", "IQ1_S", ("IQ2_XXS", "Q2_K", "Q4_K", "Q5_K"), "1.6 bits per weight, lattice"),
-    ("iq1_m", "MOSTLY_IQ1_M", "IQ1_M", ("IQ2_XXS", "Q2_K", "Q4_K", "Q5_K"), "1.75 bits per weight, lattice"),
+    ("iq2_xxs", "MOSTLY_IQ2_XXS", "IQ2_XXS", ("Q2_K", "Q4_K", "Q5_K"),
+     "2.1 bits per weight, lattice"),
+    ("iq2_xs", "MOSTLY_IQ2_XS", "IQ2_XS", ("Q2_K", "Q4_K", "Q5_K"),
+     "2.3 bits per weight, lattice"),
+    ("iq2_s", "MOSTLY_IQ2_S", "IQ2_XS", ("IQ3_S", "Q4_K", "Q5_K"),
+     "2.5 bits per weight, lattice mixture"),
+    ("iq2_m", "MOSTLY_IQ2_M", "IQ2_S", ("IQ3_S", "Q4_K", "Q5_K"),
+     "2.7 bits per weight, lattice mixture"),
+    ("iq1_s", "MOSTLY_IQ1_S", "IQ1_S", ("IQ2_XXS", "Q2_K", "Q4_K", "Q5_K"),
+     "1.6 bits per weight, lattice"),
+    ("iq1_m", "MOSTLY_IQ1_M", "IQ1_M", ("IQ2_XXS", "Q2_K", "Q4_K", "Q5_K"),
+     "1.75 bits per weight, lattice"),
     ("tq1_0", "MOSTLY_TQ1_0", "TQ1_0", ("Q4_K",), "1.7 bits per weight, ternary"),
     ("tq2_0", "MOSTLY_TQ2_0", "TQ2_0", ("Q4_K",), "2.1 bits per weight, ternary"),
 ]
@@ -329,21 +338,26 @@ def _needs(default: str, extra: tuple[str, ...]) -> set[str]:
         out |= more
 
 
-def _ladder() -> tuple[list[Recipe], dict[str, set[str]]]:
-    """The mixtures whose every tensor type has kernels here, and the others with what they lack."""
-    ready, missing = [], {}
+_NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
+
+
+def _ladder() -> list[Recipe]:
+    """Every mixture of the table; each tensor type it can write must have a block type here."""
+    out = []
     for name, ftype, default, extra, summary in _LADDER:
         lacking = {n for n in _needs(default, extra) if n not in blocks.REGISTRY}
         if lacking:
-            missing[name] = lacking
-        else:
-            ready.append(Recipe(name, name.upper(), LlamaFileType[ftype], summary, default=blocks.get(default)))
-    return ready, missing
+            raise ImportError(f"recipe {name} writes {', '.join(sorted(lacking))}, which have no block type")
+        # tensor_requires_imatrix names one of its types (Q2_K only in a q2_k_s file)
+        needs = name == "q2_k_s" or bool(_needs(default, extra) & set(_NEEDS_IMATRIX))
+        if needs:
+            summary += " (needs an importance matrix)"
+        out.append(Recipe(name, name.upper(), LlamaFileType[ftype], summary, default=blocks.get(default),
+                          needs_imatrix=needs))
+    return out
 
 
-_READY, NOT_YET = _ladder()
-RECIPES: dict[str, Recipe] = {r.name: r for r in sorted([*_FLOATS, *_READY], key=lambda r: r.name)}
-_NEEDS_IMATRIX = ("IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S")
+RECIPES: dict[str, Recipe] = {r.name: r for r in sorted([*_FLOATS, *_ladder()], key=lambda r: r.name)}
 
 
 def requires_imatrix(name: str, kind: type[BlockType], recipe: Recipe) -> bool:

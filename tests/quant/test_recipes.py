@@ -17,10 +17,7 @@ from qconvert.quant.recipes import RECIPES, Overrides, use_more_bits
 from tests.helpers import convert_to, one_line_error, run_cli
 
 FTYPES = {r.name: int(r.file_type) for r in RECIPES.values() if r.quantizes_like_llama_quantize}
-# llama-quantize writes these without an importance matrix: not q2_k_s (its Q2_K), nor a mixture
-# with tensors of a type tensor_requires_imatrix names (iq3_xs's IQ3_XXS, the IQ2/IQ1 mixtures)
-PLAIN = [r for r in FTYPES if r not in ("q2_k_s", "iq3_xs") and not RECIPES[r].default.needs_imatrix
-         and RECIPES[r].default.name not in ("IQ3_XXS", "IQ2_S", "IQ1_M")]
+PLAIN = [r for r in FTYPES if not RECIPES[r].needs_imatrix]  # llama-quantize writes these without one
 
 
 def llama_quantize(src, dst, ftype: int, **params) -> None:
@@ -93,16 +90,6 @@ def test_iq3_xs_needs_an_importance_matrix(tiny, tmp_path, capsys):
     assert code == 2
     one_line_error(err, "--to iq3_xs", "as IQ3_XXS only from an importance matrix", "--no-calib")
     assert not (tmp_path / "x.gguf").exists()
-
-
-def test_ladder_types_without_kernels_are_usage_errors(tiny, tmp_path, capsys):
-    from qconvert.quant.recipes import NOT_YET
-
-    for name in NOT_YET:
-        code, _, err = run_cli([tiny("llama"), "--to", f"q8_0,{name}", "-o", tmp_path], capsys)
-        assert code == 2
-        one_line_error(err, f"--to {name}: not available yet")
-    assert not list(tmp_path.iterdir())
 
 
 def test_the_mixture_varies_by_layer(tiny, tmp_path):
@@ -223,7 +210,22 @@ def llama_quantize_with_imatrix(src, dst, ftype, weights: dict[str, np.ndarray])
 @pytest.mark.parametrize("fmt,recipe", [(f, r) for r in FTYPES for f in ("gguf", "dat")
                                         if f == "gguf" or r in ("q4_k_m", "iq4_nl")])
 def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
-    src = tiny("llama-wide")
+    same_as_llama_quantize_with_imatrix(tiny("llama-wide"), recipe, fmt, tmp_path)
+
+
+NEEDS_IMATRIX = [r for r in FTYPES if r not in PLAIN]
+
+
+@pytest.mark.parametrize("family,recipe", [(f, r) for r in NEEDS_IMATRIX for f in ("llama-blocks", "qwen2")]
+                         + [("llama-80", r) for r in ("iq3_xxs", "iq2_s")])
+def test_mixtures_that_need_an_imatrix_on_other_shapes(family, recipe, tiny, tmp_path):
+    """The mixtures llama-quantize writes only from an importance matrix on other shapes and rules:
+    2 layers with rows of 384 (the fallbacks beside the lattice types), Qwen2 with rows of 64
+    (every tensor a fallback), 80 layers (the 70B rules; two mixtures, for time)."""
+    same_as_llama_quantize_with_imatrix(tiny(family), recipe, "gguf", tmp_path)
+
+
+def same_as_llama_quantize_with_imatrix(src, recipe, fmt, tmp_path) -> None:
     f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
     reader = GGUFReader(f32)
     quantizable = {t.name: int(t.shape[0]) for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2}
