@@ -30,6 +30,7 @@ static const qtype QTYPES[] = {
     {"IQ4_XS", 256, 136, qk_quantize_iq4_xs, qk_dequantize_iq4_xs, -1, 0},
     {"TQ1_0", 256, 54, qk_quantize_tq1_0, qk_dequantize_tq1_0, -1, 0},
     {"TQ2_0", 256, 66, qk_quantize_tq2_0, qk_dequantize_tq2_0, -1, 0},
+    {"Q1_0", 128, 18, qk_quantize_q1_0, qk_dequantize_q1_0, -1, 0},
     {"IQ2_XXS", 256, 66, qk_quantize_iq2_xxs, qk_dequantize_iq2_xxs, QK_LAT_IQ2_XXS, 1},
     {"IQ2_XS", 256, 74, qk_quantize_iq2_xs, qk_dequantize_iq2_xs, QK_LAT_IQ2_XS, 1},
     {"IQ2_S", 256, 82, qk_quantize_iq2_s, qk_dequantize_iq2_s, QK_LAT_IQ2_S, 0},

@@ -73,9 +73,10 @@ SETS: dict[str, tuple[str, ...]] = {
     "k-quants": _mixtures(lambda n: n.startswith("q") and "_k" in n and n != "q2_k_s"),
     "i-quants": _mixtures(lambda n: n.startswith("iq")),
     "legacy-quants": (*_mixtures(lambda n: n in ("q4_0", "q4_1", "q5_0", "q5_1")), "q8_0"),
-    # every GGUF file but f32 (the reference) and the ternary types (for models trained ternary)
+    # every GGUF file but f32 (the reference), the ternary types and q1_0's signs (for models
+    # trained ternary or binary; q1_0 also stops on rows that fit no block of 128)
     "all-gguf": tuple(t.name for t in TARGETS.values()
-                      if t.kind == "gguf" and t.name not in ("f32", "tq1_0", "tq2_0")),
+                      if t.kind == "gguf" and t.name not in ("f32", "tq1_0", "tq2_0", "q1_0")),
 }
 
 

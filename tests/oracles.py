@@ -38,6 +38,30 @@ def ggml_quantize(type_id: int, rows: np.ndarray, imatrix: np.ndarray | None = N
     return out
 
 
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's struct ggml_type_traits, up to the two functions."""
+
+    _fields_ = [("type_name", ctypes.c_char_p), ("blck_size", ctypes.c_int64),
+                ("blck_size_interleave", ctypes.c_int64), ("type_size", ctypes.c_size_t),
+                ("is_quantized", ctypes.c_bool), ("to_float", ctypes.c_void_p), ("from_float_ref", ctypes.c_void_p)]
+
+
+def ggml_dequantize(type_id: int, data: np.ndarray, n: int) -> np.ndarray:
+    """ggml's own to_float (ggml_get_type_traits(type)->to_float) over every block of `data`,
+    for the types gguf.quants cannot dequantize; float32 [size / n, n]."""
+    lib = ggml()
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    traits = lib.ggml_get_type_traits(type_id).contents
+    assert traits.to_float, f"ggml has no to_float for type {type_id}"
+    to_float = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)(traits.to_float)
+    data = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1)
+    k = data.size // traits.type_size * traits.blck_size
+    out = np.empty(k, np.float32)
+    to_float(data.ctypes.data, out.ctypes.data, k)
+    return out.reshape(-1, n)
+
+
 def llama_logits(path, ids: list[int]) -> np.ndarray:
     """llama.cpp's logits for every position of `ids`."""
     from llama_cpp import Llama

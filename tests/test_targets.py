@@ -41,7 +41,7 @@ def test_named_sets_expand_in_place(tiny, tmp_path, capsys):
     assert [t.name for t in targets.parse("q8_0,legacy-quants,gptq")] == ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1",
                                                                             "gptq"]
     assert {"q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"} <= set(targets.SETS["k-quants"])
-    assert "q2_k_s" not in targets.SETS["k-quants"] and "f32" not in targets.SETS["all-gguf"]
+    assert "q2_k_s" not in targets.SETS["k-quants"] and not {"f32", "tq1_0", "q1_0"} & set(targets.SETS["all-gguf"])
     assert set(targets.SETS["i-quants"]) == {n for n in targets.names("gguf") if n.startswith("iq")}
     for members in targets.SETS.values():
         assert members and set(members) <= set(targets.names("gguf"))

@@ -15,7 +15,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, iq1, iq2, iq3, iq4_nl, kquants, lattice, legacy, q8_0, ternary
+from qconvert.quant.reference import floats, iq1, iq2, iq3, iq4_nl, kquants, lattice, legacy, q1_0, q8_0, ternary
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -270,6 +270,14 @@ class TQ1_0(Blocks):
 class TQ2_0(Blocks):
     name, ggml = "TQ2_0", GT.TQ2_0
     reference = _by_name(ternary, "TQ2_0")
+
+
+class Q1_0(Blocks):
+    name, ggml = "Q1_0", GT.Q1_0
+    # d = mean |x| of 128 weights as f16: below 65504 the mean (with its float sum's rounding)
+    # stays below 65520, where f16 becomes inf; from there a block of large values overflows
+    overflow = 65504.0
+    reference = Ref(q1_0.quantize, q1_0.dequantize)  # ggml ignores importance weights for Q1_0
 
 
 class IQ3_XXS(Blocks):

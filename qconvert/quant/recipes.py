@@ -126,19 +126,23 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
+# Q1_0 (blocks of 128) has no entry, as in tensor_type_fallback: its rows either fit or
+# llama-quantize stops ("no tensor type fallback is defined for type q1_0"), and so does fallback()
 _FALLBACK = {**dict.fromkeys(("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"), "IQ4_NL"),
              **dict.fromkeys(("Q2_K", "Q3_K", "TQ1_0", "TQ2_0"), "Q4_0"), "Q4_K": "Q5_0", "Q5_K": "Q5_1",
              "Q6_K": "Q8_0"}
 
 
-def fallback(kind: type[BlockType], ncols: int) -> type[BlockType]:
+def fallback(kind: type[BlockType], ncols: int, where: str = "") -> type[BlockType]:
     """tensor_type_fallback: a 256-block type whose rows do not fit -> its 32-block stand-in,
-    and F16 when even that does not fit."""
+    and F16 when even that does not fit. `where` ("--to q1_0: blk.0.attn_k.weight") names the
+    tensor in the error for a type without a stand-in."""
     if ncols % kind.block == 0:
         return kind
     if kind.block > 32:
         if kind.name not in _FALLBACK:
-            raise UsageError(f"no fallback type for {kind.name} on rows of {ncols}")
+            raise UsageError(f"{where + ': ' if where else ''}rows of {ncols} fit no {kind.name} block of "
+                             f"{kind.block}, and llama-quantize has no fallback type for {kind.name}")
         kind = blocks.get(_FALLBACK[kind.name])
     return kind if ncols % kind.block == 0 else blocks.F16
 
@@ -185,7 +189,7 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
             return B.get("IQ3_S")
         if ftype in (F.MOSTLY_TQ1_0, F.MOSTLY_TQ2_0):
             return B.Q4_K
-        return new
+        return new  # q1_0's too: only Q2_0 (not here) joins the ternary types' Q4_K
     if ftype in _IQ2_FAMILY:
         iq3 = ftype in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M)
         if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
@@ -324,6 +328,9 @@ _LADDER = [
      "1.75 bits per weight, lattice"),
     ("tq1_0", "MOSTLY_TQ1_0", "TQ1_0", ("Q4_K",), "1.7 bits per weight, ternary"),
     ("tq2_0", "MOSTLY_TQ2_0", "TQ2_0", ("Q4_K",), "2.1 bits per weight, ternary"),
+    # no rule of llama_tensor_get_type names Q1_0: every tensor is Q1_0 but the output (Q6_K, or
+    # Q8_0 where its rows fit no block of 128)
+    ("q1_0", "MOSTLY_Q1_0", "Q1_0", (), "1.125 bits per weight, signs"),
 ]
 
 
@@ -394,5 +401,5 @@ def _llama_quantize_types(recipe: Recipe, tensors: list[PlannedTensor], shape: M
                 break
         if not manual and not o.pure:
             new = _bump(recipe.file_type, new, t, cat, shape, st)
-        out.append(fallback(new, t.shape[-1]))
+        out.append(fallback(new, t.shape[-1], f"--to {recipe.name}: {t.name}"))
     return out

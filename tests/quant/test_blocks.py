@@ -8,7 +8,7 @@ from gguf import GGMLQuantizationType as GT
 from qconvert import _kernels
 from qconvert.quant import blocks
 from qconvert.quant.reference import floats, lattice, q8_0
-from tests.oracles import ggml_quantize
+from tests.oracles import ggml_dequantize, ggml_quantize
 
 
 def cases(n: int = 256) -> dict[str, np.ndarray]:
@@ -53,7 +53,7 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
 
 
 QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
-               "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
+               "Q1_0", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 
 # cases on which ggml_quantize_chunk aborts the process (GGML_ASSERT), so they cannot be compared
 # with it: for "huge" the i-quants' squared weights overflow to inf and the neighbour search finds
@@ -141,11 +141,32 @@ def test_dequantize_is_gguf(kind):
     bt = kernel_ready(kind)
     rows = cases(512)["student_t"]
     data = ggml_quantize(int(bt.ggml), rows, importance(512) if bt.needs_imatrix else None)
-    expect = gguf.quants.dequantize(data, bt.ggml).reshape(rows.shape)
+    if kind == "Q1_0":  # gguf.quants has no Q1_0 dequantizer: ggml's own to_float
+        expect = ggml_dequantize(int(bt.ggml), data, 512)
+    else:
+        expect = gguf.quants.dequantize(data, bt.ggml).reshape(rows.shape)
     assert np.array_equal(bt.dequantize(data, rows.shape), expect)
     assert np.array_equal(bt.reference.dequantize(data.reshape(-1), 512).reshape(rows.shape), expect)
     out = np.empty(rows.shape, np.float32)
     _kernels.dequantize(kind, data.reshape(-1), out, rows.shape[0], 512, 2)
+    assert np.array_equal(out, expect)
+
+
+def test_q1_0_sums_in_index_order():
+    """Q1_0's d is the float sum of |x| in index order over 128: here 128.0625 then 127 x 2^-18,
+    each lost to rounding, so d = 1 + 2^-11 exactly, an f16 tie that goes down to 1.0 (a
+    pairwise sum keeps the small ones and rounds up). -0.0 is a positive sign, NaN a negative."""
+    rows = np.full((3, 128), 2.0 ** -18, np.float32)
+    rows[:, 0] = 128.0625
+    rows[1] *= -1
+    rows[1, 5] = -0.0
+    rows[2, 3] = np.nan
+    expect = ggml_quantize(int(GT.Q1_0), rows)
+    assert expect[0, :2].view(np.float16)[0] == 1.0 and expect[1, 2:4].tolist() == [32, 0]
+    assert np.array_equal(blocks.Q1_0.quantize(rows), expect)
+    assert np.array_equal(blocks.Q1_0.reference.quantize(rows, None), expect)
+    out = np.empty_like(expect)
+    _kernels.quantize("Q1_0", rows, out, 3, 128, 1, None)
     assert np.array_equal(out, expect)
 
 
