@@ -31,13 +31,14 @@ from qconvert.quant.recipes import RECIPES  # noqa: E402
 
 CALIB = Path(__file__).resolve().parents[1] / "qconvert" / "calibrate" / "data" / "emma.txt"
 SAMPLES, SEQ = 32, 512
-LADDER = [r.name for r in RECIPES.values() if r.quantizes_like_llama_quantize]
+# every mixture but q1_0, which (as llama-quantize) stops on rows that fit no block of 128 (SmolLM2's 576)
+LADDER = [r.name for r in RECIPES.values() if r.quantizes_like_llama_quantize and r.name != "q1_0"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--ladder", default=",".join(LADDER), help="comma-separated GGUF targets (default: every mixture)")
+    ap.add_argument("--ladder", default=",".join(LADDER), help="comma-separated GGUF targets (default: every mixture but q1_0)")
     ap.add_argument("--eval", type=int, default=0, help="score qconvert's files on this many chunks of 512 tokens")
     ap.add_argument("--plot", type=Path, help="with --eval: keep the ladder's picture here")
     ap.add_argument("--plain", action="store_true", help="also compare the files made without an importance matrix")

@@ -18,14 +18,25 @@ static void pack2(const uint8_t *L, uint8_t *qs) {
 /* ---- Q2_K: scales[16] (scale | min << 4), qs[64], f16 d, f16 dmin (84 bytes) ------------- */
 
 QK_CLONES static void q2_K_block(const float *x, const float *qw, uint8_t *y) {
-    uint8_t L[QK_K], Laux[16], Ls[16], Lm[16];
-    float scales[16], mins[16], weight[16], sw[16];
+    uint8_t L[QK_K], Ls[16], Lm[16];
+    float scales[16], mins[16], sw[16];
     uint8_t *sc = y, *qs = y + 16, *dh = y + 80, *dmh = y + 82;
     if (!qw) {
+        /* make_qkx2_quants (weights |x|, errors by magnitude) on the 16 sub-blocks, 8 at a time */
+        float X[32][QK_LANES], W[32][QK_LANES];
+        uint8_t LT[32][QK_LANES];
+        for (int h = 0; h < 2; ++h) {
+            for (int b = 0; b < QK_LANES; ++b)
+                for (int l = 0; l < 16; ++l) {
+                    X[l][b] = x[16 * (QK_LANES * h + b) + l];
+                    W[l][b] = fabsf(X[l][b]);
+                }
+            qk_make_qkx_lanes(16, X, W, 3, -0.5f, 0.1f, 15, 0, 1, scales + QK_LANES * h, mins + QK_LANES * h, LT);
+            for (int b = 0; b < QK_LANES; ++b)
+                for (int l = 0; l < 16; ++l) L[16 * (QK_LANES * h + b) + l] = LT[l][b];
+        }
         float max_scale = 0, max_min = 0;
         for (int j = 0; j < 16; ++j) {
-            for (int l = 0; l < 16; ++l) weight[l] = fabsf(x[16 * j + l]);
-            scales[j] = qk_make_qkx_quants(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 0, 1);
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -48,11 +59,22 @@ QK_CLONES static void q2_K_block(const float *x, const float *qw, uint8_t *y) {
         float sumx2 = 0;
         for (int j = 0; j < QK_K; ++j) sumx2 += x[j] * x[j];
         const float sigma2 = sumx2 / QK_K;
-        for (int j = 0; j < 16; ++j) {
-            sw[j] = 0;
-            for (int l = 0; l < 16; ++l) weight[l] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
-            for (int l = 0; l < 16; ++l) sw[j] += weight[l];
-            scales[j] = qk_make_qkx_quants(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 1, 0);
+        /* make_qkx3_quants on the 16 sub-blocks, 8 at a time, one per lane */
+        float X[32][QK_LANES], W[32][QK_LANES];
+        uint8_t LT[32][QK_LANES];
+        for (int h = 0; h < 2; ++h) {
+            for (int b = 0; b < QK_LANES; ++b) {
+                const int j = QK_LANES * h + b;
+                sw[j] = 0;
+                for (int l = 0; l < 16; ++l) {
+                    X[l][b] = x[16 * j + l];
+                    W[l][b] = qw[16 * j + l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
+                }
+                for (int l = 0; l < 16; ++l) sw[j] += W[l][b];
+            }
+            qk_make_qkx_lanes(16, X, W, 3, -0.9f, 0.05f, 36, 1, 0, scales + QK_LANES * h, mins + QK_LANES * h, LT);
+            for (int b = 0; b < QK_LANES; ++b)
+                for (int l = 0; l < 16; ++l) L[16 * (QK_LANES * h + b) + l] = LT[l][b];
         }
         qk_put_f16(dh, qk_make_qp_quants(16, 15, scales, Ls, sw));
         qk_put_f16(dmh, qk_make_qp_quants(16, 15, mins, Lm, sw));

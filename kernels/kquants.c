@@ -48,7 +48,7 @@ QK_CLONES static void kx_superblock(const float *x, const float *qw, int nmax, f
             const float av_x = sqrtf(sum_x2 / 32);
             for (int l = 0; l < 32; ++l) W[l][j] = av_x + fabsf(x[32 * j + l]);
         }
-        qk_make_qkx_lanes(X, W, nmax, rmin_ref, 0.1f, nstep_ref, 0, scales, mins, LT);
+        qk_make_qkx_lanes(32, X, W, nmax, rmin_ref, 0.1f, nstep_ref, 0, 0, scales, mins, LT);
         for (int j = 0; j < 8; ++j) {
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
@@ -75,7 +75,7 @@ QK_CLONES static void kx_superblock(const float *x, const float *qw, int nmax, f
             }
             sw[j] = sumw;
         }
-        qk_make_qkx_lanes(X, W, nmax, -0.9f, 0.05f, 36, 1, scales, mins, LT);
+        qk_make_qkx_lanes(32, X, W, nmax, -0.9f, 0.05f, 36, 1, 0, scales, mins, LT);
         const float d_block = qk_make_qp_quants(8, 63, scales, Ls, sw);
         const float m_block = qk_make_qp_quants(8, 63, mins, Lm, sw);
         for (int j = 0; j < 8; ++j) put_scale_min(scales12, j, QK_MIN(63, Ls[j]), QK_MIN(63, Lm[j]));

@@ -1,6 +1,6 @@
 /* qk_make_qkx_lanes in AVX2 intrinsics: one __m256 holds the 8 lanes, so every operation is
  * the scalar code's operation on 8 blocks at once, in the same order (sums still run over
- * i = 0..31, no FMA): the bytes equal search.h's plain C, which remains the fallback. */
+ * i = 0..n-1, no FMA): the bytes equal search.h's plain C, which remains the fallback. */
 #include <stdlib.h>
 #include "qk.h"
 
@@ -17,15 +17,16 @@ __attribute__((target("avx2"))) static inline __m256i clamp8(__m256i l, __m256i 
 }
 
 __attribute__((target("avx2")))
-void qk_make_qkx_lanes_avx2(const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax, float rmin,
-                            float rdelta, int nstep, int v3, float *scale_out, float *the_min_out,
+void qk_make_qkx_lanes_avx2(int n, const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax, float rmin,
+                            float rdelta, int nstep, int v3, int mad, float *scale_out, float *the_min_out,
                             uint8_t L[32][QK_LANES]) {
     const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), fnmax = _mm256_set1_ps((float)nmax);
     const __m256i inmax = _mm256_set1_epi32(nmax);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 mn = _mm256_loadu_ps(X[0]), mx = mn;
     __m256 sum_w = _mm256_loadu_ps(W[0]);
     __m256 sum_x = _mm256_mul_ps(sum_w, mn);
-    for (int i = 1; i < 32; ++i) {
+    for (int i = 1; i < n; ++i) {
         const __m256 x = _mm256_loadu_ps(X[i]), w = _mm256_loadu_ps(W[i]);
         mn = _mm256_blendv_ps(mn, x, _mm256_cmp_ps(x, mn, _CMP_LT_OQ));
         mx = _mm256_blendv_ps(mx, x, _mm256_cmp_ps(x, mx, _CMP_GT_OQ));
@@ -38,12 +39,12 @@ void qk_make_qkx_lanes_avx2(const float X[32][QK_LANES], const float W[32][QK_LA
     __m256 scale = _mm256_div_ps(one, iscale);
     __m256 best = zero, minv = mn;
     __m256i LI[32], Laux[32];
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < n; ++i) {
         const __m256 x = _mm256_loadu_ps(X[i]);
         const __m256i l = clamp8(nearest_int8(_mm256_mul_ps(iscale, _mm256_sub_ps(x, mn))), inmax);
         LI[i] = l;
         __m256 diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, _mm256_cvtepi32_ps(l)), mn), x);
-        diff = _mm256_mul_ps(diff, diff);
+        diff = mad ? _mm256_andnot_ps(sign, diff) : _mm256_mul_ps(diff, diff);
         best = _mm256_add_ps(best, _mm256_mul_ps(_mm256_loadu_ps(W[i]), diff));
     }
     for (int is = 0; is <= nstep; ++is) {
@@ -51,7 +52,7 @@ void qk_make_qkx_lanes_avx2(const float X[32][QK_LANES], const float W[32][QK_LA
         const __m256 span = _mm256_sub_ps(mx, minv);
         iscale = _mm256_div_ps(num, _mm256_blendv_ps(span, one, _mm256_cmp_ps(span, zero, _CMP_EQ_OQ)));
         __m256 sum_l = zero, sum_l2 = zero, sum_xl = zero;
-        for (int i = 0; i < 32; ++i) {
+        for (int i = 0; i < n; ++i) {
             const __m256 x = _mm256_loadu_ps(X[i]), w = _mm256_loadu_ps(W[i]);
             const __m256i l = clamp8(nearest_int8(_mm256_mul_ps(iscale, _mm256_sub_ps(x, minv))), inmax);
             Laux[i] = l;
@@ -69,10 +70,10 @@ void qk_make_qkx_lanes_avx2(const float X[32][QK_LANES], const float W[32][QK_LA
         tm = _mm256_blendv_ps(tm, zero, pos);
         ts = _mm256_blendv_ps(ts, _mm256_div_ps(sum_xl, sum_l2), pos);
         __m256 err = zero;
-        for (int i = 0; i < 32; ++i) {
+        for (int i = 0; i < n; ++i) {
             const __m256 x = _mm256_loadu_ps(X[i]);
             __m256 diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(ts, _mm256_cvtepi32_ps(Laux[i])), tm), x);
-            diff = _mm256_mul_ps(diff, diff);
+            diff = mad ? _mm256_andnot_ps(sign, diff) : _mm256_mul_ps(diff, diff);
             err = _mm256_add_ps(err, _mm256_mul_ps(_mm256_loadu_ps(W[i]), diff));
         }
         const __m256 upd = _mm256_and_ps(valid, _mm256_cmp_ps(err, best, _CMP_LT_OQ));
@@ -81,11 +82,11 @@ void qk_make_qkx_lanes_avx2(const float X[32][QK_LANES], const float W[32][QK_LA
             scale = _mm256_blendv_ps(scale, ts, upd);
             minv = _mm256_blendv_ps(minv, tm, upd);
             const __m256i mask = _mm256_castps_si256(upd);
-            for (int i = 0; i < 32; ++i) LI[i] = _mm256_blendv_epi8(LI[i], Laux[i], mask);
+            for (int i = 0; i < n; ++i) LI[i] = _mm256_blendv_epi8(LI[i], Laux[i], mask);
         }
     }
     const __m256i dmask = _mm256_castps_si256(degenerate);
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < n; ++i) {
         int32_t tmp[8];
         _mm256_storeu_si256((__m256i *)(void *)tmp, _mm256_andnot_si256(dmask, LI[i]));
         for (int b = 0; b < QK_LANES; ++b) L[i][b] = (uint8_t)tmp[b];

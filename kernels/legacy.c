@@ -104,7 +104,7 @@ QK_INLINE void qkx_blocks(const float *x, const float *qw, float sigma2, int nma
             W[j][b] = w[j];
         }
     }
-    qk_make_qkx_lanes(X, W, nmax, -0.9f, 0.05f, 36, 1, d, min, L);
+    qk_make_qkx_lanes(32, X, W, nmax, -0.9f, 0.05f, 36, 1, 0, d, min, L);
 }
 
 QK_CLONES void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {

@@ -40,8 +40,8 @@ static inline int qk_nearest_int(float fval) {
 /* the 8-lane scale search in AVX2 (lanes_avx2.c), used when the CPU has it and
  * QCONVERT_NO_SIMD is not set; search.h's plain C computes the same bytes otherwise */
 int qk_have_avx2(void);
-void qk_make_qkx_lanes_avx2(const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax, float rmin,
-                            float rdelta, int nstep, int v3, float *scale_out, float *the_min_out,
+void qk_make_qkx_lanes_avx2(int n, const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax, float rmin,
+                            float rdelta, int nstep, int v3, int mad, float *scale_out, float *the_min_out,
                             uint8_t L[32][QK_LANES]);
 
 /* Every block type: quantize rows (qw: per-column importance or NULL), dequantize rows. */

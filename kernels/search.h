@@ -273,9 +273,9 @@ QK_INLINE int qk_best_index_int8(int n, const int8_t *val, float x) {
     return x - val[mu - 1] < val[mu] - x ? mu - 1 : mu;
 }
 
-/* make_qkx2/3_quants for QK_LANES independent blocks of 32 at once, block b in lane b of
+/* make_qkx2/3_quants for QK_LANES independent blocks of n <= 32 at once, block b in lane b of
  * X[i][b]. Each lane performs exactly the scalar function's float operations in the same order
- * (its sums still run i = 0..31); lanes only let the compiler use SIMD across blocks. */
+ * (its sums still run i = 0..n-1); lanes only let the compiler use SIMD across blocks. */
 
 /* Extremes of a block of 32, computed in 8 partial lanes so that they vectorize. A maximum or
  * minimum of non-NaN floats does not depend on the order it is taken in, except between +0 and
@@ -342,8 +342,8 @@ QK_INLINE int32_t qk_lane_int(float f) {
     return (u.i & 0x007fffff) - 0x00400000;
 }
 
-QK_INLINE void qk_make_qkx_lanes_c(const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax,
-                                     float rmin, float rdelta, int nstep, int v3, float *scale_out,
+QK_INLINE void qk_make_qkx_lanes_c(int n, const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax,
+                                     float rmin, float rdelta, int nstep, int v3, int mad, float *scale_out,
                                      float *the_min_out, uint8_t L[32][QK_LANES]) {
     float mn[QK_LANES], mx[QK_LANES], sum_w[QK_LANES], sum_x[QK_LANES];
     float iscale[QK_LANES], scale[QK_LANES], best[QK_LANES], minv[QK_LANES];
@@ -355,7 +355,7 @@ QK_INLINE void qk_make_qkx_lanes_c(const float X[32][QK_LANES], const float W[32
         sum_w[b] = W[0][b];
         sum_x[b] = sum_w[b] * X[0][b];
     }
-    for (int i = 1; i < 32; ++i) {
+    for (int i = 1; i < n; ++i) {
         for (int b = 0; b < QK_LANES; ++b) {
             mn[b] = X[i][b] < mn[b] ? X[i][b] : mn[b];
             mx[b] = X[i][b] > mx[b] ? X[i][b] : mx[b];
@@ -371,14 +371,14 @@ QK_INLINE void qk_make_qkx_lanes_c(const float X[32][QK_LANES], const float W[32
         best[b] = 0;
         minv[b] = mn[b];
     }
-    for (int i = 0; i < 32; ++i) {
+    for (int i = 0; i < n; ++i) {
         for (int b = 0; b < QK_LANES; ++b) {
             int32_t l = qk_lane_int(iscale[b] * (X[i][b] - mn[b]));
             l = l < 0 ? 0 : l;
             l = l > nmax ? nmax : l;
             LI[i][b] = l;
             float diff = scale[b] * (float)l + mn[b] - X[i][b];
-            diff = diff * diff;
+            diff = mad ? fabsf(diff) : diff * diff;
             best[b] += W[i][b] * diff;
         }
     }
@@ -388,7 +388,7 @@ QK_INLINE void qk_make_qkx_lanes_c(const float X[32][QK_LANES], const float W[32
             iscale[b] = (rmin + rdelta * (float)is + (float)nmax) / (span != 0 ? span : 1.0f);
             sum_l[b] = sum_l2[b] = sum_xl[b] = 0;
         }
-        for (int i = 0; i < 32; ++i) {
+        for (int i = 0; i < n; ++i) {
             for (int b = 0; b < QK_LANES; ++b) {
                 int32_t l = qk_lane_int(iscale[b] * (X[i][b] - minv[b]));
                 l = l < 0 ? 0 : l;
@@ -414,10 +414,10 @@ QK_INLINE void qk_make_qkx_lanes_c(const float X[32][QK_LANES], const float W[32
             tm[b] = this_min;
             err[b] = 0;
         }
-        for (int i = 0; i < 32; ++i) {
+        for (int i = 0; i < n; ++i) {
             for (int b = 0; b < QK_LANES; ++b) {
                 float diff = ts[b] * (float)Laux[i][b] + tm[b] - X[i][b];
-                diff = diff * diff;
+                diff = mad ? fabsf(diff) : diff * diff;
                 err[b] += W[i][b] * diff;
             }
         }
@@ -432,11 +432,11 @@ QK_INLINE void qk_make_qkx_lanes_c(const float X[32][QK_LANES], const float W[32
             any |= upd[b];
         }
         if (any)
-            for (int i = 0; i < 32; ++i)
+            for (int i = 0; i < n; ++i)
                 for (int b = 0; b < QK_LANES; ++b)
                     LI[i][b] = upd[b] ? Laux[i][b] : LI[i][b];
     }
-    for (int i = 0; i < 32; ++i)
+    for (int i = 0; i < n; ++i)
         for (int b = 0; b < QK_LANES; ++b) L[i][b] = (uint8_t)(degenerate[b] ? 0 : LI[i][b]);
     for (int b = 0; b < QK_LANES; ++b) {
         if (degenerate[b]) {
@@ -449,13 +449,13 @@ QK_INLINE void qk_make_qkx_lanes_c(const float X[32][QK_LANES], const float W[32
     }
 }
 
-QK_INLINE void qk_make_qkx_lanes(const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax, float rmin,
-                                 float rdelta, int nstep, int v3, float *scale_out, float *the_min_out,
+QK_INLINE void qk_make_qkx_lanes(int n, const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax, float rmin,
+                                 float rdelta, int nstep, int v3, int mad, float *scale_out, float *the_min_out,
                                  uint8_t L[32][QK_LANES]) {
     if (qk_have_avx2())
-        qk_make_qkx_lanes_avx2(X, W, nmax, rmin, rdelta, nstep, v3, scale_out, the_min_out, L);
+        qk_make_qkx_lanes_avx2(n, X, W, nmax, rmin, rdelta, nstep, v3, mad, scale_out, the_min_out, L);
     else
-        qk_make_qkx_lanes_c(X, W, nmax, rmin, rdelta, nstep, v3, scale_out, the_min_out, L);
+        qk_make_qkx_lanes_c(n, X, W, nmax, rmin, rdelta, nstep, v3, mad, scale_out, the_min_out, L);
 }
 
 #endif
