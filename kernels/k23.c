@@ -242,16 +242,16 @@ QK_CLONES static void q3_K_block(const float *x, const float *qw, uint8_t *y) {
             L[16 * j + ii] = (int8_t)(QK_MAX(-4, QK_MIN(3, l)) + 4);
         }
     }
+    /* levels 0..7: the high bit of element 32k + m goes to bit k of hmask[m], the low two to qs
+     * (branch-free, so it vectorizes over m) */
     memset(hmask, 0, 32);
     uint8_t U[QK_K];
-    for (int j = 0; j < QK_K; ++j) {
-        int l = L[j];
-        if (l > 3) {
-            hmask[j % 32] |= (uint8_t)(1 << (j / 32));
-            l -= 4;
+    for (int k = 0; k < 8; ++k)
+        for (int m = 0; m < 32; ++m) {
+            const uint8_t l = (uint8_t)L[32 * k + m];
+            hmask[m] |= (uint8_t)((l >> 2) << k);
+            U[32 * k + m] = l & 3;
         }
-        U[j] = (uint8_t)l;
-    }
     pack2(U, qs);
 }
 
