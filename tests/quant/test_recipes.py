@@ -21,6 +21,22 @@ FTYPES = {r.name: int(r.file_type) for r in RECIPES.values() if r.quantizes_like
 PLAIN = [r for r in FTYPES if not RECIPES[r].needs_imatrix]  # llama-quantize writes these without one
 
 
+def numpy_spared(cases: list) -> list:
+    """Under QCONVERT_PUREPYTHON=1 the numpy lattice searches take tens of seconds per tiny model:
+    there one mixture per lattice family runs (tests/quant/test_blocks.py holds every type's numpy
+    reference to ggml byte for byte), the others are the C pass's. Cases: recipe names or tuples
+    ending with one."""
+    keep = {"iq3_s", "iq2_xxs", "iq1_s"}
+    slow = pytest.mark.skipif(blocks.PURE_PYTHON, reason="lattice searches in numpy: see numpy_spared")
+    out = []
+    for case in cases:
+        recipe = case[-1] if isinstance(case, tuple) else case
+        if recipe.startswith(("iq1", "iq2", "iq3")) and recipe not in keep:
+            case = pytest.param(*(case if isinstance(case, tuple) else (case,)), marks=slow)
+        out.append(case)
+    return out
+
+
 def llama_quantize_status(src, dst, ftype: int, **params) -> int:
     import llama_cpp
 
@@ -41,7 +57,7 @@ def llama_quantize(src, dst, ftype: int, **params) -> None:
 STOPS = {("q1_0", f) for f in ("llama-tied", "qwen2", "gpt2", "gemma3")}
 
 
-@pytest.mark.parametrize("recipe", PLAIN)
+@pytest.mark.parametrize("recipe", numpy_spared(PLAIN))
 @pytest.mark.parametrize("family", ["llama-wide", "llama-tied", "qwen2", "gpt2", "gemma3"])
 def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_path):
     src = tiny(family)
@@ -118,7 +134,7 @@ def test_the_mixture_varies_by_layer(tiny, tmp_path):
     assert types["blk.0.attn_norm.weight"] == GT.F32
 
 
-@pytest.mark.parametrize("recipe", PLAIN)
+@pytest.mark.parametrize("recipe", numpy_spared(PLAIN))
 def test_overrides_match_llama_quantize(recipe, tiny, tmp_path):
     src = tiny("llama-wide")
     f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
@@ -223,8 +239,8 @@ def llama_quantize_with_imatrix(src, dst, ftype, weights: dict[str, np.ndarray])
     llama_quantize(src, dst, ftype, imatrix=ctypes.cast(arr, type(llama_cpp.llama_model_quantize_default_params().imatrix)))
 
 
-@pytest.mark.parametrize("fmt,recipe", [(f, r) for r in FTYPES for f in ("gguf", "dat")
-                                        if f == "gguf" or r in ("q4_k_m", "iq4_nl")])
+@pytest.mark.parametrize("fmt,recipe", numpy_spared([(f, r) for r in FTYPES for f in ("gguf", "dat")
+                                                     if f == "gguf" or r in ("q4_k_m", "iq4_nl")]))
 def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
     same_as_llama_quantize_with_imatrix(tiny("llama-wide"), recipe, fmt, tmp_path)
 
@@ -232,8 +248,10 @@ def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
 NEEDS_IMATRIX = [r for r in FTYPES if r not in PLAIN]
 
 
-@pytest.mark.parametrize("family,recipe", [(f, r) for r in NEEDS_IMATRIX for f in ("llama-blocks", "qwen2")]
-                         + [("llama-80", r) for r in ("iq3_xxs", "iq2_s")])
+@pytest.mark.parametrize("family,recipe", numpy_spared([(f, r) for r in NEEDS_IMATRIX for f in ("llama-blocks", "qwen2")]) + [
+    pytest.param("llama-80", r, marks=pytest.mark.skipif(blocks.PURE_PYTHON, reason="80 layers of lattice searches "
+                                                         "in numpy take minutes; the C run covers the rule"))
+    for r in ("iq3_xxs", "iq2_s")])
 def test_mixtures_that_need_an_imatrix_on_other_shapes(family, recipe, tiny, tmp_path):
     """The mixtures llama-quantize writes only from an importance matrix on other shapes and rules:
     2 layers with rows of 384 (the fallbacks beside the lattice types), Qwen2 with rows of 64
