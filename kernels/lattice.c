@@ -58,8 +58,8 @@ static int nearest_levels(const lattice_spec *s, const int *d2, int *levels) {
     return n;
 }
 
-/* writes the neighbour list of point i at out (count, then indexes) when out is not NULL;
- * returns its length without the count */
+/* writes the neighbour list of a point at out (count, then indexes); returns its length without
+ * the count */
 static int neighbour_list(const lattice_spec *s, const int *d2, uint16_t *out) {
     int levels[8];
     const int nlev = nearest_levels(s, d2, levels);
@@ -67,10 +67,10 @@ static int neighbour_list(const lattice_spec *s, const int *d2, uint16_t *out) {
     for (int l = 0; l < nlev; ++l)
         for (int j = 0; j < s->size; ++j)
             if (d2[j] == levels[l]) {
-                if (out) out[1 + n] = (uint16_t)j;
+                out[1 + n] = (uint16_t)j;
                 ++n;
             }
-    if (out) out[0] = (uint16_t)n;
+    out[0] = (uint16_t)n;
     return n;
 }
 
@@ -82,10 +82,12 @@ int qk_lattice_build(int which, const uint8_t *levels, int size, int dim) {
     int8_t *grid = aligned_alloc(8, (size_t)s->size * s->dim);
     int32_t *map = malloc((size_t)s->map_size * sizeof(int32_t));
     int *d2 = malloc((size_t)s->size * sizeof(int));
-    int32_t *count = malloc((size_t)s->map_size * sizeof(int32_t));
+    /* the off-grid points' lists in one pass; one list holds at most 1 + size entries, and the
+     * buffer doubles when the next one might not fit */
+    int64_t cap = (int64_t)s->map_size * 4 + s->size + 1, total = 0;
+    uint16_t *neighbours = malloc((size_t)cap * sizeof(uint16_t));
     uint16_t *index_of = malloc((size_t)s->size * sizeof(uint16_t));
-    uint16_t *neighbours = NULL;
-    if (!grid || !map || !d2 || !count || !index_of) goto fail;
+    if (!grid || !map || !d2 || !neighbours || !index_of) goto fail;
     for (int j = 0; j < s->size * s->dim; ++j) {
         if (levels[j] >> s->bits) goto fail;
         grid[j] = (int8_t)(2 * levels[j] + 1);
@@ -98,32 +100,25 @@ int qk_lattice_build(int which, const uint8_t *levels, int size, int dim) {
         map[index] = j;
         index_of[j] = (uint16_t)index;
     }
-    int64_t total = 0;
     for (int i = 0; i < s->map_size; ++i) {
         if (map[i] >= 0) continue;
+        if (total + 1 + s->size > cap) {
+            cap *= 2;
+            uint16_t *more = realloc(neighbours, (size_t)cap * sizeof(uint16_t));
+            if (!more) goto fail;
+            neighbours = more;
+        }
         distances(s, grid, i, d2);
-        count[i] = neighbour_list(s, d2, NULL);
-        total += 1 + count[i];
-    }
-    neighbours = malloc((size_t)total * sizeof(uint16_t));
-    if (!neighbours) goto fail;
-    int32_t offset = 0;
-    for (int i = 0; i < s->map_size; ++i) {
-        if (map[i] >= 0) continue;
-        distances(s, grid, i, d2);
-        neighbour_list(s, d2, neighbours + offset);
-        map[i] = -(offset + 1);
-        offset += 1 + count[i];
+        map[i] = -(int32_t)(total + 1);
+        total += 1 + neighbour_list(s, d2, neighbours + total);
     }
     free(d2);
-    free(count);
     built[which] = (qk_lattice){s->size, s->dim, grid, map, neighbours, index_of, s->map_size, (int32_t)total};
     return 0;
 fail:
     free(grid);
     free(map);
     free(d2);
-    free(count);
     free(index_of);
     free(neighbours);
     return -1;
