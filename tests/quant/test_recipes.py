@@ -19,6 +19,7 @@ from tests.helpers import convert_to, one_line_error, run_cli
 
 FTYPES = {r.name: int(r.file_type) for r in RECIPES.values() if r.quantizes_like_llama_quantize}
 PLAIN = [r for r in FTYPES if not RECIPES[r].needs_imatrix]  # llama-quantize writes these without one
+NEEDS_IMATRIX = [r for r in FTYPES if RECIPES[r].needs_imatrix]
 
 
 def numpy_spared(cases: list) -> list:
@@ -87,41 +88,35 @@ def test_eighty_layers_with_grouped_keys_are_a_70b(recipe, tiny, tmp_path):
     assert all(types[f"blk.{i}.attn_v.weight"] in (GT.Q5_K, GT.Q6_K) for i in range(80))
 
 
-def test_mixtures_that_need_an_importance_matrix_calibrate_and_refuse_no_calib(tiny, tmp_path, capsys):
-    """llama-quantize refuses q2_k_s without an importance matrix; qconvert calibrates by
-    default, and --no-calib is a usage error that says why, with nothing written."""
+# what each refusal says of the first tensor it names, where a test pins it
+FIRST_REFUSED = {"q2_k_s": "blk.0.attn_k.weight as Q2_K only from an importance matrix",
+                 "iq3_xs": "as IQ3_XXS only from an importance matrix"}
+
+
+@pytest.mark.parametrize("recipe", NEEDS_IMATRIX)
+def test_no_calib_is_refused_where_llama_quantize_refuses(recipe, tiny, tmp_path, capsys):
+    """llama-quantize refuses these mixtures without an importance matrix (ggml itself would
+    quantize IQ3_XXS and Q2_K): so does --to X --no-calib, a usage error that says why, with
+    nothing written."""
     import llama_cpp
 
     src = tiny("llama-wide")
     f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
     p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = FTYPES["q2_k_s"]
+    p.ftype = FTYPES[recipe]
     assert llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp_path / "ref.gguf").encode(), ctypes.byref(p)) != 0
-    code, _, err = run_cli([src, "--to", "q2_k_s", "--no-calib", "-o", tmp_path / "x.gguf"], capsys)
+    code, _, err = run_cli([src, "--to", recipe, "--no-calib", "-o", tmp_path / "x.gguf"], capsys)
     assert code == 2
-    one_line_error(err, "--to q2_k_s", "blk.0.attn_k.weight as Q2_K only from an importance matrix", "--no-calib")
+    one_line_error(err, f"--to {recipe}", FIRST_REFUSED.get(recipe, "only from an importance matrix"), "--no-calib")
     assert not (tmp_path / "x.gguf").exists()
-    code, out, err = run_cli([src, "--to", "q2_k_s", "--calib-samples", "4", "--calib-seq-len", "32", "-o",
-                              tmp_path / "x.gguf", "--json"], capsys)
+
+
+def test_mixtures_that_need_an_importance_matrix_calibrate_by_default(tiny, tmp_path, capsys):
+    code, out, err = run_cli([tiny("llama-wide"), "--to", "q2_k_s", "--calib-samples", "4", "--calib-seq-len", "32",
+                              "-o", tmp_path / "x.gguf", "--json"], capsys)
     assert code == 0, err
     types = {t.name: t.tensor_type for t in GGUFReader(tmp_path / "x.gguf").tensors}
     assert types["blk.3.ffn_up.weight"] == GT.Q2_K and types["blk.0.ffn_down.weight"] == GT.Q4_K
-
-
-def test_iq3_xs_needs_an_importance_matrix(tiny, tmp_path, capsys):
-    """llama-quantize refuses IQ3_XXS tensors without an importance matrix (ggml itself would
-    quantize them): so does --to iq3_xs --no-calib, before writing anything."""
-    import llama_cpp
-
-    src = tiny("llama-wide")
-    f32 = convert_to(src, "f32", tmp_path / "f32.gguf", threads=2).outputs[0]["path"]
-    p = llama_cpp.llama_model_quantize_default_params()
-    p.ftype = FTYPES["iq3_xs"]
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(tmp_path / "ref.gguf").encode(), ctypes.byref(p)) != 0
-    code, _, err = run_cli([src, "--to", "iq3_xs", "--no-calib", "-o", tmp_path / "x.gguf"], capsys)
-    assert code == 2
-    one_line_error(err, "--to iq3_xs", "as IQ3_XXS only from an importance matrix", "--no-calib")
-    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_the_mixture_varies_by_layer(tiny, tmp_path):
@@ -244,8 +239,6 @@ def llama_quantize_with_imatrix(src, dst, ftype, weights: dict[str, np.ndarray])
 def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
     same_as_llama_quantize_with_imatrix(tiny("llama-wide"), recipe, fmt, tmp_path)
 
-
-NEEDS_IMATRIX = [r for r in FTYPES if r not in PLAIN]
 
 
 @pytest.mark.parametrize("family,recipe", numpy_spared([(f, r) for r in NEEDS_IMATRIX for f in ("llama-blocks", "qwen2")]) + [
