@@ -24,7 +24,7 @@ from qconvert.model import Model
 from qconvert.read.checkpoint import Checkpoint
 from qconvert.read.imatrix import Imatrix
 from qconvert.writers.atomic import check_replaceable_file, make_dirs, remove_dirs
-from qconvert.writers.gguf import GGUFWriter, TensorInfo, pack_value
+from qconvert.writers.gguf import GGUFWriter, PackedValues, TensorInfo
 
 QUANTIZATION_VERSION = 2
 
@@ -38,13 +38,14 @@ class OutputPlan:
     infos: list[TensorInfo]
     weights: list | None  # per plan tensor: importance weights for its quantizer, or None; None until calibrated
     force: bool = False
+    packed: PackedValues = field(default_factory=PackedValues)  # shared by a plan's outputs
 
     @property
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.infos)
 
     def writer(self) -> GGUFWriter:
-        return GGUFWriter(self.path, self.kv, self.infos, force=self.force)
+        return GGUFWriter(self.path, self.kv, self.infos, force=self.force, packed=self.packed)
 
     @property
     def file_size(self) -> int:
@@ -114,9 +115,11 @@ def write_vocab(family: Family, kv: gguf.GGUFWriter) -> None:
         raise InputError(f"{family.ckpt.path}: cannot read the tokenizer files: {type(e).__name__}: {e}") from None
 
 
-def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFValue]:
+def metadata_kv(family: Family, tensors: list[PlannedTensor], packed: PackedValues | None = None) \
+        -> dict[str, GGUFValue]:
     """Every key/value of the file, gathered with gguf's own helpers (authorship heuristics,
-    special tokens) so keys, values and value types are those llama.cpp's converter writes."""
+    special tokens) so keys, values and value types are those llama.cpp's converter writes.
+    Each value is packed here, into `packed`, once for every file that will hold it."""
     ckpt = family.ckpt
     kv = gguf.GGUFWriter(None, family.arch_name)  # used only to collect key/values
     kv.add_type(gguf.GGUFType.MODEL)
@@ -137,9 +140,10 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor]) -> dict[str, GGUFV
     kv.add_quantization_version(QUANTIZATION_VERSION)
     write_vocab(family, kv)
     out = dict(kv.kv_data[0])
+    packed = packed if packed is not None else PackedValues()
     for key, value in out.items():  # values come from config and tokenizer files: each must fit its type
         try:
-            pack_value(value)
+            packed.pack(value)
         except (struct.error, ValueError, TypeError, OverflowError, UnicodeEncodeError):
             raise InputError(f"{ckpt.path}: {key} = {str(value.value)[:80]!r} cannot be stored as GGUF "
                              f"{value.type.name} (a value in config.json or the tokenizer files is out of range)") \
@@ -156,8 +160,9 @@ def make_plan(model: Model, recipes: list[Recipe], paths: list[Path], force: boo
     family.check_tokenizer()
     # one order for every output, llama-quantize's, so that one read feeds them all
     tensors = sorted(family.plan_tensors(), key=lambda t: layer_order_key(t.name))
-    kv = metadata_kv(family, tensors)
-    outputs = [output_plan(recipe, path, tensors, family, kv, force, overrides, imatrix, calibrate)
+    packed = PackedValues()
+    kv = metadata_kv(family, tensors, packed)
+    outputs = [output_plan(recipe, path, tensors, family, kv, force, overrides, imatrix, calibrate, packed)
                for recipe, path in zip(recipes, paths)]
     plan = Plan(model, tensors, outputs)
     try:
@@ -169,7 +174,8 @@ def make_plan(model: Model, recipes: list[Recipe], paths: list[Path], force: boo
 
 
 def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family: Family, kv: dict[str, GGUFValue],
-                force: bool, overrides: Overrides | None, imatrix: Imatrix | None, calibrate: bool) -> OutputPlan:
+                force: bool, overrides: Overrides | None, imatrix: Imatrix | None, calibrate: bool,
+                packed: PackedValues) -> OutputPlan:
     """One GGUF output: every tensor's type, the file's key/values and its writer."""
     mixture = recipe.quantizes_like_llama_quantize
     im = imatrix if mixture else None  # convert-style targets (q8_0 ...) take no importance matrix
@@ -196,7 +202,7 @@ def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family
     out_kv["general.file_type"] = GGUFValue(int(recipe.file_type), VT.UINT32)
     if im is not None:
         out_kv.update(imatrix_kv(im))
-    return OutputPlan(recipe, path, types, out_kv, infos, weights, force)
+    return OutputPlan(recipe, path, types, out_kv, infos, weights, force, packed)
 
 
 def tensor_weights(tensors: list[PlannedTensor], types: list[type[BlockType]], im: Imatrix) -> list:

@@ -89,11 +89,24 @@ def _pad(n: int, align: int) -> int:
     return (align - n % align) % align
 
 
+class PackedValues(dict):
+    """Key/values packed once for every file that shares them (a ladder's files share the
+    vocabulary, hundreds of thousands of strings): id(value) -> (value, bytes), the value kept so
+    that its id stays its own."""
+
+    def pack(self, value: GGUFValue) -> bytes:
+        hit = self.get(id(value))
+        if hit is None or hit[0] is not value:
+            hit = self[id(value)] = (value, pack_value(value))
+        return hit[1]
+
+
 class GGUFWriter:
     def __init__(self, path: Path, kv: dict[str, GGUFValue], tensors: Iterable[TensorInfo], force: bool = False,
-                 alignment: int = DEFAULT_ALIGNMENT):
+                 alignment: int = DEFAULT_ALIGNMENT, packed: PackedValues | None = None):
         self.path = path
         self.kv = kv
+        self.packed = packed if packed is not None else PackedValues()
         self.tensors = list(tensors)
         self.force = force
         self.alignment = alignment
@@ -117,7 +130,7 @@ class GGUFWriter:
         parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(self.tensors), len(self.kv))]
         for key, value in self.kv.items():
             parts.append(_string(key))
-            parts.append(pack_value(value))
+            parts.append(self.packed.pack(value))
         offset = 0
         for t in self.tensors:
             dims = t.shape[::-1]  # GGUF lists the row length first
