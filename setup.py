@@ -11,7 +11,7 @@ setup(
             sources=sorted(glob.glob("kernels/*.c")),
             depends=sorted(glob.glob("kernels/*.h")),
             include_dirs=["kernels"],
-            extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra",
+            extra_compile_args=["-O3", "-std=c99", "-ffp-contract=off", "-fno-fast-math", "-Wall", "-Wextra", "-Wno-psabi",
                                 "-D_GNU_SOURCE"],
             extra_link_args=["-lpthread"],
         )

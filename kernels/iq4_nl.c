@@ -12,134 +12,77 @@
 
 static const int8_t KVALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
-static void iq4_nl_block(const float *xb, const float *qw, uint8_t *y) {
-    const int ntry = 7;
-    float weight[32];
-    uint8_t L[32];
-    float sigma2 = 0;
-    for (int j = 0; j < 32; ++j) sigma2 += xb[j] * xb[j];
-    sigma2 *= 2.f / 32;
-    if (qw) {
-        for (int j = 0; j < 32; ++j) weight[j] = qw[j] * sqrtf(sigma2 + xb[j] * xb[j]);
-    } else {
-        for (int j = 0; j < 32; ++j) weight[j] = xb[j] * xb[j];
-    }
-    float amax;
-    const float max = qk_signed_absmax(32, xb, &amax);
-    float d = 0;
-    if (amax >= QK_GROUP_MAX_EPS) {
-        d = -max / KVALUES[0];
-        float id = 1 / d;
-        float sumqx = 0, sumq2 = 0;
-        for (int j = 0; j < 32; ++j) {
-            const int l = qk_best_index_int8(16, KVALUES, id * xb[j]);
-            const float q = KVALUES[l], w = weight[j];
-            sumqx += w * q * xb[j];
-            sumq2 += w * q * q;
-        }
-        d = sumq2 > 0 ? sumqx / sumq2 : 0.f;
-        float best = d * sumqx;
-        for (int itry = -ntry; itry <= ntry; ++itry) {
-            id = (float)(itry + KVALUES[0]) / max;
-            sumqx = sumq2 = 0;
-            for (int j = 0; j < 32; ++j) {
-                const int l = qk_best_index_int8(16, KVALUES, id * xb[j]);
-                const float q = KVALUES[l], w = weight[j];
-                sumqx += w * q * xb[j];
-                sumq2 += w * q * q;
-            }
-            if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
-                d = sumqx / sumq2;
-                best = d * sumqx;
-            }
-        }
-    }
-    const uint16_t dh = qk_f32_to_f16(d);
-    y[0] = (uint8_t)(dh & 0xff);
-    y[1] = (uint8_t)(dh >> 8);
-    const float id = d ? 1 / d : 0;
-    for (int j = 0; j < 32; ++j) L[j] = (uint8_t)qk_best_index_int8(16, KVALUES, id * xb[j]);
-    for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
-}
+/* best_index_int8 for one lane, branch-free. ggml picks, between the entries lo <= x < hi
+ * either side of x, lo where x - lo < hi - x, hi otherwise; for this table both differences are
+ * exact floats wherever they are close (x is near a midpoint, so x, lo and hi share a binade or x
+ * and the differences do), so that is x < (lo + hi) / 2, the midpoints being exact half
+ * integers: the index is the count of midpoints x is not below (a tie takes the upper entry, NaN
+ * counts as above all, as ggml's search), and the level the first value plus the gaps passed. */
+static const float MIDS[15] = {-115.5f, -93.5f, -74.f, -57.f, -42.f, -28.5f, -16.f, -4.5f, 7.f, 19.f, 31.5f,
+                               45.5f, 61.f, 79.f, 101.f};
+static const float GAPS[15] = {23, 21, 18, 16, 14, 13, 12, 11, 12, 12, 13, 15, 16, 20, 24};
 
-/* best_index_int8 for one lane, branch-free: the entries either side of x, the upper on ties */
 QK_INLINE int32_t nl_index(float al) {
-    int32_t cnt = 0;
-    for (int k = 0; k < 16; ++k) cnt += !(al < (float)KVALUES[k]);  /* NaN counts as above all, as ggml's search */
-    const int32_t mu = cnt < 1 ? 1 : cnt > 15 ? 15 : cnt;
-    const float lo = (float)KVALUES[mu - 1], hi = (float)KVALUES[mu];
-    int32_t idx = al - lo < hi - al ? mu - 1 : mu;
-    idx = al <= (float)KVALUES[0] ? 0 : idx;
-    return al >= (float)KVALUES[15] ? 15 : idx;
+    int32_t idx = 0;
+    for (int k = 0; k < 15; ++k) idx += !(al < MIDS[k]);
+    return idx;
 }
 
 /* The scale search of quantize_row_iq4_nl_impl for QK_LANES blocks of 32 at once (block b in
  * lane b), weights W given: the same float operations in the same order per lane as the scalar
  * code, so the bytes are the same; lanes let SIMD work. d[b]: the block's scale, 0 for a block
  * whose largest magnitude is under GROUP_MAX_EPS. */
-QK_INLINE void iq4_search_lanes(const float X[32][QK_LANES], const float W[32][QK_LANES], float d[QK_LANES]) {
-    float A[32][QK_LANES];
-    int32_t I[32][QK_LANES];
-    float amax[QK_LANES], mx[QK_LANES], best[QK_LANES] = {0}, id[QK_LANES], sumqx[QK_LANES], sumq2[QK_LANES];
-    qk_signed_absmax_lanes(32, X, amax, mx);
-    for (int b = 0; b < QK_LANES; ++b) {
-        if (amax[b] < QK_GROUP_MAX_EPS) mx[b] = 1.0f;  /* a zero block: results discarded below */
-        d[b] = -mx[b] / KVALUES[0];
-        id[b] = 1 / d[b];
+QK_INLINE void iq4_search_lanes(const float X[32][QK_LANES], const float W[32][QK_LANES], float d_out[QK_LANES]) {
+    float amax_a[QK_LANES], mx_a[QK_LANES];
+    qk_signed_absmax_lanes(32, X, amax_a, mx_a);
+    const qk_vi zero_block = qk_vf_load(amax_a) < QK_GROUP_MAX_EPS;
+    const qk_vf mx = qk_vf_pick(zero_block, (qk_vf){0} + 1.0f, qk_vf_load(mx_a));  /* results discarded below */
+    qk_vf xs[32], ws[32];
+    for (int j = 0; j < 32; ++j) {
+        xs[j] = qk_vf_load(X[j]);
+        ws[j] = qk_vf_load(W[j]);
     }
+    qk_vf d = -mx / (float)KVALUES[0], best = {0};
+    qk_vf id = 1 / d;
     for (int itry = -8; itry <= 7; ++itry) {  /* -8: the least-squares refit of d = max/127 */
-        if (itry > -8)
-            for (int b = 0; b < QK_LANES; ++b) id[b] = (float)(itry + KVALUES[0]) / mx[b];
-        for (int b = 0; b < QK_LANES; ++b) sumqx[b] = sumq2[b] = 0;
-        for (int j = 0; j < 32; ++j)
-            for (int b = 0; b < QK_LANES; ++b) {
-                const float al = id[b] * X[j][b];
-                int32_t cnt = 0;
-                for (int k = 0; k < 16; ++k) cnt += !(al < (float)KVALUES[k]);  /* NaN counts as above all, as ggml's search */
-                A[j][b] = al;
-                I[j][b] = cnt;
-            }
-        for (int j = 0; j < 32; ++j)
-            for (int b = 0; b < QK_LANES; ++b) {
-                const float al = A[j][b];
-                const int32_t cnt = I[j][b];
-                const int32_t mu = cnt < 1 ? 1 : cnt > 15 ? 15 : cnt;
-                const float lo = (float)KVALUES[mu - 1], hi = (float)KVALUES[mu];
-                float q = al - lo < hi - al ? lo : hi;
-                q = al <= (float)KVALUES[0] ? (float)KVALUES[0] : q;
-                q = al >= (float)KVALUES[15] ? (float)KVALUES[15] : q;
-                const float w = W[j][b];
-                sumqx[b] += w * q * X[j][b];
-                sumq2[b] += w * q * q;
-            }
-        for (int b = 0; b < QK_LANES; ++b) {
-            if (itry == -8) {
-                d[b] = sumq2[b] > 0 ? sumqx[b] / sumq2[b] : 0.f;
-                best[b] = d[b] * sumqx[b];
-            } else if (sumq2[b] > 0 && sumqx[b] * sumqx[b] > best[b] * sumq2[b]) {
-                d[b] = sumqx[b] / sumq2[b];
-                best[b] = d[b] * sumqx[b];
-            }
+        if (itry > -8) id = (float)(itry + KVALUES[0]) / mx;
+        qk_vf sumqx = {0}, sumq2 = {0};
+        for (int j = 0; j < 32; ++j) {
+            const qk_vf al = id * xs[j];
+            qk_vf q = (qk_vf){0} + (float)KVALUES[0];
+            for (int k = 0; k < 15; ++k) q += (qk_vf)((qk_vi)((qk_vf){0} + GAPS[k]) & ~(al < MIDS[k]));
+            sumqx += ws[j] * q * xs[j];
+            sumq2 += ws[j] * q * q;
+        }
+        if (itry == -8) {
+            d = qk_vf_pick(sumq2 > 0, sumqx / sumq2, (qk_vf){0});
+            best = d * sumqx;
+        } else {
+            const qk_vi take = (sumq2 > 0) & (sumqx * sumqx > best * sumq2);
+            d = qk_vf_pick(take, sumqx / sumq2, d);
+            best = qk_vf_pick(take, d * sumqx, best);
         }
     }
-    for (int b = 0; b < QK_LANES; ++b)
-        if (amax[b] < QK_GROUP_MAX_EPS) d[b] = 0;
+    d = qk_vf_pick(zero_block, (qk_vf){0}, d);
+    for (int b = 0; b < QK_LANES; ++b) d_out[b] = d[b];
 }
 
-/* iq4_nl_block for QK_LANES blocks at once */
-QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *ys) {
+/* m <= QK_LANES blocks of 32 at once, one per lane (lanes past m hold zeros, not stored): the
+ * weights x^2 without an imatrix, qw*sqrt(sigma2 + x^2) with one (sigma2 = 2*mean x^2 of the
+ * block) */
+QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *ys, int m) {
     float X[32][QK_LANES], W[32][QK_LANES], sigma2[QK_LANES], d[QK_LANES];
     for (int b = 0; b < QK_LANES; ++b)
-        for (int j = 0; j < 32; ++j) X[j][b] = xs[32 * b + j];
+        for (int j = 0; j < 32; ++j) X[j][b] = b < m ? xs[32 * b + j] : 0.f;
     for (int b = 0; b < QK_LANES; ++b) sigma2[b] = 0;
     for (int j = 0; j < 32; ++j)
         for (int b = 0; b < QK_LANES; ++b) sigma2[b] += X[j][b] * X[j][b];
     for (int b = 0; b < QK_LANES; ++b) sigma2[b] *= 2.f / 32;
     for (int j = 0; j < 32; ++j)
         for (int b = 0; b < QK_LANES; ++b)
-            W[j][b] = qws ? qws[32 * b + j] * sqrtf(sigma2[b] + X[j][b] * X[j][b]) : X[j][b] * X[j][b];
+            W[j][b] = qws && b < m ? qws[32 * b + j] * sqrtf(sigma2[b] + X[j][b] * X[j][b]) : X[j][b] * X[j][b];
     iq4_search_lanes(X, W, d);
-    for (int b = 0; b < QK_LANES; ++b) {
+    for (int b = 0; b < m; ++b) {
         const uint16_t dh = qk_f32_to_f16(d[b]);
         uint8_t *y = ys + 18 * b;
         y[0] = (uint8_t)(dh & 0xff);
@@ -225,11 +168,9 @@ void qk_dequantize_iq4_xs(const uint8_t *src, float *dst, int64_t nrows, int64_t
 void qk_quantize_iq4_nl(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
     const int64_t nb = n / 32;
     for (int64_t r = 0; r < nrows; ++r) {
-        int64_t ib = 0;
-        for (; ib + QK_LANES <= nb; ib += QK_LANES)
-            iq4_nl_lanes(src + r * n + 32 * ib, qw ? qw + 32 * ib : NULL, dst + (r * nb + ib) * 18);
-        for (; ib < nb; ++ib)
-            iq4_nl_block(src + r * n + 32 * ib, qw ? qw + 32 * ib : NULL, dst + (r * nb + ib) * 18);
+        for (int64_t ib = 0; ib < nb; ib += QK_LANES)
+            iq4_nl_lanes(src + r * n + 32 * ib, qw ? qw + 32 * ib : NULL, dst + (r * nb + ib) * 18,
+                         (int)QK_MIN((int64_t)QK_LANES, nb - ib));
     }
 }
 

@@ -119,69 +119,6 @@ static int q3_scale(const uint8_t *s, int j) {
     return (low | (((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
 }
 
-/* qk_make_qx_quants(16, nmax, x, L, 1, w) for QK_LANES blocks of 16 at once (block b in lane
- * b): the same float operations in the same order per lane, so the same scales and levels; the
- * lanes let the compiler use SIMD across blocks. */
-QK_INLINE void qx_lanes16(const float X[16][QK_LANES], const float W[16][QK_LANES], int nmax, float scale[QK_LANES],
-                          int8_t L[16][QK_LANES]) {
-    float amax[QK_LANES], mx[QK_LANES], its[QK_LANES], sumlx[QK_LANES], suml2[QK_LANES], best[QK_LANES];
-    int take[QK_LANES];
-    qk_signed_absmax_lanes(16, X, amax, mx);
-    for (int b = 0; b < QK_LANES; ++b) {
-        if (amax[b] < QK_GROUP_MAX_EPS) mx[b] = 1.0f;  /* an all-zero block: results discarded below */
-        its[b] = (float)(-nmax) / mx[b];
-        sumlx[b] = suml2[b] = 0;
-    }
-    for (int i = 0; i < 16; ++i)
-        for (int b = 0; b < QK_LANES; ++b) {
-            int l = qk_lane_int(its[b] * X[i][b]);
-            l = QK_MAX(-nmax, QK_MIN(nmax - 1, l));
-            L[i][b] = (int8_t)(l + nmax);
-            const float w = W[i][b];
-            sumlx[b] += w * X[i][b] * (float)l;
-            suml2[b] += w * (float)l * (float)l;
-        }
-    for (int b = 0; b < QK_LANES; ++b) {
-        scale[b] = suml2[b] ? sumlx[b] / suml2[b] : 0.0f;
-        best[b] = scale[b] * sumlx[b];
-    }
-    for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        for (int b = 0; b < QK_LANES; ++b) {
-            its[b] = -((float)nmax + 0.1f * (float)is) / mx[b];
-            sumlx[b] = suml2[b] = 0;
-        }
-        for (int i = 0; i < 16; ++i)
-            for (int b = 0; b < QK_LANES; ++b) {
-                int l = qk_lane_int(its[b] * X[i][b]);
-                l = QK_MAX(-nmax, QK_MIN(nmax - 1, l));
-                const float w = W[i][b];
-                sumlx[b] += w * X[i][b] * (float)l;
-                suml2[b] += w * (float)l * (float)l;
-            }
-        int any = 0;
-        for (int b = 0; b < QK_LANES; ++b) {
-            take[b] = suml2[b] > 0 && sumlx[b] * sumlx[b] > best[b] * suml2[b];
-            if (take[b]) {
-                scale[b] = sumlx[b] / suml2[b];
-                best[b] = scale[b] * sumlx[b];
-            }
-            any |= take[b];
-        }
-        if (!any) continue;
-        for (int i = 0; i < 16; ++i)
-            for (int b = 0; b < QK_LANES; ++b) {
-                const int l = QK_MAX(-nmax, QK_MIN(nmax - 1, qk_lane_int(its[b] * X[i][b])));
-                L[i][b] = take[b] ? (int8_t)(l + nmax) : L[i][b];
-            }
-    }
-    for (int b = 0; b < QK_LANES; ++b)
-        if (amax[b] < QK_GROUP_MAX_EPS) {
-            scale[b] = 0.f;
-            for (int i = 0; i < 16; ++i) L[i][b] = 0;
-        }
-}
-
 QK_CLONES static void q3_K_block(const float *x, const float *qw, uint8_t *y) {
     int8_t L[QK_K], Ls[16], LT[16][QK_LANES];
     float scales[16], weight[16], sw[16], X[16][QK_LANES], W[16][QK_LANES];
@@ -220,7 +157,7 @@ QK_CLONES static void q3_K_block(const float *x, const float *qw, uint8_t *y) {
             }
             if (j % QK_LANES == QK_LANES - 1) {  /* 8 sub-blocks at once, one per lane */
                 const int j0 = j - (QK_LANES - 1);
-                qx_lanes16(X, W, 4, scales + j0, LT);
+                qk_make_qx_lanes(16, X, W, 4, scales + j0, LT);
                 for (int b = 0; b < QK_LANES; ++b)
                     for (int l = 0; l < 16; ++l) L[16 * (j0 + b) + l] = LT[l][b];
             }

@@ -191,10 +191,21 @@ QK_CLONES void qk_quantize_q6_K(const float *src, uint8_t *dst, int64_t nrows, i
             uint8_t *ql = y, *qh = y + 128;
             int8_t *sc = (int8_t *)(y + 192);
             float max_scale = 0, max_abs_scale = 0;
+            for (int ib0 = 0; ib0 < 16; ib0 += QK_LANES) {  /* QK_LANES sub-blocks at once, one per lane */
+                float X[16][QK_LANES], W[16][QK_LANES];
+                int8_t LT[16][QK_LANES];
+                for (int b = 0; b < QK_LANES; ++b)
+                    for (int l = 0; l < 16; ++l) {
+                        const int j = 16 * (ib0 + b) + l;
+                        X[l][b] = x[j];
+                        W[l][b] = qw ? qw[i * QK_K + j] : x[j] * x[j];
+                    }
+                qk_make_qx_lanes(16, X, W, 32, scales + ib0, LT);
+                for (int b = 0; b < QK_LANES; ++b)
+                    for (int l = 0; l < 16; ++l) L[16 * (ib0 + b) + l] = LT[l][b];
+            }
             for (int ib = 0; ib < 16; ++ib) {
-                const float s = qk_make_qx_quants(16, 32, x + 16 * ib, L + 16 * ib, 1,
-                                                  qw ? qw + i * QK_K + 16 * ib : NULL);
-                scales[ib] = s;
+                const float s = scales[ib];
                 if (fabsf(s) > max_abs_scale) { max_abs_scale = fabsf(s); max_scale = s; }
             }
             if (max_abs_scale < QK_GROUP_MAX_EPS) {

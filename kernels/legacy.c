@@ -20,6 +20,22 @@ QK_INLINE void importance(const float *xb, const float *qw, float sigma2, float 
     for (int j = 0; j < 32; ++j) w[j] = qw[j] * sqrtf(sigma2 + xb[j] * xb[j]);
 }
 
+/* Q4_0 / Q5_0 with importance: blocks ib0 .. ib0+m-1 (m <= QK_LANES) of a row searched at once,
+ * make_qx_quants per lane; lanes past m hold zeros and are not used */
+QK_INLINE void qx_blocks(const float *x, const float *qw, float sigma2, int m, int nmax, float d[QK_LANES],
+                         int8_t L[32][QK_LANES]) {
+    float X[32][QK_LANES], W[32][QK_LANES];
+    for (int b = 0; b < QK_LANES; ++b) {
+        float w[32];
+        if (b < m) importance(x + 32 * b, qw + 32 * b, sigma2, w);
+        for (int j = 0; j < 32; ++j) {
+            X[j][b] = b < m ? x[32 * b + j] : 0.f;
+            W[j][b] = b < m ? w[j] : 0.f;
+        }
+    }
+    qk_make_qx_lanes(32, X, W, nmax, d, L);
+}
+
 /* 5th bits of 32 levels -> qh, nibbles -> qs (elements j and j+16 share a byte) */
 QK_INLINE void pack_q5(const uint8_t *L, uint8_t *qs, uint8_t *qh_out) {
     uint32_t qh = 0;
@@ -53,13 +69,20 @@ QK_CLONES void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, i
         const float *x = src + r * n;
         uint8_t *y = dst + r * (n / 32) * 18;
         const float sigma2 = qw ? row_sigma2(x, n) : 0;
-        for (int64_t ib = 0; ib < n / 32; ++ib, y += 18) {
-            if (!qw) { q4_0_block_ref(x + 32 * ib, y); continue; }
-            float w[32];
-            int8_t L[32];
-            importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
-            qk_put_f16(y, qk_make_qx_quants(32, 8, x + 32 * ib, L, 1, w));
-            for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
+        if (!qw) {
+            for (int64_t ib = 0; ib < n / 32; ++ib) q4_0_block_ref(x + 32 * ib, y + 18 * ib);
+            continue;
+        }
+        for (int64_t ib = 0; ib < n / 32; ib += QK_LANES) {
+            const int m = (int)QK_MIN((int64_t)QK_LANES, n / 32 - ib);
+            float d[QK_LANES];
+            int8_t L[32][QK_LANES];
+            qx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, m, 8, d, L);
+            for (int b = 0; b < m; ++b) {
+                uint8_t *yb = y + 18 * (ib + b);
+                qk_put_f16(yb, d[b]);
+                for (int j = 0; j < 16; ++j) yb[2 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
+            }
         }
     }
 }
@@ -92,16 +115,17 @@ QK_INLINE void q4_1_block_ref(const float *x, uint8_t *y) {
     for (int j = 0; j < 16; ++j) y[4 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
 }
 
-/* Q4_1 / Q5_1 with importance: QK_LANES blocks of a row searched at once (make_qkx3 per lane) */
-QK_INLINE void qkx_blocks(const float *x, const float *qw, float sigma2, int nmax, float *d, float *min,
+/* Q4_1 / Q5_1 with importance: blocks 0 .. m-1 (m <= QK_LANES) of x searched at once, make_qkx3
+ * per lane; lanes past m hold zeros and are not used */
+QK_INLINE void qkx_blocks(const float *x, const float *qw, float sigma2, int m, int nmax, float *d, float *min,
                           uint8_t L[32][QK_LANES]) {
     float X[32][QK_LANES], W[32][QK_LANES];
     for (int b = 0; b < QK_LANES; ++b) {
         float w[32];
-        importance(x + 32 * b, qw + 32 * b, sigma2, w);
+        if (b < m) importance(x + 32 * b, qw + 32 * b, sigma2, w);
         for (int j = 0; j < 32; ++j) {
-            X[j][b] = x[32 * b + j];
-            W[j][b] = w[j];
+            X[j][b] = b < m ? x[32 * b + j] : 0.f;
+            W[j][b] = b < m ? w[j] : 0.f;
         }
     }
     qk_make_qkx_lanes(32, X, W, nmax, -0.9f, 0.05f, 36, 1, 0, d, min, L);
@@ -111,30 +135,22 @@ QK_CLONES void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, i
     for (int64_t r = 0; r < nrows; ++r) {
         const float *x = src + r * n;
         uint8_t *y = dst + r * (n / 32) * 20;
-        const float sigma2 = qw ? row_sigma2(x, n) : 0;
-        for (int64_t ib = 0; ib < n / 32; ++ib, y += 20) {
-            if (!qw) { q4_1_block_ref(x + 32 * ib, y); continue; }
-            if (ib % QK_LANES == 0 && ib + QK_LANES <= n / 32) {
-                float d[QK_LANES], min[QK_LANES];
-                uint8_t L[32][QK_LANES];
-                qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, 15, d, min, L);
-                for (int b = 0; b < QK_LANES; ++b) {
-                    uint8_t *yb = y + 20 * b;
-                    qk_put_f16(yb, d[b]);
-                    qk_put_f16(yb + 2, -min[b]);
-                    for (int j = 0; j < 16; ++j) yb[4 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
-                }
-                ib += QK_LANES - 1;
-                y += 20 * (QK_LANES - 1);
-                continue;
+        if (!qw) {
+            for (int64_t ib = 0; ib < n / 32; ++ib) q4_1_block_ref(x + 32 * ib, y + 20 * ib);
+            continue;
+        }
+        const float sigma2 = row_sigma2(x, n);
+        for (int64_t ib = 0; ib < n / 32; ib += QK_LANES) {
+            const int m = (int)QK_MIN((int64_t)QK_LANES, n / 32 - ib);
+            float d[QK_LANES], min[QK_LANES];
+            uint8_t L[32][QK_LANES];
+            qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, m, 15, d, min, L);
+            for (int b = 0; b < m; ++b) {
+                uint8_t *yb = y + 20 * (ib + b);
+                qk_put_f16(yb, d[b]);
+                qk_put_f16(yb + 2, -min[b]);
+                for (int j = 0; j < 16; ++j) yb[4 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
             }
-            float w[32], min;
-            uint8_t L[32], Laux[32];
-            importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
-            const float d = qk_make_qkx_quants(32, 15, x + 32 * ib, w, L, &min, Laux, -0.9f, 0.05f, 36, 1, 0);
-            qk_put_f16(y, d);
-            qk_put_f16(y + 2, -min);
-            for (int j = 0; j < 16; ++j) y[4 + j] = (uint8_t)(L[j] | (L[j + 16] << 4));
         }
     }
 }
@@ -168,13 +184,21 @@ QK_CLONES void qk_quantize_q5_0(const float *src, uint8_t *dst, int64_t nrows, i
         const float *x = src + r * n;
         uint8_t *y = dst + r * (n / 32) * 22;
         const float sigma2 = qw ? row_sigma2(x, n) : 0;
-        for (int64_t ib = 0; ib < n / 32; ++ib, y += 22) {
-            if (!qw) { q5_0_block_ref(x + 32 * ib, y); continue; }
-            float w[32];
-            int8_t L[32];
-            importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
-            qk_put_f16(y, qk_make_qx_quants(32, 16, x + 32 * ib, L, 1, w));
-            pack_q5((const uint8_t *)L, y + 6, y + 2);
+        if (!qw) {
+            for (int64_t ib = 0; ib < n / 32; ++ib) q5_0_block_ref(x + 32 * ib, y + 22 * ib);
+            continue;
+        }
+        for (int64_t ib = 0; ib < n / 32; ib += QK_LANES) {
+            const int m = (int)QK_MIN((int64_t)QK_LANES, n / 32 - ib);
+            float d[QK_LANES];
+            int8_t L[32][QK_LANES];
+            qx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, m, 16, d, L);
+            for (int b = 0; b < m; ++b) {
+                uint8_t *yb = y + 22 * (ib + b), Lb[32];
+                for (int j = 0; j < 32; ++j) Lb[j] = (uint8_t)L[j][b];
+                qk_put_f16(yb, d[b]);
+                pack_q5(Lb, yb + 6, yb + 2);
+            }
         }
     }
 }
@@ -212,31 +236,24 @@ QK_CLONES void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, i
     for (int64_t r = 0; r < nrows; ++r) {
         const float *x = src + r * n;
         uint8_t *y = dst + r * (n / 32) * 24;
-        const float sigma2 = qw ? row_sigma2(x, n) : 0;
-        for (int64_t ib = 0; ib < n / 32; ++ib, y += 24) {
-            if (!qw) { q5_1_block_ref(x + 32 * ib, y); continue; }
-            if (ib % QK_LANES == 0 && ib + QK_LANES <= n / 32) {
-                float d[QK_LANES], min[QK_LANES];
-                uint8_t L[32][QK_LANES], Lb[32];
-                qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, 31, d, min, L);
-                for (int b = 0; b < QK_LANES; ++b) {
-                    uint8_t *yb = y + 24 * b;
-                    qk_put_f16(yb, d[b]);
-                    qk_put_f16(yb + 2, -min[b]);
-                    for (int j = 0; j < 32; ++j) Lb[j] = L[j][b];
-                    pack_q5(Lb, yb + 8, yb + 4);
-                }
-                ib += QK_LANES - 1;
-                y += 24 * (QK_LANES - 1);
-                continue;
+        if (!qw) {
+            for (int64_t ib = 0; ib < n / 32; ++ib) q5_1_block_ref(x + 32 * ib, y + 24 * ib);
+            continue;
+        }
+        const float sigma2 = row_sigma2(x, n);
+        for (int64_t ib = 0; ib < n / 32; ib += QK_LANES) {
+            const int m = (int)QK_MIN((int64_t)QK_LANES, n / 32 - ib);
+            float d[QK_LANES], min[QK_LANES];
+            uint8_t L[32][QK_LANES];
+            qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, m, 31, d, min, L);
+            for (int b = 0; b < m; ++b) {
+                uint8_t *yb = y + 24 * (ib + b);
+                qk_put_f16(yb, d[b]);
+                qk_put_f16(yb + 2, -min[b]);
+                uint8_t Lb[32];
+                for (int j = 0; j < 32; ++j) Lb[j] = L[j][b];
+                pack_q5(Lb, yb + 8, yb + 4);
             }
-            float w[32], min;
-            uint8_t L[32], Laux[32];
-            importance(x + 32 * ib, qw + 32 * ib, sigma2, w);
-            const float d = qk_make_qkx_quants(32, 31, x + 32 * ib, w, L, &min, Laux, -0.9f, 0.05f, 36, 1, 0);
-            qk_put_f16(y, d);
-            qk_put_f16(y + 2, -min);
-            pack_q5(L, y + 8, y + 4);
         }
     }
 }

@@ -8,6 +8,15 @@
 #include "qk.h"
 #include "search.h"
 
+/* roundf for |v| < 2^31 without the library call, so that the loop vectorizes: truncate, then
+ * step away from zero where the (exact) remainder is a half or more */
+QK_INLINE int32_t round_away(float v) {
+    int32_t i = (int32_t)v;
+    const float frac = v - (float)i;
+    i += (frac >= 0.5f) - (frac <= -0.5f);
+    return i;
+}
+
 QK_INLINE void quantize_block(const float *x, uint8_t *out) {
     const float amax = qk_absmax32(x);
     const float d = amax / 127.0f;
@@ -17,7 +26,7 @@ QK_INLINE void quantize_block(const float *x, uint8_t *out) {
     out[1] = (uint8_t)(dh >> 8);
     for (int j = 0; j < QK8_0; j++) {
         const float x0 = x[j] * id;
-        out[2 + j] = (uint8_t)(int8_t)roundf(x0);
+        out[2 + j] = (uint8_t)(int8_t)round_away(x0);
     }
 }
 

@@ -22,6 +22,13 @@ QK_INLINE float qk_signed_absmax(int n, const float *x, float *amax_out) {
 }
 
 /* the same scan for QK_LANES blocks of n at once, block b in lane b of X[i][b] */
+/* nearest_int as a pure bit operation, which vectorizes */
+QK_INLINE int32_t qk_lane_int(float f) {
+    union { float f; int32_t i; } u;
+    u.f = f + 12582912.f;
+    return (u.i & 0x007fffff) - 0x00400000;
+}
+
 QK_INLINE void qk_signed_absmax_lanes(int n, const float X[][QK_LANES], float amax[QK_LANES], float mx[QK_LANES]) {
     for (int b = 0; b < QK_LANES; ++b) amax[b] = mx[b] = 0;
     for (int i = 0; i < n; ++i)
@@ -31,6 +38,71 @@ QK_INLINE void qk_signed_absmax_lanes(int n, const float X[][QK_LANES], float am
             amax[b] = take ? ax : amax[b];
             mx[b] = take ? X[i][b] : mx[b];
         }
+}
+
+/* QK_LANES floats or ints as one value (GCC/clang vector extensions): element-wise operations are
+ * the scalar operations, lane by lane, so the bytes stay those of the scalar code. */
+typedef float qk_vf __attribute__((vector_size(4 * QK_LANES)));
+typedef int32_t qk_vi __attribute__((vector_size(4 * QK_LANES)));
+
+QK_INLINE qk_vf qk_vf_load(const float *p) { qk_vf v; memcpy(&v, p, sizeof v); return v; }
+QK_INLINE qk_vi qk_vi_pick(qk_vi mask, qk_vi a, qk_vi b) { return (a & mask) | (b & ~mask); }
+QK_INLINE qk_vf qk_vf_pick(qk_vi mask, qk_vf a, qk_vf b) { return (qk_vf)qk_vi_pick(mask, (qk_vi)a, (qk_vi)b); }
+/* nearest_int lane by lane (|x| < 2^22), clamped to [lo, hi] */
+QK_INLINE qk_vi qk_vi_round_clamp(qk_vf f, int32_t lo, int32_t hi) {
+    qk_vi l = ((qk_vi)(f + 12582912.f) & 0x007fffff) - 0x00400000;
+    const qk_vi vlo = (qk_vi){0} + lo, vhi = (qk_vi){0} + hi;
+    l = qk_vi_pick(l > vhi, vhi, l);
+    return qk_vi_pick(l < vlo, vlo, l);
+}
+
+/* qk_make_qx_quants(n, nmax, x, L, 1, w) for QK_LANES blocks of n <= 32 at once (block b in
+ * lane b; weights given): the same float operations in the same order per lane, so the same
+ * scales and levels. */
+QK_INLINE void qk_make_qx_lanes(int n, const float X[][QK_LANES], const float W[][QK_LANES], int nmax,
+                                float scale_out[QK_LANES], int8_t L[][QK_LANES]) {
+    float amax_a[QK_LANES], mx_a[QK_LANES];
+    qk_signed_absmax_lanes(n, X, amax_a, mx_a);
+    const qk_vi zero_block = qk_vf_load(amax_a) < QK_GROUP_MAX_EPS;
+    const qk_vf mx = qk_vf_pick(zero_block, (qk_vf){0} + 1.0f, qk_vf_load(mx_a));  /* results discarded below */
+    qk_vf xs[32], ws[32];
+    qk_vi LI[32];
+    for (int i = 0; i < n; ++i) {
+        xs[i] = qk_vf_load(X[i]);
+        ws[i] = qk_vf_load(W[i]);
+    }
+    qk_vf its = (float)(-nmax) / mx, sumlx = {0}, suml2 = {0};
+    for (int i = 0; i < n; ++i) {
+        const qk_vi l = qk_vi_round_clamp(its * xs[i], -nmax, nmax - 1);
+        const qk_vf lf = __builtin_convertvector(l, qk_vf);
+        LI[i] = l + nmax;
+        sumlx += ws[i] * xs[i] * lf;
+        suml2 += ws[i] * lf * lf;
+    }
+    qk_vf scale = qk_vf_pick(suml2 != 0, sumlx / suml2, (qk_vf){0});
+    qk_vf best = scale * sumlx;
+    for (int is = -9; is <= 9; ++is) {
+        if (is == 0) continue;
+        its = -((float)nmax + 0.1f * (float)is) / mx;
+        sumlx = suml2 = (qk_vf){0};
+        for (int i = 0; i < n; ++i) {
+            const qk_vf lf = __builtin_convertvector(qk_vi_round_clamp(its * xs[i], -nmax, nmax - 1), qk_vf);
+            sumlx += ws[i] * xs[i] * lf;
+            suml2 += ws[i] * lf * lf;
+        }
+        const qk_vi take = (suml2 > 0) & (sumlx * sumlx > best * suml2);
+        int any = 0;
+        for (int b = 0; b < QK_LANES; ++b) any |= take[b];
+        if (!any) continue;
+        scale = qk_vf_pick(take, sumlx / suml2, scale);
+        best = qk_vf_pick(take, scale * sumlx, best);
+        for (int i = 0; i < n; ++i)
+            LI[i] = qk_vi_pick(take, qk_vi_round_clamp(its * xs[i], -nmax, nmax - 1) + nmax, LI[i]);
+    }
+    scale = qk_vf_pick(zero_block, (qk_vf){0}, scale);
+    for (int b = 0; b < QK_LANES; ++b) scale_out[b] = scale[b];
+    for (int i = 0; i < n; ++i)
+        for (int b = 0; b < QK_LANES; ++b) L[i][b] = zero_block[b] ? 0 : (int8_t)LI[i][b];
 }
 
 QK_INLINE float qk_make_qx_quants(int n, int nmax, const float *x, int8_t *L, int rmse_type, const float *qw) {
@@ -333,13 +405,6 @@ QK_INLINE void qk_minmax32(const float *x, float *min_out, float *max_out) {
     }
     *min_out = mn;
     *max_out = mx;
-}
-
-/* nearest_int as a pure bit operation, which vectorizes */
-QK_INLINE int32_t qk_lane_int(float f) {
-    union { float f; int32_t i; } u;
-    u.f = f + 12582912.f;
-    return (u.i & 0x007fffff) - 0x00400000;
 }
 
 QK_INLINE void qk_make_qkx_lanes_c(int n, const float X[32][QK_LANES], const float W[32][QK_LANES], int nmax,

@@ -95,6 +95,18 @@ def test_every_type_is_ggml(kind, imatrix):
         assert np.array_equal(bt.reference.quantize(rows, qw).reshape(-1), expect.reshape(-1)), case
 
 
+@pytest.mark.parametrize("imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("kind", [k for k in QUANT_TYPES if blocks.get(k).block == 32])
+def test_rows_of_blocks_past_the_lanes(kind, imatrix):
+    """Rows of 11 blocks of 32 (as Qwen2.5-0.5B's rows of 896 are 28), which the kernels search
+    8 blocks at a time: the 3 past the last full 8 are searched in lanes filled with zeros."""
+    bt = blocks.get(kind)
+    for case, rows in cases(352).items():
+        qw = importance(rows.shape[1]) if imatrix else None
+        expect = ggml_quantize(int(bt.ggml), rows, qw)
+        assert np.array_equal(bt.quantize(rows, 2, qw).reshape(-1), expect.reshape(-1)), case
+
+
 @pytest.mark.parametrize("kind", [k for k in QUANT_TYPES if blocks.get(k).needs_imatrix])
 def test_needs_imatrix(kind):
     """ggml_quantize_requires_imatrix types: refused without importance weights at every door
