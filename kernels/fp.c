@@ -5,34 +5,6 @@
 static inline uint32_t bits_of(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float float_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
-/* Integer-only fp32 -> fp16, round to nearest even; agrees with ggml's
- * GGML_FP32_TO_FP16 and numpy's astype(float16) for every input. */
-uint16_t qk_f32_to_f16(float f) {
-    const uint32_t x = bits_of(f);
-    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
-    const uint32_t ax = x & 0x7fffffffu;
-    if (ax > 0x7f800000u) return sign | 0x7e00u | (uint16_t)((ax >> 13) & 0x3ffu);  /* NaN, as F16C */
-    if (ax >= 0x47800000u) return sign | 0x7c00u;         /* >= 65536 (and inf): inf */
-    if (ax >= 0x38800000u) {                              /* normal half */
-        const uint32_t r = ax - (112u << 23);             /* rebias 127 -> 15 */
-        uint32_t q = r >> 13;
-        const uint32_t rem = r & 0x1fffu;
-        if (rem > 0x1000u || (rem == 0x1000u && (q & 1u))) q++;  /* may carry into inf */
-        return (uint16_t)(sign | q);
-    }
-    if (ax < 0x33000000u) return sign;                    /* < 2^-25: zero (2^-25 ties to 0) */
-    {                                                     /* subnormal half */
-        const uint32_t e = ax >> 23;
-        const uint32_t m = (ax & 0x7fffffu) | 0x800000u;
-        const uint32_t shift = 126u - e;                  /* 14..24 */
-        uint32_t q = m >> shift;
-        const uint32_t rem = m & ((1u << shift) - 1u);
-        const uint32_t half = 1u << (shift - 1u);
-        if (rem > half || (rem == half && (q & 1u))) q++;
-        return (uint16_t)(sign | q);
-    }
-}
-
 float qk_f16_to_f32(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     const uint32_t e = (h >> 10) & 0x1fu;
