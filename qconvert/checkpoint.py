@@ -156,6 +156,9 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     opts.check()
     ckpt, family = model.ckpt, model.family
     assert ckpt is not None
+    if family.n_experts:
+        raise UsageError(f"--to {opts.method}: {ckpt.config.architecture()} is a mixture of experts; qconvert writes "
+                         "its GGUF files, not yet its safetensors checkpoints (gptq, awq, fp8, fp8-block, w8a8)")
     if opts.per_tensor:
         opts = replace(opts, bits=8, group_size=-1 if PER_TENSOR[opts.method] is None else PER_TENSOR[opts.method][1],
                        dtype=_float_dtype(ckpt))

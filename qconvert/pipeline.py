@@ -136,13 +136,21 @@ def imatrix_pass(model: Model, plan: Plan, samples: text.Calibration, exact: boo
     """The float model (int8 products unless `exact`) with the importance matrix's collector;
     the GGUF mixtures get its weights."""
     t = time.perf_counter()
-    made, _ = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
-                                  path=Path("qconvert:calibration"), int8=not exact)
+    made, rec = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
+                                    path=Path("qconvert:calibration"), int8=not exact)
     plan.use_imatrix(made)
     return {"method": "imatrix", "targets": [o.recipe.name for o in plan.outputs if o.weights is not None and
                                              o.recipe.quantizes_like_llama_quantize],
             "forward": "float32" if exact else "int8", "feeds": imatrix_mod.Collector.feeds, "entries": len(made.entries),
-            "seconds": round(time.perf_counter() - t, 3)}
+            **unreached_experts(rec), "seconds": round(time.perf_counter() - t, 3)}
+
+
+def unreached_experts(rec) -> dict:
+    """Experts no calibration token was routed to: their importance is 1 for every column, as
+    llama-quantize gives an expert whose count is 0 (llama-imatrix writes such entries as
+    partial data)."""
+    missed = rec.unreached()
+    return {"experts_unreached": [f"{name} expert {e}" for name, e in missed]} if missed else {}
 
 
 OBSERVERS = {"gptq": GPTQObserver, "awq": AWQObserver, "w8a8": W8A8Observer}  # a checkpoint method's observer of the layer loop
@@ -254,7 +262,8 @@ def make_imatrix(source: str, output: Path | None, calibration: CalibrationOptio
         raise Interrupted("interrupted; no output was left behind") from None
     finally:
         model.close()
-    return {"path": str(path), "bytes": size, "sha256": sha, "entries": len(rec.sums), "dataset": samples.dataset,
+    return {"path": str(path), "bytes": size, "sha256": sha, "entries": len(rec.sums), **unreached_experts(rec),
+            "dataset": samples.dataset,
             "samples": int(samples.tokens.shape[0]), "seq_len": int(samples.tokens.shape[1]),
             "products": "float32" if calibration.exact else "int8", "seconds": round(time.perf_counter() - start, 3),
             "peak_rss_bytes": peak_rss_bytes()}

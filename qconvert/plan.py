@@ -134,7 +134,7 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor], packed: PackedValu
     if meta.name is None:
         meta.name = model_label(ckpt)
     if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, total, 0, 0)
+        meta.size_label = gguf.size_label(*parameter_counts(tensors))
     meta.set_gguf_meta_model(kv)
     family.write_hparams(kv, int(gguf.LlamaFileType.ALL_F32))  # file_type set per output below
     kv.add_quantization_version(QUANTIZATION_VERSION)
@@ -149,6 +149,23 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor], packed: PackedValu
                              f"{value.type.name} (a value in config.json or the tokenizer files is out of range)") \
                 from None
     return out
+
+
+def parameter_counts(tensors: list[PlannedTensor]) -> tuple[int, int, int, int]:
+    """(total, shared, per-expert, experts) as gguf's GGUFWriter.get_total_parameter_count counts
+    them for the size label ("8x7B"): a stacked *_exps tensor adds one expert's share of it."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        size = t.n_elements
+        if "_exps." in t.name and len(t.shape) >= 3:
+            count = t.shape[-2 if ".bias" in t.name else -3]
+            expert += size // count
+            expert_sum += count
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, expert_sum // n_expert_tensors if n_expert_tensors else 0
 
 
 def make_plan(model: Model, recipes: list[Recipe], paths: list[Path], force: bool = False, dry_run: bool = False,
@@ -193,7 +210,11 @@ def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family
         if not ty.fits(t.shape[-1]):
             raise UsageError(f"{t.name}: rows of {t.shape[-1]} do not fit {ty.name} (blocks of {ty.block}); "
                              "choose another type for it")
-    infos = [TensorInfo(t.name, t.shape, int(ty.ggml), ty.nbytes(t.shape)) for t, ty in zip(tensors, types)]
+    # llama-quantize writes each tensor with ggml_n_dims dimensions (sizes of 1 at the end of
+    # GGUF's order dropped: Qwen2-MoE's shared-expert gate {hidden, 1} becomes {hidden}); the
+    # converter keeps them
+    infos = [TensorInfo(t.name, n_dims_shape(t.shape) if mixture else t.shape, int(ty.ggml), ty.nbytes(t.shape))
+             for t, ty in zip(tensors, types)]
     out_kv = dict(kv)
     if mixture:
         # llama-quantize copies the converted file's keys, then sets these two, which moves them last
@@ -205,8 +226,17 @@ def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family
     return OutputPlan(recipe, path, types, out_kv, infos, weights, force, packed)
 
 
+def n_dims_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """`shape` (numpy order) without leading sizes of 1, as ggml_n_dims counts; at least one."""
+    i = 0
+    while i < len(shape) - 1 and shape[i] == 1:
+        i += 1
+    return tuple(shape[i:])
+
+
 def tensor_weights(tensors: list[PlannedTensor], types: list[type[BlockType]], im: Imatrix) -> list:
-    return [im.for_tensor(t.name, t.shape[-1]) if ty.block > 1 else None for t, ty in zip(tensors, types)]
+    return [im.for_tensor(t.name, t.shape[-1], t.shape[0] if len(t.shape) == 3 else 1) if ty.block > 1 else None
+            for t, ty in zip(tensors, types)]
 
 
 def imatrix_kv(im: Imatrix) -> dict[str, GGUFValue]:

@@ -4,6 +4,7 @@ checked for NaN/Inf, converted to every output's type for it and appended to eve
 pages are then dropped, so memory holds about one chunk, not the model."""
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -27,14 +28,16 @@ def write_gguf(plan: Plan, threads: int, progress: Callable[[str, int, int], Non
         for i, t in enumerate(plan.tensors):
             for w in writers:
                 w.begin_tensor(t.name)
+            row = 0
             for chunk in float_chunks(t, threads):
                 amax = max(float(chunk.max()), -float(chunk.min())) if chunk.size else 0.0
                 for o, w in zip(plan.outputs, writers):
                     if amax >= o.types[i].overflow:
                         raise InputError(f"tensor {t.hf_name!r} holds {amax:.4g}, beyond what {o.types[i].name} can "
                                          f"store for --to {o.recipe.name}; use --to bf16 or f32")
-                    w.write(o.types[i].quantize(chunk, threads, o.weights[i]))
+                    w.write(o.types[i].quantize(chunk, threads, chunk_weights(o.weights[i], t, row)))
                 done += chunk.size
+                row += chunk.shape[0]
                 if progress:
                     progress(what, done, plan.n_params)
             for w in writers:
@@ -48,11 +51,25 @@ def write_gguf(plan: Plan, threads: int, progress: Callable[[str, int, int], Non
     return writers
 
 
+def chunk_weights(weights: np.ndarray | None, t: PlannedTensor, row: int) -> np.ndarray | None:
+    """A chunk's importance weights: the tensor's row of them, or, for experts stacked in a 3-D
+    tensor (one row of weights per expert, as llama-imatrix keeps them), the row of the expert
+    the chunk starting at `row` belongs to (chunks never span experts)."""
+    if weights is None or weights.ndim == 1:
+        return weights
+    return weights[row // t.shape[-2]]
+
+
 def float_chunks(t: PlannedTensor, threads: int) -> Iterator[np.ndarray]:
-    """The tensor's final float32 data as 2-D row chunks, checked for NaN/Inf."""
+    """The tensor's final float32 data as 2-D row chunks, checked for NaN/Inf; stacked experts
+    one after the other, no chunk spanning two."""
     if t.source is None:
         assert t.make is not None
         yield _checked(t, np.ascontiguousarray(t.make(), dtype=np.float32).reshape(_rows2d(t.shape)), 0)
+        return
+    if t.parts:
+        for part in t.parts:
+            yield from float_chunks(replace(t, source=part, parts=(), shape=t.shape[1:]), threads)
         return
     src = t.source
     raw = src.array()

@@ -76,6 +76,10 @@ def _save(model, out: Path, seed: int) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name:  # random norms catch a wrong norm mapping
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                # a decisive router, as trained ones are: random ones leave near ties between
+                # experts that Q8_0's rounding flips, and one flipped choice moves a token's logits by 30%
+                p.mul_(10)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     model.save_pretrained(out, safe_serialization=True)
@@ -118,6 +122,33 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
             model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**kw))
         else:
             model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=32, **kw))
+    elif family in ("qwen3moe", "mixtral", "qwen2moe", "qwen3moe-wide", "mixtral-wide", "qwen2moe-wide"):
+        # 4 experts, 2 per token; Qwen3-MoE with its published models' norm_topk_prob (llama.cpp
+        # always renormalises the top k, as Mixtral does). -wide: rows of 256 for the K-quants,
+        # 4 layers; Mixtral's 8 experts, which llama-quantize's 8-expert rules are for
+        wide = family.endswith("-wide")
+        moe = dict(hidden_size=256 if wide else 64, num_hidden_layers=4 if wide else 2,
+                   num_attention_heads=8 if wide else 4, num_key_value_heads=2, max_position_embeddings=256,
+                   num_experts_per_tok=2, **common)
+        ffn = 256 if wide else 32
+        if family.startswith("qwen2moe"):
+            ids = bpe_tokenizer(out, "qwen2", None, "<|endoftext|>")
+            cfg = tf.Qwen2MoeConfig(vocab_size=ids["vocab_size"], intermediate_size=128, moe_intermediate_size=ffn,
+                                    shared_expert_intermediate_size=2 * ffn, num_experts=4, rms_norm_eps=1e-6,
+                                    eos_token_id=ids["<|endoftext|>"], **moe)
+            model = tf.Qwen2MoeForCausalLM(cfg)
+        elif family.startswith("qwen3moe"):
+            ids = bpe_tokenizer(out, "qwen2", None, "<|endoftext|>")
+            cfg = tf.Qwen3MoeConfig(vocab_size=ids["vocab_size"], intermediate_size=128, moe_intermediate_size=ffn,
+                                    num_experts=4, head_dim=32 if wide else 16, norm_topk_prob=True,
+                                    rms_norm_eps=1e-6, eos_token_id=ids["<|endoftext|>"], **moe)
+            model = tf.Qwen3MoeForCausalLM(cfg)
+        else:
+            ids = bpe_tokenizer(out, "llama3", "<|begin_of_text|>", "<|end_of_text|>")
+            cfg = tf.MixtralConfig(vocab_size=ids["vocab_size"], intermediate_size=ffn,
+                                   num_local_experts=8 if wide else 4, rms_norm_eps=1e-5, sliding_window=None,
+                                   bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"], **moe)
+            model = tf.MixtralForCausalLM(cfg)
     elif family == "gemma3":
         ids = spm_tokenizer(out)
         cfg = tf.Gemma3TextConfig(vocab_size=ids["vocab_size"] + 8, hidden_size=64, intermediate_size=128,
@@ -149,4 +180,5 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
     return out
 
 
-FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3", "gpt_neox", "gpt2"]
+MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe"]
+FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3", "gpt_neox", "gpt2"] + MOE_FAMILIES

@@ -30,7 +30,8 @@ NOT_TEXT = ("vision_tower.", "model.vision_tower.", "multi_modal_projector.", "m
             "audio_tower.", "model.audio_tower.")
 
 # GGUF tensors llama.cpp keeps in F32 whatever the target (convert_hf_to_gguf.py, prepare_tensors)
-_ALWAYS_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.POS_EMBD, gguf.MODEL_TENSOR.TOKEN_TYPES)
+_ALWAYS_F32 = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP, gguf.MODEL_TENSOR.POS_EMBD,
+               gguf.MODEL_TENSOR.TOKEN_TYPES)
 
 
 _ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "original_max_position_embeddings",
@@ -39,6 +40,9 @@ _ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "original_max_
 _ROPE_NEEDS = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"), "llama3": ("factor",)}
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+# one expert's matrix in a mixture-of-experts layer, as checkpoints store them (Qwen-MoE's
+# mlp.experts.3.gate_proj.weight, Mixtral's block_sparse_moe.experts.3.w1.weight)
+EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
 
 
 def decoder_tensors(cfg, n_layers: int, norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
@@ -96,6 +100,8 @@ class Family:
         if ckpt.tensors:  # before anything is sized by the layer count
             self.check_depth({int(m.group(1)) for n in ckpt.tensors
                               if not n.startswith(NOT_TEXT) and (m := _LAYER_INDEX.search(n))})
+        # routed experts per mixture-of-experts layer (0: a dense model)
+        self.n_experts = self.cfg.get(int, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0
         self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
@@ -144,13 +150,18 @@ class Family:
         out: list[PlannedTensor] = []
         for t in self.extra_tensors():
             out.append(t)
+        experts: dict[str, dict[int, Tensor]] = {}
         for hf_name, t in self.ckpt.tensors.items():
             if hf_name.endswith(SKIP_SUFFIXES) or hf_name.startswith(NOT_TEXT) or self.skip(hf_name):
                 continue
             hf_name = hf_name.replace("language_model.", "")
+            if self.n_experts and (m := EXPERT.match(hf_name)):
+                experts.setdefault(f"{m['prefix']}.{m['proj']}.weight", {})[int(m["expert"])] = t
+                continue
             for p in self.tensor(hf_name, t):
                 p.force_f32 = p.force_f32 or self.keeps_f32(p)
                 out.append(p)
+        out += [self.stacked_experts(name, parts) for name, parts in experts.items()]
         seen: set[str] = set()
         for p in out:
             if p.name in seen:
@@ -158,18 +169,37 @@ class Family:
             seen.add(p.name)
         return out
 
+    def stacked_experts(self, merged: str, parts: dict[int, Tensor]) -> PlannedTensor:
+        """A layer's experts' matrices of one kind as one 3-D tensor [expert, rows, columns], as
+        llama.cpp's converter stacks them (torch.stack in expert order) under the merged name
+        (mlp.experts.gate_proj.weight -> blk.N.ffn_gate_exps.weight)."""
+        if sorted(parts) != list(range(self.n_experts)):
+            missing = sorted(set(range(self.n_experts)) - set(parts))
+            raise InputError(f"{self.ckpt.path}: {merged.replace('.weight', '')}: the config gives {self.n_experts} "
+                             f"experts, the checkpoint lacks expert {missing[0] if missing else max(parts)} "
+                             f"({len(parts)} present)")
+        ts = [parts[e] for e in range(self.n_experts)]
+        for t in ts:
+            self.check_float(t)
+            if len(t.shape) != 2 or t.shape != ts[0].shape or t.dtype != ts[0].dtype:
+                raise InputError(f"{self.ckpt.path}: tensor {t.name!r} is {t.dtype} {list(t.shape)}, expert 0's is "
+                                 f"{ts[0].dtype} {list(ts[0].shape)}: experts must share shape and type")
+        return PlannedTensor(self.map_name(merged), (self.n_experts, *ts[0].shape), ts[0], parts=tuple(ts))
+
     def shape(self) -> ModelShape:
         """Head counts and depth, as llama-quantize's choices read them."""
         n_head = self.cfg.need(int, "num_attention_heads", "n_head", "n_heads")
         return ModelShape(self.n_layers, n_head, self.cfg.get(int, "num_key_value_heads", "n_kv_heads", default=n_head),
-                          self.arch_name)
+                          self.arch_name, self.n_experts)
 
     def forward(self, weights=None):
         """The family's layer-by-layer torch forward, reading the checkpoint's tensors, or
         `weights` (HF name -> tensor) such as the dequantized tensors of a GGUF. The family's
         hand-written one; transformers' own modules (arch/generic.py) for a family without one,
-        or everywhere with QCONVERT_FORWARD=transformers."""
-        if self.forward_class is None or os.environ.get("QCONVERT_FORWARD", "") == "transformers":
+        or everywhere with QCONVERT_FORWARD=transformers (but for mixtures of experts, whose
+        transformers modules hold the experts fused, not as the checkpoint's per-expert matrices)."""
+        generic = os.environ.get("QCONVERT_FORWARD", "") == "transformers" and not self.n_experts
+        if self.forward_class is None or generic:
             return TransformersForward(self, weights)
         return self.forward_class(self, weights)
 
@@ -214,6 +244,12 @@ class Family:
         return a
 
     @classmethod
+    def reads_gguf(cls, kv: dict) -> bool:
+        """Whether a GGUF file of this family's architecture is this family's (Llama and
+        Mixtral share "llama"; the experts tell them apart)."""
+        return True
+
+    @classmethod
     def config_from_gguf(cls, kv: dict) -> dict:
         """The config.json entries the forward reads, from a GGUF file's metadata (as llama.cpp
         reads them). Subclasses add their own."""
@@ -231,7 +267,10 @@ class Family:
                "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
                "layer_norm_eps": get("attention.layer_norm_epsilon"),
                "max_position_embeddings": get("context_length"),
-               "rope_theta": get("rope.freq_base")}
+               "rope_theta": get("rope.freq_base"),
+               "num_experts": get("expert_count"),
+               "num_experts_per_tok": get("expert_used_count"),
+               "moe_intermediate_size": get("expert_feed_forward_length")}
         scaling, factor = get("rope.scaling.type"), get("rope.scaling.factor")
         if scaling == "linear" and factor:
             cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
@@ -308,6 +347,10 @@ class Family:
             kv.add_layer_norm_rms_eps(v)
         if (v := c.get(float, "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", nonnegative=True)) is not None:
             kv.add_layer_norm_eps(v)
+        if (v := c.get(int, "num_local_experts", "num_experts", "n_routed_experts")) is not None:
+            kv.add_expert_count(v)
+        if (v := c.get(int, "num_experts_per_tok", "num_experts_per_token", "top_k_experts")) is not None:
+            kv.add_expert_used_count(v)
         if (v := c.get(int, "head_dim", positive=True)) is not None:
             kv.add_key_length(v)
             kv.add_value_length(v)

@@ -144,6 +144,10 @@ class Llama(Family):
         return a if heads is None else unpermute_rope(a, heads)
 
     @classmethod
+    def reads_gguf(cls, kv: dict) -> bool:
+        return not kv.get(f"{gguf.MODEL_ARCH_NAMES[cls.gguf_arch]}.expert_count")
+
+    @classmethod
     def config_from_gguf(cls, kv: dict) -> dict:
         return {**super().config_from_gguf(kv), "hidden_act": "silu"}
 

@@ -37,6 +37,7 @@ class ModelShape:
     n_head: int
     n_head_kv: int
     arch: str = ""  # the GGUF architecture name
+    n_expert: int = 0  # routed experts per layer (llama.cpp's hparams.n_expert; 0: dense)
 
     @property
     def n_gqa(self) -> int:
@@ -64,11 +65,14 @@ class PlannedTensor:
 
     name: str  # GGUF name
     shape: tuple[int, ...]  # numpy order (rows first); the writer reverses it for GGUF
-    source: Tensor | None  # checkpoint tensor, or None for a generated one
+    source: Tensor | None  # checkpoint tensor (the first of `parts`), or None for a generated one
     transform: Transform | None = None  # whole-tensor transform; None streams rows as they are
     rows: int | None = None  # use only the first `rows` rows of the source
     make: Callable[[], np.ndarray] | None = None  # data of a generated tensor
     force_f32: bool = False  # norms, biases, 1-D tensors, position embeddings
+    # experts: checkpoint tensors stacked on a new first axis, in order (shape[0] of them), each
+    # streamed in turn; `transform` then applies to each part
+    parts: tuple[Tensor, ...] = ()
 
     @property
     def n_elements(self) -> int:

@@ -12,6 +12,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFValueType as VT
 from gguf.gguf_writer import GGUFValue
 
+from qconvert.arch.base import EXPERT
 from qconvert.calibrate.driver import Observer, run_layers
 from qconvert.calibrate.text import Calibration
 from qconvert.read.imatrix import Imatrix
@@ -26,23 +27,41 @@ class Collector(Observer):
 
     def __init__(self, family):
         self.family = family
+        # GGUF name -> sums [columns], or [experts, columns] for a stacked *_exps tensor, whose
+        # counts are per expert (llama-imatrix's MUL_MAT_ID statistics: each expert's sums over
+        # the tokens routed to it)
         self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, np.ndarray] = {}
 
     def linear_input(self, fw, hf: str, x: torch.Tensor) -> None:
+        expert = None
+        if self.family.n_experts and (m := EXPERT.match(hf + ".weight")):
+            hf, expert = f"{m['prefix']}.{m['proj']}", int(m["expert"])
         name = self.family.map_name(hf + ".weight")
         if not name.startswith("blk."):
             return  # llama-imatrix's default: decoder blocks only
         flat = x.reshape(-1, x.shape[-1])
         s = fw.per_input("imatrix", x, lambda: square_sums(flat))
-        if name in self.sums:
-            self.sums[name] += s
-        else:
-            self.sums[name] = s.clone()
-        self.counts[name] = self.counts.get(name, 0) + flat.shape[0]
+        n_mat = 1 if expert is None else self.family.n_experts
+        if name not in self.sums:
+            self.sums[name] = torch.zeros((n_mat, flat.shape[1]), dtype=torch.float64)
+            self.counts[name] = np.zeros(n_mat, dtype=np.int64)
+        self.sums[name][expert or 0] += s
+        self.counts[name][expert or 0] += flat.shape[0]
+
+    def unreached(self) -> list[tuple[str, int]]:
+        """(tensor, expert) for every expert no calibration token was routed to."""
+        return [(n, int(e)) for n in sorted(self.counts) if len(self.counts[n]) > 1
+                for e in np.flatnonzero(self.counts[n] == 0)]
 
     def to_imatrix(self, path: Path, dataset: str, chunk_count: int, chunk_size: int) -> Imatrix:
-        entries = {n: (self.sums[n] / self.counts[n]).float().numpy() for n in sorted(self.sums)}
+        """Means of the squares, as llama-quantize's load_imatrix makes them from the file: an
+        expert no token reached gets 1 for every column."""
+        entries = {}
+        for n in sorted(self.sums):
+            c = torch.from_numpy(self.counts[n]).to(torch.float64)[:, None]
+            mean = torch.where(c > 0, self.sums[n] / c.clamp_min(1), torch.ones_like(self.sums[n]))
+            entries[n] = mean.float().numpy().reshape(-1)
         return Imatrix(path, entries, [dataset], chunk_count, chunk_size)
 
 
@@ -83,8 +102,8 @@ def write_imatrix(path: Path, rec: Collector, datasets: list[str], chunk_count: 
     }
     infos, data = [], []
     for name in sorted(rec.sums):
-        s = rec.sums[name].float().numpy().reshape(1, -1)
-        c = np.array([[float(rec.counts[name])]], dtype=np.float32)
+        s = rec.sums[name].float().numpy()  # [experts or 1, columns]
+        c = rec.counts[name].astype(np.float32).reshape(-1, 1)
         infos += [TensorInfo(f"{name}.in_sum2", s.shape, int(GT.F32), s.nbytes),
                   TensorInfo(f"{name}.counts", c.shape, int(GT.F32), c.nbytes)]
         data += [s, c]

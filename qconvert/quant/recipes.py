@@ -118,7 +118,10 @@ _NOT_QUANTIZED = ("_norm.weight", "ffn_gate_inp.weight", "altup", "laurel", "per
 def allows_quantization(t: PlannedTensor) -> bool:
     """tensor_allows_quantization, for the tensors qconvert's families produce."""
     name = t.name
-    return (len(t.shape) >= 2 and name.endswith("weight") and not any(s in name for s in _NOT_QUANTIZED)
+    # ggml_n_dims: dimensions of size 1 at the end of GGUF's order (the start of ours) do not
+    # count, so Qwen2-MoE's shared-expert gate [1, hidden] is a vector, never quantized
+    dims = len(t.shape) - next((i for i, d in enumerate(t.shape) if d != 1), len(t.shape))
+    return (dims >= 2 and name.endswith("weight") and not any(s in name for s in _NOT_QUANTIZED)
             and name not in ("position_embd.weight", "token_types.weight"))
 
 
@@ -166,13 +169,25 @@ F = LlamaFileType
 _IQ2_FAMILY = (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M)
 
 
+def _layer(counter: int, name: str, n_expert: int) -> int:
+    """layer_info: the counter's value, or with experts the layer in the tensor's name (their
+    FFN tensors need not come one per layer)."""
+    if n_expert > 1:
+        m = re.match(r"blk\.(\d+)\.", name)
+        if m is None:
+            raise UsageError(f"cannot tell the layer of tensor {name}")
+        return int(m.group(1))
+    return counter
+
+
 def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str, shape: ModelShape,
           st: _State) -> type[BlockType]:
-    """llama_tensor_get_type_impl for the dense families qconvert converts (no Falcon, no
-    experts: n_expert is 0, so its expert rules never fire): the mixture's type for one tensor,
-    advancing the counters as llama.cpp does."""
+    """llama_tensor_get_type_impl for the families qconvert converts (no Falcon): the mixture's
+    type for one tensor, advancing the counters as llama.cpp does. With experts, the rules of
+    8-expert models (Mixtral's) fire, and the FFN rules take the layer from the tensor's name
+    (layer_info), not from the counters."""
     B = blocks
-    gqa = shape.n_gqa
+    gqa, n_expert = shape.n_gqa, shape.n_expert
     if cat == "output" or (st.tied and cat == "token_embd"):
         if st.output is not None:
             return st.output
@@ -193,14 +208,18 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
     if ftype in _IQ2_FAMILY:
         iq3 = ftype in (F.MOSTLY_IQ2_S, F.MOSTLY_IQ2_M)
         if cat in ("attn_v", "attn_qkv", "attn_kv_b"):
-            new = B.Q4_K if gqa >= 4 else B.get("IQ3_S" if iq3 else "Q2_K")
+            new = B.Q4_K if gqa >= 4 or n_expert >= 4 else B.get("IQ3_S" if iq3 else "Q2_K")
             st.i_attention_wv += 1
+        elif n_expert == 8 and cat == "attn_k":
+            new = B.Q4_K
         elif cat == "ffn_down":
             if st.i_ffn_down < st.n_layer // 8:
                 new = B.get("IQ3_S" if iq3 else "Q2_K")
             st.i_ffn_down += 1
         elif cat == "attn_output":
-            if ftype in (F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
+            if n_expert == 8:
+                new = B.Q5_K
+            elif ftype in (F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
                 new = B.get("IQ2_XXS")
             elif iq3:
                 new = B.get("IQ3_S")
@@ -228,9 +247,13 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
             new = B.Q5_K
         if shape.is_70b and new.name in ("Q3_K", "Q4_K"):
             new = B.Q5_K
+        if n_expert == 8:
+            new = B.Q8_0
         st.i_attention_wv += 1
     elif cat == "attn_k":
-        if ftype == F.MOSTLY_IQ3_XS:
+        if n_expert == 8:
+            new = B.Q8_0
+        elif ftype == F.MOSTLY_IQ3_XS:
             new = B.get("IQ3_XXS")
         elif ftype == F.MOSTLY_IQ3_XXS:
             new = B.get("IQ2_S")
@@ -240,7 +263,7 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
         elif ftype == F.MOSTLY_IQ3_XXS:
             new = B.get("IQ2_S")
     elif cat == "ffn_down":
-        i, n = st.i_ffn_down, st.n_layer
+        i, n = _layer(st.i_ffn_down, t.name, n_expert), st.n_layer
         if ftype == F.MOSTLY_Q2_K:
             new = B.get("Q3_K")
         elif ftype == F.MOSTLY_Q2_K_S:
@@ -250,7 +273,7 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
             new = B.Q4_K if i < n // 8 else B.get("Q3_K")
         elif ftype == F.MOSTLY_Q3_K_M:
             new = B.Q5_K if i < n // 16 else B.Q4_K  # (Falcon alone keeps Q3_K off use_more_bits)
-        elif ftype == F.MOSTLY_IQ3_M and i < n // 8:
+        elif ftype == F.MOSTLY_IQ3_M and (i < n // 8 or (n_expert == 8 and use_more_bits(i, n))):
             new = B.Q4_K
         elif ftype == F.MOSTLY_Q3_K_L:
             new = B.Q5_K
@@ -266,6 +289,10 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
         elif ftype in (F.MOSTLY_Q4_0, F.MOSTLY_Q5_0) and st.has_imatrix and i < n // 8:
             new = B.Q4_1 if ftype == F.MOSTLY_Q4_0 else B.Q5_1
         st.i_ffn_down += 1
+    elif cat == "attn_output" and n_expert == 8:
+        if ftype in (F.MOSTLY_Q2_K, F.MOSTLY_IQ3_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_IQ4_NL,
+                     F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M, F.MOSTLY_IQ3_S, F.MOSTLY_IQ3_M, F.MOSTLY_IQ4_XS):
+            new = B.Q5_K
     elif cat == "attn_output":
         name = {F.MOSTLY_Q2_K: "Q3_K", F.MOSTLY_IQ3_XXS: "IQ3_S", F.MOSTLY_Q3_K_M: "Q4_K", F.MOSTLY_Q3_K_L: "Q5_K",
                 F.MOSTLY_IQ3_M: "Q4_K"}.get(ftype)
@@ -279,7 +306,7 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
         elif ftype == F.MOSTLY_Q5_K_M:
             new = B.Q6_K
     elif cat in ("ffn_gate", "ffn_up"):
-        i = st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up
+        i = _layer(st.i_ffn_gate if cat == "ffn_gate" else st.i_ffn_up, t.name, n_expert)
         if ftype == F.MOSTLY_IQ3_XS and st.n_layer // 8 <= i < 7 * st.n_layer // 8:
             new = B.get("IQ3_XXS")
         if cat == "ffn_gate":

@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from qconvert.arch.base import EXPERT
 from qconvert.families import FAMILIES
 from qconvert.errors import InputError
 from qconvert.quant import blocks
@@ -42,12 +43,16 @@ class GGUFTensor:
     _family: object
     _map: mmap.mmap | None = None  # the reader's mapping, to drop pages from
     dtype: str = "F32"
+    expert: int | None = None  # one expert's slice of a stacked *_exps tensor
 
     def array(self) -> np.ndarray:
         t = self._t
         kind = t.tensor_type.name
-        data = np.ascontiguousarray(t.data)
+        data = t.data if self.expert is None else t.data[self.expert]
+        data = np.ascontiguousarray(data)
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))  # as the file stores it
+        if self.expert is not None:
+            shape = shape[1:]
         if kind in blocks.REGISTRY:
             a = blocks.REGISTRY[kind].dequantize(data.view(np.uint8), shape)
         else:  # a type qconvert does not write: gguf's numpy dequantizers
@@ -78,27 +83,39 @@ class GGUFWeights:
         self.by_gguf = {t.name: t for t in reader.tensors}
         self.map = getattr(reader.data, "_mmap", None)  # numpy's memmap keeps its mmap here
 
-    def _gguf_name(self, hf_name: str) -> str | None:
+    def _gguf_name(self, hf_name: str) -> tuple[str, int | None] | None:
+        """The GGUF tensor holding `hf_name`, and the expert's index where it is one expert's
+        matrix in a stacked *_exps tensor."""
         if hf_name in self.by_gguf:
-            return hf_name
+            return hf_name, None
+        expert = None
+        if (m := EXPERT.match(hf_name)) and self.family.n_experts:
+            hf_name, expert = f"{m['prefix']}.{m['proj']}.weight", int(m["expert"])
         try:
             g = self.family.map_name(hf_name)
         except InputError:
             return None
-        return g if g in self.by_gguf else None
+        if g not in self.by_gguf:
+            return None
+        if expert is not None and not expert < int(self.by_gguf[g].shape[-1]):
+            return None
+        return g, expert
 
     def __contains__(self, hf_name: str) -> bool:
         return self._gguf_name(hf_name) is not None
 
     def __getitem__(self, hf_name: str) -> GGUFTensor:
-        g = self._gguf_name(hf_name)
-        if g is None:
+        found = self._gguf_name(hf_name)
+        if found is None:
             raise KeyError(hf_name)
+        g, expert = found
         t = self.by_gguf[g]
         shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if expert is not None:
+            shape = shape[1:]
         if self.family.transposed(hf_name):  # from_gguf gives the checkpoint's layout back
             shape = shape[::-1]
-        return GGUFTensor(hf_name, g, shape, t, self.family, self.map)
+        return GGUFTensor(hf_name, g, shape, t, self.family, self.map, expert=expert)
 
 
 @dataclass
@@ -133,8 +150,10 @@ def open_gguf(path: Path) -> GGUFModel:
     reader = read_gguf(path)
     kv = {name: f.contents() for name, f in reader.fields.items() if not name.startswith("GGUF.")}
     arch = kv.get("general.architecture")
-    by_arch = {gguf.MODEL_ARCH_NAMES[f.gguf_arch]: f for f in FAMILIES.values()}
-    cls = by_arch.get(arch)
+    by_arch: dict[str, list] = {}
+    for f in dict.fromkeys(FAMILIES.values()):
+        by_arch.setdefault(gguf.MODEL_ARCH_NAMES[f.gguf_arch], []).append(f)
+    cls = next((f for f in by_arch.get(arch, []) if f.reads_gguf(kv)), None)
     if cls is None:
         raise InputError(f"{path}: architecture {arch!r} cannot be evaluated; qconvert's forward knows "
                          f"{', '.join(sorted(by_arch))}")

@@ -23,18 +23,20 @@ class Imatrix:
     chunk_size: int = 0
     legacy: bool = False
 
-    def for_tensor(self, name: str, ncols: int) -> np.ndarray | None:
-        """The weights for one tensor; None when the matrix has none for it (as llama-quantize).
-        A size that does not match is an error, except for token_embd (llama-quantize skips it)."""
+    def for_tensor(self, name: str, ncols: int, n_mat: int = 1) -> np.ndarray | None:
+        """The weights for one tensor, [columns], or [experts, columns] for the `n_mat` experts
+        of a stacked *_exps tensor; None when the matrix has none for it (as llama-quantize). A
+        size that does not match is an error, except for token_embd (llama-quantize skips it)."""
         w = self.entries.get(name)
         if w is None:
             return None
-        if w.size != ncols:
+        if w.size != ncols * n_mat:
             if name in ("token_embd.weight", "per_layer_token_embd.weight"):
                 return None
             raise InputError(f"{self.path}: importance matrix for {name} has {w.size} values, the tensor has "
-                             f"{ncols} columns (a matrix made for another model?)")
-        return w
+                             f"{ncols} columns{f' in each of {n_mat} experts' if n_mat > 1 else ''} "
+                             "(a matrix made for another model?)")
+        return w.reshape(n_mat, ncols) if n_mat > 1 else w
 
 
 def load_imatrix(path: Path) -> Imatrix:

@@ -35,7 +35,11 @@ def test_llama_cpp_logits_match_transformers(family, tiny, converted):
     # F32 differs only by float summation order: 1e-3 of the logits' RMS is far below any
     # mapping error (a wrong rope permutation or norm shift gives 10-50%)
     assert rel_rms(f32, ref) < 2e-3
-    assert (f32.argmax(1) == ref.argmax(1)).mean() == 1.0
+    # the same top token wherever the reference's top two are not a near tie (a few 1e-4 apart
+    # happen on random models, Qwen2-MoE's at position 11)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2e-3 * np.sqrt((ref ** 2).mean())
+    assert (f32.argmax(1) == ref.argmax(1))[clear].all()
     # Q8_0 rounds each weight to 1/254 of its block's max, and llama.cpp also rounds the
     # activations to Q8_0 in its matmuls: about 1-3% RMS on these models, measured. 6% bounds
     # that with margin and still fails any structural mistake.
@@ -65,7 +69,9 @@ def test_q8_0_bytes_are_ggml_bytes(family, converted):
             assert np.array_equal(np.asarray(t.data).reshape(rows.shape), rows.astype(np.float16))
         else:
             assert t.tensor_type == GT.F32 and (src.ndim == 1 or t.name.endswith(("norm.weight", ".bias"))
-                                                 or "position" in t.name or t.name == "position_embd.weight")
+                                                 or "position" in t.name or t.name == "position_embd.weight"
+                                                 or t.name.endswith(("ffn_gate_inp.weight",  # routers stay F32
+                                                                     "ffn_gate_inp_shexp.weight")))
     assert n_q8 > 0
 
 

@@ -1,0 +1,76 @@
+"""Whole-file parity of qconvert's mixture-of-experts GGUF files with llama.cpp's
+convert_hf_to_gguf.py: tiny random Qwen3-MoE, Mixtral and Qwen2-MoE checkpoints (transformers' own configs,
+bf16, saved as transformers saves them) that carry a real tokenizer the converter knows (Qwen2.5's
+for the Qwens, SmolLM2's for Mixtral; from ../shared/tools/real-models.sh), converted by both to f32, f16, bf16 and
+q8_0; every tensor (name, type, shape, bytes) and every key/value compared (bench/parity.py's
+compare).
+
+usage: python bench/parity_moe.py
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# transformers imports the `kernels` package, which bench/kernels.py would shadow: import its
+# modules before bench/ is on the path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+import transformers  # noqa: E402
+import transformers.activations  # noqa: E402,F401
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import REAL, need_reference, reference_convert_cmd  # noqa: E402
+from parity import compare  # noqa: E402
+
+
+def build(family: str, out: Path) -> Path:
+    import torch
+
+    tok = REAL / "hf" / ("smollm2-135m" if family == "mixtral" else "qwen2.5-0.5b")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / f, out / f)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, num_experts_per_tok=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    if family == "qwen2moe":
+        cfg = transformers.Qwen2MoeConfig(vocab_size=151936, intermediate_size=128, moe_intermediate_size=32,
+                                          shared_expert_intermediate_size=64, num_experts=8, **common)
+        model = transformers.Qwen2MoeForCausalLM(cfg)
+    elif family == "qwen3moe":
+        cfg = transformers.Qwen3MoeConfig(vocab_size=151936, intermediate_size=128, moe_intermediate_size=32,
+                                          num_experts=8, head_dim=16, norm_topk_prob=True, **common)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    else:
+        cfg = transformers.MixtralConfig(vocab_size=49152, intermediate_size=32, num_local_experts=8, **common)
+        model = transformers.MixtralForCausalLM(cfg)
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def main() -> int:
+    need_reference()
+    from tests.helpers import convert_to
+
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for family in ("qwen3moe", "mixtral", "qwen2moe"):
+            src = build(family, tmp / family)
+            for outtype in ("f32", "f16", "bf16", "q8_0"):
+                ref = tmp / f"{family}-ref-{outtype}.gguf"
+                subprocess.run(reference_convert_cmd(src, outtype, ref), check=True, capture_output=True)
+                ours = convert_to(src, outtype, tmp / f"{family}-ours-{outtype}.gguf").outputs[0]["path"]
+                problems = compare(ours, ref)
+                bad += bool(problems)
+                print(f"{family:9s} {outtype:5s} {'identical, tensor for tensor and key for key' if not problems else problems[:5]}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""Mixture-of-experts decoders: Qwen3-MoE (GGUF "qwen3moe"), Qwen2-MoE ("qwen2moe": a shared
+expert beside the routed ones, weighed by its own sigmoid gate) and Mixtral (GGUF "llama" with
+experts). Their attention is Llama's (Qwen3's q/k norms; Mixtral's rope permutation); the MLP of
+a sparse layer is a router (mlp.gate / block_sparse_moe.gate, kept F32 in GGUF as
+ffn_gate_inp) choosing the top k of n experts per token, each a gated MLP whose matrices the
+checkpoint stores one expert at a time (experts.E.gate_proj / w1 ...) and GGUF stacks into one
+3-D tensor per kind (ffn_gate_exps, ffn_up_exps, ffn_down_exps: base.Family.stacked_experts).
+
+The forward runs each expert on the tokens routed to it, grouped (one matrix product per expert,
+not a loop over tokens), through `linear()` under the expert's own HF name, so the layer loop's
+observers see each expert's routed inputs (the importance matrix's per-expert sums, as
+llama-imatrix keeps them for MUL_MAT_ID)."""
+from __future__ import annotations
+
+import gguf
+import torch
+import torch.nn.functional as F
+
+from qconvert.arch.base import decoder_tensors
+from qconvert.arch.llama import Llama, LlamaForward
+from qconvert.arch.qwen2 import Qwen2
+from qconvert.arch.qwen3 import Qwen3
+from qconvert.arch.spec import Expected
+from qconvert.errors import InputError
+
+
+class MoEForward(LlamaForward):
+    """Llama's attention; a sparse layer's MLP routes each token to its top-k experts."""
+
+    # HF names inside a layer: the router, an expert's (gate, up, down) matrices
+    router = "mlp.gate"
+    expert_names = ("mlp.experts.{e}.gate_proj", "mlp.experts.{e}.up_proj", "mlp.experts.{e}.down_proj")
+
+    def __init__(self, family, weights=None):
+        super().__init__(family, weights)
+        self.n_experts = family.n_experts
+        self.top_k = self.cfg.positive(int, "num_experts_per_tok")
+        self.norm_topk = family.norm_topk_prob()
+
+    def mlp(self, p: str, x):
+        if not self.has(p + self.router + ".weight"):
+            return super().mlp(p, x)  # a dense layer (Qwen3-MoE's mlp_only_layers)
+        flat = x.reshape(-1, x.shape[-1])
+        logits = self.linear(flat, p + self.router)
+        # as transformers: softmax in float32 over all experts, the top k, renormalised to sum 1
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(flat.dtype)
+        out = torch.zeros_like(flat)
+        order = torch.argsort(chosen.reshape(-1), stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            tokens = pairs // self.top_k
+            y = self.expert(p, e, flat[tokens])
+            out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
+        return out.view(x.shape)
+
+    def expert(self, p: str, e: int, x):
+        gate, up, down = (p + n.format(e=e) for n in self.expert_names)
+        return self.linear(self.act(self.linear(x, gate)) * self.linear(x, up), down)
+
+
+class Qwen2MoeForward(MoEForward):
+    """Qwen2MoeSparseMoeBlock: the routed experts plus sigmoid(shared_expert_gate(x)) times the
+    shared expert's MLP, on every token."""
+
+    def mlp(self, p: str, x):
+        out = super().mlp(p, x)
+        if not self.has(p + "mlp.shared_expert_gate.weight"):
+            return out
+        gate = torch.sigmoid(self.linear(x, p + "mlp.shared_expert_gate"))
+        s = p + "mlp.shared_expert."
+        shared = self.linear(self.act(self.linear(x, s + "gate_proj")) * self.linear(x, s + "up_proj"), s + "down_proj")
+        return out + gate * shared
+
+
+class MixtralForward(MoEForward):
+    router = "block_sparse_moe.gate"
+    expert_names = ("block_sparse_moe.experts.{e}.w1", "block_sparse_moe.experts.{e}.w3",
+                    "block_sparse_moe.experts.{e}.w2")
+
+
+def moe_tensors(cfg, n_layers: int, sparse: list[bool], n_experts: int, expert_ff: int, router: str,
+                names: tuple[str, str, str], **dense) -> list[Expected]:
+    """decoder_tensors, each sparse layer's gated MLP replaced by its router [experts, hidden] and
+    every expert's gate/up [expert_ff, hidden] and down [hidden, expert_ff]."""
+    H = cfg.positive(int, "hidden_size")
+    out = []
+    for e in decoder_tensors(cfg, n_layers, **dense):
+        layer = e.name.split(".")[2] if e.name.startswith("model.layers.") else None
+        if layer is not None and sparse[int(layer)] and ".mlp." in e.name:
+            continue
+        out.append(e)
+    for i in range(n_layers):
+        if not sparse[i]:
+            continue
+        p = f"model.layers.{i}."
+        out.append(Expected(p + router + ".weight", (n_experts, H)))
+        for x in range(n_experts):
+            gate, up, down = (p + n.format(e=x) + ".weight" for n in names)
+            out += [Expected(gate, (expert_ff, H)), Expected(up, (expert_ff, H)), Expected(down, (H, expert_ff))]
+    return out
+
+
+class QwenMoe:
+    """What Qwen2-MoE and Qwen3-MoE share: sparse layers by decoder_sparse_step and
+    mlp_only_layers, and Qwen2MoeModel's expert keys after the base ones."""
+
+    def sparse_layers(self) -> list[bool]:
+        if self.n_experts < 1:
+            raise InputError(f"{self.cfg.path}: num_experts must be positive for {self.cfg.architecture()}")
+        step = self.cfg.get(int, "decoder_sparse_step", default=1, positive=True)
+        only = self.cfg.data.get("mlp_only_layers") or []
+        if not isinstance(only, list) or not all(isinstance(i, int) for i in only):
+            raise InputError(f"{self.cfg.path}: mlp_only_layers must be a list of layer numbers, got {only!r}")
+        # Qwen*MoeDecoderLayer: sparse where not listed and (i + 1) is a multiple of the step
+        return [i not in only and (i + 1) % step == 0 for i in range(self.n_layers)]
+
+    def norm_topk_prob(self) -> bool:
+        return bool(self.cfg.data.get("norm_topk_prob", False))
+
+    def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
+        super().write_hparams(kv, file_type)
+        # Qwen2MoeModel.set_gguf_parameters: after the base keys (and the file type)
+        if (v := self.cfg.get(int, "moe_intermediate_size")) is not None:
+            kv.add_expert_feed_forward_length(v)
+        if (v := self.cfg.get(int, "shared_expert_intermediate_size")) is not None:
+            kv.add_expert_shared_feed_forward_length(v)
+
+
+class Qwen2Moe(QwenMoe, Qwen2):
+    hf_architectures = ("Qwen2MoeForCausalLM",)
+    gguf_arch = gguf.MODEL_ARCH.QWEN2MOE
+    forward_class = Qwen2MoeForward
+    example = "Qwen/Qwen1.5-MoE-A2.7B"
+    awq_groups = ()
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        self.sparse = self.sparse_layers()
+
+    def expected(self) -> list[Expected]:
+        H = self.cfg.positive(int, "hidden_size")
+        out = moe_tensors(self.cfg, self.n_layers, self.sparse, self.n_experts,
+                          self.cfg.positive(int, "moe_intermediate_size"), MoEForward.router, MoEForward.expert_names)
+        shared = self.cfg.positive(int, "shared_expert_intermediate_size")
+        for i in range(self.n_layers):
+            if self.sparse[i]:
+                s = f"model.layers.{i}.mlp.shared_expert"
+                out += [Expected(f"{s}.gate_proj.weight", (shared, H)), Expected(f"{s}.up_proj.weight", (shared, H)),
+                        Expected(f"{s}.down_proj.weight", (H, shared)), Expected(f"{s}_gate.weight", (1, H))]
+        return out
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        cfg = super().config_from_gguf(kv)
+        cfg["shared_expert_intermediate_size"] = kv.get("qwen2moe.expert_shared_feed_forward_length")
+        cfg["norm_topk_prob"] = False  # llama.cpp's qwen2moe never renormalises the top k
+        return cfg
+
+
+class Qwen3Moe(QwenMoe, Qwen3):
+    hf_architectures = ("Qwen3MoeForCausalLM",)
+    gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
+    forward_class = MoEForward
+    example = "Qwen/Qwen3-30B-A3B"
+    awq_groups = ()  # AWQ on experts: not yet
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        self.sparse = self.sparse_layers()
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        return {**super().config_from_gguf(kv), "norm_topk_prob": True}  # llama.cpp's qwen3moe always renormalises
+
+    def expected(self) -> list[Expected]:
+        return moe_tensors(self.cfg, self.n_layers, self.sparse, self.n_experts,
+                           self.cfg.positive(int, "moe_intermediate_size"), MoEForward.router,
+                           MoEForward.expert_names, qk_norm=True)
+
+
+class Mixtral(Llama):
+    hf_architectures = ("MixtralForCausalLM",)
+    forward_class = MixtralForward
+    example = "mistralai/Mixtral-8x7B-v0.1"
+    awq_groups = ()
+    config_defaults = {"*": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5}}  # MixtralConfig
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        if self.n_experts < 1:
+            raise InputError(f"{self.cfg.path}: num_local_experts must be positive for {self.cfg.architecture()}")
+
+    def norm_topk_prob(self) -> bool:
+        return True  # MixtralSparseMoeBlock always renormalises the top k
+
+    @classmethod
+    def reads_gguf(cls, kv: dict) -> bool:
+        return bool(kv.get("llama.expert_count"))
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        cfg = super().config_from_gguf(kv)
+        cfg["num_local_experts"] = cfg.pop("num_experts", None)
+        cfg["architectures"] = [cls.hf_architectures[0]]
+        return cfg
+
+    def expected(self) -> list[Expected]:
+        return moe_tensors(self.cfg, self.n_layers, [True] * self.n_layers, self.n_experts,
+                           self.cfg.positive(int, "intermediate_size"), MixtralForward.router,
+                           MixtralForward.expert_names, head_dim=self.head_dim())
