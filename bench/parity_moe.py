@@ -1,7 +1,7 @@
 """Whole-file parity of qconvert's mixture-of-experts GGUF files with llama.cpp's
-convert_hf_to_gguf.py: tiny random Qwen3-MoE, Mixtral and Qwen2-MoE checkpoints (transformers' own configs,
+convert_hf_to_gguf.py: tiny random Qwen3-MoE, Mixtral, Qwen2-MoE and OLMoE checkpoints (transformers' own configs,
 bf16, saved as transformers saves them) that carry a real tokenizer the converter knows (Qwen2.5's
-for the Qwens, SmolLM2's for Mixtral; from ../shared/tools/real-models.sh), converted by both to f32, f16, bf16 and
+for the Qwens and OLMoE, SmolLM2's for Mixtral; from ../shared/tools/real-models.sh), converted by both to f32, f16, bf16 and
 q8_0; every tensor (name, type, shape, bytes) and every key/value compared (bench/parity.py's
 compare).
 
@@ -38,7 +38,11 @@ def build(family: str, out: Path) -> Path:
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=4096, num_experts_per_tok=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    if family == "qwen2moe":
+    if family == "olmoe":  # as many kv heads as heads: llama.cpp loads OLMoE's k norm as [hidden]
+        cfg = transformers.OlmoeConfig(vocab_size=151936, intermediate_size=32, num_experts=8,
+                                       **{**common, "num_key_value_heads": 4})
+        model = transformers.OlmoeForCausalLM(cfg)
+    elif family == "qwen2moe":
         cfg = transformers.Qwen2MoeConfig(vocab_size=151936, intermediate_size=128, moe_intermediate_size=32,
                                           shared_expert_intermediate_size=64, num_experts=8, **common)
         model = transformers.Qwen2MoeForCausalLM(cfg)
@@ -60,7 +64,7 @@ def main() -> int:
     bad = 0
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for family in ("qwen3moe", "mixtral", "qwen2moe"):
+        for family in ("qwen3moe", "mixtral", "qwen2moe", "olmoe"):
             src = build(family, tmp / family)
             for outtype in ("f32", "f16", "bf16", "q8_0"):
                 ref = tmp / f"{family}-ref-{outtype}.gguf"

@@ -122,7 +122,7 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
             model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**kw))
         else:
             model = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=32, **kw))
-    elif family in ("qwen3moe", "mixtral", "qwen2moe", "qwen3moe-wide", "mixtral-wide", "qwen2moe-wide"):
+    elif family in ("qwen3moe", "mixtral", "qwen2moe", "olmoe", "qwen3moe-wide", "mixtral-wide", "qwen2moe-wide"):
         # 4 experts, 2 per token; Qwen3-MoE with its published models' norm_topk_prob (llama.cpp
         # always renormalises the top k, as Mixtral does). -wide: rows of 256 for the K-quants,
         # 4 layers; Mixtral's 8 experts, which llama-quantize's 8-expert rules are for
@@ -131,7 +131,13 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
                    num_attention_heads=8 if wide else 4, num_key_value_heads=2, max_position_embeddings=256,
                    num_experts_per_tok=2, **common)
         ffn = 256 if wide else 32
-        if family.startswith("qwen2moe"):
+        if family.startswith("olmoe"):  # llama.cpp loads OLMoE's k norm as [hidden]: as many kv heads as heads
+            ids = bpe_tokenizer(out, "gpt2", None, "<|endoftext|>")
+            cfg = tf.OlmoeConfig(vocab_size=ids["vocab_size"], intermediate_size=ffn, num_experts=4,
+                                 rms_norm_eps=1e-5, eos_token_id=ids["<|endoftext|>"],
+                                 **{**moe, "num_key_value_heads": moe["num_attention_heads"]})
+            model = tf.OlmoeForCausalLM(cfg)
+        elif family.startswith("qwen2moe"):
             ids = bpe_tokenizer(out, "qwen2", None, "<|endoftext|>")
             cfg = tf.Qwen2MoeConfig(vocab_size=ids["vocab_size"], intermediate_size=128, moe_intermediate_size=ffn,
                                     shared_expert_intermediate_size=2 * ffn, num_experts=4, rms_norm_eps=1e-6,
@@ -180,5 +186,5 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
     return out
 
 
-MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe"]
+MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe"]
 FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3", "gpt_neox", "gpt2"] + MOE_FAMILIES

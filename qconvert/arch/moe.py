@@ -1,6 +1,6 @@
 """Mixture-of-experts decoders: Qwen3-MoE (GGUF "qwen3moe"), Qwen2-MoE ("qwen2moe": a shared
-expert beside the routed ones, weighed by its own sigmoid gate) and Mixtral (GGUF "llama" with
-experts). Their attention is Llama's (Qwen3's q/k norms; Mixtral's rope permutation); the MLP of
+expert beside the routed ones, weighed by its own sigmoid gate), OLMoE ("olmoe": q/k norms over
+the whole projections) and Mixtral (GGUF "llama" with experts). Their attention is Llama's (Qwen3's q/k norms; Mixtral's rope permutation); the MLP of
 a sparse layer is a router (mlp.gate / block_sparse_moe.gate, kept F32 in GGUF as
 ffn_gate_inp) choosing the top k of n experts per token, each a gated MLP whose matrices the
 checkpoint stores one expert at a time (experts.E.gate_proj / w1 ...) and GGUF stacks into one
@@ -12,11 +12,14 @@ observers see each expert's routed inputs (the importance matrix's per-expert su
 llama-imatrix keeps them for MUL_MAT_ID)."""
 from __future__ import annotations
 
+import math
+
 import gguf
 import torch
 import torch.nn.functional as F
 
-from qconvert.arch.base import decoder_tensors
+from qconvert.arch.base import Family, decoder_tensors
+from qconvert.arch.layers import apply_rope, attention, heads, merge, rms_norm
 from qconvert.arch.llama import Llama, LlamaForward
 from qconvert.arch.qwen2 import Qwen2
 from qconvert.arch.qwen3 import Qwen3
@@ -79,6 +82,24 @@ class Qwen2MoeForward(MoEForward):
         s = p + "mlp.shared_expert."
         shared = self.linear(self.act(self.linear(x, s + "gate_proj")) * self.linear(x, s + "up_proj"), s + "down_proj")
         return out + gate * shared
+
+
+class OlmoeForward(MoEForward):
+    """OlmoeAttention: RMS norms over the whole q and k projections (not per head), then the
+    optional clip of q, k and v (clip_qkv), heads and rotary embeddings."""
+
+    def attn(self, i: int, x):
+        p = f"model.layers.{i}.self_attn."
+        q = rms_norm(self.linear(x, p + "q_proj"), self.w(p + "q_norm.weight"), self.eps)
+        k = rms_norm(self.linear(x, p + "k_proj"), self.w(p + "k_norm.weight"), self.eps)
+        v = self.linear(x, p + "v_proj")
+        clip = self.cfg.get(float, "clip_qkv")
+        if clip is not None:
+            q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
+        q, k, v = heads(q, self.n_head), heads(k, self.n_kv), heads(v, self.n_kv)
+        cos, sin = self.rope(x.shape[1])
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 1.0 / math.sqrt(self.head_dim))
+        return self.linear(merge(o), p + "o_proj")
 
 
 class MixtralForward(MoEForward):
@@ -185,6 +206,44 @@ class Qwen3Moe(QwenMoe, Qwen3):
         return moe_tensors(self.cfg, self.n_layers, self.sparse, self.n_experts,
                            self.cfg.positive(int, "moe_intermediate_size"), MoEForward.router,
                            MoEForward.expert_names, qk_norm=True)
+
+
+class Olmoe(Family):
+    hf_architectures = ("OlmoeForCausalLM",)
+    gguf_arch = gguf.MODEL_ARCH.OLMOE
+    forward_class = OlmoeForward
+    example = "allenai/OLMoE-1B-7B-0924"
+    config_defaults = {"*": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}}  # OlmoeConfig
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        if self.n_experts < 1:
+            raise InputError(f"{self.cfg.path}: num_experts must be positive for {self.cfg.architecture()}")
+
+    def norm_topk_prob(self) -> bool:
+        return bool(self.cfg.data.get("norm_topk_prob", False))
+
+    def expected(self) -> list[Expected]:
+        H, n_head = self.cfg.positive(int, "hidden_size"), self.cfg.positive(int, "num_attention_heads")
+        kv = H // n_head * (self.cfg.get(int, "num_key_value_heads") or n_head)
+        out = [e for e in moe_tensors(self.cfg, self.n_layers, [True] * self.n_layers, self.n_experts,
+                                      self.cfg.positive(int, "intermediate_size"), MoEForward.router,
+                                      MoEForward.expert_names) if not e.name.endswith(("q_norm.weight", "k_norm.weight"))]
+        for i in range(self.n_layers):
+            a = f"model.layers.{i}.self_attn."
+            out += [Expected(a + "q_norm.weight", (H,)), Expected(a + "k_norm.weight", (kv,))]
+        return out
+
+    def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
+        super().write_hparams(kv, file_type)
+        # OlmoeModel.set_gguf_parameters sets the RMS epsilon to 1e-5 again, whatever the config
+        # says: the key keeps its place with the new value
+        kv.kv_data[0]["olmoe.attention.layer_norm_rms_epsilon"].value = 1e-5
+
+    @classmethod
+    def config_from_gguf(cls, kv: dict) -> dict:
+        return {**super().config_from_gguf(kv), "hidden_act": "silu", "norm_topk_prob": False,
+                "num_experts": kv.get("olmoe.expert_count")}
 
 
 class Mixtral(Llama):

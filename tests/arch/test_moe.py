@@ -17,7 +17,7 @@ from tests.helpers import convert_to
 from tests.quant.test_recipes import FTYPES, llama_quantize_with_imatrix, numpy_spared
 
 
-@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "qwen2moe"])
+@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "qwen2moe", "olmoe"])
 def test_experts_are_stacked_in_expert_order(family, tiny, tmp_path):
     """blk.N.ffn_{gate,up,down}_exps.weight [experts, rows, columns] (GGUF lists them reversed),
     expert e's slice being the checkpoint's experts.e matrix; the router stays F32."""
@@ -44,7 +44,7 @@ def test_experts_are_stacked_in_expert_order(family, tiny, tmp_path):
     assert not any(".experts." in name for name in tensors)
 
 
-@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "qwen2moe"])
+@pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "qwen2moe", "olmoe"])
 def test_expert_statistics_are_their_routed_tokens(family, tiny):
     """Each expert's importance statistics: the sums of squares of the inputs of exactly the tokens
     transformers routes to it, and their count (float32 products, so routing is the model's)."""

@@ -1,0 +1,140 @@
+"""A mixture of experts at Qwen3-30B-A3B's widths (hidden 2048, 128 experts of 768, 8 per token,
+32 query and 4 key/value heads of 128, vocabulary 151936) but only a few layers, random bf16
+weights, Qwen2.5's tokenizer: `qconvert --to q4_k_m` (calibrated: 32 x 512 tokens of qconvert's
+shipped text) against convert_hf_to_gguf.py --outtype f32 + llama-imatrix (same text, same
+chunks) + llama-quantize Q4_K_M, wall time and peak RSS; and qconvert's peak RSS at 2 and at 4
+layers (memory must not grow with depth: one decoder layer, all its experts, at a time).
+
+usage: python bench/moe.py [--layers 4] [--small-layers 2] [--ours-only]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import IMATRIX, QUANTIZE, REAL, measure, need_reference, qconvert_cmd, reference_convert_cmd  # noqa: E402
+
+CALIB = Path(__file__).resolve().parents[1] / "qconvert" / "calibrate" / "data" / "emma.txt"
+SAMPLES, SEQ = 32, 512
+WIDTHS = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+              num_experts_per_tok=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+              vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
+              norm_topk_prob=True, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])
+
+
+def bf16(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 0.02) -> np.ndarray:
+    """Random normal weights as bfloat16 bits (uint16), rounded to nearest even."""
+    x = (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).view(np.uint32)
+    return ((x + 0x7FFF + ((x >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def build(out: Path, layers: int) -> Path:
+    """The checkpoint, one safetensors shard per layer (the weights never all in memory)."""
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REAL / "hf" / "qwen2.5-0.5b" / f, out / f)
+    H, E, F, V = WIDTHS["hidden_size"], WIDTHS["num_experts"], WIDTHS["moe_intermediate_size"], WIDTHS["vocab_size"]
+    q, kv = WIDTHS["num_attention_heads"] * WIDTHS["head_dim"], WIDTHS["num_key_value_heads"] * WIDTHS["head_dim"]
+    rng = np.random.default_rng(0)
+    index: dict[str, str] = {}
+    ones = np.full(H, 0x3F80, np.uint16)  # 1.0: norms
+    shards = [("model-embed.safetensors", {"model.embed_tokens.weight": bf16(rng, (V, H)), "model.norm.weight": ones,
+                                           "lm_head.weight": bf16(rng, (V, H))})]
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        t = {p + "input_layernorm.weight": ones, p + "post_attention_layernorm.weight": ones,
+             p + "self_attn.q_proj.weight": bf16(rng, (q, H)), p + "self_attn.k_proj.weight": bf16(rng, (kv, H)),
+             p + "self_attn.v_proj.weight": bf16(rng, (kv, H)), p + "self_attn.o_proj.weight": bf16(rng, (H, q)),
+             p + "self_attn.q_norm.weight": ones[:WIDTHS["head_dim"]], p + "self_attn.k_norm.weight": ones[:WIDTHS["head_dim"]],
+             p + "mlp.gate.weight": bf16(rng, (E, H), 0.2)}
+        for e in range(E):
+            t[f"{p}mlp.experts.{e}.gate_proj.weight"] = bf16(rng, (F, H))
+            t[f"{p}mlp.experts.{e}.up_proj.weight"] = bf16(rng, (F, H))
+            t[f"{p}mlp.experts.{e}.down_proj.weight"] = bf16(rng, (H, F))
+        shards.append((f"model-layer{i}.safetensors", t))
+    total = 0
+    for name, tensors in shards:  # the bits stored as bfloat16
+        save_file({k: torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16) for k, v in tensors.items()},
+                  str(out / name))
+        total += sum(v.nbytes for v in tensors.values())
+        index.update({k: name for k in tensors})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": index}))
+    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_hidden_layers": layers,
+           "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151643, **WIDTHS}
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def built(out: Path, layers: int) -> Path:
+    """build() in a child process: a process's peak RSS passes to the children it forks (Linux
+    keeps the high-water mark across fork and exec), so the measured tools must be forked from a
+    parent that never held the weights."""
+    import subprocess
+
+    subprocess.run([sys.executable, __file__, "--build", str(out), "--layers", str(layers)], check=True)
+    return out
+
+
+def ours(src: Path, out: Path) -> tuple[float, int]:
+    return measure(qconvert_cmd() + [str(src), "--to", "q4_k_m", "-o", str(out), "-q",
+                                     "--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ)])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--small-layers", type=int, default=2)
+    ap.add_argument("--ours-only", action="store_true", help="leave llama.cpp's chain out")
+    ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child process of built()
+    args = ap.parse_args()
+    if args.build:
+        build(args.build, args.layers)
+        return
+    need_reference()
+    threads = "2"
+    with tempfile.TemporaryDirectory(dir=Path.home() / ".cache") as tmp:
+        tmp = Path(tmp)
+        rows = {}
+        for n in (args.small_layers, args.layers):
+            src = built(tmp / f"moe-{n}", n)
+            rows[f"qconvert q4_k_m, {n} layers"] = ours(src, tmp / f"ours-{n}.gguf")
+            if n != args.layers:
+                shutil.rmtree(src)
+        if args.ours_only:
+            for k, (t, r) in rows.items():
+                print(f"  {k:32s} {t:8.1f} s {r / 1e6:9.0f} MB")
+            return
+        f32, imat, ref = tmp / "f32.gguf", tmp / "m.imatrix.gguf", tmp / "ref.gguf"
+        steps = {"convert_hf_to_gguf f32": measure(reference_convert_cmd(src, "f32", f32)),
+                 "llama-imatrix": measure([str(IMATRIX), "-m", str(f32), "-f", str(CALIB), "-o", str(imat), "-c",
+                                           str(SEQ), "--chunks", str(SAMPLES), "-t", threads]),
+                 "llama-quantize Q4_K_M": measure([str(QUANTIZE), "--imatrix", str(imat), str(f32), str(ref), "Q4_K_M",
+                                                   threads])}
+        print(f"Qwen3-30B-A3B widths, {args.layers} layers (random bf16), q4_k_m, calibration {SAMPLES} x {SEQ} "
+              "tokens, 2 threads")
+        for k, (t, r) in {**steps, **rows}.items():
+            print(f"  {k:32s} {t:8.1f} s {r / 1e6:9.0f} MB")
+        ref_t, ref_r = sum(t for t, _ in steps.values()), max(r for _, r in steps.values())
+        t, r = rows[f"qconvert q4_k_m, {args.layers} layers"]
+        small = rows[f"qconvert q4_k_m, {args.small_layers} layers"][1]
+        print(f"  llama.cpp total                  {ref_t:8.1f} s {ref_r / 1e6:9.0f} MB")
+        print(f"  ratio qconvert / llama.cpp: time {t / ref_t:.2f}x, peak RSS {r / ref_r:.2f}x; "
+              f"qconvert peak RSS {args.layers} layers / {args.small_layers} layers: {r / small:.2f}x")
+        a, b = (tmp / f"ours-{args.layers}.gguf").stat().st_size, ref.stat().st_size
+        print(f"  file sizes: qconvert {a / 1e6:.1f} MB, llama.cpp {b / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
