@@ -288,6 +288,10 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
     elif not quiet:
         out.print(f"[green]wrote[/green] {escape(report['path'])}  {report['entries']} entries from {report['samples']} "
                   f"x {report['seq_len']} tokens in {report['seconds']:.1f}s")
+        if report.get("experts_unreached"):
+            missed = report["experts_unreached"]
+            out.print(f"[yellow]{len(missed)} experts received no calibration token[/yellow] (written with count 0, as "
+                      f"llama-imatrix writes them): {escape(', '.join(missed[:4]))}{', ...' if len(missed) > 4 else ''}")
 
 
 @app.command("eval")
@@ -451,6 +455,12 @@ def _print_done(r) -> None:
         c = r.calibration
         out.print(f"calibrated on {c['samples']} x {c['seq_len']} tokens of {escape(c['dataset'])}: " + ", ".join(
             f"{p['method']} ({', '.join(p['targets'])}) {p['seconds']:.1f}s" for p in c["passes"]))
+        for p in c["passes"]:
+            if p.get("experts_unreached"):
+                missed = p["experts_unreached"]
+                out.print(f"[yellow]{len(missed)} experts received no calibration token[/yellow] (importance 1 for "
+                          f"every column, as llama-quantize gives them): {escape(', '.join(missed[:4]))}"
+                          f"{', ...' if len(missed) > 4 else ''}")
     out.print(f"{r.n_params / 1e6:.1f}M params in {r.seconds:.1f}s, peak memory {r.peak_rss_bytes / 1e9:.2f} GB")
 
 
