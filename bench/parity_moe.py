@@ -3,12 +3,15 @@ convert_hf_to_gguf.py: tiny random Qwen3-MoE, Mixtral, Qwen2-MoE and OLMoE check
 bf16, saved as transformers saves them) that carry a real tokenizer the converter knows (Qwen2.5's
 for the Qwens and OLMoE, SmolLM2's for Mixtral; from ../shared/tools/real-models.sh), converted by both to f32, f16, bf16 and
 q8_0; every tensor (name, type, shape, bytes) and every key/value compared (bench/parity.py's
-compare).
+compare). Then the importance matrices both ways, at 8 experts per layer: llama-imatrix's matrix
+of the converter's f32 file, given to `qconvert --imatrix` and to llama-quantize, and qconvert's
+own (`qconvert imatrix`), given to both again: q4_k_m and iq3_m files whole-file identical.
 
 usage: python bench/parity_moe.py
 """
 from __future__ import annotations
 
+import filecmp
 import shutil
 import subprocess
 import sys
@@ -24,7 +27,7 @@ import transformers  # noqa: E402
 import transformers.activations  # noqa: E402,F401
 
 sys.path.insert(0, str(ROOT / "bench"))
-from common import REAL, need_reference, reference_convert_cmd  # noqa: E402
+from common import IMATRIX, QUANTIZE, REAL, need_reference, qconvert_cmd, reference_convert_cmd  # noqa: E402
 from parity import compare  # noqa: E402
 
 
@@ -73,7 +76,32 @@ def main() -> int:
                 problems = compare(ours, ref)
                 bad += bool(problems)
                 print(f"{family:9s} {outtype:5s} {'identical, tensor for tensor and key for key' if not problems else problems[:5]}")
+            bad += imatrices(src, tmp / f"{family}-ref-f32.gguf", tmp / family)
     return 1 if bad else 0
+
+
+def imatrices(src: Path, f32: Path, tmp: Path) -> int:
+    """llama-imatrix's matrix and ours, each given to llama-quantize and to qconvert: the same files."""
+    calib = ROOT / "qconvert" / "calibrate" / "data" / "emma.txt"
+    theirs, ours = tmp / "llama.imatrix.gguf", tmp / "ours.imatrix.gguf"
+    subprocess.run([str(IMATRIX), "-m", str(f32), "-f", str(calib), "-o", str(theirs), "-c", "128", "--chunks", "8",
+                    "-t", "2"], check=True, capture_output=True)
+    subprocess.run(qconvert_cmd() + ["imatrix", str(src), "-o", str(ours), "-q", "--calib-samples", "8",
+                                     "--calib-seq-len", "128"], check=True, capture_output=True)
+    bad = 0
+    for im in (theirs, ours):
+        for recipe in ("q4_k_m", "iq3_m"):
+            ref, mine = tmp / f"ref-{im.stem}-{recipe}.gguf", tmp / f"ours-{im.stem}-{recipe}.gguf"
+            subprocess.run([str(QUANTIZE), "--imatrix", str(im), str(f32), str(ref), recipe.upper(), "2"], check=True,
+                           capture_output=True)
+            subprocess.run(qconvert_cmd() + [str(src), "--to", recipe, "-o", str(mine), "-q", "--imatrix", str(im)],
+                           check=True, capture_output=True)
+            same = filecmp.cmp(ref, mine, shallow=False)
+            bad += not same
+            who = "llama-imatrix's" if im == theirs else "qconvert's"
+            print(f"{src.name:9s} {recipe:6s} from {who} importance matrix: whole file "
+                  f"{'identical to llama-quantize' if same else 'DIFFERS'}")
+    return bad
 
 
 if __name__ == "__main__":
