@@ -92,11 +92,16 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
 
     torch.manual_seed(seed)
     common = dict(initializer_range=0.08, tie_word_embeddings=False)
-    if family in ("llama", "llama-tied", "mistral", "llama-wide", "llama-blocks", "llama-80"):
+    if family in ("llama", "llama-tied", "mistral", "mistral-nemo", "llama-wide", "llama-blocks", "llama-80"):
         style = "llama3" if family in ("llama", "llama-wide", "llama-blocks", "llama-80") else "smollm"
         ids = bpe_tokenizer(out, style, "<|begin_of_text|>", "<|end_of_text|>")
-        cls = tf.MistralConfig if family == "mistral" else tf.LlamaConfig
+        mistral = family.startswith("mistral")
+        cls = tf.MistralConfig if mistral else tf.LlamaConfig
+        # mistral-nemo: Mistral-Nemo's explicit head_dim (128 with hidden 5120 and 32 heads), here
+        # 32 with hidden 64 and 4 heads
         extra = {"sliding_window": None} if family == "mistral" else {}
+        if family == "mistral-nemo":
+            extra = {"sliding_window": None, "head_dim": 32}
         # llama-wide: rows of 256 and 512 so the K-quants apply, 8 layers so llama-quantize's
         # per-layer choices vary, 4 query heads per KV head
         # llama-blocks: every linear in whole 128 x 128 blocks (transformers' fp8 layout)
@@ -112,7 +117,7 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
         cfg = cls(vocab_size=ids["vocab_size"], max_position_embeddings=256, rms_norm_eps=1e-5,
                   bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"], **dims, **common, **extra)
         cfg.tie_word_embeddings = family == "llama-tied"
-        model = (tf.MistralForCausalLM if family == "mistral" else tf.LlamaForCausalLM)(cfg)
+        model = (tf.MistralForCausalLM if mistral else tf.LlamaForCausalLM)(cfg)
     elif family in ("qwen2", "qwen3"):
         ids = bpe_tokenizer(out, "qwen2", None, "<|endoftext|>")
         kw = dict(vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -187,4 +192,4 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
 
 
 MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe"]
-FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "gemma3", "gpt_neox", "gpt2"] + MOE_FAMILIES
+FAMILIES = ["llama", "llama-tied", "mistral", "mistral-nemo", "qwen2", "qwen3", "gemma3", "gpt_neox", "gpt2"] + MOE_FAMILIES
