@@ -1,7 +1,7 @@
 """Mixture-of-experts decoders: Qwen3-MoE (GGUF "qwen3moe"), Qwen2-MoE ("qwen2moe": a shared
 expert beside the routed ones, weighed by its own sigmoid gate), OLMoE ("olmoe": q/k norms over
-the whole projections) and Mixtral (GGUF "llama" with experts). Their attention is Llama's (Qwen3's q/k norms; Mixtral's rope permutation); the MLP of
-a sparse layer is a router (mlp.gate / block_sparse_moe.gate, kept F32 in GGUF as
+the whole projections) and Mixtral (GGUF "llama" with experts). Their attention is Llama's
+(Qwen3's q/k norms, Mixtral's rope permutation) but OLMoE's; the MLP of a sparse layer is a router (mlp.gate / block_sparse_moe.gate, kept F32 in GGUF as
 ffn_gate_inp) choosing the top k of n experts per token, each a gated MLP whose matrices the
 checkpoint stores one expert at a time (experts.E.gate_proj / w1 ...) and GGUF stacks into one
 3-D tensor per kind (ffn_gate_exps, ffn_up_exps, ffn_down_exps: base.Family.stacked_experts).
@@ -16,7 +16,6 @@ import math
 
 import gguf
 import torch
-import torch.nn.functional as F
 
 from qconvert.arch.base import Family, decoder_tensors
 from qconvert.arch.layers import apply_rope, attention, heads, merge, rms_norm
@@ -46,6 +45,7 @@ class MoEForward(LlamaForward):
         flat = x.reshape(-1, x.shape[-1])
         logits = self.linear(flat, p + self.router)
         # as transformers: softmax in float32 over all experts, the top k, renormalised to sum 1
+        # where the model does
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
