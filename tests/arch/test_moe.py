@@ -144,3 +144,26 @@ def test_checkpoint_targets_are_refused_for_experts(tiny, tmp_path, capsys):
         code, _, err = run_cli([tiny("mixtral"), "--to", f"q8_0,{target}", "-o", tmp_path / "out"], capsys)
         assert code == 2 and f"--to {target}: MixtralForCausalLM is a mixture of experts" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_or_misshapen_expert_is_an_input_error(tiny, tmp_path, capsys):
+    """An expert's matrix missing, or of another shape than the config gives: one line naming it,
+    exit 3, nothing written."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    from tests.helpers import one_line_error, run_cli
+
+    for case, edit in (("missing", lambda t: t.pop("model.layers.1.mlp.experts.2.up_proj.weight")),
+                       ("shape", lambda t: t.__setitem__("model.layers.0.mlp.experts.3.down_proj.weight",
+                                                         np.zeros((64, 16), np.float32)))):
+        d = tmp_path / case
+        shutil.copytree(tiny("qwen3moe"), d)
+        tensors = load_file(d / "model.safetensors")
+        edit(tensors)
+        save_file(tensors, d / "model.safetensors")
+        code, _, err = run_cli([d, "--to", "q8_0", "-o", tmp_path / f"out-{case}.gguf"], capsys)
+        assert code == 3
+        one_line_error(err, "experts.2.up_proj" if case == "missing" else "experts.3.down_proj")
+        assert not (tmp_path / f"out-{case}.gguf").exists()
