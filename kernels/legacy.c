@@ -20,11 +20,10 @@ QK_INLINE void importance(const float *xb, const float *qw, float sigma2, float 
     for (int j = 0; j < 32; ++j) w[j] = qw[j] * sqrtf(sigma2 + xb[j] * xb[j]);
 }
 
-/* Q4_0 / Q5_0 with importance: blocks ib0 .. ib0+m-1 (m <= QK_LANES) of a row searched at once,
- * make_qx_quants per lane; lanes past m hold zeros and are not used */
-QK_INLINE void qx_blocks(const float *x, const float *qw, float sigma2, int m, int nmax, float d[QK_LANES],
-                         int8_t L[32][QK_LANES]) {
-    float X[32][QK_LANES], W[32][QK_LANES];
+/* Blocks 0 .. m-1 (m <= QK_LANES) of x and their importance weights, one block per lane; lanes
+ * past m hold zeros (searched, never stored) */
+QK_INLINE void lanes_of(const float *x, const float *qw, float sigma2, int m, float X[32][QK_LANES],
+                        float W[32][QK_LANES]) {
     for (int b = 0; b < QK_LANES; ++b) {
         float w[32];
         if (b < m) importance(x + 32 * b, qw + 32 * b, sigma2, w);
@@ -33,6 +32,13 @@ QK_INLINE void qx_blocks(const float *x, const float *qw, float sigma2, int m, i
             W[j][b] = b < m ? w[j] : 0.f;
         }
     }
+}
+
+/* Q4_0 / Q5_0 with importance: m blocks searched at once, make_qx_quants per lane */
+QK_INLINE void qx_blocks(const float *x, const float *qw, float sigma2, int m, int nmax, float d[QK_LANES],
+                         int8_t L[32][QK_LANES]) {
+    float X[32][QK_LANES], W[32][QK_LANES];
+    lanes_of(x, qw, sigma2, m, X, W);
     qk_make_qx_lanes(32, X, W, nmax, d, L);
 }
 
@@ -115,19 +121,11 @@ QK_INLINE void q4_1_block_ref(const float *x, uint8_t *y) {
     for (int j = 0; j < 16; ++j) y[4 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
 }
 
-/* Q4_1 / Q5_1 with importance: blocks 0 .. m-1 (m <= QK_LANES) of x searched at once, make_qkx3
- * per lane; lanes past m hold zeros and are not used */
+/* Q4_1 / Q5_1 with importance: m blocks searched at once, make_qkx3 per lane */
 QK_INLINE void qkx_blocks(const float *x, const float *qw, float sigma2, int m, int nmax, float *d, float *min,
                           uint8_t L[32][QK_LANES]) {
     float X[32][QK_LANES], W[32][QK_LANES];
-    for (int b = 0; b < QK_LANES; ++b) {
-        float w[32];
-        if (b < m) importance(x + 32 * b, qw + 32 * b, sigma2, w);
-        for (int j = 0; j < 32; ++j) {
-            X[j][b] = b < m ? x[32 * b + j] : 0.f;
-            W[j][b] = b < m ? w[j] : 0.f;
-        }
-    }
+    lanes_of(x, qw, sigma2, m, X, W);
     qk_make_qkx_lanes(32, X, W, nmax, -0.9f, 0.05f, 36, 1, 0, d, min, L);
 }
 
