@@ -3,18 +3,23 @@ family modules in qconvert/arch/ (each says which architectures it serves)."""
 from __future__ import annotations
 
 from qconvert.arch.base import Family
+from qconvert.arch.gemma2 import Gemma2
 from qconvert.arch.gemma3 import Gemma3
 from qconvert.arch.gpt2 import GPT2
 from qconvert.arch.gpt_neox import GPTNeoX
+from qconvert.arch.granite import Granite
 from qconvert.arch.llama import Llama
 from qconvert.arch.moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
+from qconvert.arch.olmo2 import Olmo2
 from qconvert.arch.qwen2 import Qwen2
 from qconvert.arch.qwen3 import Qwen3
+from qconvert.arch.smollm3 import SmolLM3
 from qconvert.errors import InputError
 from qconvert.read.checkpoint import Checkpoint
 
 # one module per family, each naming the HF architectures it serves; the table is built from them
-FAMILY_CLASSES: tuple[type[Family], ...] = (Gemma3, GPT2, GPTNeoX, Llama, Mixtral, Olmoe, Qwen2, Qwen2Moe, Qwen3, Qwen3Moe)
+FAMILY_CLASSES: tuple[type[Family], ...] = (Gemma2, Gemma3, GPT2, GPTNeoX, Granite, Llama, Mixtral, Olmo2, Olmoe, Qwen2,
+                                            Qwen2Moe, Qwen3, Qwen3Moe, SmolLM3)
 
 
 def _table() -> dict[str, type[Family]]:

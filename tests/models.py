@@ -169,6 +169,33 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
                                   initializer_range=0.08, tie_word_embeddings=True,
                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])
         model = tf.Gemma3ForCausalLM(cfg)
+    elif family in ("granite", "smollm3", "olmo2"):
+        style = {"granite": "gpt2", "smollm3": "llama3", "olmo2": "gpt2"}[family]
+        bos = "<|begin_of_text|>" if style == "llama3" else None
+        eos = "<|end_of_text|>" if style == "llama3" else "<|endoftext|>"
+        ids = bpe_tokenizer(out, style, bos, eos)
+        kw = dict(vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  eos_token_id=ids[eos], bos_token_id=ids[bos] if bos else None, **common)
+        if family == "granite":  # multipliers far from 1, as Granite 3's (12, 1/64, 0.22, 8)
+            model = tf.GraniteForCausalLM(tf.GraniteConfig(rms_norm_eps=1e-5, embedding_multiplier=4.0,
+                                                           attention_multiplier=0.2, residual_multiplier=0.5,
+                                                           logits_scaling=2.0, **kw))
+        elif family == "smollm3":  # 4 layers: the 4th without rope
+            model = tf.SmolLM3ForCausalLM(tf.SmolLM3Config(rms_norm_eps=1e-6, pad_token_id=None,
+                                                           **{**kw, "num_hidden_layers": 4}))
+        else:
+            model = tf.Olmo2ForCausalLM(tf.Olmo2Config(rms_norm_eps=1e-6, **kw))
+    elif family == "gemma2":
+        ids = spm_tokenizer(out)
+        # soft-capping small enough to act on a random model's scores and logits
+        cfg = tf.Gemma2Config(vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                              max_position_embeddings=256, sliding_window=16, rms_norm_eps=1e-6,
+                              query_pre_attn_scalar=16, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+                              pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.08,
+                              tie_word_embeddings=True)
+        model = tf.Gemma2ForCausalLM(cfg)
     elif family in ("gpt_neox", "gpt_neox-64"):
         ids = bpe_tokenizer(out, "gpt2", None, "<|endoftext|>")
         # gpt_neox-64: widths that GPTQ's CPU kernels take (multiples of 32)
@@ -192,4 +219,6 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
 
 
 MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe"]
-FAMILIES = ["llama", "llama-tied", "mistral", "mistral-nemo", "qwen2", "qwen3", "gemma3", "gpt_neox", "gpt2"] + MOE_FAMILIES
+DENSE_NEW = ["granite", "smollm3", "olmo2", "gemma2"]
+FAMILIES = ["llama", "llama-tied", "mistral", "mistral-nemo", "qwen2", "qwen3", "gemma3", "gpt_neox",
+            "gpt2"] + DENSE_NEW + MOE_FAMILIES

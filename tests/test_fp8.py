@@ -131,7 +131,7 @@ def linears(path, dtype):
 
 
 @pytest.mark.parametrize("family,dtype,target", [("llama", "bfloat16", "fp8"), ("qwen3", "float16", "fp8"),
-                                                 ("gemma3", "float32", "fp8"),
+                                                 ("gemma3", "float32", "fp8"), ("granite", "bfloat16", "fp8"),
                                                  ("llama-wide", "bfloat16", "fp8-block")])
 def test_checkpoint_is_compressed_tensors(tiny, tmp_path, capsys, family, dtype, target):
     """Every quantized linear byte-identical to compressed-tensors' compression of the source

@@ -80,10 +80,16 @@ class TransformersForward(Forward):
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights come dequantized from `weights`
         config.use_cache = False
-        config._attn_implementation = "sdpa"
         self.config = config
-        with torch.device("meta"):
-            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+        for impl in ("sdpa", "eager"):  # eager where a model refuses sdpa (Gemma 2's soft-capped scores)
+            config._attn_implementation = impl
+            try:
+                with torch.device("meta"):
+                    skeleton = transformers.AutoModelForCausalLM.from_config(config)
+                break
+            except ValueError:
+                if impl == "eager":
+                    raise
         lists = [(n, m) for n, m in skeleton.named_modules()
                  if isinstance(m, torch.nn.ModuleList) and len(m) == family.n_layers]
         if len(lists) != 1:
@@ -238,5 +244,7 @@ class TransformersForward(Forward):
         name = next((n for n in (self.head_name, "lm_head.weight", "embed_out.weight") if self.has(n)), None)
         w = self.w(name) if name else self.body.get_input_embeddings().weight
         logits = F.linear(h, w)
+        if scale := getattr(self.config, "logits_scaling", None):  # Granite's
+            logits = logits / scale
         cap = getattr(self.config, "final_logit_softcapping", None)
         return torch.tanh(logits / cap) * cap if cap else logits

@@ -59,6 +59,7 @@ class LlamaForward(Forward):
         elif str(rope.get("rope_type", "")).lower() == "linear":
             self.factors = np.full(self.head_dim // 2, float(rope["factor"]), dtype=np.float32)
         self.act = act(c, "hidden_act", default="silu")
+        self.attn_scale = 1.0 / math.sqrt(self.head_dim)
         self._rope: dict[int, tuple] = {}
 
     def rope(self, T: int):
@@ -77,9 +78,14 @@ class LlamaForward(Forward):
         if self.has(p + "self_attn.q_norm.weight"):  # Qwen3
             q = rms_norm(q, self.w(p + "self_attn.q_norm.weight"), self.eps)
             k = rms_norm(k, self.w(p + "self_attn.k_norm.weight"), self.eps)
-        cos, sin = self.rope(x.shape[1])
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 1.0 / math.sqrt(self.head_dim))
+        if self.uses_rope(i):
+            cos, sin = self.rope(x.shape[1])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = attention(q, k, v, self.attn_scale)
         return self.linear(merge(o), p + "self_attn.o_proj")
+
+    def uses_rope(self, i: int) -> bool:
+        return True
 
     def mlp(self, p: str, x):
         g = self.linear(x, p + "mlp.gate_proj")

@@ -12,14 +12,12 @@ observers see each expert's routed inputs (the importance matrix's per-expert su
 llama-imatrix keeps them for MUL_MAT_ID)."""
 from __future__ import annotations
 
-import math
-
 import gguf
 import torch
 
 from qconvert.arch.base import Family, decoder_tensors
-from qconvert.arch.layers import apply_rope, attention, heads, merge, rms_norm
 from qconvert.arch.llama import Llama, LlamaForward
+from qconvert.arch.olmo2 import WholeQKNorm, whole_qk_norms
 from qconvert.arch.qwen2 import Qwen2
 from qconvert.arch.qwen3 import Qwen3
 from qconvert.arch.spec import Expected
@@ -84,22 +82,8 @@ class Qwen2MoeForward(MoEForward):
         return out + gate * shared
 
 
-class OlmoeForward(MoEForward):
-    """OlmoeAttention: RMS norms over the whole q and k projections (not per head), then the
-    optional clip of q, k and v (clip_qkv), heads and rotary embeddings."""
-
-    def attn(self, i: int, x):
-        p = f"model.layers.{i}.self_attn."
-        q = rms_norm(self.linear(x, p + "q_proj"), self.w(p + "q_norm.weight"), self.eps)
-        k = rms_norm(self.linear(x, p + "k_proj"), self.w(p + "k_norm.weight"), self.eps)
-        v = self.linear(x, p + "v_proj")
-        clip = self.cfg.get(float, "clip_qkv")
-        if clip is not None:
-            q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
-        q, k, v = heads(q, self.n_head), heads(k, self.n_kv), heads(v, self.n_kv)
-        cos, sin = self.rope(x.shape[1])
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, 1.0 / math.sqrt(self.head_dim))
-        return self.linear(merge(o), p + "o_proj")
+class OlmoeForward(WholeQKNorm, MoEForward):
+    """OlmoeAttention: OLMo 2's whole-projection q/k norms, then the mixture."""
 
 
 class MixtralForward(MoEForward):
@@ -224,15 +208,9 @@ class Olmoe(Family):
         return bool(self.cfg.data.get("norm_topk_prob", False))
 
     def expected(self) -> list[Expected]:
-        H, n_head = self.cfg.positive(int, "hidden_size"), self.cfg.positive(int, "num_attention_heads")
-        kv = H // n_head * (self.cfg.get(int, "num_key_value_heads") or n_head)
-        out = [e for e in moe_tensors(self.cfg, self.n_layers, [True] * self.n_layers, self.n_experts,
-                                      self.cfg.positive(int, "intermediate_size"), MoEForward.router,
-                                      MoEForward.expert_names) if not e.name.endswith(("q_norm.weight", "k_norm.weight"))]
-        for i in range(self.n_layers):
-            a = f"model.layers.{i}.self_attn."
-            out += [Expected(a + "q_norm.weight", (H,)), Expected(a + "k_norm.weight", (kv,))]
-        return out
+        return whole_qk_norms(moe_tensors(self.cfg, self.n_layers, [True] * self.n_layers, self.n_experts,
+                                          self.cfg.positive(int, "intermediate_size"), MoEForward.router,
+                                          MoEForward.expert_names), self.cfg, self.n_layers)
 
     def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
         super().write_hparams(kv, file_type)

@@ -16,12 +16,13 @@ from qconvert.calibrate.text import Calibration
 from qconvert.model import open_model
 from tests.golden_outputs import tree_hash
 from tests.helpers import run_cli
+from tests.models import DENSE_NEW
 
 SIX = ["llama", "qwen2", "qwen3", "gemma3", "gpt_neox-64", "gpt2"]
 IDS = torch.tensor([list(range(1, 40)), list(range(7, 46))])  # longer than gemma3's window of 16
 
 
-@pytest.mark.parametrize("family", SIX + ["mistral", "llama-tied"])
+@pytest.mark.parametrize("family", SIX + ["mistral", "llama-tied"] + DENSE_NEW)
 def test_logits_equal_the_hand_written_forward(tiny, family):
     m = open_model(str(tiny(family)))
     try:
