@@ -1,0 +1,134 @@
+"""Whole-file parity of qconvert's GGUF files with llama.cpp's convert_hf_to_gguf.py for the
+families added after the first six: tiny random Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, Granite,
+SmolLM3, OLMo 2 and Gemma 2 checkpoints (transformers' own configs, bf16, saved as transformers
+saves them) that carry a tokenizer the converter knows (Qwen2.5's for the Qwens, OLMoE, Granite
+and OLMo 2, SmolLM2's for Mixtral and SmolLM3, from ../shared/tools/real-models.sh; a small
+sentencepiece model for Gemma 2, whose converter reads tokenizer.model only), converted by both
+to f32, f16, bf16 and q8_0; every tensor (name, type, shape, bytes) and every key/value compared
+(bench/parity.py's compare). Then the importance matrices both ways (the mixtures of experts at
+8 experts per layer): llama-imatrix's matrix of the converter's f32 file, given to `qconvert
+--imatrix` and to llama-quantize, and qconvert's own (`qconvert imatrix`), given to both again:
+q4_k_m and iq3_m files whole-file identical.
+
+usage: python bench/parity_families.py [FAMILY ...]
+"""
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# transformers imports the `kernels` package, which bench/kernels.py would shadow: import its
+# modules before bench/ is on the path
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+import transformers  # noqa: E402
+import transformers.activations  # noqa: E402,F401
+
+sys.path.insert(0, str(ROOT / "bench"))
+from common import IMATRIX, QUANTIZE, REAL, need_reference, qconvert_cmd, reference_convert_cmd  # noqa: E402
+from parity import compare  # noqa: E402
+
+
+MOE = ("qwen3moe", "mixtral", "qwen2moe", "olmoe")
+DENSE = ("granite", "smollm3", "olmo2", "gemma2")
+
+
+def build(family: str, out: Path) -> Path:
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    if family == "gemma2":
+        from tests.models import spm_tokenizer
+
+        vocab = spm_tokenizer(out)["vocab_size"]
+    else:
+        tok = REAL / "hf" / ("smollm2-135m" if family in ("mixtral", "smollm3") else "qwen2.5-0.5b")
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tok / f, out / f)
+        vocab = 49152 if family in ("mixtral", "smollm3") else 151936
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=4096, tie_word_embeddings=False)
+    moe = dict(common, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    if family == "olmoe":  # as many kv heads as heads: llama.cpp loads OLMoE's k norm as [hidden]
+        model = transformers.OlmoeForCausalLM(transformers.OlmoeConfig(
+            intermediate_size=32, num_experts=8, **{**moe, "num_key_value_heads": 4}))
+    elif family == "qwen2moe":
+        model = transformers.Qwen2MoeForCausalLM(transformers.Qwen2MoeConfig(
+            intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=8, **moe))
+    elif family == "qwen3moe":
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            intermediate_size=128, moe_intermediate_size=32, num_experts=8, head_dim=16, norm_topk_prob=True, **moe))
+    elif family == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=32, num_local_experts=8,
+                                                                           **moe))
+    elif family == "granite":  # Granite 3.3 2B's multipliers
+        model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
+            intermediate_size=128, embedding_multiplier=12.0, attention_multiplier=0.015625,
+            residual_multiplier=0.22, logits_scaling=8.0, **common))
+    elif family == "smollm3":  # 4 layers: the 4th without rope
+        model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+            intermediate_size=128, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+            **{**common, "num_hidden_layers": 4}))
+    elif family == "olmo2":
+        model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(intermediate_size=128, pad_token_id=None,
+                                                                       **common))
+    else:
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            intermediate_size=128, head_dim=16, query_pre_attn_scalar=16, sliding_window=16, pad_token_id=0,
+            eos_token_id=1, bos_token_id=2, **{**common, "num_hidden_layers": 3, "tie_word_embeddings": True}))
+    model.to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def main() -> int:
+    need_reference()
+    from tests.helpers import convert_to
+
+    bad = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for family in sys.argv[1:] or MOE + DENSE:
+            src = build(family, tmp / family)
+            for outtype in ("f32", "f16", "bf16", "q8_0"):
+                ref = tmp / f"{family}-ref-{outtype}.gguf"
+                subprocess.run(reference_convert_cmd(src, outtype, ref), check=True, capture_output=True)
+                ours = convert_to(src, outtype, tmp / f"{family}-ours-{outtype}.gguf").outputs[0]["path"]
+                problems = compare(ours, ref)
+                bad += bool(problems)
+                print(f"{family:9s} {outtype:5s} {'identical, tensor for tensor and key for key' if not problems else problems[:5]}")
+            bad += imatrices(src, tmp / f"{family}-ref-f32.gguf", tmp / family)
+    return 1 if bad else 0
+
+
+def imatrices(src: Path, f32: Path, tmp: Path) -> int:
+    """llama-imatrix's matrix and ours, each given to llama-quantize and to qconvert: the same files."""
+    calib = ROOT / "qconvert" / "calibrate" / "data" / "emma.txt"
+    theirs, ours = tmp / "llama.imatrix.gguf", tmp / "ours.imatrix.gguf"
+    subprocess.run([str(IMATRIX), "-m", str(f32), "-f", str(calib), "-o", str(theirs), "-c", "128", "--chunks", "8",
+                    "-t", "2"], check=True, capture_output=True)
+    subprocess.run(qconvert_cmd() + ["imatrix", str(src), "-o", str(ours), "-q", "--calib-samples", "8",
+                                     "--calib-seq-len", "128"], check=True, capture_output=True)
+    bad = 0
+    for im in (theirs, ours):
+        for recipe in ("q4_k_m", "iq3_m"):
+            ref, mine = tmp / f"ref-{im.stem}-{recipe}.gguf", tmp / f"ours-{im.stem}-{recipe}.gguf"
+            subprocess.run([str(QUANTIZE), "--imatrix", str(im), str(f32), str(ref), recipe.upper(), "2"], check=True,
+                           capture_output=True)
+            subprocess.run(qconvert_cmd() + [str(src), "--to", recipe, "-o", str(mine), "-q", "--imatrix", str(im)],
+                           check=True, capture_output=True)
+            same = filecmp.cmp(ref, mine, shallow=False)
+            bad += not same
+            who = "llama-imatrix's" if im == theirs else "qconvert's"
+            print(f"{src.name:9s} {recipe:6s} from {who} importance matrix: whole file "
+                  f"{'identical to llama-quantize' if same else 'DIFFERS'}")
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(main())
