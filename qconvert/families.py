@@ -11,6 +11,7 @@ from qconvert.arch.granite import Granite
 from qconvert.arch.llama import Llama
 from qconvert.arch.moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
 from qconvert.arch.olmo2 import Olmo2
+from qconvert.arch.phi3 import Phi3
 from qconvert.arch.qwen2 import Qwen2
 from qconvert.arch.qwen3 import Qwen3
 from qconvert.arch.smollm3 import SmolLM3
@@ -18,8 +19,8 @@ from qconvert.errors import InputError
 from qconvert.read.checkpoint import Checkpoint
 
 # one module per family, each naming the HF architectures it serves; the table is built from them
-FAMILY_CLASSES: tuple[type[Family], ...] = (Gemma2, Gemma3, GPT2, GPTNeoX, Granite, Llama, Mixtral, Olmo2, Olmoe, Qwen2,
-                                            Qwen2Moe, Qwen3, Qwen3Moe, SmolLM3)
+FAMILY_CLASSES: tuple[type[Family], ...] = (Gemma2, Gemma3, GPT2, GPTNeoX, Granite, Llama, Mixtral, Olmo2, Olmoe,
+                                            Phi3, Qwen2, Qwen2Moe, Qwen3, Qwen3Moe, SmolLM3)
 
 
 def _table() -> dict[str, type[Family]]:

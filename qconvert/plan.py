@@ -122,6 +122,7 @@ def metadata_kv(family: Family, tensors: list[PlannedTensor], packed: PackedValu
     Each value is packed here, into `packed`, once for every file that will hold it."""
     ckpt = family.ckpt
     kv = gguf.GGUFWriter(None, family.arch_name)  # used only to collect key/values
+    family.write_early_hparams(kv)
     kv.add_type(gguf.GGUFType.MODEL)
     total = sum(t.n_elements for t in tensors)
     hub_name = None if Path(ckpt.source).expanduser().is_dir() else ckpt.source

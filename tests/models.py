@@ -196,6 +196,27 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
                               pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.08,
                               tie_word_embeddings=True)
         model = tf.Gemma2ForCausalLM(cfg)
+    elif family == "phi3":
+        ids = spm_tokenizer(out)
+        # Phi-3's added tokens past the sentencepiece model (llama.cpp looks <|endoftext|> up in a
+        # model whose name says phi3)
+        tcfg = json.loads((out / "tokenizer_config.json").read_text())
+        tcfg["added_tokens_decoder"] = {str(ids["vocab_size"] + i): {"content": t, "special": True}
+                                        for i, t in enumerate(("<|endoftext|>", "<|end|>", "<|user|>"))}
+        (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=1))
+        ids["vocab_size"] += 8
+        # as many kv heads as heads (AWQ's qkv -> o group), rope on half of each head, LongRoPE
+        # (original context 256: llama.cpp picks the long factors for a context past it, and the tests'
+        # 128 positions run in a context of 256)
+        half = 4
+        rope = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                "short_factor": [1.0, 1.3, 2.1, 3.0][:half], "long_factor": [1.5, 2.5, 4.0, 9.0][:half],
+                "original_max_position_embeddings": 256}
+        cfg = tf.Phi3Config(vocab_size=ids["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                            original_max_position_embeddings=256, rope_parameters=rope, rms_norm_eps=1e-5,
+                            pad_token_id=0, eos_token_id=1, bos_token_id=2, sliding_window=None, **common)
+        model = tf.Phi3ForCausalLM(cfg)
     elif family in ("gpt_neox", "gpt_neox-64"):
         ids = bpe_tokenizer(out, "gpt2", None, "<|endoftext|>")
         # gpt_neox-64: widths that GPTQ's CPU kernels take (multiples of 32)
@@ -219,6 +240,6 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
 
 
 MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe"]
-DENSE_NEW = ["granite", "smollm3", "olmo2", "gemma2"]
+DENSE_NEW = ["granite", "smollm3", "olmo2", "gemma2", "phi3"]
 FAMILIES = ["llama", "llama-tied", "mistral", "mistral-nemo", "qwen2", "qwen3", "gemma3", "gpt_neox",
             "gpt2"] + DENSE_NEW + MOE_FAMILIES

@@ -297,6 +297,9 @@ class Family:
 
     # ---- metadata --------------------------------------------------------------------------
 
+    def write_early_hparams(self, kv: gguf.GGUFWriter) -> None:
+        """Keys the converter writes before general.type (while it makes its extra tensors)."""
+
     def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
         """Hyperparameters, in the order and with the keys llama.cpp's converter writes."""
         self.generic_hparams(kv, file_type)

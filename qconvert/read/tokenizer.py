@@ -175,8 +175,10 @@ def bpe_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> N
     gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(kv, quiet=True)
 
 
-def spm_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> None:
-    """tokenizer.ggml.model "llama": SentencePiece pieces with scores and types."""
+def spm_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter, added_as_written: bool = False) -> None:
+    """tokenizer.ggml.model "llama": SentencePiece pieces with scores and types. Added tokens as
+    the converter's _set_vocab_sentencepiece takes them, or (`added_as_written`, its Phi-3 reading)
+    every added token of tokenizer_config.json and tokenizer.json as written, control if special."""
     path = model_dir / "tokenizer.model"
     sp = load_spm(path)
     n = vocab_size or sp.vocab_size()
@@ -198,12 +200,16 @@ def spm_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter) -> N
         if isinstance(i, int) and 0 <= i < n:
             tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, gguf.TokenType.USER_DEFINED
     decoder = _json_or_empty(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {})
-    for key, data in decoder.items():
-        i = int(key)
+    added = [(int(key), data) for key, data in decoder.items()]
+    if added_as_written:
+        added += [(int(data["id"]), data) for data in _json_or_empty(model_dir / "tokenizer.json").get("added_tokens", [])]
+    for i, data in added:
         if i >= n:
             continue
         text = data["content"]
-        if data.get("special") or _looks_special(text):
+        if added_as_written:
+            types[i] = gguf.TokenType.CONTROL if data.get("special") else gguf.TokenType.USER_DEFINED
+        elif data.get("special") or _looks_special(text):
             types[i] = gguf.TokenType.CONTROL
         else:
             text = text.replace("\u2581", " ")
