@@ -72,6 +72,10 @@ def compare(ours: Path, ref: Path) -> list[str]:
             problems.append(f"key {k} only in ours ({str(fa[k])[:80]})")
         elif fa[k] != fb[k]:
             problems.append(f"key {k}: ours {str(fa[k])[:80]} vs ref {str(fb[k])[:80]}")
+    order_a, order_b = [k for k in fa if k in fb], [k for k in fb if k in fa]
+    if order_a != order_b:
+        i = next(i for i, (x, y) in enumerate(zip(order_a, order_b)) if x != y)
+        problems.append(f"keys in another order: ours has {order_a[i]} where ref has {order_b[i]}")
     return problems
 
 

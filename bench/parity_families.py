@@ -1,9 +1,11 @@
 """Whole-file parity of qconvert's GGUF files with llama.cpp's convert_hf_to_gguf.py for the
 families added after the first six: tiny random Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, Granite,
-SmolLM3, OLMo 2 and Gemma 2 checkpoints (transformers' own configs, bf16, saved as transformers
-saves them) that carry a tokenizer the converter knows (Qwen2.5's for the Qwens, OLMoE, Granite
-and OLMo 2, SmolLM2's for Mixtral and SmolLM3, from ../shared/tools/real-models.sh; a small
-sentencepiece model for Gemma 2, whose converter reads tokenizer.model only), converted by both
+SmolLM3, OLMo 2, Gemma 2 and Phi-3 checkpoints (transformers' own configs, bf16, saved as
+transformers saves them; Phi-3 twice: as Phi-3 with LongRoPE and a sentencepiece tokenizer, and
+shaped as Phi-4-mini with a GPT2Tokenizer) that carry a tokenizer the converter knows (Qwen2.5's
+for the Qwens, OLMoE, Granite, OLMo 2 and Phi-4, SmolLM2's for Mixtral and SmolLM3, from
+../shared/tools/real-models.sh; small sentencepiece models for Gemma 2 and Phi-3, whose converters
+read tokenizer.model), converted by both
 to f32, f16, bf16 and q8_0; every tensor (name, type, shape, bytes) and every key/value compared
 (bench/parity.py's compare). Then the importance matrices both ways (the mixtures of experts at
 8 experts per layer): llama-imatrix's matrix of the converter's f32 file, given to `qconvert
@@ -15,6 +17,7 @@ usage: python bench/parity_families.py [FAMILY ...]
 from __future__ import annotations
 
 import filecmp
+import json
 import shutil
 import subprocess
 import sys
@@ -35,22 +38,29 @@ from parity import compare  # noqa: E402
 
 
 MOE = ("qwen3moe", "mixtral", "qwen2moe", "olmoe")
-DENSE = ("granite", "smollm3", "olmo2", "gemma2")
+DENSE = ("granite", "smollm3", "olmo2", "gemma2", "phi3", "phi4")
 
 
 def build(family: str, out: Path) -> Path:
     import torch
 
     out.mkdir(parents=True, exist_ok=True)
-    if family == "gemma2":
-        from tests.models import spm_tokenizer
+    if family in ("gemma2", "phi3"):
+        from tests.models import build as tiny_model, spm_tokenizer
 
-        vocab = spm_tokenizer(out)["vocab_size"]
+        if family == "phi3":  # the tests' tiny Phi-3 tokenizer: added tokens past the sentencepiece model
+            tiny_model("phi3", out)
+            vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+        else:
+            vocab = spm_tokenizer(out)["vocab_size"]
     else:
         tok = REAL / "hf" / ("smollm2-135m" if family in ("mixtral", "smollm3") else "qwen2.5-0.5b")
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tok / f, out / f)
         vocab = 49152 if family in ("mixtral", "smollm3") else 151936
+        if family == "phi4":  # Phi-4's GPT2Tokenizer path of the converter
+            tcfg = json.loads((out / "tokenizer_config.json").read_text())
+            (out / "tokenizer_config.json").write_text(json.dumps({**tcfg, "tokenizer_class": "GPT2Tokenizer"}))
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=4096, tie_word_embeddings=False)
     moe = dict(common, num_experts_per_tok=2)
@@ -78,6 +88,18 @@ def build(family: str, out: Path) -> Path:
     elif family == "olmo2":
         model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(intermediate_size=128, pad_token_id=None,
                                                                        **common))
+    elif family == "phi3":  # LongRoPE on half of each head, as many kv heads as heads
+        cfg = json.loads((out / "config.json").read_text())
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**{
+            **common, "intermediate_size": 128, "num_key_value_heads": 4, "max_position_embeddings": 1024,
+            "original_max_position_embeddings": 256, "rope_parameters": cfg["rope_parameters"], "pad_token_id": 0,
+            "bos_token_id": 2, "eos_token_id": 1, "sliding_window": None}))
+    elif family == "phi4":  # Phi-4-mini's shape: rope on 3/4 of each head, grouped kv heads, tied head
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**{
+            **common, "intermediate_size": 128, "rope_parameters": {"rope_type": "default", "rope_theta": 250000.0,
+                                                                    "partial_rotary_factor": 0.75},
+            "original_max_position_embeddings": 4096, "pad_token_id": None, "bos_token_id": None,
+            "eos_token_id": None, "sliding_window": None, "tie_word_embeddings": True}))
     else:
         model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
             intermediate_size=128, head_dim=16, query_pre_attn_scalar=16, sliding_window=16, pad_token_id=0,
