@@ -27,7 +27,7 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
-	QCONVERT_PUREPYTHON=1 $(PY) -m pytest -q
+	QCONVERT_PUREPYTHON=1 $(PY) -m pytest -q -m "not installed and not kernel_free"
 	QCONVERT_NO_SIMD=1 $(PY) -m pytest -q tests/quant
 	$(MAKE) test-installed
 

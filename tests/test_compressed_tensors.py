@@ -14,6 +14,8 @@ import torch
 
 from tests.helpers import one_line_error, run_cli
 
+pytestmark = pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
+
 PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 

@@ -9,6 +9,8 @@ from qconvert.families import family_for
 from qconvert.read.checkpoint import open_checkpoint
 from tests.models import FAMILIES
 
+pytestmark = pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
+
 
 @pytest.mark.parametrize("family", FAMILIES + ["llama-wide"])
 def test_logits_equal_transformers(family, tiny):

@@ -18,6 +18,8 @@ from tests.golden_outputs import tree_hash
 from tests.helpers import run_cli
 from tests.models import DENSE_NEW
 
+pytestmark = pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
+
 SIX = ["llama", "qwen2", "qwen3", "gemma3", "gpt_neox-64", "gpt2"]
 IDS = torch.tensor([list(range(1, 40)), list(range(7, 46))])  # longer than gemma3's window of 16
 
