@@ -8,7 +8,8 @@ for the Qwens, OLMoE, Granite, OLMo 2 and Phi-4, SmolLM2's for Mixtral and SmolL
 read tokenizer.model), converted by both
 to f32, f16, bf16 and q8_0; every tensor (name, type, shape, bytes) and every key/value compared
 (bench/parity.py's compare). Then the importance matrices both ways (the mixtures of experts at
-8 experts per layer): llama-imatrix's matrix of the converter's f32 file, given to `qconvert
+8 experts per layer; the Qwens once more with their experts saved fused, as transformers 5 holds
+them): llama-imatrix's matrix of the converter's f32 file, given to `qconvert
 --imatrix` and to llama-quantize, and qconvert's own (`qconvert imatrix`), given to both again:
 q4_k_m and iq3_m files whole-file identical.
 
@@ -37,12 +38,37 @@ from common import IMATRIX, QUANTIZE, REAL, need_reference, qconvert_cmd, refere
 from parity import compare  # noqa: E402
 
 
-MOE = ("qwen3moe", "mixtral", "qwen2moe", "olmoe")
+MOE = ("qwen3moe", "mixtral", "qwen2moe", "olmoe", "qwen3moe-fused", "qwen2moe-fused")
 DENSE = ("granite", "smollm3", "olmo2", "gemma2", "phi3", "phi4")
+
+
+def fuse_experts(out: Path) -> None:
+    """Rewrite a saved checkpoint's experts fused, as transformers 5 holds them: per layer
+    mlp.experts.gate_up_proj [experts, 2 ff, hidden] (gate rows first) and mlp.experts.down_proj."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ts = load_file(str(out / "model.safetensors"))
+    n = 1 + max(int(k.split(".experts.")[1].split(".")[0]) for k in ts if ".experts." in k)
+    fused = {}
+    for name, a in ts.items():
+        if ".mlp.experts." not in name:
+            fused[name] = a
+        elif name.endswith(".0.gate_proj.weight"):
+            p = name[:-len(".0.gate_proj.weight")]
+            fused[p + ".gate_up_proj"] = torch.stack([torch.cat([ts[f"{p}.{e}.gate_proj.weight"],
+                                                                 ts[f"{p}.{e}.up_proj.weight"]]) for e in range(n)])
+            fused[p + ".down_proj"] = torch.stack([ts[f"{p}.{e}.down_proj.weight"] for e in range(n)])
+    save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 def build(family: str, out: Path) -> Path:
     import torch
+
+    if family.endswith("-fused"):  # the same model, its experts saved fused
+        build(family.removesuffix("-fused"), out)
+        fuse_experts(out)
+        return out
 
     out.mkdir(parents=True, exist_ok=True)
     if family in ("gemma2", "phi3"):

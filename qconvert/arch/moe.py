@@ -12,7 +12,11 @@ observers see each expert's routed inputs (the importance matrix's per-expert su
 llama-imatrix keeps them for MUL_MAT_ID)."""
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import gguf
+import numpy as np
 import torch
 
 from qconvert.arch.base import Family, decoder_tensors
@@ -22,6 +26,7 @@ from qconvert.arch.qwen2 import Qwen2
 from qconvert.arch.qwen3 import Qwen3
 from qconvert.arch.spec import Expected
 from qconvert.errors import InputError
+from qconvert.read.checkpoint import Tensor
 
 
 class MoEForward(LlamaForward):
@@ -114,9 +119,66 @@ def moe_tensors(cfg, n_layers: int, sparse: list[bool], n_experts: int, expert_f
     return out
 
 
+# a layer's experts fused into 3-D tensors, as transformers 5 holds them (and saves some models):
+# mlp.experts.gate_up_proj [experts, 2 * ff, hidden] (gate rows, then up rows) and
+# mlp.experts.down_proj [experts, hidden, ff]
+FUSED_EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
+
+
+@dataclass
+class ExpertSlice:
+    """One expert's matrix inside a fused 3-D checkpoint tensor, under the per-expert name
+    (mlp.experts.E.gate_proj.weight): rows [r0, r1) of expert e, read from the fused tensor's
+    memory map when asked for."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    fused: Tensor
+    expert: int
+    r0: int
+
+    def array(self) -> np.ndarray:
+        return self.fused.array()[self.expert, self.r0:self.r0 + self.shape[0]]
+
+    def release(self) -> None:
+        self.fused.release()
+
+
+def split_fused_experts(tensors: dict[str, Tensor], path) -> dict[str, Tensor]:
+    """The checkpoint's tensors with every fused expert tensor replaced by its experts' matrices
+    (gate_up_proj split on its rows, as convert_hf_to_gguf splits it), in checkpoint order."""
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        m = FUSED_EXPERTS.match(name)
+        if m is None or len(t.shape) != 3:
+            out[name] = t
+            continue
+        E, rows, cols = t.shape
+        if m["proj"] == "gate_up_proj":
+            if rows % 2:
+                raise InputError(f"{path}: tensor {name!r} has shape {list(t.shape)}: gate_up_proj needs an even "
+                                 "number of rows (gate rows, then up rows)")
+            halves = (("gate_proj", 0), ("up_proj", rows // 2))
+        else:
+            halves = (("down_proj", 0),)
+        n = rows // len(halves)
+        for e in range(E):
+            for proj, r0 in halves:
+                full = f"{m['prefix']}.{e}.{proj}.weight"
+                out[full] = ExpertSlice(full, t.dtype, (n, cols), t, e, r0)
+    return out
+
+
 class QwenMoe:
     """What Qwen2-MoE and Qwen3-MoE share: sparse layers by decoder_sparse_step and
-    mlp_only_layers, and Qwen2MoeModel's expert keys after the base ones."""
+    mlp_only_layers, Qwen2MoeModel's expert keys after the base ones, and experts stored fused
+    (split into their matrices, as the converter splits them)."""
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        if ckpt.tensors:
+            ckpt.tensors = split_fused_experts(ckpt.tensors, ckpt.path)
 
     def sparse_layers(self) -> list[bool]:
         if self.n_experts < 1:

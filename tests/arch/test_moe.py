@@ -167,3 +167,50 @@ def test_a_missing_or_misshapen_expert_is_an_input_error(tiny, tmp_path, capsys)
         assert code == 3
         one_line_error(err, "experts.2.up_proj" if case == "missing" else "experts.3.down_proj")
         assert not (tmp_path / f"out-{case}.gguf").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3moe", "qwen2moe"])
+def test_fused_experts_read_as_their_matrices(family, tiny, tmp_path):
+    """Experts saved fused, as transformers 5 holds them (mlp.experts.gate_up_proj [experts,
+    2 ff, hidden], gate rows first; mlp.experts.down_proj [experts, hidden, ff]): transformers
+    loads that file, our forward gives its logits, llama.cpp runs our GGUF of it, and the GGUF
+    tensors equal those made from the per-expert checkpoint."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    from tests.helpers import copy_model
+    from tests.oracles import hf_logits, llama_logits, rel_rms
+
+    src = tiny(family)
+    fused = copy_model(src, tmp_path / "fused")
+    ts = load_file(str(fused / "model.safetensors"))
+    cfg = json.loads((fused / "config.json").read_text())
+    n = cfg.get("num_experts") or cfg["num_local_experts"]
+    out = {}
+    for name, a in ts.items():
+        if ".mlp.experts." not in name:
+            out[name] = a
+        elif name.endswith(".0.gate_proj.weight"):
+            prefix = name[:-len(".0.gate_proj.weight")]
+            gate = [ts[f"{prefix}.{e}.gate_proj.weight"] for e in range(n)]
+            up = [ts[f"{prefix}.{e}.up_proj.weight"] for e in range(n)]
+            out[prefix + ".gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
+            out[prefix + ".down_proj"] = np.stack([ts[f"{prefix}.{e}.down_proj.weight"] for e in range(n)])
+    save_file(out, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    (fused / "model.safetensors.index.json").unlink(missing_ok=True)
+
+    ids = list(range(1, 40))
+    ref = hf_logits(fused, ids)
+    assert rel_rms(hf_logits(src, ids), ref) < 1e-6  # transformers reads the fused file as the original
+    ckpt = open_checkpoint(str(fused))
+    ours = family_for(ckpt).forward().logits(torch.tensor([ids]))[0].numpy()
+    ckpt.close()
+    assert rel_rms(ours, ref) < 1e-5
+    a = convert_to(fused, "f32", tmp_path / "a.gguf").outputs[0]["path"]
+    b = convert_to(src, "f32", tmp_path / "b.gguf").outputs[0]["path"]
+    assert rel_rms(llama_logits(a, ids), ref) < 2e-3
+    ta, tb = GGUFReader(a).tensors, GGUFReader(b).tensors
+    assert [t.name for t in ta] == [t.name for t in tb]
+    for x, y in zip(ta, tb):
+        assert np.array_equal(np.asarray(x.data), np.asarray(y.data)), x.name
