@@ -68,6 +68,26 @@ def spm_tokenizer(out: Path, vocab_size: int = 320) -> dict[str, int]:
     return {"vocab_size": vocab_size, "<s>": 2, "</s>": 1, "<pad>": 0}
 
 
+def fuse_experts(out: Path) -> None:
+    """Rewrite a saved checkpoint's experts fused, as transformers 5 holds them: per layer
+    mlp.experts.gate_up_proj [experts, 2 ff, hidden] (gate rows first) and mlp.experts.down_proj."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    ts = load_file(str(out / "model.safetensors"))
+    n = 1 + max(int(k.split(".experts.")[1].split(".")[0]) for k in ts if ".experts." in k)
+    fused = {}
+    for name, a in ts.items():
+        if ".mlp.experts." not in name:
+            fused[name] = a
+        elif name.endswith(".0.gate_proj.weight"):
+            p = name[:-len(".0.gate_proj.weight")]
+            fused[p + ".gate_up_proj"] = torch.stack([torch.cat([ts[f"{p}.{e}.gate_proj.weight"],
+                                                                 ts[f"{p}.{e}.up_proj.weight"]]) for e in range(n)])
+            fused[p + ".down_proj"] = torch.stack([ts[f"{p}.{e}.down_proj.weight"] for e in range(n)])
+    save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _save(model, out: Path, seed: int) -> None:
     import torch
 

@@ -84,3 +84,23 @@ def hf_logits(model_dir, ids: list[int]) -> np.ndarray:
 
 def rel_rms(a: np.ndarray, ref: np.ndarray) -> float:
     return float(np.sqrt(((a - ref) ** 2).mean()) / np.sqrt((ref ** 2).mean()))
+
+
+def assert_forward_equals_transformers(model_dir, ids) -> None:
+    """Our forward's logits on a checkpoint equal transformers' (float32) within float rounding."""
+    import torch
+    import transformers
+
+    from qconvert.families import family_for
+    from qconvert.read.checkpoint import open_checkpoint
+
+    ids = torch.as_tensor(ids)
+    ckpt = open_checkpoint(str(model_dir))
+    try:
+        ours = family_for(ckpt).forward().logits(ids)
+    finally:
+        ckpt.close()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expect = ref(ids).logits
+    assert torch.allclose(ours, expect, rtol=1e-4, atol=1e-4 * float(expect.abs().max()))

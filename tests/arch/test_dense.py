@@ -7,13 +7,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import torch
 from gguf import GGUFReader
 
-from qconvert.families import family_for
-from qconvert.read.checkpoint import open_checkpoint
 from tests.helpers import copy_model, files_in, one_line_error, run_cli
-from tests.oracles import hf_logits, llama_logits, rel_rms
+from tests.oracles import assert_forward_equals_transformers, hf_logits, llama_logits, rel_rms
 
 IDS = list(range(1, 40))  # longer than gemma2's window of 16
 
@@ -29,19 +26,6 @@ def variant(tiny, tmp_path, family: str, **changes) -> object:
             cfg[k] = v
     (d / "config.json").write_text(json.dumps(cfg))
     return d
-
-
-def forward_equals_transformers(d) -> None:
-    import transformers
-
-    ids = torch.tensor([IDS])
-    ckpt = open_checkpoint(str(d))
-    ours = family_for(ckpt).forward().logits(ids)
-    ckpt.close()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expect = ref(ids).logits
-    assert torch.allclose(ours, expect, rtol=1e-4, atol=1e-4 * float(expect.abs().max()))
 
 
 def llama_cpp_runs_it(d, tmp_path, capsys) -> dict:
@@ -64,7 +48,7 @@ def test_smollm3_rope_pattern(tiny, tmp_path, capsys):
     """llama.cpp's smollm3 leaves rope out of every 4th layer, and only that: another pattern
     runs in our forward as in transformers, and a GGUF file is refused."""
     d = variant(tiny, tmp_path, "smollm3", no_rope_layers=[1, 0, 1, 1])
-    forward_equals_transformers(d)
+    assert_forward_equals_transformers(d, [IDS])
     gguf_refused(d, tmp_path, capsys, "no_rope_layers", "layers [1]", "smollm3")
     code, _, err = run_cli([d, "--to", "gptq", "-o", tmp_path / "gptq", "-q", "--group-size", "64",
                             "--calib-samples", "4", "--calib-seq-len", "32"], capsys)
@@ -75,10 +59,10 @@ def test_gemma2_attention_scale_and_rope_theta(tiny, tmp_path, capsys):
     """A query_pre_attn_scalar that llama.cpp's gemma2 would not use refuses the GGUF file; a rope
     theta other than llama.cpp's 10000 is written (the converter drops it) and runs there."""
     d = variant(tiny, tmp_path, "gemma2", query_pre_attn_scalar=32)
-    forward_equals_transformers(d)
+    assert_forward_equals_transformers(d, [IDS])
     gguf_refused(d, tmp_path, capsys, "query_pre_attn_scalar", "gemma2")
     d = variant(tiny, tmp_path / "theta", "gemma2", rope_parameters={"rope_theta": 500.0, "rope_type": "default"})
-    forward_equals_transformers(d)
+    assert_forward_equals_transformers(d, [IDS])
     kv = llama_cpp_runs_it(d, tmp_path / "theta", capsys)
     assert kv["gemma2.rope.freq_base"] == 500.0
 
@@ -88,7 +72,7 @@ def test_granite_multipliers_absent(tiny, tmp_path, capsys):
     says so (llama.cpp would take an absent attention scale for 1/sqrt(head_dim))."""
     d = variant(tiny, tmp_path, "granite", attention_multiplier=None, embedding_multiplier=None,
                 residual_multiplier=None, logits_scaling=None)
-    forward_equals_transformers(d)
+    assert_forward_equals_transformers(d, [IDS])
     kv = llama_cpp_runs_it(d, tmp_path, capsys)
     assert [kv[f"granite.{k}"] for k in ("attention.scale", "embedding_scale", "residual_scale", "logit_scale")] == \
         [1.0] * 4

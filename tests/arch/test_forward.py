@@ -8,23 +8,15 @@ import torch
 from qconvert.families import family_for
 from qconvert.read.checkpoint import open_checkpoint
 from tests.models import FAMILIES
+from tests.oracles import assert_forward_equals_transformers
 
 pytestmark = pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
 
 
 @pytest.mark.parametrize("family", FAMILIES + ["llama-wide"])
 def test_logits_equal_transformers(family, tiny):
-    import transformers
-
-    d = tiny(family)
-    ids = torch.tensor([list(range(1, 40)), list(range(7, 46))])  # longer than gemma3's window of 16
-    ckpt = open_checkpoint(str(d))
-    ours = family_for(ckpt).forward().logits(ids)
-    ckpt.close()
-    ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    with torch.no_grad():
-        expect = ref(ids).logits
-    assert torch.allclose(ours, expect, rtol=1e-4, atol=1e-4 * float(expect.abs().max()))
+    # longer than gemma3's window of 16
+    assert_forward_equals_transformers(tiny(family), [list(range(1, 40)), list(range(7, 46))])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gpt_neox", "gpt2"])

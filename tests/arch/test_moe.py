@@ -175,30 +175,13 @@ def test_fused_experts_read_as_their_matrices(family, tiny, tmp_path):
     2 ff, hidden], gate rows first; mlp.experts.down_proj [experts, hidden, ff]): transformers
     loads that file, our forward gives its logits, llama.cpp runs our GGUF of it, and the GGUF
     tensors equal those made from the per-expert checkpoint."""
-    import json
-
-    from safetensors.numpy import load_file, save_file
-
     from tests.helpers import copy_model
+    from tests.models import fuse_experts
     from tests.oracles import hf_logits, llama_logits, rel_rms
 
     src = tiny(family)
     fused = copy_model(src, tmp_path / "fused")
-    ts = load_file(str(fused / "model.safetensors"))
-    cfg = json.loads((fused / "config.json").read_text())
-    n = cfg.get("num_experts") or cfg["num_local_experts"]
-    out = {}
-    for name, a in ts.items():
-        if ".mlp.experts." not in name:
-            out[name] = a
-        elif name.endswith(".0.gate_proj.weight"):
-            prefix = name[:-len(".0.gate_proj.weight")]
-            gate = [ts[f"{prefix}.{e}.gate_proj.weight"] for e in range(n)]
-            up = [ts[f"{prefix}.{e}.up_proj.weight"] for e in range(n)]
-            out[prefix + ".gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(gate, up)])
-            out[prefix + ".down_proj"] = np.stack([ts[f"{prefix}.{e}.down_proj.weight"] for e in range(n)])
-    save_file(out, str(fused / "model.safetensors"), metadata={"format": "pt"})
-    (fused / "model.safetensors.index.json").unlink(missing_ok=True)
+    fuse_experts(fused)
 
     ids = list(range(1, 40))
     ref = hf_logits(fused, ids)
