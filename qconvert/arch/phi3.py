@@ -84,7 +84,9 @@ class Phi3(Family):
     forward_class = Phi3Forward
     awq_groups = (ScaleSpec("input_layernorm", "norm", ("self_attn.qkv_proj",), "attention"),
                   ScaleSpec("post_attention_layernorm", "norm", ("mlp.gate_up_proj",), "mlp"))
-    awq_no_clip = ("qkv_proj",)  # AutoAWQ leaves fused queries and keys unclipped ("Wqkv", "qkv")
+    # queries and keys stay unclipped, as for every family; the fused qkv_proj holds them (AutoAWQ's
+    # substring rule, "q_" / "k_", happens to miss it and clips Phi-3's)
+    awq_no_clip = ("qkv_proj",)
     example = "microsoft/Phi-3-mini-4k-instruct"
     config_defaults = {"*": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}}  # Phi3Config
 
