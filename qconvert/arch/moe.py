@@ -265,6 +265,8 @@ class Olmoe(Family):
         super().__init__(ckpt)
         if self.n_experts < 1:
             raise InputError(f"{self.cfg.path}: num_experts must be positive for {self.cfg.architecture()}")
+        if ckpt.tensors:  # transformers 5 holds OLMoE's experts as the Qwens' (the converter reads them per expert only)
+            ckpt.tensors = split_fused_experts(ckpt.tensors, ckpt.path)
 
     def norm_topk_prob(self) -> bool:
         return bool(self.cfg.data.get("norm_topk_prob", False))

@@ -169,7 +169,7 @@ def test_a_missing_or_misshapen_expert_is_an_input_error(tiny, tmp_path, capsys)
         assert not (tmp_path / f"out-{case}.gguf").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen3moe", "qwen2moe"])
+@pytest.mark.parametrize("family", ["qwen3moe", "qwen2moe", "olmoe"])
 def test_fused_experts_read_as_their_matrices(family, tiny, tmp_path):
     """Experts saved fused, as transformers 5 holds them (mlp.experts.gate_up_proj [experts,
     2 ff, hidden], gate rows first; mlp.experts.down_proj [experts, hidden, ff]): transformers
