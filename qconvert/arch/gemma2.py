@@ -52,8 +52,13 @@ class Gemma2(Gemma3):
     example = "google/gemma-2-2b"
     # Gemma2Config's
     config_defaults = {"*": {"max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "head_dim": 256,
-                             "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
-                             "final_logit_softcapping": 30.0}}
+                             "query_pre_attn_scalar": 256, "sliding_window": 4096}}
+    SOFTCAPS = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}  # absent: these; null: none
+
+    def __init__(self, ckpt):
+        super().__init__(ckpt)
+        for key, value in self.SOFTCAPS.items():
+            self.cfg.data.setdefault(key, value)
 
     def expected(self) -> list[Expected]:
         norms = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -89,6 +94,14 @@ class Gemma2(Gemma3):
         if "lm_head.weight" in self.ckpt.tensors and c.data.get("tie_word_embeddings") is False:
             raise InputError(f"{c.path}: the checkpoint has an lm_head of its own; llama.cpp's gemma2 computes the "
                              "logits with the token embeddings")
+        for key in self.SOFTCAPS:
+            if not c.get(float, key, nonnegative=True):
+                raise InputError(f"{c.path}: {key} is {c.data.get(key)!r} (no soft-capping); llama.cpp's gemma2 "
+                                 "always soft-caps and cannot be told otherwise")
+        kind = str(self.rope_parameters().get("rope_type") or "default").lower()
+        if kind != "default":
+            raise InputError(f"{c.path}: rope_type {kind!r}: llama.cpp's gemma2 is not told of rope scaling "
+                             "(its converter writes none)")
         kv.add_context_length(c.need(int, "max_position_embeddings"))
         kv.add_embedding_length(c.need(int, "hidden_size"))
         kv.add_block_count(self.n_layers)

@@ -4,8 +4,9 @@ A Llama with four multipliers: the embeddings are scaled by embedding_multiplier
 scores by attention_multiplier (in place of 1/sqrt(head_dim)), each block's output by
 residual_multiplier before it joins the residual stream, and the logits divided by
 logits_scaling. llama.cpp's converter writes them as granite.embedding_scale,
-granite.attention.scale, granite.residual_scale and granite.logit_scale, and ignores a config's
-head_dim (heads are hidden_size / num_attention_heads, as transformers' GraniteAttention has them).
+granite.attention.scale, granite.residual_scale and granite.logit_scale, and drops a config's
+head_dim (llama.cpp's granite takes hidden_size / num_attention_heads): a head_dim other than that
+refuses a GGUF file.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from qconvert.arch.layers import rms_norm
 from qconvert.arch.llama import Llama, LlamaForward
+from qconvert.errors import InputError
 
 # the multipliers: config key, llama.cpp key (after the architecture's name), GGUFWriter method
 MULTIPLIERS = (("attention_multiplier", "attention.scale", "add_attention_scale"),
@@ -59,9 +61,16 @@ class Granite(Llama):
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
-        self.cfg.data.pop("head_dim", None)  # as the converter and GraniteAttention: hidden / heads
+        if self.cfg.get(int, "head_dim") == self.plain_head_dim():
+            self.cfg.data.pop("head_dim")  # as the converter: no key_length written
+
+    def plain_head_dim(self) -> int:
+        return self.cfg.need(int, "hidden_size") // self.n_head
 
     def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
+        if (hd := self.cfg.get(int, "head_dim")) is not None:
+            raise InputError(f"{self.cfg.path}: head_dim {hd} is not hidden_size / num_attention_heads "
+                             f"({self.plain_head_dim()}); llama.cpp's granite cannot be told otherwise")
         super().write_hparams(kv, file_type)
         for key, _, add in MULTIPLIERS:
             getattr(kv, add)(self.cfg.get(float, key, positive=True))
@@ -73,4 +82,6 @@ class Granite(Llama):
         for key, gkey, _ in MULTIPLIERS:
             if (v := kv.get(f"granite.{gkey}")) is not None:
                 cfg[key] = v
+        if "attention_multiplier" not in cfg:  # llama.cpp's granite without the key: 1/sqrt(head_dim)
+            cfg["attention_multiplier"] = (cfg["hidden_size"] // cfg["num_attention_heads"]) ** -0.5
         return cfg

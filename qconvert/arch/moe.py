@@ -88,7 +88,9 @@ class Qwen2MoeForward(MoEForward):
 
 
 class OlmoeForward(WholeQKNorm, MoEForward):
-    """OlmoeAttention: OLMo 2's whole-projection q/k norms, then the mixture."""
+    """OlmoeAttention: OLMo 2's whole-projection q/k norms and clip_qkv, then the mixture."""
+
+    clips_qkv = True
 
 
 class MixtralForward(MoEForward):

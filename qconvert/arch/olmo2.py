@@ -20,15 +20,18 @@ from qconvert.arch.spec import Expected, ScaleSpec
 
 
 class WholeQKNorm:
-    """Attention with RMS norms over the whole q and k projections (not per head), then the
-    optional clip of q, k and v (clip_qkv), heads and rotary embeddings: OLMo 2's and OLMoE's."""
+    """Attention with RMS norms over the whole q and k projections (not per head), heads and
+    rotary embeddings: OLMo 2's and OLMoE's; with `clips_qkv`, q, k and v clamped to the config's
+    clip_qkv first (OLMoE's; OLMo 2 ignores the key)."""
+
+    clips_qkv = False
 
     def attn(self, i: int, x):
         p = f"model.layers.{i}.self_attn."
         q = rms_norm(self.linear(x, p + "q_proj"), self.w(p + "q_norm.weight"), self.eps)
         k = rms_norm(self.linear(x, p + "k_proj"), self.w(p + "k_norm.weight"), self.eps)
         v = self.linear(x, p + "v_proj")
-        clip = self.cfg.get(float, "clip_qkv")
+        clip = self.cfg.get(float, "clip_qkv") if self.clips_qkv else None
         if clip is not None:
             q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
         q, k, v = heads(q, self.n_head), heads(k, self.n_kv), heads(v, self.n_kv)

@@ -88,7 +88,8 @@ class Phi3(Family):
     # substring rule, "q_" / "k_", happens to miss it and clips Phi-3's)
     awq_no_clip = ("qkv_proj",)
     example = "microsoft/Phi-3-mini-4k-instruct"
-    config_defaults = {"*": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}}  # Phi3Config
+    config_defaults = {"*": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5,  # Phi3Config's
+                             "original_max_position_embeddings": 4096}}
 
     def expected(self) -> list[Expected]:
         c = self.cfg
@@ -131,8 +132,12 @@ class Phi3(Family):
         if kind not in ("longrope", "su"):
             raise InputError(f"{self.cfg.path}: rope long_factor with rope_type {kind!r}: only longrope is supported")
         half = self.rope_dims() // 2
-        if not isinstance(short, list) or len(long) != half or len(short) != half:
-            raise InputError(f"{self.cfg.path}: rope long_factor and short_factor must each hold {half} numbers")
+        numbers = [isinstance(f, list) and len(f) == half and
+                   all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in f)
+                   for f in (long, short)]
+        if not all(numbers):
+            raise InputError(f"{self.cfg.path}: rope long_factor and short_factor must each hold {half} positive "
+                             "numbers")
         original = self.original_context()
         scale = rope.get("attention_factor")
         if scale is None:
@@ -174,8 +179,9 @@ class Phi3(Family):
         cfg = {**super().config_from_gguf(kv), "hidden_act": "silu"}
         n_embd, n_head = cfg["hidden_size"], cfg["num_attention_heads"]
         rot = kv.get("phi3.rope.dimension_count", n_embd // n_head)
+        # a factor whose int(factor * hidden) // heads is exactly rot again (rope_dims)
         rope = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta", 10000.0),
-                "partial_rotary_factor": rot * n_head / n_embd}
+                "partial_rotary_factor": (rot * n_head + 0.5) / n_embd}
         if (scale := kv.get("phi3.rope.scaling.attn_factor")) is not None:  # LongRoPE: factors in the tensors
             rope["attention_factor"] = scale
         cfg["original_max_position_embeddings"] = kv.get("phi3.rope.scaling.original_context_length")

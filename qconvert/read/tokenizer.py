@@ -200,12 +200,14 @@ def spm_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter, adde
         if isinstance(i, int) and 0 <= i < n:
             tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, gguf.TokenType.USER_DEFINED
     decoder = _json_or_empty(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {})
-    added = [(int(key), data) for key, data in decoder.items()]
+    added = [(key, data) for key, data in decoder.items()] if isinstance(decoder, dict) else []
     if added_as_written:
-        added += [(int(data["id"]), data) for data in _json_or_empty(model_dir / "tokenizer.json").get("added_tokens", [])]
-    for i, data in added:
-        if i >= n:
-            continue
+        listed = _json_or_empty(model_dir / "tokenizer.json").get("added_tokens", [])
+        added += [(data.get("id"), data) for data in listed if isinstance(data, dict)] if isinstance(listed, list) else []
+    for key, data in added:
+        i = int(key) if isinstance(key, int) or (isinstance(key, str) and key.isdigit()) else -1
+        if not 0 <= i < n or not isinstance(data, dict) or not isinstance(data.get("content"), str):
+            continue  # an id out of the vocabulary, or a malformed entry: as the converter, nothing to write
         text = data["content"]
         if added_as_written:
             types[i] = gguf.TokenType.CONTROL if data.get("special") else gguf.TokenType.USER_DEFINED

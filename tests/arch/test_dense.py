@@ -67,6 +67,24 @@ def test_gemma2_attention_scale_and_rope_theta(tiny, tmp_path, capsys):
     assert kv["gemma2.rope.freq_base"] == 500.0
 
 
+def test_gemma2_without_soft_capping(tiny, tmp_path, capsys):
+    """An explicit null soft-cap is none in transformers (an absent one is Gemma2Config's 50 / 30):
+    the forward follows, and a GGUF file is refused (llama.cpp's gemma2 always caps)."""
+    d = variant(tiny, tmp_path, "gemma2")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "attn_logit_softcapping": None,
+                                               "final_logit_softcapping": None}))
+    assert_forward_equals_transformers(d, [IDS])
+    gguf_refused(d, tmp_path, capsys, "attn_logit_softcapping", "gemma2")
+
+
+def test_olmo2_ignores_clip_qkv(tiny, tmp_path, capsys):
+    """OLMo 2 takes no clip_qkv (transformers and llama.cpp ignore the key; OLMoE clamps)."""
+    d = variant(tiny, tmp_path, "olmo2", clip_qkv=0.01)
+    assert_forward_equals_transformers(d, [IDS])
+    llama_cpp_runs_it(d, tmp_path, capsys)
+
+
 def test_granite_multipliers_absent(tiny, tmp_path, capsys):
     """A Granite config without its multipliers runs with transformers' 1.0 for each; the file
     says so (llama.cpp would take an absent attention scale for 1/sqrt(head_dim))."""
