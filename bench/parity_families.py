@@ -39,7 +39,7 @@ from parity import compare  # noqa: E402
 
 
 MOE = ("qwen3moe", "mixtral", "qwen2moe", "olmoe", "qwen3moe-fused", "qwen2moe-fused")
-DENSE = ("granite", "smollm3", "olmo2", "gemma2", "phi3", "phi4")
+DENSE = ("granite", "smollm3", "olmo2", "olmo3", "gemma2", "phi3", "phi4")
 
 
 def build(family: str, out: Path) -> Path:
@@ -96,6 +96,12 @@ def build(family: str, out: Path) -> Path:
     elif family == "olmo2":
         model = transformers.Olmo2ForCausalLM(transformers.Olmo2Config(intermediate_size=128, pad_token_id=None,
                                                                        **common))
+    elif family == "olmo3":  # 3 sliding layers and a full one, rope set per layer type
+        rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+        model = transformers.Olmo3ForCausalLM(transformers.Olmo3Config(
+            intermediate_size=128, pad_token_id=None, sliding_window=16, rope_parameters=rope,
+            **{**common, "num_hidden_layers": 4}))
     elif family == "phi3":  # LongRoPE on half of each head, as many kv heads as heads
         cfg = json.loads((out / "config.json").read_text())
         model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**{

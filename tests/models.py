@@ -189,8 +189,8 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
                                   initializer_range=0.08, tie_word_embeddings=True,
                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])
         model = tf.Gemma3ForCausalLM(cfg)
-    elif family in ("granite", "smollm3", "olmo2"):
-        style = {"granite": "gpt2", "smollm3": "llama3", "olmo2": "gpt2"}[family]
+    elif family in ("granite", "smollm3", "olmo2", "olmo3"):
+        style = {"granite": "gpt2", "smollm3": "llama3", "olmo2": "gpt2", "olmo3": "gpt2"}[family]
         bos = "<|begin_of_text|>" if style == "llama3" else None
         eos = "<|end_of_text|>" if style == "llama3" else "<|endoftext|>"
         ids = bpe_tokenizer(out, style, bos, eos)
@@ -204,8 +204,13 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
         elif family == "smollm3":  # 4 layers: the 4th without rope
             model = tf.SmolLM3ForCausalLM(tf.SmolLM3Config(rms_norm_eps=1e-6, pad_token_id=None,
                                                            **{**kw, "num_hidden_layers": 4}))
-        else:
+        elif family == "olmo2":
             model = tf.Olmo2ForCausalLM(tf.Olmo2Config(rms_norm_eps=1e-6, **kw))
+        else:  # 4 layers: 3 sliding (window 16), 1 full, rope set per layer type (one theta, as OLMo 3's)
+            rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 500000.0},
+                    "full_attention": {"rope_type": "default", "rope_theta": 500000.0}}
+            model = tf.Olmo3ForCausalLM(tf.Olmo3Config(rms_norm_eps=1e-6, sliding_window=16, rope_parameters=rope,
+                                                       pad_token_id=None, **{**kw, "num_hidden_layers": 4}))
     elif family == "gemma2":
         ids = spm_tokenizer(out)
         # soft-capping small enough to act on a random model's scores and logits
@@ -260,6 +265,6 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
 
 
 MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe"]
-DENSE_NEW = ["granite", "smollm3", "olmo2", "gemma2", "phi3"]
+DENSE_NEW = ["granite", "smollm3", "olmo2", "olmo3", "gemma2", "phi3"]
 FAMILIES = ["llama", "llama-tied", "mistral", "mistral-nemo", "qwen2", "qwen3", "gemma3", "gpt_neox",
             "gpt2"] + DENSE_NEW + MOE_FAMILIES

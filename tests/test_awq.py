@@ -20,7 +20,8 @@ pytestmark = pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 CASES = [("llama", 32), ("llama-tied", 64), ("mistral", 32), ("qwen2", 32), ("qwen3", 64), ("gemma3", 32),
-         ("granite", 32), ("smollm3", 64), ("olmo2", 32), ("gemma2", 64), ("phi3", 32),
+         ("granite", 32), ("smollm3", 64), ("olmo2", 32), ("olmo3", 64), ("gemma2", 64),
+         ("phi3", 32),
          ("gpt_neox-64", 32), ("gpt2", 64)]
 # loader bugs outside our reach: see test_gptq.py's NOT_GPTQMODEL_LOAD and NOT_TRANSFORMERS
 

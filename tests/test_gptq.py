@@ -23,7 +23,8 @@ IDS = [1, 5, 9, 22, 40, 7, 3, 100, 4, 8, 15, 16, 23, 42, 77, 31]
 # (family, group size, calibration tokens per sample): widths of the tiny models are 64
 # (gpt2's fused qkv 192), positions of gpt2 are limited to 256
 CASES = [("llama", 32), ("llama-tied", 64), ("mistral", 32), ("qwen2", 32), ("qwen3", 64), ("gemma3", 32),
-         ("granite", 32), ("smollm3", 64), ("olmo2", 32), ("gemma2", 64), ("phi3", 32),
+         ("granite", 32), ("smollm3", 64), ("olmo2", 32), ("olmo3", 64), ("gemma2", 64),
+         ("phi3", 32),
          ("gpt_neox-64", 32), ("gpt2", 64)]
 
 

@@ -1,9 +1,16 @@
-"""OLMo 2: GGUF architecture "olmo2".
+"""OLMo 2 and OLMo 3: GGUF architecture "olmo2".
 
 No norm before attention or the MLP: each block's output is normed (post_attention_layernorm,
 post_feedforward_layernorm) before it joins the residual stream; RMS norms over the whole q and
 k projections (all heads together, as OLMoE). llama.cpp's converter stores the tensors as they
 are (no rotary permutation).
+
+OLMo 3 adds sliding-window attention on the layers its layer_types name (by default all but
+every 4th), each layer type with its own rope settings; llama.cpp's converter writes the window
+and the pattern (its olmo2 loader reads them), and a sliding layers' rope theta of its own as
+rope.freq_base_swa, which llama.cpp's olmo2 reads but does not use (its sliding layers take the
+full layers' theta): a GGUF file of such a checkpoint is refused. Rope scaling (the long-context OLMo 3 models' yarn on the full layers) is
+written to the GGUF file but not computed by qconvert's forward, which refuses it.
 
 AWQ: with no norm before q/k/v or gate/up, only v -> o (without grouped keys) and up -> down
 can take scales, as llm-compressor's mappings for OLMo; the other linears are clipped and
@@ -14,9 +21,10 @@ from __future__ import annotations
 import gguf
 
 from qconvert.arch.base import Family, decoder_tensors
-from qconvert.arch.layers import apply_rope, attention, heads, merge, rms_norm
+from qconvert.arch.layers import apply_rope, attention, heads, merge, rms_norm, rope_tables
 from qconvert.arch.llama import Llama, LlamaForward
 from qconvert.arch.spec import Expected, ScaleSpec
+from qconvert.errors import InputError
 
 
 class WholeQKNorm:
@@ -35,9 +43,15 @@ class WholeQKNorm:
         if clip is not None:
             q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
         q, k, v = heads(q, self.n_head), heads(k, self.n_kv), heads(v, self.n_kv)
-        cos, sin = self.rope(x.shape[1])
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.attn_scale)
+        cos, sin = self.rope_of(i, x.shape[1])
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.attn_scale, self.window_of(i))
         return self.linear(merge(o), p + "o_proj")
+
+    def rope_of(self, i: int, T: int):
+        return self.rope(T)
+
+    def window_of(self, i: int) -> int | None:
+        return self.window if getattr(self, "sliding", None) and self.sliding[i] else None
 
 
 def whole_qk_norms(expected: list[Expected], cfg, n_layers: int) -> list[Expected]:
@@ -52,6 +66,25 @@ def whole_qk_norms(expected: list[Expected], cfg, n_layers: int) -> list[Expecte
 
 
 class Olmo2Forward(WholeQKNorm, LlamaForward):
+    def __init__(self, family, weights=None):
+        super().__init__(family, weights)
+        self.sliding = family.swa_layers()
+        self.window = self.cfg.get(int, "sliding_window", positive=True) if any(self.sliding) else None
+        local = family.local_rope_theta()
+        self.local_theta = float(local) if local is not None else self.theta
+        self.rope_kind = str(family.rope_parameters().get("rope_type") or "default").lower()
+        self._tables: dict = {}
+
+    def rope_of(self, i: int, T: int):
+        if self.rope_kind != "default":  # said when the forward first runs: conversions without it go on
+            raise InputError(f"{self.cfg.path}: rope_type {self.rope_kind!r}: qconvert's OLMo forward computes "
+                             "unscaled rope only (GGUF files without calibration, --no-calib, are written as the "
+                             "converter writes them)")
+        local = self.sliding[i]
+        if (T, local) not in self._tables:
+            self._tables[(T, local)] = rope_tables(self.head_dim, self.local_theta if local else self.theta, T)
+        return self._tables[(T, local)]
+
     def layer(self, i, h):
         p = f"model.layers.{i}."
         h = h + rms_norm(self.attn(i, h), self.w(p + "post_attention_layernorm.weight"), self.eps)
@@ -59,7 +92,7 @@ class Olmo2Forward(WholeQKNorm, LlamaForward):
 
 
 class Olmo2(Family):
-    hf_architectures = ("Olmo2ForCausalLM",)
+    hf_architectures = ("Olmo2ForCausalLM", "Olmo3ForCausalLM")
     gguf_arch = gguf.MODEL_ARCH.OLMO2
     forward_class = Olmo2Forward
     awq_groups = (ScaleSpec("self_attn.v_proj", "linear", ("self_attn.o_proj",), same_shape=True),
@@ -72,6 +105,34 @@ class Olmo2(Family):
         norms = ("post_attention_layernorm", "post_feedforward_layernorm")
         return whole_qk_norms(decoder_tensors(self.cfg, self.n_layers, norms), self.cfg, self.n_layers)
 
+    def swa_layers(self) -> list[bool]:
+        """Which layers slide, as the converter's Olmo2Model decides: layer_types, else (OLMo 3)
+        all but every 4th; OLMo 2 has no window."""
+        if "sliding_window" not in self.cfg.data or self.cfg.data.get("sliding_window") is None:
+            return [False] * self.n_layers
+        types = self.cfg.data.get("layer_types")
+        if isinstance(types, list) and len(types) == self.n_layers:
+            return [t == "sliding_attention" for t in types]
+        return [(i + 1) % 4 != 0 for i in range(self.n_layers)]
+
+    def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
+        local, full = self.local_rope_theta(), self.rope_parameters().get("rope_theta")
+        if local is not None and full is not None and local != full and any(self.swa_layers()):
+            raise InputError(f"{self.cfg.path}: the sliding layers' rope theta {local:g} is not the full layers' "
+                             f"{full:g}; llama.cpp's olmo2 ropes its sliding layers with the full layers' theta")
+        super().write_hparams(kv, file_type)
+        if "sliding_window" in self.cfg.data and self.cfg.data.get("sliding_window") is not None:
+            kv.add_sliding_window(self.cfg.need(int, "sliding_window"))
+            kv.add_sliding_window_pattern(self.swa_layers())
+
     @classmethod
     def config_from_gguf(cls, kv: dict) -> dict:
-        return {**super().config_from_gguf(kv), "hidden_act": "silu"}
+        cfg = {**super().config_from_gguf(kv), "hidden_act": "silu"}
+        if (window := kv.get("olmo2.attention.sliding_window")) is not None:
+            pattern = kv.get("olmo2.attention.sliding_window_pattern")
+            cfg["sliding_window"] = window
+            if isinstance(pattern, list):
+                cfg["layer_types"] = ["sliding_attention" if x else "full_attention" for x in pattern]
+            if (local := kv.get("olmo2.rope.freq_base_swa")) is not None:
+                cfg["rope_local_base_freq"] = local
+        return cfg

@@ -85,6 +85,17 @@ def test_olmo2_ignores_clip_qkv(tiny, tmp_path, capsys):
     llama_cpp_runs_it(d, tmp_path, capsys)
 
 
+def test_olmo3_sliding_rope_theta(tiny, tmp_path, capsys):
+    """OLMo 3 whose sliding layers' rope theta differs from its full layers': our forward follows
+    transformers; a GGUF file is refused (llama.cpp's olmo2 ropes every layer with one theta)."""
+    d = variant(tiny, tmp_path, "olmo3")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"]["sliding_attention"]["rope_theta"] = 10000.0
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_forward_equals_transformers(d, [IDS])
+    gguf_refused(d, tmp_path, capsys, "rope theta", "olmo2")
+
+
 def test_granite_multipliers_absent(tiny, tmp_path, capsys):
     """A Granite config without its multipliers runs with transformers' 1.0 for each; the file
     says so (llama.cpp would take an absent attention scale for 1/sqrt(head_dim))."""
