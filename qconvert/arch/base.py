@@ -274,6 +274,12 @@ class Family:
         scaling, factor = get("rope.scaling.type"), get("rope.scaling.factor")
         if scaling == "linear" and factor:
             cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        elif scaling == "yarn" and factor and get("rope.scaling.original_context_length"):
+            yarn = {"rope_type": "yarn", "factor": factor,
+                    "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+                    "attention_factor": get("rope.scaling.yarn_attn_factor"),
+                    "beta_fast": get("rope.scaling.yarn_beta_fast"), "beta_slow": get("rope.scaling.yarn_beta_slow")}
+            cfg["rope_scaling"] = {k: v for k, v in yarn.items() if v is not None}
         elif scaling not in (None, "none") and factor not in (None, 1.0):
             raise InputError(f"rope scaling {scaling!r} is not supported by qconvert's forward")
         return {k: v for k, v in cfg.items() if v is not None}

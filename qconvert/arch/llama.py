@@ -58,13 +58,18 @@ class LlamaForward(Forward):
             self.factors = llama3_rope_factors(rope, self.head_dim)
         elif str(rope.get("rope_type", "")).lower() == "linear":
             self.factors = np.full(self.head_dim // 2, float(rope["factor"]), dtype=np.float32)
+        self.rope_scale = 1.0  # cos/sin multiplier (YaRN's attention factor)
+        if str(rope.get("rope_type", "")).lower() == "yarn":
+            self.factors, self.rope_scale = yarn_rope_factors(rope, self.head_dim,
+                                                              c.get(int, "max_position_embeddings"))
         self.act = act(c, "hidden_act", default="silu")
         self.attn_scale = 1.0 / math.sqrt(self.head_dim)
         self._rope: dict[int, tuple] = {}
 
     def rope(self, T: int):
         if T not in self._rope:
-            self._rope = {T: rope_tables(self.head_dim, self.theta, T, self.factors)}
+            cos, sin = rope_tables(self.head_dim, self.theta, T, self.factors)
+            self._rope = {T: (cos * self.rope_scale, sin * self.rope_scale) if self.rope_scale != 1.0 else (cos, sin)}
         return self._rope[T]
 
     def embed(self, ids):
@@ -218,3 +223,32 @@ def llama3_rope_factors(rope: dict, dim: int) -> np.ndarray:
             smooth = (old / wavelen - low) / (high - low)
             out.append(1 / ((1 - smooth) / factor + smooth))
     return np.array(out, dtype=np.float32)
+
+
+def yarn_rope_factors(rope: dict, dim: int, max_positions: int | None) -> tuple[np.ndarray, float]:
+    """YaRN (transformers' _compute_yarn_parameters) as per-frequency divisors of the plain
+    inverse frequencies, and the cos/sin scale (attention factor): frequencies below the
+    correction range are interpolated (divided by factor), above it kept, ramped between."""
+    base, factor = float(rope.get("rope_theta", 10000.0)), rope.get("factor")
+    original = rope["original_max_position_embeddings"]
+    if factor is None:
+        factor = max_positions / original
+    scale = rope.get("attention_factor")
+    if scale is None:
+        def mscale(m: float = 1.0) -> float:
+            return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        scale = mscale(m) / mscale(m_all) if m and m_all else mscale()
+    fast, slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+    def correction(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    low, high = correction(fast), correction(slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    return (1.0 / (keep + (1 - keep) / factor)).astype(np.float32), float(scale)

@@ -19,6 +19,32 @@ def test_logits_equal_transformers(family, tiny):
     assert_forward_equals_transformers(tiny(family), [list(range(1, 40)), list(range(7, 46))])
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_yarn_rope(family, tiny, tmp_path, capsys):
+    """YaRN rope scaling (Qwen2.5's long-context setting): our forward, llama.cpp on our GGUF file
+    and our forward on that file (its rope.scaling keys read back) all give transformers' logits."""
+    import json
+
+    from tests.helpers import convert_to, copy_model, run_cli
+    from tests.oracles import hf_logits, llama_logits, rel_rms
+
+    d = copy_model(tiny(family), tmp_path / "yarn")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(max_position_embeddings=256, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                              "original_max_position_embeddings": 32})
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = list(range(1, 40))
+    assert_forward_equals_transformers(d, [ids])
+    f32 = convert_to(d, "f32", tmp_path / "yarn.gguf").outputs[0]["path"]
+    assert rel_rms(llama_logits(f32, ids), hf_logits(d, ids)) < 2e-3
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(["the quick brown fox jumps over the lazy dog"] * 60), encoding="utf-8")
+    code, out, err = run_cli(["eval", f32, "--text", text, "--base", d, "--chunks", "2", "--ctx", "64", "--json"],
+                             capsys)
+    assert code == 0, err
+    assert json.loads(out)["kl_divergence"] < 1e-6
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3", "gpt_neox", "gpt2"])
 @pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
 def test_imatrix_equals_transformers_linear_inputs(family, int8, tiny):
