@@ -9,8 +9,8 @@ OLMo 3 adds sliding-window attention on the layers its layer_types name (by defa
 every 4th), each layer type with its own rope settings; llama.cpp's converter writes the window
 and the pattern (its olmo2 loader reads them), and a sliding layers' rope theta of its own as
 rope.freq_base_swa, which llama.cpp's olmo2 reads but does not use (its sliding layers take the
-full layers' theta): a GGUF file of such a checkpoint is refused. Rope scaling (the long-context OLMo 3 models' yarn on the full layers) is
-written to the GGUF file but not computed by qconvert's forward, which refuses it.
+full layers' theta): a GGUF file of such a checkpoint is refused. Rope scaling (the long-context
+OLMo 3 models' YaRN) applies to the full layers only, in transformers and in llama.cpp.
 
 AWQ: with no norm before q/k/v or gate/up, only v -> o (without grouped keys) and up -> down
 can take scales, as llm-compressor's mappings for OLMo; the other linears are clipped and
@@ -73,17 +73,20 @@ class Olmo2Forward(WholeQKNorm, LlamaForward):
         local = family.local_rope_theta()
         self.local_theta = float(local) if local is not None else self.theta
         self.rope_kind = str(family.rope_parameters().get("rope_type") or "default").lower()
-        self._tables: dict = {}
+        self._local: dict = {}
 
     def rope_of(self, i: int, T: int):
-        if self.rope_kind != "default":  # said when the forward first runs: conversions without it go on
-            raise InputError(f"{self.cfg.path}: rope_type {self.rope_kind!r}: qconvert's OLMo forward computes "
-                             "unscaled rope only (GGUF files without calibration, --no-calib, are written as the "
-                             "converter writes them)")
-        local = self.sliding[i]
-        if (T, local) not in self._tables:
-            self._tables[(T, local)] = rope_tables(self.head_dim, self.local_theta if local else self.theta, T)
-        return self._tables[(T, local)]
+        """The full layers' rope (scaled, as the full_attention settings say: the long-context OLMo
+        3's YaRN); the sliding layers' plain, with their own theta (llama.cpp: freq_scale 1)."""
+        if self.rope_kind not in ("default", "yarn", "linear", "llama3"):  # said when the forward first runs
+            raise InputError(f"{self.cfg.path}: rope_type {self.rope_kind!r} is not computed by qconvert's OLMo "
+                             "forward (GGUF files without calibration, --no-calib, are written as the converter "
+                             "writes them)")
+        if not self.sliding[i]:
+            return self.rope(T)
+        if T not in self._local:
+            self._local = {T: rope_tables(self.head_dim, self.local_theta, T)}
+        return self._local[T]
 
     def layer(self, i, h):
         p = f"model.layers.{i}."

@@ -96,6 +96,18 @@ def test_olmo3_sliding_rope_theta(tiny, tmp_path, capsys):
     gguf_refused(d, tmp_path, capsys, "rope theta", "olmo2")
 
 
+def test_olmo3_yarn_on_full_layers(tiny, tmp_path, capsys):
+    """The long-context OLMo 3's YaRN applies to its full layers only: our forward and llama.cpp
+    on our file give transformers' logits."""
+    d = variant(tiny, tmp_path, "olmo3")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"]["full_attention"] = {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0,
+                                                "original_max_position_embeddings": 32}
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_forward_equals_transformers(d, [IDS])
+    llama_cpp_runs_it(d, tmp_path, capsys)
+
+
 def test_granite_multipliers_absent(tiny, tmp_path, capsys):
     """A Granite config without its multipliers runs with transformers' 1.0 for each; the file
     says so (llama.cpp would take an absent attention scale for 1/sqrt(head_dim))."""
