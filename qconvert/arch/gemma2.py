@@ -30,7 +30,6 @@ LLAMA_CPP_THETA = 10000.0
 class Gemma2Forward(Gemma3Forward):
     def __init__(self, family, weights=None):
         super().__init__(family, weights)
-        self.local_theta = self.theta  # one theta for every layer
         self.sliding = family.swa_layers()
         self.attn_softcap = self.cfg.get(float, "attn_logit_softcapping", nonnegative=True)
 
@@ -39,9 +38,9 @@ class Gemma2Forward(Gemma3Forward):
         q = heads(self.linear(x, p + "self_attn.q_proj"), self.n_head)
         k = heads(self.linear(x, p + "self_attn.k_proj"), self.n_kv)
         v = heads(self.linear(x, p + "self_attn.v_proj"), self.n_kv)
-        cos, sin = self.tables(x.shape[1], False)
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scale,
-                      self.window if self.sliding[i] else None, self.attn_softcap)
+        cos, sin = self.rope(x.shape[1])  # one rope for every layer, sliding or not
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scale, self.window_of(i),
+                      self.attn_softcap)
         return self.linear(merge(o), p + "self_attn.o_proj")
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qconvert.arch.base import Family, decoder_tensors
-from qconvert.arch.layers import act, apply_rope, attention, heads, merge, rms_norm, rope_tables
+from qconvert.arch.layers import act, apply_rope, attention, heads, merge, rms_norm
 from qconvert.arch.llama import LlamaForward, attention_mlp_groups
 from qconvert.arch.spec import Expected, PlannedTensor
 from qconvert.errors import InputError
@@ -42,14 +42,6 @@ class Gemma3Forward(LlamaForward):
         self.local_theta = float(family.local_rope_theta() or 10000.0)
         self.sliding = family.swa_layers() or [i % 6 < 5 for i in range(family.n_layers)]
         self.act = act(c, "hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
-        self._tables: dict = {}
-
-    def tables(self, T: int, local: bool):
-        key = (T, local)
-        if key not in self._tables:
-            self._tables[key] = (rope_tables(self.head_dim, self.local_theta, T) if local else
-                                 rope_tables(self.head_dim, self.theta, T, self.factors))
-        return self._tables[key]
 
     def embed(self, ids):
         e = F.embedding(ids, self.w("model.embed_tokens.weight"))
@@ -65,9 +57,8 @@ class Gemma3Forward(LlamaForward):
         k = heads(self.linear(x, p + "self_attn.k_proj"), self.n_kv)
         v = heads(self.linear(x, p + "self_attn.v_proj"), self.n_kv)
         q, k = self.norm(q, p + "self_attn.q_norm.weight"), self.norm(k, p + "self_attn.k_norm.weight")
-        cos, sin = self.tables(x.shape[1], self.sliding[i])
-        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scale,
-                      self.window if self.sliding[i] else None)
+        cos, sin = self.rope_of(i, x.shape[1])
+        o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.scale, self.window_of(i))
         return self.linear(merge(o), p + "self_attn.o_proj")
 
     def layer(self, i, h):

@@ -65,12 +65,38 @@ class LlamaForward(Forward):
         self.act = act(c, "hidden_act", default="silu")
         self.attn_scale = 1.0 / math.sqrt(self.head_dim)
         self._rope: dict[int, tuple] = {}
+        # sliding-window layers (Gemma 2/3, OLMo 3), set by the families that have them: their
+        # window, and their rope (plain, with a theta of their own)
+        self.sliding = [False] * family.n_layers
+        self.window: int | None = None
+        self.local_theta = self.theta
+        self._local_rope: dict[int, tuple] = {}
+
+    def rotary_dims(self) -> int:
+        """The dims of each head that rope turns (all of them but for Phi's partial rotary)."""
+        return self.head_dim
+
+    def rope_factors(self, T: int) -> tuple[np.ndarray | None, float]:
+        """Per-frequency divisors and the cos/sin scale for T positions."""
+        return self.factors, self.rope_scale
 
     def rope(self, T: int):
         if T not in self._rope:
-            cos, sin = rope_tables(self.head_dim, self.theta, T, self.factors)
-            self._rope = {T: (cos * self.rope_scale, sin * self.rope_scale) if self.rope_scale != 1.0 else (cos, sin)}
+            factors, scale = self.rope_factors(T)
+            cos, sin = rope_tables(self.rotary_dims(), self.theta, T, factors)
+            self._rope = {T: (cos * scale, sin * scale) if scale != 1.0 else (cos, sin)}
         return self._rope[T]
+
+    def rope_of(self, i: int, T: int):
+        """Layer i's (cos, sin) for T positions, or None where the layer takes no rope (SmolLM3)."""
+        if not self.sliding[i]:
+            return self.rope(T)
+        if T not in self._local_rope:
+            self._local_rope = {T: rope_tables(self.rotary_dims(), self.local_theta, T)}
+        return self._local_rope[T]
+
+    def window_of(self, i: int) -> int | None:
+        return self.window if self.sliding[i] else None
 
     def embed(self, ids):
         return F.embedding(ids, self.w("model.embed_tokens.weight"))
@@ -83,14 +109,10 @@ class LlamaForward(Forward):
         if self.has(p + "self_attn.q_norm.weight"):  # Qwen3
             q = rms_norm(q, self.w(p + "self_attn.q_norm.weight"), self.eps)
             k = rms_norm(k, self.w(p + "self_attn.k_norm.weight"), self.eps)
-        if self.uses_rope(i):
-            cos, sin = self.rope(x.shape[1])
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = attention(q, k, v, self.attn_scale)
+        if (rope := self.rope_of(i, x.shape[1])) is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        o = attention(q, k, v, self.attn_scale, self.window_of(i))
         return self.linear(merge(o), p + "self_attn.o_proj")
-
-    def uses_rope(self, i: int) -> bool:
-        return True
 
     def mlp(self, p: str, x):
         g = self.linear(x, p + "mlp.gate_proj")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import gguf
 
 from qconvert.arch.base import Family, decoder_tensors
-from qconvert.arch.layers import apply_rope, attention, heads, merge, rms_norm, rope_tables
+from qconvert.arch.layers import apply_rope, attention, heads, merge, rms_norm
 from qconvert.arch.llama import Llama, LlamaForward
 from qconvert.arch.spec import Expected, ScaleSpec
 from qconvert.errors import InputError
@@ -47,12 +47,6 @@ class WholeQKNorm:
         o = attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.attn_scale, self.window_of(i))
         return self.linear(merge(o), p + "o_proj")
 
-    def rope_of(self, i: int, T: int):
-        return self.rope(T)
-
-    def window_of(self, i: int) -> int | None:
-        return self.window if getattr(self, "sliding", None) and self.sliding[i] else None
-
 
 def whole_qk_norms(expected: list[Expected], cfg, n_layers: int) -> list[Expected]:
     """decoder_tensors' `expected` with WholeQKNorm's q and k norms, [heads * head_dim] and
@@ -73,7 +67,6 @@ class Olmo2Forward(WholeQKNorm, LlamaForward):
         local = family.local_rope_theta()
         self.local_theta = float(local) if local is not None else self.theta
         self.rope_kind = str(family.rope_parameters().get("rope_type") or "default").lower()
-        self._local: dict = {}
 
     def rope_of(self, i: int, T: int):
         """The full layers' rope (scaled, as the full_attention settings say: the long-context OLMo
@@ -82,11 +75,7 @@ class Olmo2Forward(WholeQKNorm, LlamaForward):
             raise InputError(f"{self.cfg.path}: rope_type {self.rope_kind!r} is not computed by qconvert's OLMo "
                              "forward (GGUF files without calibration, --no-calib, are written as the converter "
                              "writes them)")
-        if not self.sliding[i]:
-            return self.rope(T)
-        if T not in self._local:
-            self._local = {T: rope_tables(self.head_dim, self.local_theta, T)}
-        return self._local[T]
+        return super().rope_of(i, T)
 
     def layer(self, i, h):
         p = f"model.layers.{i}."

@@ -20,7 +20,7 @@ import numpy as np
 
 from qconvert.arch.base import Family
 from qconvert.arch.forward import ScaleGroup
-from qconvert.arch.layers import apply_rope, attention, heads, merge, rope_tables
+from qconvert.arch.layers import apply_rope, attention, heads, merge
 from qconvert.arch.llama import LlamaForward
 from qconvert.arch.spec import Expected, PlannedTensor, ScaleSpec
 from qconvert.errors import InputError
@@ -40,15 +40,15 @@ class Phi3Forward(LlamaForward):
             self.long_rope = (self.w("rope_factors_short.weight").numpy(), self.w("rope_factors_long.weight").numpy(),
                               family.original_context(), float(scale))
 
-    def rope(self, T: int):
-        if T not in self._rope:
-            factors, scale = None, 1.0
-            if self.long_rope is not None:
-                short, long, original, scale = self.long_rope
-                factors = long if T > original else short
-            cos, sin = rope_tables(self.rot, self.theta, T, factors)
-            self._rope = {T: (cos * scale, sin * scale)}
-        return self._rope[T]
+    def rotary_dims(self) -> int:
+        return self.rot
+
+    def rope_factors(self, T: int):
+        """LongRoPE: the short factors up to the original context, the long ones past it."""
+        if self.long_rope is None:
+            return None, 1.0
+        short, long, original, scale = self.long_rope
+        return (long if T > original else short), scale
 
     def attn(self, i: int, x):
         p = f"model.layers.{i}.self_attn."

@@ -32,8 +32,8 @@ class SmolLM3Forward(LlamaForward):
         super().__init__(family, weights)
         self.rope_in = rope_layers(self.cfg, family.n_layers)
 
-    def uses_rope(self, i: int) -> bool:
-        return self.rope_in[i]
+    def rope_of(self, i: int, T: int):
+        return super().rope_of(i, T) if self.rope_in[i] else None
 
 
 class SmolLM3(Llama):
