@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar
 
@@ -43,6 +44,57 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 # one expert's matrix in a mixture-of-experts layer, as checkpoints store them (Qwen-MoE's
 # mlp.experts.3.gate_proj.weight, Mixtral's block_sparse_moe.experts.3.w1.weight)
 EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
+
+
+# a layer's experts fused into 3-D tensors, as transformers 5 holds them (and saves some models):
+# mlp.experts.gate_up_proj [experts, 2 * ff, hidden] (gate rows, then up rows) and
+# mlp.experts.down_proj [experts, hidden, ff]
+FUSED_EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
+
+
+@dataclass
+class ExpertSlice:
+    """One expert's matrix inside a fused 3-D checkpoint tensor, under the per-expert name
+    (mlp.experts.E.gate_proj.weight): rows [r0, r1) of expert e, read from the fused tensor's
+    memory map when asked for."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    fused: Tensor
+    expert: int
+    r0: int
+
+    def array(self) -> np.ndarray:
+        return self.fused.array()[self.expert, self.r0:self.r0 + self.shape[0]]
+
+    def release(self) -> None:
+        self.fused.release()
+
+
+def split_fused_experts(tensors: dict[str, Tensor], path) -> dict[str, Tensor]:
+    """The checkpoint's tensors with every fused expert tensor replaced by its experts' matrices
+    (gate_up_proj split on its rows, as convert_hf_to_gguf splits it), in checkpoint order."""
+    out: dict[str, Tensor] = {}
+    for name, t in tensors.items():
+        m = FUSED_EXPERTS.match(name)
+        if m is None or len(t.shape) != 3:
+            out[name] = t
+            continue
+        E, rows, cols = t.shape
+        if m["proj"] == "gate_up_proj":
+            if rows % 2:
+                raise InputError(f"{path}: tensor {name!r} has shape {list(t.shape)}: gate_up_proj needs an even "
+                                 "number of rows (gate rows, then up rows)")
+            halves = (("gate_proj", 0), ("up_proj", rows // 2))
+        else:
+            halves = (("down_proj", 0),)
+        n = rows // len(halves)
+        for e in range(E):
+            for proj, r0 in halves:
+                full = f"{m['prefix']}.{e}.{proj}.weight"
+                out[full] = ExpertSlice(full, t.dtype, (n, cols), t, e, r0)
+    return out
 
 
 def decoder_tensors(cfg, n_layers: int, norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
@@ -88,6 +140,7 @@ class Family:
     # keys llama.cpp needs that a config may leave out: the values transformers' config class
     # then assumes, by HF architecture ("*": any of the family's)
     config_defaults: ClassVar[dict[str, dict[str, object]]] = {}
+    fused_experts: ClassVar[bool] = False  # reads experts saved fused (split_fused_experts)
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -102,6 +155,8 @@ class Family:
                               if not n.startswith(NOT_TEXT) and (m := _LAYER_INDEX.search(n))})
         # routed experts per mixture-of-experts layer (0: a dense model)
         self.n_experts = self.cfg.get(int, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0
+        if self.fused_experts and ckpt.tensors:  # from here on, the checkpoint's experts one matrix each
+            ckpt.tensors = split_fused_experts(ckpt.tensors, ckpt.path)
         self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 

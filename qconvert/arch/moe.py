@@ -1,10 +1,12 @@
 """Mixture-of-experts decoders: Qwen3-MoE (GGUF "qwen3moe"), Qwen2-MoE ("qwen2moe": a shared
 expert beside the routed ones, weighed by its own sigmoid gate), OLMoE ("olmoe": q/k norms over
 the whole projections) and Mixtral (GGUF "llama" with experts). Their attention is Llama's
-(Qwen3's q/k norms, Mixtral's rope permutation) but OLMoE's; the MLP of a sparse layer is a router (mlp.gate / block_sparse_moe.gate, kept F32 in GGUF as
-ffn_gate_inp) choosing the top k of n experts per token, each a gated MLP whose matrices the
-checkpoint stores one expert at a time (experts.E.gate_proj / w1 ...) and GGUF stacks into one
-3-D tensor per kind (ffn_gate_exps, ffn_up_exps, ffn_down_exps: base.Family.stacked_experts).
+(Qwen3's q/k norms, Mixtral's rope permutation) but OLMoE's; the MLP of a sparse layer is a
+router (mlp.gate / block_sparse_moe.gate, kept F32 in GGUF as ffn_gate_inp) choosing the top k
+of n experts per token, each a gated MLP whose matrices the checkpoint stores one expert at a
+time (experts.E.gate_proj / w1 ...; or fused, as transformers 5 holds them: base.py's
+split_fused_experts) and GGUF stacks into one 3-D tensor per kind (ffn_gate_exps, ffn_up_exps,
+ffn_down_exps: base.Family.stacked_experts).
 
 The forward runs each expert on the tokens routed to it, grouped (one matrix product per expert,
 not a loop over tokens), through `linear()` under the expert's own HF name, so the layer loop's
@@ -12,11 +14,7 @@ observers see each expert's routed inputs (the importance matrix's per-expert su
 llama-imatrix keeps them for MUL_MAT_ID)."""
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import gguf
-import numpy as np
 import torch
 
 from qconvert.arch.base import Family, decoder_tensors
@@ -26,7 +24,6 @@ from qconvert.arch.qwen2 import Qwen2
 from qconvert.arch.qwen3 import Qwen3
 from qconvert.arch.spec import Expected
 from qconvert.errors import InputError
-from qconvert.read.checkpoint import Tensor
 
 
 class MoEForward(LlamaForward):
@@ -121,66 +118,12 @@ def moe_tensors(cfg, n_layers: int, sparse: list[bool], n_experts: int, expert_f
     return out
 
 
-# a layer's experts fused into 3-D tensors, as transformers 5 holds them (and saves some models):
-# mlp.experts.gate_up_proj [experts, 2 * ff, hidden] (gate rows, then up rows) and
-# mlp.experts.down_proj [experts, hidden, ff]
-FUSED_EXPERTS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<proj>gate_up_proj|down_proj)(?:\.weight)?$")
-
-
-@dataclass
-class ExpertSlice:
-    """One expert's matrix inside a fused 3-D checkpoint tensor, under the per-expert name
-    (mlp.experts.E.gate_proj.weight): rows [r0, r1) of expert e, read from the fused tensor's
-    memory map when asked for."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    fused: Tensor
-    expert: int
-    r0: int
-
-    def array(self) -> np.ndarray:
-        return self.fused.array()[self.expert, self.r0:self.r0 + self.shape[0]]
-
-    def release(self) -> None:
-        self.fused.release()
-
-
-def split_fused_experts(tensors: dict[str, Tensor], path) -> dict[str, Tensor]:
-    """The checkpoint's tensors with every fused expert tensor replaced by its experts' matrices
-    (gate_up_proj split on its rows, as convert_hf_to_gguf splits it), in checkpoint order."""
-    out: dict[str, Tensor] = {}
-    for name, t in tensors.items():
-        m = FUSED_EXPERTS.match(name)
-        if m is None or len(t.shape) != 3:
-            out[name] = t
-            continue
-        E, rows, cols = t.shape
-        if m["proj"] == "gate_up_proj":
-            if rows % 2:
-                raise InputError(f"{path}: tensor {name!r} has shape {list(t.shape)}: gate_up_proj needs an even "
-                                 "number of rows (gate rows, then up rows)")
-            halves = (("gate_proj", 0), ("up_proj", rows // 2))
-        else:
-            halves = (("down_proj", 0),)
-        n = rows // len(halves)
-        for e in range(E):
-            for proj, r0 in halves:
-                full = f"{m['prefix']}.{e}.{proj}.weight"
-                out[full] = ExpertSlice(full, t.dtype, (n, cols), t, e, r0)
-    return out
-
-
 class QwenMoe:
     """What Qwen2-MoE and Qwen3-MoE share: sparse layers by decoder_sparse_step and
     mlp_only_layers, Qwen2MoeModel's expert keys after the base ones, and experts stored fused
     (split into their matrices, as the converter splits them)."""
 
-    def __init__(self, ckpt):
-        super().__init__(ckpt)
-        if ckpt.tensors:
-            ckpt.tensors = split_fused_experts(ckpt.tensors, ckpt.path)
+    fused_experts = True
 
     def sparse_layers(self) -> list[bool]:
         if self.n_experts < 1:
@@ -262,13 +205,12 @@ class Olmoe(Family):
     forward_class = OlmoeForward
     example = "allenai/OLMoE-1B-7B-0924"
     config_defaults = {"*": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}}  # OlmoeConfig
+    fused_experts = True  # transformers 5 holds them as the Qwens' (the converter reads them per expert only)
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
         if self.n_experts < 1:
             raise InputError(f"{self.cfg.path}: num_experts must be positive for {self.cfg.architecture()}")
-        if ckpt.tensors:  # transformers 5 holds OLMoE's experts as the Qwens' (the converter reads them per expert only)
-            ckpt.tensors = split_fused_experts(ckpt.tensors, ckpt.path)
 
     def norm_topk_prob(self) -> bool:
         return bool(self.cfg.data.get("norm_topk_prob", False))
