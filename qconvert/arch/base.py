@@ -97,6 +97,14 @@ def split_fused_experts(tensors: dict[str, Tensor], path) -> dict[str, Tensor]:
     return out
 
 
+def layer_types_from_gguf(pattern, n_layers: int) -> list[str]:
+    """HF layer_types from llama.cpp's sliding_window_pattern: a bool per layer (true: sliding),
+    or n: every n-th layer full, the others sliding."""
+    swa = [bool(x) for x in pattern] if isinstance(pattern, list) else [i % pattern < pattern - 1
+                                                                         for i in range(n_layers)]
+    return ["sliding_attention" if x else "full_attention" for x in swa]
+
+
 def decoder_tensors(cfg, n_layers: int, norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
                     qk_norm: bool = False, head_dim: int | None = None) -> list[Expected]:
     """The tensors of a Llama-style decoder (Llama, Mistral, Qwen2/3, Gemma 3): embeddings, final

@@ -17,7 +17,7 @@ import math
 
 import gguf
 
-from qconvert.arch.base import decoder_tensors
+from qconvert.arch.base import decoder_tensors, layer_types_from_gguf
 from qconvert.arch.gemma3 import Gemma3, Gemma3Forward, shift_norm
 from qconvert.arch.layers import apply_rope, attention, heads, merge
 from qconvert.arch.spec import Expected, PlannedTensor
@@ -127,10 +127,7 @@ class Gemma2(Gemma3):
         cfg["query_pre_attn_scalar"] = (cfg["hidden_size"] // cfg["num_attention_heads"] if n_layers == 46
                                         else cfg.get("head_dim", 256))
         cfg["sliding_window"] = kv.get("gemma2.attention.sliding_window", 4096)
-        pattern = kv.get("gemma2.attention.sliding_window_pattern", 2)
-        swa = ([bool(x) for x in pattern] if isinstance(pattern, list)
-               else [i % pattern < pattern - 1 for i in range(n_layers)])
-        cfg["layer_types"] = ["sliding_attention" if x else "full_attention" for x in swa]
+        cfg["layer_types"] = layer_types_from_gguf(kv.get("gemma2.attention.sliding_window_pattern", 2), n_layers)
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
             if (v := kv.get(f"gemma2.{key}")) is not None:
                 cfg[key] = v

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from qconvert.arch.base import Family, decoder_tensors
+from qconvert.arch.base import Family, decoder_tensors, layer_types_from_gguf
 from qconvert.arch.layers import act, apply_rope, attention, heads, merge, rms_norm
 from qconvert.arch.llama import LlamaForward, attention_mlp_groups
 from qconvert.arch.spec import Expected, PlannedTensor
@@ -113,11 +113,8 @@ class Gemma3(Family):
                                         else head_dim)
         window = kv.get("gemma3.attention.sliding_window")
         if window:
-            pattern = kv.get("gemma3.attention.sliding_window_pattern", 6)
-            swa = ([bool(x) for x in pattern] if isinstance(pattern, list)
-                   else [i % pattern < pattern - 1 for i in range(n_layers)])
             cfg["sliding_window"] = window
-            cfg["layer_types"] = ["sliding_attention" if x else "full_attention" for x in swa]
+            cfg["layer_types"] = layer_types_from_gguf(kv.get("gemma3.attention.sliding_window_pattern", 6), n_layers)
         else:
             cfg["layer_types"] = ["full_attention"] * n_layers
         if (local := kv.get("gemma3.rope.freq_base_swa")) is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import gguf
 
-from qconvert.arch.base import Family, decoder_tensors
+from qconvert.arch.base import Family, decoder_tensors, layer_types_from_gguf
 from qconvert.arch.layers import apply_rope, attention, heads, merge, rms_norm
 from qconvert.arch.llama import Llama, LlamaForward
 from qconvert.arch.spec import Expected, ScaleSpec
@@ -121,10 +121,9 @@ class Olmo2(Family):
     def config_from_gguf(cls, kv: dict) -> dict:
         cfg = {**super().config_from_gguf(kv), "hidden_act": "silu"}
         if (window := kv.get("olmo2.attention.sliding_window")) is not None:
-            pattern = kv.get("olmo2.attention.sliding_window_pattern")
-            cfg["sliding_window"] = window
-            if isinstance(pattern, list):
-                cfg["layer_types"] = ["sliding_attention" if x else "full_attention" for x in pattern]
+            cfg["sliding_window"] = window  # llama.cpp's olmo2: every 4th layer full unless told
+            cfg["layer_types"] = layer_types_from_gguf(kv.get("olmo2.attention.sliding_window_pattern", 4),
+                                                       cfg["num_hidden_layers"])
             if (local := kv.get("olmo2.rope.freq_base_swa")) is not None:
                 cfg["rope_local_base_freq"] = local
         return cfg

@@ -200,7 +200,7 @@ def spm_vocab(model_dir: Path, vocab_size: int | None, kv: gguf.GGUFWriter, adde
         if isinstance(i, int) and 0 <= i < n:
             tokens[i], scores[i], types[i] = text.encode("utf-8"), -1000.0, gguf.TokenType.USER_DEFINED
     decoder = _json_or_empty(model_dir / "tokenizer_config.json").get("added_tokens_decoder", {})
-    added = [(key, data) for key, data in decoder.items()] if isinstance(decoder, dict) else []
+    added = list(decoder.items()) if isinstance(decoder, dict) else []
     if added_as_written:
         listed = _json_or_empty(model_dir / "tokenizer.json").get("added_tokens", [])
         added += [(data.get("id"), data) for data in listed if isinstance(data, dict)] if isinstance(listed, list) else []
