@@ -3,9 +3,10 @@
 weights, Qwen2.5's tokenizer: `qconvert --to q4_k_m` (calibrated: 32 x 512 tokens of qconvert's
 shipped text) against convert_hf_to_gguf.py --outtype f32 + llama-imatrix (same text, same
 chunks) + llama-quantize Q4_K_M, wall time and peak RSS; and qconvert's peak RSS at 2 and at 4
-layers (memory must not grow with depth: one decoder layer, all its experts, at a time).
+layers (memory must not grow with depth: one decoder layer, all its experts, at a time); with
+--gptq, `qconvert --to gptq` (same calibration) at both depths too, time and peak RSS.
 
-usage: python bench/moe.py [--layers 4] [--small-layers 2] [--ours-only]
+usage: python bench/moe.py [--layers 4] [--small-layers 2] [--ours-only] [--gptq]
 """
 from __future__ import annotations
 
@@ -92,11 +93,18 @@ def ours(src: Path, out: Path) -> tuple[float, int]:
                                      "--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ)])
 
 
+def ours_gptq(src: Path, out: Path) -> tuple[float, int]:
+    return measure(qconvert_cmd() + [str(src), "--to", "gptq", "-o", str(out), "-q",
+                                     "--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--small-layers", type=int, default=2)
     ap.add_argument("--ours-only", action="store_true", help="leave llama.cpp's chain out")
+    ap.add_argument("--gptq", action="store_true", help="also --to gptq at both depths (no reference: GPTQModel "
+                    "quantizes on GPUs)")
     ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child process of built()
     args = ap.parse_args()
     if args.build:
@@ -110,8 +118,14 @@ def main() -> None:
         for n in (args.small_layers, args.layers):
             src = built(tmp / f"moe-{n}", n)
             rows[f"qconvert q4_k_m, {n} layers"] = ours(src, tmp / f"ours-{n}.gguf")
+            if args.gptq:
+                rows[f"qconvert gptq, {n} layers"] = ours_gptq(src, tmp / f"gptq-{n}")
+                shutil.rmtree(tmp / f"gptq-{n}")
             if n != args.layers:
                 shutil.rmtree(src)
+        if args.gptq:
+            small, big = rows[f"qconvert gptq, {args.small_layers} layers"], rows[f"qconvert gptq, {args.layers} layers"]
+            print(f"  gptq peak RSS {args.layers} layers / {args.small_layers} layers: {big[1] / small[1]:.2f}x")
         if args.ours_only:
             for k, (t, r) in rows.items():
                 print(f"  {k:32s} {t:8.1f} s {r / 1e6:9.0f} MB")

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from qconvert import __version__
-from qconvert.arch.base import NOT_TEXT, SKIP_SUFFIXES
+from qconvert.arch.base import EXPERT, NOT_TEXT, SKIP_SUFFIXES
 from qconvert.errors import InputError, UsageError
-from qconvert.layouts import (LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, IntQuantized, Layout, PackQuantized,
+from qconvert.layouts import (GPTQ, LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, IntQuantized, Layout, PackQuantized,
                                Params, TransformersFP8, to_numpy)
 from qconvert.model import Model
 from qconvert.quant.blocks import first_nonfinite, to_float32
@@ -59,6 +59,7 @@ class CheckpointOptions:
     fmt: str = ""  # one of FORMATS[method]; "": the method's own
     smoothing: float = 0.5  # w8a8: SmoothQuant's migration strength
     gptq: bool = True  # w8a8: GPTQ on the smoothed weights (else round to nearest)
+    expert_min_tokens: int = 64  # gptq of experts: fewer routed tokens -> statistics from every token
 
     @property
     def format(self) -> str:
@@ -145,6 +146,8 @@ class CheckpointPlan:
 def _layer(family, hf: str) -> int:
     if hf.startswith(NOT_TEXT):
         return -1
+    if family.n_experts and (m := EXPERT.match(hf)):  # GGUF names only the experts stacked
+        hf = f"{m['prefix']}.{m['proj']}.weight"
     g = family.map_name(hf)
     return int(g.split(".")[1]) if g.startswith("blk.") else -1
 
@@ -156,9 +159,11 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     opts.check()
     ckpt, family = model.ckpt, model.family
     assert ckpt is not None
-    if family.n_experts:
-        raise UsageError(f"--to {opts.method}: {ckpt.config.architecture()} is a mixture of experts; qconvert writes "
-                         "its GGUF files, not yet its safetensors checkpoints (gptq, awq, fp8, fp8-block, w8a8)")
+    if family.n_experts and (opts.method != "gptq" or opts.layout is not GPTQ):
+        raise UsageError(f"--to {opts.method}{' --format ' + opts.format if opts.method == 'gptq' else ''}: "
+                         f"{ckpt.config.architecture()} is a mixture of experts; qconvert writes its GGUF files and "
+                         "GPTQ checkpoints in GPTQ's own layout, not yet --to awq, fp8, fp8-block or w8a8, nor "
+                         "--format compressed-tensors")
     if opts.per_tensor:
         opts = replace(opts, bits=8, group_size=-1 if PER_TENSOR[opts.method] is None else PER_TENSOR[opts.method][1],
                        dtype=_float_dtype(ckpt))
@@ -176,9 +181,9 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
             continue
         hf = name.replace("language_model.", "")
         layer = _layer(family, hf)
-        if layer >= 0 and hf.endswith(".weight") and len(t.shape) == 2:
+        if layer >= 0 and hf.endswith(".weight") and len(t.shape) == 2 and not family.keeps_float(hf[:-7]):
             family.check_float(t)
-            prefix, hp = name[:-len(".weight")], hf[:-len(".weight")]
+            prefix, hp = family.output_name(name[:-len(".weight")]), hf[:-len(".weight")]
             if opts.layout in (FloatQuantized, PackQuantized, IntQuantized, TransformersFP8) and family.transposed(hf):
                 raise UsageError(f"{ckpt.path}: --to {opts.method} --format {opts.format} quantizes Linear modules "
                                  f"only; {ckpt.config.architecture()} stores {prefix} as a transposed Conv1D")
@@ -202,9 +207,10 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         else:
             dtype = (opts.dtype if t.dtype == "F64" or not opts.per_tensor else t.dtype) \
                 if t.dtype in FLOAT_DTYPES else t.dtype
-            entries_by_name[name] = [Entry(name, dtype, tuple(t.shape))]
-            copies[name] = t
-            layer_of[name] = layer
+            out = family.output_name(name)
+            entries_by_name[out] = [Entry(out, dtype, tuple(t.shape))]
+            copies[out] = t
+            layer_of[out] = layer
     if opts.method == "awq" and opts.layout is PackQuantized and family.awq_extra_tensors():
         raise UsageError(f"{ckpt.path}: AWQ scales the activation inside {ckpt.config.architecture()}'s MLP, which "
                          "compressed-tensors cannot hold; use --format awq")
@@ -222,7 +228,7 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         raise InputError(f"{ckpt.path}: no decoder linear layers found to quantize")
     order = sorted(entries_by_name, key=lambda n: (layer_of[entries_by_name[n][0].name], n))
     entries = [e for n in order for e in entries_by_name[n]]
-    names = {n.replace("language_model.", ""): n for n in ckpt.tensors}
+    names = {n.replace("language_model.", ""): family.output_name(n) for n in ckpt.tensors}
     # compressed-tensors quantizes every Linear but those named here: the output head, and the
     # modules of a multimodal checkpoint's other towers
     ignore = ["lm_head", *sorted({root.removeprefix("model.").rstrip(".") for root in NOT_TEXT
@@ -364,8 +370,16 @@ def quantization_config(plan: CheckpointPlan, calib: dict | None) -> dict:
     if opts.method == "awq":
         # clip is recorded only when off, so that default checkpoints keep their bytes
         return opts.layout.config(opts.params, {"calibration": calib, **({} if opts.clip else {"clip": False})})
-    return opts.layout.config(opts.params, {"act_order": opts.act_order, "damp_percent": opts.damp,
-                                            "calibration": calib})
+    cfg = opts.layout.config(opts.params, {"act_order": opts.act_order, "damp_percent": opts.damp,
+                                           "calibration": calib})
+    if plan.model.family.n_experts:
+        cfg["meta"]["expert_min_tokens"] = opts.expert_min_tokens
+    if plan.model.family.float_linears:
+        # transformers' GPTQ loader (optimum's) makes every nn.Linear of a layer a quantized one
+        # unless this list names it (by the end of its name): the router and Qwen2-MoE's
+        # shared-expert gate stay float
+        cfg["modules_in_block_to_quantize"] = [sorted({lin.name.rsplit(".", 1)[1] for lin in plan.linears.values()})]
+    return cfg
 
 
 def write_configs(plan: CheckpointPlan, directory: Path, qcfg: dict) -> None:

@@ -70,6 +70,9 @@ ActOrder = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", 
                                                        "every loader accepts it). On by default.")]
 Sym = Annotated[bool, typer.Option("--sym/--asym", help="gptq: symmetric (checkpoint_format gptq) or asymmetric "
                                                         "(gptq_v2; vLLM refuses asymmetric GPTQ).")]
+ExpertMinTokens = Annotated[int, typer.Option("--expert-min-tokens", min=0, help="gptq of a mixture of experts: an "
+                                              "expert routed fewer calibration tokens than this is quantized from "
+                                              "every token (one with none always is)")]
 Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction of the Hessian's mean diagonal; "
                                                     "raised by 0.01 steps if the factorisation fails.")]
 Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="awq: after the scales, search each linear's "
@@ -119,7 +122,8 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
                 group_size: GroupSize = 128,
                 act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
-                clip: Clip = True, fmt: Format = "", smoothing: Smoothing = 0.5, gptq: UseGPTQ = True) -> None:
+                clip: Clip = True, fmt: Format = "", smoothing: Smoothing = 0.5, gptq: UseGPTQ = True,
+                expert_min_tokens: ExpertMinTokens = 64) -> None:
     """Convert MODEL to GGUF files and quantized safetensors checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -164,7 +168,8 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
     job = Job(model, chosen, output, revision, force, threads or _cores(), dry_run, overrides, imatrix, no_calib,
               CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
               CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size),
-                                clip, fmt=fmt.strip().lower(), smoothing=smoothing, gptq=gptq))
+                                clip, fmt=fmt.strip().lower(), smoothing=smoothing, gptq=gptq,
+                                expert_min_tokens=expert_min_tokens))
     if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
         _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
                           "it, vLLM refuses asymmetric GPTQ", "yellow")
@@ -451,6 +456,12 @@ def _print_done(r) -> None:
             rtn = sum(x["rtn_error"] for x in o["layers"])
             line += f"; output error {g / rtn:.3f}x round-to-nearest's"
         out.print(line)
+        few = [f"layer {x['layer']} expert {e['expert']} ({e['routed_tokens']})" for x in o.get("layers", [])
+               for e in x.get("experts_from_all_tokens", [])]
+        if few:
+            out.print(f"[yellow]{len(few)} experts were routed fewer than {o['expert_min_tokens']} tokens[/yellow] "
+                      f"and were quantized from every calibration token (routed tokens in brackets): "
+                      f"{escape(', '.join(few[:4]))}{', ...' if len(few) > 4 else ''}")
     if r.calibration:
         c = r.calibration
         out.print(f"calibrated on {c['samples']} x {c['seq_len']} tokens of {escape(c['dataset'])}: " + ", ".join(

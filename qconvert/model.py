@@ -82,7 +82,7 @@ def open_model(source: str, revision: str | None = None) -> Model:
         found = layout_of(ckpt.config)
         weights = None
         if found is not None:  # read as a float checkpoint, each quantized linear decoded when read
-            ckpt.tensors = dequantized_view(ckpt.tensors, family, *found, ckpt.config)
+            ckpt.tensors = family.own_names(dequantized_view(ckpt.tensors, family, *found, ckpt.config))
             weights = {n.replace("language_model.", ""): t for n, t in ckpt.tensors.items()}
             family.check_tensors(lambda n: weights[n].shape if n in weights else None, ckpt.path)
         else:

@@ -58,8 +58,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in sorted([
            ("smoothing", "gptq", "act_order", "damp", "max_shard_size", "exact_calib", *CALIBRATION), label="W8A8"),
     Target("gptq", "checkpoint", "GPTQ 4-bit (2, 8), group 128, symmetric, activation order", "always",
            "transformers, GPTQModel, vLLM",
-           ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", "fmt", "exact_calib", *CALIBRATION),
-           label="GPTQ"),
+           ("bits", "group_size", "act_order", "sym", "damp", "max_shard_size", "fmt", "exact_calib",
+            "expert_min_tokens", *CALIBRATION), label="GPTQ"),
 ], key=lambda t: (t.kind != "gguf", t.name))}
 
 

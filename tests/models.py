@@ -3,6 +3,7 @@ transformers writes config.json and safetensors, a tokenizer is trained on the s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tests.text import TEXT
@@ -75,6 +76,10 @@ def fuse_experts(out: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     ts = load_file(str(out / "model.safetensors"))
+    # Mixtral's legacy names (block_sparse_moe.gate, experts.E.w1/w3/w2) as transformers 5 names them
+    proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+    ts = {re.sub(r"\.experts\.(\d+)\.(w[123])\.", lambda m: f".experts.{m[1]}.{proj[m[2]]}.",
+                 k.replace(".block_sparse_moe.", ".mlp.")): v for k, v in ts.items()}
     n = 1 + max(int(k.split(".experts.")[1].split(".")[0]) for k in ts if ".experts." in k)
     fused = {}
     for name, a in ts.items():

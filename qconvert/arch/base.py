@@ -149,6 +149,10 @@ class Family:
     # then assumes, by HF architecture ("*": any of the family's)
     config_defaults: ClassVar[dict[str, dict[str, object]]] = {}
     fused_experts: ClassVar[bool] = False  # reads experts saved fused (split_fused_experts)
+    # layer matrices that a quantized safetensors checkpoint keeps in float, by the module's
+    # last name parts (a mixture's router, Qwen2-MoE's shared-expert gate), as GPTQModel,
+    # llm-compressor and the published checkpoints keep them
+    float_linears: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -163,8 +167,8 @@ class Family:
                               if not n.startswith(NOT_TEXT) and (m := _LAYER_INDEX.search(n))})
         # routed experts per mixture-of-experts layer (0: a dense model)
         self.n_experts = self.cfg.get(int, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0
-        if self.fused_experts and ckpt.tensors:  # from here on, the checkpoint's experts one matrix each
-            ckpt.tensors = split_fused_experts(ckpt.tensors, ckpt.path)
+        if ckpt.tensors:
+            ckpt.tensors = self.own_names(ckpt.tensors)
         self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
         self.arch_name = gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
@@ -269,6 +273,22 @@ class Family:
     def layer_prefix(self, i: int) -> str:
         """Decoder layer i's tensor names begin with this (text-model prefix removed)."""
         return f"model.layers.{i}."
+
+    def own_names(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The checkpoint's tensors under the names this family's forward and converter read: its
+        experts one matrix each where they are stored fused (split_fused_experts). Applied again
+        to a quantized checkpoint's tensors once its linears are decoded (model.open_model)."""
+        return split_fused_experts(tensors, self.ckpt.path) if self.fused_experts else tensors
+
+    def output_name(self, name: str) -> str:
+        """The name a written safetensors checkpoint gives the checkpoint tensor `name`: the
+        one transformers 5 and GPTQModel load (Mixtral's legacy names renamed)."""
+        return name
+
+    def keeps_float(self, hf: str) -> bool:
+        """Whether layer matrix `hf` (a module prefix) stays unquantized in a safetensors
+        checkpoint (float_linears)."""
+        return any(hf.endswith("." + n) for n in self.float_linears)
 
     def skip(self, hf_name: str) -> bool:
         return False

@@ -14,6 +14,8 @@ observers see each expert's routed inputs (the importance matrix's per-expert su
 llama-imatrix keeps them for MUL_MAT_ID)."""
 from __future__ import annotations
 
+import re
+
 import gguf
 import torch
 
@@ -38,6 +40,11 @@ class MoEForward(LlamaForward):
         self.n_experts = family.n_experts
         self.top_k = self.cfg.positive(int, "num_experts_per_tok")
         self.norm_topk = family.norm_topk_prob()
+        # (expert, tokens routed to it) of the experts that last ran every token for the
+        # observers' statistics (Observer.few_token_experts), for the method's report
+        self.few_token_experts: list[tuple[int, int]] = []
+        self.expert_min_tokens = 64  # fewer routed tokens than this: every token for the statistics
+
 
     def mlp(self, p: str, x):
         if not self.has(p + self.router + ".weight"):
@@ -54,15 +61,24 @@ class MoEForward(LlamaForward):
         out = torch.zeros_like(flat)
         order = torch.argsort(chosen.reshape(-1), stable=True)  # (token, slot) pairs grouped by expert
         counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts).tolist()
+        few = any(o.few_token_experts for o in self.observers)
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            pairs = order[start:start + n]
-            start += n
-            tokens = pairs // self.top_k
-            y = self.expert(p, e, flat[tokens])
-            out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
+            observers = self.observers
+            if few and n < max(1, self.expert_min_tokens):
+                self.expert(p, e, flat)  # every token, for the statistics only
+                self.few_token_experts.append((e, n))
+                self.observers = ()  # the routed tokens below run on what the observers made of it
+            try:
+                if n == 0:
+                    continue
+                pairs = order[start:start + n]
+                start += n
+                tokens = pairs // self.top_k
+                y = self.expert(p, e, flat[tokens])
+                out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
+            finally:
+                self.observers = observers
         return out.view(x.shape)
 
     def expert(self, p: str, e: int, x):
@@ -124,6 +140,7 @@ class QwenMoe:
     (split into their matrices, as the converter splits them)."""
 
     fused_experts = True
+    float_linears = ("mlp.gate", "mlp.shared_expert_gate")
 
     def sparse_layers(self) -> list[bool]:
         if self.n_experts < 1:
@@ -206,6 +223,7 @@ class Olmoe(Family):
     example = "allenai/OLMoE-1B-7B-0924"
     config_defaults = {"*": {"max_position_embeddings": 4096, "rms_norm_eps": 1e-5}}  # OlmoeConfig
     fused_experts = True  # transformers 5 holds them as the Qwens' (the converter reads them per expert only)
+    float_linears = ("mlp.gate",)
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
@@ -232,17 +250,43 @@ class Olmoe(Family):
                 "num_experts": kv.get("olmoe.expert_count")}
 
 
+# Mixtral's experts as the published checkpoints name them (block_sparse_moe.experts.E.w1 = gate,
+# w3 = up, w2 = down) and as transformers 5 names them (mlp.experts.E.gate_proj ...; it renames
+# the legacy names on loading, and holds the experts fused, mlp.experts.gate_up_proj)
+_MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MIXTRAL_LEGACY = re.compile(r"\.block_sparse_moe\.(?:gate(?=\.|$)|experts\.\d+\.(w[123])(?=\.|$))")
+_MIXTRAL_NEW = re.compile(r"\.mlp\.(?:gate(?=\.weight$)|experts\.\d+\.(gate_proj|up_proj|down_proj)(?=\.weight$))")
+
+
+def _renamed(m: re.Match, to: str, proj: dict[str, str]) -> str:
+    s = m.group(0).split(".", 2)[2]  # gate, or experts.E.PROJ
+    if m.group(1):
+        s = s[:-len(m.group(1))] + proj[m.group(1)]
+    return f".{to}.{s}"
+
+
 class Mixtral(Llama):
     hf_architectures = ("MixtralForCausalLM",)
     forward_class = MixtralForward
     example = "mistralai/Mixtral-8x7B-v0.1"
     awq_groups = ()
     config_defaults = {"*": {"max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-5}}  # MixtralConfig
+    fused_experts = True  # as transformers 5 saves them (mlp.experts.gate_up_proj)
+    float_linears = ("block_sparse_moe.gate",)
 
     def __init__(self, ckpt):
         super().__init__(ckpt)
         if self.n_experts < 1:
             raise InputError(f"{self.cfg.path}: num_local_experts must be positive for {self.cfg.architecture()}")
+
+    def own_names(self, tensors):
+        # the legacy names (the converter's, and the forward's)
+        legacy = {v: k for k, v in _MIXTRAL_PROJ.items()}
+        return {_MIXTRAL_NEW.sub(lambda m: _renamed(m, "block_sparse_moe", legacy), n): t
+                for n, t in super().own_names(tensors).items()}
+
+    def output_name(self, name: str) -> str:
+        return _MIXTRAL_LEGACY.sub(lambda m: _renamed(m, "mlp", _MIXTRAL_PROJ), name)
 
     def norm_topk_prob(self) -> bool:
         return True  # MixtralSparseMoeBlock always renormalises the top k

@@ -32,6 +32,10 @@ class Observer:
     all_samples = False
     feeds = "float outputs"  # what the layer passes on to the next: its float or its quantized output
     fast_products = "float32"  # the forward's matrix products unless --exact-calib (Forward.products)
+    # a mixture's expert that the router sends fewer tokens than MoEForward.expert_min_tokens
+    # (or none) first runs every token of the batch for this observer's statistics, while the
+    # layer's output keeps the real routing (MoEForward.mlp)
+    few_token_experts = False
 
     def linear_input(self, fw: Forward, hf: str, x: torch.Tensor) -> None:
         """Linear layer `hf` is about to run on x [samples, tokens, in]; fw.set_linear_weight()

@@ -42,13 +42,12 @@ class GPTQObserver(Observer):
     # come back rounded to bfloat16, which leaves H too far from positive definite to factorise
     # at the usual damping)
     fast_products = "bfloat16"
-
-    def __init__(self, out: CheckpointWriter):
-        self.out = out
-        self.plan = out.plan
+    few_token_experts = True
 
     def linear_input(self, fw, hf: str, x: torch.Tensor) -> None:
-        lin, o = self.plan.linears[hf], self.plan.opts
+        lin, o = self.plan.linears.get(hf), self.plan.opts
+        if lin is None:  # kept in float (a mixture's router)
+            return
         H = fw.per_input("hessian", x, lambda: hessian(x))
         W = fw.linear_weight(hf).float()
         bad = first_nonfinite(W.numpy())
@@ -61,10 +60,20 @@ class GPTQObserver(Observer):
         self.out.layers.setdefault(lin.layer, []).append({"name": lin.name, "gptq": r.error, "rtn": r.rtn_error,
                                                           "damp": r.damp})
 
+    def __init__(self, out: CheckpointWriter):
+        self.out = out
+        self.plan = out.plan
+        self.all_tokens: dict[int, list[dict]] = {}  # by layer: experts quantized from every token
+
     def end_layer(self, fw, i: int) -> bool:
+        few = getattr(fw, "few_token_experts", None)
+        if few:
+            self.all_tokens[i] = [{"expert": e, "routed_tokens": n} for e, n in few]
+            few.clear()
         self.out.flush(i)
         return False
 
     def report(self) -> list[dict]:
         return [{"layer": i, "gptq_error": sum(e["gptq"] for e in es), "rtn_error": sum(e["rtn"] for e in es),
+                 **({"experts_from_all_tokens": self.all_tokens[i]} if i in self.all_tokens else {}),
                  "linears": es} for i, es in sorted(self.out.layers.items())]

@@ -136,12 +136,14 @@ def test_unreached_experts_weigh_one_and_are_reported(tiny, tmp_path):
 
 
 def test_checkpoint_targets_are_refused_for_experts(tiny, tmp_path, capsys):
-    """GPTQ, AWQ, FP8 and W8A8 checkpoints of a mixture of experts are not written yet: a usage
-    error naming the target, before anything is computed or written (GGUF files alongside too)."""
+    """AWQ, FP8 and W8A8 checkpoints of a mixture of experts, and GPTQ in compressed-tensors'
+    layout, are not written yet: a usage error naming the target, before anything is computed or
+    written (GGUF files alongside too)."""
     from tests.helpers import run_cli
 
-    for target in ("gptq", "awq", "fp8", "w8a8"):
-        code, _, err = run_cli([tiny("mixtral"), "--to", f"q8_0,{target}", "-o", tmp_path / "out"], capsys)
+    for target in ("awq", "fp8", "w8a8", "gptq --format compressed-tensors"):
+        code, _, err = run_cli([tiny("mixtral"), "--to", f"q8_0,{target.split()[0]}", *target.split()[1:],
+                                "-o", tmp_path / "out"], capsys)
         assert code == 2 and f"--to {target}: MixtralForCausalLM is a mixture of experts" in err
     assert not (tmp_path / "out").exists()
 
@@ -169,10 +171,11 @@ def test_a_missing_or_misshapen_expert_is_an_input_error(tiny, tmp_path, capsys)
         assert not (tmp_path / f"out-{case}.gguf").exists()
 
 
-@pytest.mark.parametrize("family", ["qwen3moe", "qwen2moe", "olmoe"])
+@pytest.mark.parametrize("family", ["qwen3moe", "qwen2moe", "olmoe", "mixtral"])
 def test_fused_experts_read_as_their_matrices(family, tiny, tmp_path):
     """Experts saved fused, as transformers 5 holds them (mlp.experts.gate_up_proj [experts,
-    2 ff, hidden], gate rows first; mlp.experts.down_proj [experts, hidden, ff]): transformers
+    2 ff, hidden], gate rows first; mlp.experts.down_proj [experts, hidden, ff]; Mixtral's
+    block_sparse_moe renamed mlp, as transformers 5 names it): transformers
     loads that file, our forward gives its logits, llama.cpp runs our GGUF of it, and the GGUF
     tensors equal those made from the per-expert checkpoint."""
     from tests.helpers import copy_model
