@@ -24,7 +24,7 @@ import torch
 from qconvert import __version__
 from qconvert.arch.base import EXPERT, NOT_TEXT, SKIP_SUFFIXES
 from qconvert.errors import InputError, UsageError
-from qconvert.layouts import (GPTQ, LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, IntQuantized, Layout, PackQuantized,
+from qconvert.layouts import (AWQ, GPTQ, LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, IntQuantized, Layout, PackQuantized,
                                Params, TransformersFP8, to_numpy)
 from qconvert.model import Model
 from qconvert.quant.blocks import first_nonfinite, to_float32
@@ -159,10 +159,10 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     opts.check()
     ckpt, family = model.ckpt, model.family
     assert ckpt is not None
-    if family.n_experts and (opts.method != "gptq" or opts.layout is not GPTQ):
-        raise UsageError(f"--to {opts.method}{' --format ' + opts.format if opts.method == 'gptq' else ''}: "
+    if family.n_experts and opts.layout not in (GPTQ, AWQ):
+        raise UsageError(f"--to {opts.method}{' --format ' + opts.format if opts.method in ('gptq', 'awq') else ''}: "
                          f"{ckpt.config.architecture()} is a mixture of experts; qconvert writes its GGUF files and "
-                         "GPTQ checkpoints in GPTQ's own layout, not yet --to awq, fp8, fp8-block or w8a8, nor "
+                         "GPTQ and AWQ checkpoints in their own layouts, not yet --to fp8, fp8-block or w8a8, nor "
                          "--format compressed-tensors")
     if opts.per_tensor:
         opts = replace(opts, bits=8, group_size=-1 if PER_TENSOR[opts.method] is None else PER_TENSOR[opts.method][1],
@@ -369,7 +369,15 @@ def quantization_config(plan: CheckpointPlan, calib: dict | None) -> dict:
                                                 **({"clip": opts.clip} if opts.method == "awq" else {})})
     if opts.method == "awq":
         # clip is recorded only when off, so that default checkpoints keep their bytes
-        return opts.layout.config(opts.params, {"calibration": calib, **({} if opts.clip else {"clip": False})})
+        cfg = opts.layout.config(opts.params, {"calibration": calib, **({} if opts.clip else {"clip": False}),
+                                               **({"expert_min_tokens": opts.expert_min_tokens}
+                                                  if plan.model.family.n_experts else {})})
+        if plan.model.family.float_linears:
+            # transformers' AWQ loader makes every nn.Linear a quantized one but those whose names
+            # end so: the router, Qwen2-MoE's shared-expert gate
+            cfg["modules_to_not_convert"] = [plan.model.family.output_name("." + n)[1:]
+                                            for n in plan.model.family.float_linears]
+        return cfg
     cfg = opts.layout.config(opts.params, {"act_order": opts.act_order, "damp_percent": opts.damp,
                                            "calibration": calib})
     if plan.model.family.n_experts:

@@ -70,8 +70,8 @@ ActOrder = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", 
                                                        "every loader accepts it). On by default.")]
 Sym = Annotated[bool, typer.Option("--sym/--asym", help="gptq: symmetric (checkpoint_format gptq) or asymmetric "
                                                         "(gptq_v2; vLLM refuses asymmetric GPTQ).")]
-ExpertMinTokens = Annotated[int, typer.Option("--expert-min-tokens", min=0, help="gptq of a mixture of experts: an "
-                                              "expert routed fewer calibration tokens than this is quantized from "
+ExpertMinTokens = Annotated[int, typer.Option("--expert-min-tokens", min=0, help="gptq, awq of a mixture of experts: "
+                                              "an expert routed fewer calibration tokens than this is quantized from "
                                               "every token (one with none always is)")]
 Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction of the Hessian's mean diagonal; "
                                                     "raised by 0.01 steps if the factorisation fails.")]

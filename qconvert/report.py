@@ -80,7 +80,7 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
                               "dtype": o.dtype if o.per_tensor else "F16",
                               **({"smoothing": o.smoothing, "gptq": o.gptq} if o.method == "w8a8" else {}),
                               **({"expert_min_tokens": o.expert_min_tokens}
-                                 if o.method == "gptq" and cp.model.family.n_experts else {}),
+                                 if o.method in ("gptq", "awq") and cp.model.family.n_experts else {}),
                               "checkpoint_format": o.checkpoint_format, "n_linears": len(cp.linears),
                               "tensors": [{"name": e.name, "dtype": e.dtype, "shape": list(e.shape)} for e in cp.entries]})
     if plan is not None:

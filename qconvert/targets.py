@@ -45,7 +45,7 @@ def _gguf(r: Recipe) -> Target:
 TARGETS: dict[str, Target] = {t.name: t for t in sorted([
     *(_gguf(r) for r in RECIPES.values()),
     Target("awq", "checkpoint", "AWQ 4-bit GEMM, zero points, group 128", "always", "transformers, GPTQModel, vLLM",
-           ("bits", "group_size", "clip", "max_shard_size", "fmt", *CALIBRATION), label="AWQ"),
+           ("bits", "group_size", "clip", "max_shard_size", "fmt", "expert_min_tokens", *CALIBRATION), label="AWQ"),
     Target("fp8", "checkpoint", "FP8 E4M3 weights with per-channel scales, dynamic per-token FP8 activations "
            "(compressed-tensors float-quantized, llm-compressor's FP8_DYNAMIC)", "", "vLLM (GPUs), transformers",
            ("max_shard_size", "fmt"), label="FP8"),

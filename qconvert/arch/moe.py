@@ -20,6 +20,7 @@ import gguf
 import torch
 
 from qconvert.arch.base import Family, decoder_tensors
+from qconvert.arch.forward import ScaleGroup
 from qconvert.arch.llama import Llama, LlamaForward
 from qconvert.arch.olmo2 import WholeQKNorm, whole_qk_norms
 from qconvert.arch.qwen2 import Qwen2
@@ -50,7 +51,7 @@ class MoEForward(LlamaForward):
         if not self.has(p + self.router + ".weight"):
             return super().mlp(p, x)  # a dense layer (Qwen3-MoE's mlp_only_layers)
         flat = x.reshape(-1, x.shape[-1])
-        logits = self.linear(flat, p + self.router)
+        logits = self.linear(x, p + self.router).reshape(-1, self.n_experts)  # observers see x as it came
         # as transformers: softmax in float32 over all experts, the top k, renormalised to sum 1
         # where the model does
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
@@ -85,6 +86,36 @@ class MoEForward(LlamaForward):
         gate, up, down = (p + n.format(e=e) for n in self.expert_names)
         return self.linear(self.act(self.linear(x, gate)) * self.linear(x, up), down)
 
+    def scale_groups(self, i: int) -> list[ScaleGroup]:
+        """AWQ's groups, as llm-compressor's MoE mappings make them: Llama's attention groups;
+        in a sparse layer the post-attention norm -> the router (kept float, but scaled with the
+        others so that routing is unchanged) and every expert's gate and up (and Qwen2-MoE's
+        shared expert and its gate), the whole mixture compared; each expert's up -> its down,
+        on that expert's tokens."""
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        out = [ScaleGroup(("norm", p + "input_layernorm.weight"), [a + "q_proj", a + "k_proj", a + "v_proj"],
+                          self.block(i, "attention"))]
+        if self.linear_weight(a + "v_proj").shape == self.linear_weight(a + "o_proj").shape:
+            out.append(ScaleGroup(("linear", a + "v_proj"), [a + "o_proj"]))
+        norm = ("norm", p + "post_attention_layernorm.weight")
+        if not self.has(p + self.router + ".weight"):  # a dense layer
+            m = p + "mlp."
+            return out + [ScaleGroup(norm, [m + "gate_proj", m + "up_proj"], self.block(i, "mlp")),
+                          ScaleGroup(("linear", m + "up_proj"), [m + "down_proj"])]
+        experts = [[p + n.format(e=e) for n in self.expert_names] for e in range(self.n_experts)]
+        first = [p + self.router, *self.shared_inputs(p), *(h for gate, up, _ in experts for h in (gate, up))]
+        out.append(ScaleGroup(norm, first, self.block(i, "mlp")))
+        out += [ScaleGroup(("linear", up), [down]) for _, up, down in experts]
+        return out + self.shared_groups(p)
+
+    def shared_inputs(self, p: str) -> list[str]:
+        """Linears besides the router and the experts that take the mixture's input."""
+        return []
+
+    def shared_groups(self, p: str) -> list[ScaleGroup]:
+        return []
+
 
 class Qwen2MoeForward(MoEForward):
     """Qwen2MoeSparseMoeBlock: the routed experts plus sigmoid(shared_expert_gate(x)) times the
@@ -98,6 +129,16 @@ class Qwen2MoeForward(MoEForward):
         s = p + "mlp.shared_expert."
         shared = self.linear(self.act(self.linear(x, s + "gate_proj")) * self.linear(x, s + "up_proj"), s + "down_proj")
         return out + gate * shared
+
+    def shared_inputs(self, p: str) -> list[str]:
+        if not self.has(p + "mlp.shared_expert_gate.weight"):
+            return []
+        s = p + "mlp.shared_expert."
+        return [p + "mlp.shared_expert_gate", s + "gate_proj", s + "up_proj"]
+
+    def shared_groups(self, p: str) -> list[ScaleGroup]:
+        s = p + "mlp.shared_expert."
+        return [ScaleGroup(("linear", s + "up_proj"), [s + "down_proj"])] if self.has(s + "up_proj.weight") else []
 
 
 class OlmoeForward(WholeQKNorm, MoEForward):

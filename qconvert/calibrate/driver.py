@@ -48,6 +48,15 @@ class Observer:
         return False
 
 
+def few_token_experts(fw: Forward) -> list[dict]:
+    """The experts of the layer just run that took every token for the observers' statistics
+    (Observer.few_token_experts), for the method's report; the forward's list is emptied."""
+    few = getattr(fw, "few_token_experts", None) or []
+    out = [{"expert": e, "routed_tokens": n} for e, n in few]
+    few.clear()
+    return out
+
+
 class _Allocator:
     """glibc's malloc tuned for a layer-at-a-time torch workload on Linux (elsewhere: no-op).
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qconvert.calibrate.driver import Observer
+from qconvert.calibrate.driver import Observer, few_token_experts
 from qconvert.checkpoint import CheckpointWriter
 from qconvert.errors import InputError
 from qconvert.quant.blocks import first_nonfinite
@@ -66,10 +66,9 @@ class GPTQObserver(Observer):
         self.all_tokens: dict[int, list[dict]] = {}  # by layer: experts quantized from every token
 
     def end_layer(self, fw, i: int) -> bool:
-        few = getattr(fw, "few_token_experts", None)
+        few = few_token_experts(fw)
         if few:
-            self.all_tokens[i] = [{"expert": e, "routed_tokens": n} for e, n in few]
-            few.clear()
+            self.all_tokens[i] = few
         self.out.flush(i)
         return False
 

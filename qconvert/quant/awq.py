@@ -68,7 +68,7 @@ def _scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.T
 
 def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
                run: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
-               bits: int = 4) -> tuple[torch.Tensor, float]:
+               bits: int = 4, floats: frozenset[int] = frozenset()) -> tuple[torch.Tensor, float]:
     """The per-input-channel scale for linears sharing input x [samples, tokens, K]; `run(weights,
     xs)` gives the inspected block's output for inputs xs (some of x's samples) with the given
     weights of those linears. Returns (scales, ratio).
@@ -78,8 +78,12 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
     ratios with the lowest errors there: 9 block forwards of all samples instead of 21 (when the
     quarter holds at least PRUNE_MIN samples; with fewer, every ratio runs on every sample). On
     SmolLM2-135M and Qwen2.5-0.5B (16 x 512 calibration tokens) it kept the full search's choice
-    in all 162 groups."""
-    W = torch.cat(weights, 0)
+    in all 162 groups.
+
+    `floats`: the indices of weights that stay unquantized (a mixture's router, which shares the
+    experts' input and takes the scales too, as in llm-compressor's MoE mappings): left out of
+    w_mean and unrounded in the trials."""
+    W = torch.cat([w for j, w in enumerate(weights) if j not in floats], 0)
     w_abs = W.abs().reshape(-1, group)
     w_mean = (w_abs / (w_abs.amax(1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
     x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
@@ -91,7 +95,7 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
 
     def error(i: int, part: int) -> float:
         s = _scales(x_mean, w_mean, i / N_GRID)
-        trial = [pseudo_quantize(w * s, group, bits)[0] / s for w in weights]
+        trial = [w if j in floats else pseudo_quantize(w * s, group, bits)[0] / s for j, w in enumerate(weights)]
         err = float((references[part] - run(trial, x[parts[part]])).double().pow(2).sum())
         return err if math.isfinite(err) else math.inf
 

@@ -1,7 +1,8 @@
-"""GPTQ checkpoints of mixtures of experts: every expert quantized from the tokens routed to it
-(or, when the router sends it fewer than --expert-min-tokens, from every token, while the
-layer's output keeps the real routing), routers kept float, per-expert names as GPTQModel and
-transformers 5 (after defuser's un-fusing) load them; their logits equal our forward's."""
+"""GPTQ and AWQ checkpoints of mixtures of experts: every expert quantized from the tokens routed
+to it (or, when the router sends it fewer than --expert-min-tokens, from every token, while the
+layer's output keeps the real routing), routers kept float (AWQ: scaled with the experts),
+per-expert names as GPTQModel and transformers 5 (after defuser's un-fusing) load them; their
+logits equal our forward's."""
 from __future__ import annotations
 
 import json
@@ -58,10 +59,14 @@ def load_in_child(path, family, which) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+PARTS = {"gptq": ("qweight", "qzeros", "scales", "g_idx"), "awq": ("qweight", "qzeros", "scales")}
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_expert_checkpoints_load_in_gptqmodel_and_transformers(family, tiny, tmp_path, capsys):
-    out = tmp_path / "gptq"
-    r = make_gptq(tiny(family), out, capsys, "--group-size", "32")
+def test_expert_checkpoints_load_in_gptqmodel_and_transformers(family, method, tiny, tmp_path, capsys):
+    out = tmp_path / method
+    r = make_gptq(tiny(family), out, capsys, "--group-size", "32", method=method)
     ckpt = open_checkpoint(str(tiny(family)))
     fam = family_for(ckpt)
     n_experts, n_layers = fam.n_experts, fam.n_layers
@@ -74,15 +79,25 @@ def test_expert_checkpoints_load_in_gptqmodel_and_transformers(family, tiny, tmp
             assert f.get_tensor(p + "gate.weight").dtype == torch.float16
             for e in range(n_experts):
                 for proj in ("gate_proj", "up_proj", "down_proj"):
-                    assert {f"{p}experts.{e}.{proj}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")} <= names
+                    assert {f"{p}experts.{e}.{proj}.{k}" for k in PARTS[method]} <= names
     assert not any("block_sparse_moe" in n or n.endswith((".w1.qweight", "gate.qweight")) for n in names)
     per_layer = 4 + 3 * n_experts + (3 if family == "qwen2moe" else 0)
     assert r["n_linears"] == n_layers * per_layer
     for layer in r["layers"]:  # every expert got its tokens: none from all tokens here
-        assert layer["gptq_error"] < layer["rtn_error"] and "experts_from_all_tokens" not in layer
+        assert "experts_from_all_tokens" not in layer
+        assert method == "awq" or layer["gptq_error"] < layer["rtn_error"]
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["modules_in_block_to_quantize"] == [sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"])]
+    assert cfg["meta"]["expert_min_tokens"] == 64
+    if method == "gptq":
+        assert cfg["modules_in_block_to_quantize"] == [sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])]
+    else:  # the mixture's group: the router (float), the shared expert's gate and every expert's gate and up
+        groups = r["layers"][0]["groups"]
+        first = next(g["linears"] for g in groups if g["linears"][0].endswith("mlp.gate"))
+        assert len(first) == 1 + 2 * n_experts + (3 if family == "qwen2moe" else 0)
+        assert sum(len(g["linears"]) == 1 and "down_proj" in g["linears"][0] for g in groups) >= n_experts
+        assert cfg["modules_to_not_convert"] == (["mlp.gate", "mlp.shared_expert_gate"] if family.startswith("qwen")
+                                                 else ["mlp.gate"])
     ours = our_logits(out).numpy()
     theirs = load_in_child(out, family, "gptqmodel")
     assert rel(torch.tensor(ours), torch.tensor(theirs["logits"])) < 5e-3
@@ -134,12 +149,13 @@ def test_few_token_experts_see_every_token_for_statistics(family, tiny):
     ckpt.close()
 
 
-def test_report_names_experts_quantized_from_every_token(tiny, tmp_path, capsys):
-    out = tmp_path / "gptq"
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_report_names_experts_quantized_from_every_token(method, tiny, tmp_path, capsys):
+    out = tmp_path / method
     code_args = ["--group-size", "32"]
     from tests.helpers import run_cli
 
-    code, stdout, err = run_cli([tiny("qwen3moe"), "--to", "gptq", "-o", out, "--calib-samples", "1",
+    code, stdout, err = run_cli([tiny("qwen3moe"), "--to", method, "-o", out, "--calib-samples", "1",
                                  "--calib-seq-len", "16", "--json", *code_args], capsys)
     assert code == 0, err
     r = json.loads(stdout)["outputs"][0]
@@ -166,4 +182,32 @@ def test_expert_min_tokens_option(tiny, tmp_path, capsys):
     assert meta["expert_min_tokens"] == 0
     code, _, err = run_cli([tiny("qwen3moe"), "--to", "q8_0", "-o", tmp_path / "x.gguf", "--expert-min-tokens", "8"],
                            capsys)
-    assert code == 2 and "--expert-min-tokens applies to gptq" in err
+    assert code == 2 and "--expert-min-tokens applies to awq, gptq" in err
+
+
+
+@pytest.mark.parametrize("family", ["qwen2moe", "mixtral"])
+def test_mixture_scales_fold_exactly(family, tiny):
+    """AWQ's mixture group: the post-attention norm divided by s, the router (float), Qwen2-MoE's
+    shared expert and its gate and every expert's gate and up multiplied by it, the layer computes
+    what it did (the same routing); leaving the router out of the group would change it."""
+    from qconvert.calibrate.awq import fold
+
+    ckpt = open_checkpoint(str(tiny(family)))
+    fam = family_for(ckpt)
+    h = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    s = torch.rand(64, generator=torch.Generator().manual_seed(1)) * 2 + 0.3
+    outs = []
+    for with_router in (True, False):
+        fw = fam.forward()
+        with torch.inference_mode():
+            ref = fw.layer(0, h)
+            group = next(g for g in fw.scale_groups(0) if g.linears[0].endswith("gate"))
+            assert group.linears[0].endswith(("mlp.gate", "block_sparse_moe.gate"))
+            for hf in group.linears[0 if with_router else 1:]:
+                fw.set_linear_weight(hf, fw.linear_weight(hf) * s)
+            fold(fw, group, s)
+            outs.append((fw.layer(0, h), ref))
+    torch.testing.assert_close(*outs[0], rtol=1e-4, atol=1e-5)
+    assert rel(*outs[1]) > 1e-2
+    ckpt.close()
