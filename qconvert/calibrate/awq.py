@@ -59,6 +59,7 @@ class AWQObserver(Observer):
         plan, captured = self.plan, self.captured
         g = plan.opts.group_size
         modified: set[str] = set()
+        searched: dict[tuple[str, ...], dict] = {}  # by group: its float output and the best scale's error
         # sequences per forward of an inspected block, by its widest input (float32)
         widest = max(t.shape[-1] for t in captured.values())
         seq = max(t.shape[1] for t in captured.values() if t.dim() == 3)
@@ -77,7 +78,9 @@ class AWQObserver(Observer):
                 step = rows if xs.dim() == 3 else rows * seq
                 return torch.cat([inspect(xs[j:j + step]) for j in range(0, len(xs), step)])
             try:
-                s, ratio = awq.best_scale(x, originals, g, run, floats=floats)
+                found: dict = {}
+                s, ratio = awq.best_scale(x, originals, g, run, floats=floats, found=found)
+                searched[tuple(group.linears)] = found
             except FloatingPointError as e:
                 names = ", ".join(self.name_of(hf) for hf in group.linears)
                 raise InputError(f"{plan.model.ckpt.path}: AWQ scale search for {names}: {e}") from None
@@ -91,7 +94,7 @@ class AWQObserver(Observer):
             self.out.layers.setdefault(i, []).append({"linears": [self.name_of(hf) for hf in group.linears],
                                                       "ratio": ratio})
         layer = [hf for hf in plan.linears if plan.linears[hf].layer == i]
-        clipped = self.clip_layer(fw, i, layer, rows, seq) if plan.opts.clip else {}
+        clipped = self.clip_layer(fw, i, layer, rows, seq, searched) if plan.opts.clip else {}
         for hf in layer:
             r = awq.quantize(clipped.get(hf, fw.linear_weight(hf)), g)
             self.out.add_linear(plan.linears[hf], r.q.numpy(), r.scales.numpy(), r.zeros.numpy(), None)
@@ -104,14 +107,18 @@ class AWQObserver(Observer):
         lin = self.plan.linears.get(hf)
         return lin.name if lin is not None else self.plan.names.get(hf + ".weight", hf + ".weight")[:-len(".weight")]
 
-    def clip_layer(self, fw, i: int, layer: list[str], rows: int, seq: int) -> dict[str, torch.Tensor]:
+    def clip_layer(self, fw, i: int, layer: list[str], rows: int, seq: int,
+                   searched: dict[tuple[str, ...], dict]) -> dict[str, torch.Tensor]:
         """The clipped weights of the layer's linears whose clipping is kept. AutoAWQ's search
         picks each (row, group)'s clipping range by the linear's output on a sample of tokens; it
         is kept only where it lowers the error of the block the scale search inspects (or of the
         linear's own output, for a linear in no scale group) over every calibration token, both
         weights quantized, against the float block. On Qwen2.5-0.5B two blocks of 72 (the MLPs of
         layers 2 and 3, where its massive activations arise) come out 20% worse clipped, and
-        clipping them costs the whole model 5% in KL divergence; elsewhere clipping helps."""
+        clipping them costs the whole model 5% in KL divergence; elsewhere clipping helps. A
+        group's float output and unclipped error are the scale search's (the same products, up
+        to rounding: x/s against Q(W s) there, x against Q(W s)/s here), so the check costs one
+        block forward per group."""
         g, captured = self.plan.opts.group_size, self.captured
         candidates = {hf: awq.apply_clip(fw.linear_weight(hf), awq.best_clip(fw.linear_weight(hf), captured[hf], g), g)
                       for hf in layer if hf.rsplit(".", 1)[-1] not in fw.family.awq_no_clip}
@@ -136,8 +143,9 @@ class AWQObserver(Observer):
 
             def rounded(hf, w):  # what the checkpoint holds: a float linear (a router) as it is
                 return awq.pseudo_quantize(w, g)[0] if hf in self.plan.linears else w
-            ref = error(floats)
-            plain = error([rounded(hf, w) for hf, w in zip(linears, floats)], ref)
+            known = searched.get(tuple(linears))
+            ref = known["reference"] if known else error(floats)
+            plain = known["error"] if known else error([rounded(hf, w) for hf, w in zip(linears, floats)], ref)
             clip = error([rounded(hf, candidates.get(hf, w)) for hf, w in zip(linears, floats)], ref)
             error(floats)  # the float weights back: quantize_layer rounds them
             keep = clip < plain

@@ -68,7 +68,8 @@ def _scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.T
 
 def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
                run: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
-               bits: int = 4, floats: frozenset[int] = frozenset()) -> tuple[torch.Tensor, float]:
+               bits: int = 4, floats: frozenset[int] = frozenset(),
+               found: dict | None = None) -> tuple[torch.Tensor, float]:
     """The per-input-channel scale for linears sharing input x [samples, tokens, K]; `run(weights,
     xs)` gives the inspected block's output for inputs xs (some of x's samples) with the given
     weights of those linears. Returns (scales, ratio).
@@ -82,7 +83,9 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
 
     `floats`: the indices of weights that stay unquantized (a mixture's router, which shares the
     experts' input and takes the scales too, as in llm-compressor's MoE mappings): left out of
-    w_mean and unrounded in the trials."""
+    w_mean and unrounded in the trials. `found`, when given, receives the block's float output
+    over all samples ("reference") and the winner's squared error ("error"), for the clipping
+    check."""
     W = torch.cat([w for j, w in enumerate(weights) if j not in floats], 0)
     w_abs = W.abs().reshape(-1, group)
     w_mean = (w_abs / (w_abs.amax(1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
@@ -106,6 +109,8 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
     best = min(errors, key=lambda i: (errors[i], i))
     if not math.isfinite(errors[best]):
         raise FloatingPointError("the block's output is not finite for any scaling ratio")
+    if found is not None:
+        found["reference"], found["error"] = torch.cat(references), errors[best]
     return _scales(x_mean, w_mean, best / N_GRID), best / N_GRID
 
 
