@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from qconvert import __version__
-from qconvert.arch.base import EXPERT, NOT_TEXT, SKIP_SUFFIXES
+from qconvert.arch.base import EXPERT, NOT_TEXT, SKIP_SUFFIXES, merged_expert
 from qconvert.errors import InputError, UsageError
 from qconvert.layouts import (AWQ, GPTQ, LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, IntQuantized, Layout, PackQuantized,
                                Params, TransformersFP8, to_numpy)
@@ -147,7 +147,7 @@ def _layer(family, hf: str) -> int:
     if hf.startswith(NOT_TEXT):
         return -1
     if family.n_experts and (m := EXPERT.match(hf)):  # GGUF names only the experts stacked
-        hf = f"{m['prefix']}.{m['proj']}.weight"
+        hf = merged_expert(m) + ".weight"
     g = family.map_name(hf)
     return int(g.split(".")[1]) if g.startswith("blk.") else -1
 
@@ -367,26 +367,25 @@ def quantization_config(plan: CheckpointPlan, calib: dict | None) -> dict:
                                                 "method": opts.method, "calibration": calib, "ignore": plan.ignore,
                                                 **({"damp_percent": opts.damp} if opts.method == "gptq" else {}),
                                                 **({"clip": opts.clip} if opts.method == "awq" else {})})
+    family = plan.model.family
     if opts.method == "awq":
         # clip is recorded only when off, so that default checkpoints keep their bytes
-        cfg = opts.layout.config(opts.params, {"calibration": calib, **({} if opts.clip else {"clip": False}),
-                                               **({"expert_min_tokens": opts.expert_min_tokens}
-                                                  if plan.model.family.n_experts else {})})
-        if plan.model.family.float_linears:
+        cfg = opts.layout.config(opts.params, {"calibration": calib, **({} if opts.clip else {"clip": False})})
+        if family.float_linears:
             # transformers' AWQ loader makes every nn.Linear a quantized one but those whose names
             # end so: the router, Qwen2-MoE's shared-expert gate
-            cfg["modules_to_not_convert"] = [plan.model.family.output_name("." + n)[1:]
-                                            for n in plan.model.family.float_linears]
-        return cfg
-    cfg = opts.layout.config(opts.params, {"act_order": opts.act_order, "damp_percent": opts.damp,
-                                           "calibration": calib})
-    if plan.model.family.n_experts:
+            cfg["modules_to_not_convert"] = [family.output_name("." + n)[1:] for n in family.float_linears]
+    else:
+        cfg = opts.layout.config(opts.params, {"act_order": opts.act_order, "damp_percent": opts.damp,
+                                               "calibration": calib})
+        if family.float_linears:
+            # transformers' GPTQ loader (optimum's) makes every nn.Linear of a layer a quantized one
+            # unless this list names it (by the end of its name): the router and Qwen2-MoE's
+            # shared-expert gate stay float
+            cfg["modules_in_block_to_quantize"] = [sorted({lin.name.rsplit(".", 1)[1]
+                                                           for lin in plan.linears.values()})]
+    if family.n_experts:
         cfg["meta"]["expert_min_tokens"] = opts.expert_min_tokens
-    if plan.model.family.float_linears:
-        # transformers' GPTQ loader (optimum's) makes every nn.Linear of a layer a quantized one
-        # unless this list names it (by the end of its name): the router and Qwen2-MoE's
-        # shared-expert gate stay float
-        cfg["modules_in_block_to_quantize"] = [sorted({lin.name.rsplit(".", 1)[1] for lin in plan.linears.values()})]
     return cfg
 
 

@@ -170,8 +170,6 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
         fw = model.forward()
         fast = observer.fast_products
         products = fw.use_products("float32" if exact or (fast == "bfloat16" and not native_bf16()) else fast)
-        if hasattr(fw, "expert_min_tokens"):
-            fw.expert_min_tokens = cp.opts.expert_min_tokens
         run_layers(fw, torch.from_numpy(samples.tokens), (observer,),
                    _labelled(progress, f"{method.upper()}: quantizing layers"))
         calib = {"dataset": samples.dataset, "samples": int(samples.tokens.shape[0]),

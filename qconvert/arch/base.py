@@ -46,6 +46,12 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
 
 
+def merged_expert(m: re.Match) -> str:
+    """The module name of an EXPERT match's kind with the expert left out (mlp.experts.gate_proj),
+    under which GGUF stacks a layer's experts."""
+    return f"{m['prefix']}.{m['proj']}"
+
+
 # a layer's experts fused into 3-D tensors, as transformers 5 holds them (and saves some models):
 # mlp.experts.gate_up_proj [experts, 2 * ff, hidden] (gate rows, then up rows) and
 # mlp.experts.down_proj [experts, hidden, ff]
@@ -223,7 +229,7 @@ class Family:
                 continue
             hf_name = hf_name.replace("language_model.", "")
             if self.n_experts and (m := EXPERT.match(hf_name)):
-                experts.setdefault(f"{m['prefix']}.{m['proj']}.weight", {})[int(m["expert"])] = t
+                experts.setdefault(merged_expert(m) + ".weight", {})[int(m["expert"])] = t
                 continue
             for p in self.tensor(hf_name, t):
                 p.force_f32 = p.force_f32 or self.keeps_f32(p)

@@ -42,10 +42,8 @@ class MoEForward(LlamaForward):
         self.top_k = self.cfg.positive(int, "num_experts_per_tok")
         self.norm_topk = family.norm_topk_prob()
         # (expert, tokens routed to it) of the experts that last ran every token for the
-        # observers' statistics (Observer.few_token_experts), for the method's report
+        # observers' statistics (Observer.expert_min_tokens), for the method's report
         self.few_token_experts: list[tuple[int, int]] = []
-        self.expert_min_tokens = 64  # fewer routed tokens than this: every token for the statistics
-
 
     def mlp(self, p: str, x):
         if not self.has(p + self.router + ".weight"):
@@ -62,25 +60,30 @@ class MoEForward(LlamaForward):
         out = torch.zeros_like(flat)
         order = torch.argsort(chosen.reshape(-1), stable=True)  # (token, slot) pairs grouped by expert
         counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts).tolist()
-        few = any(o.few_token_experts for o in self.observers)
+        least = max((o.expert_min_tokens for o in self.observers if o.expert_min_tokens is not None), default=None)
         start = 0
         for e, n in enumerate(counts):
-            observers = self.observers
-            if few and n < max(1, self.expert_min_tokens):
+            observed = least is None or n >= max(1, least)
+            if not observed:
                 self.expert(p, e, flat)  # every token, for the statistics only
                 self.few_token_experts.append((e, n))
-                self.observers = ()  # the routed tokens below run on what the observers made of it
-            try:
-                if n == 0:
-                    continue
-                pairs = order[start:start + n]
-                start += n
-                tokens = pairs // self.top_k
-                y = self.expert(p, e, flat[tokens])
-                out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
-            finally:
-                self.observers = observers
+            if n == 0:
+                continue
+            pairs = order[start:start + n]
+            start += n
+            tokens = pairs // self.top_k
+            y = self.expert(p, e, flat[tokens]) if observed else self.unobserved(self.expert, p, e, flat[tokens])
+            out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
         return out.view(x.shape)
+
+    def unobserved(self, f, *args):
+        """f(*args) with the observers silent (an expert's routed tokens, after its statistics
+        came from every token: they run on what the observers made of its weights)."""
+        observers, self.observers = self.observers, ()
+        try:
+            return f(*args)
+        finally:
+            self.observers = observers
 
     def expert(self, p: str, e: int, x):
         gate, up, down = (p + n.format(e=e) for n in self.expert_names)
@@ -295,6 +298,7 @@ class Olmoe(Family):
 # w3 = up, w2 = down) and as transformers 5 names them (mlp.experts.E.gate_proj ...; it renames
 # the legacy names on loading, and holds the experts fused, mlp.experts.gate_up_proj)
 _MIXTRAL_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_MIXTRAL_LEGACY_PROJ = {v: k for k, v in _MIXTRAL_PROJ.items()}
 _MIXTRAL_LEGACY = re.compile(r"\.block_sparse_moe\.(?:gate(?=\.|$)|experts\.\d+\.(w[123])(?=\.|$))")
 _MIXTRAL_NEW = re.compile(r"\.mlp\.(?:gate(?=\.weight$)|experts\.\d+\.(gate_proj|up_proj|down_proj)(?=\.weight$))")
 
@@ -322,8 +326,7 @@ class Mixtral(Llama):
 
     def own_names(self, tensors):
         # the legacy names (the converter's, and the forward's)
-        legacy = {v: k for k, v in _MIXTRAL_PROJ.items()}
-        return {_MIXTRAL_NEW.sub(lambda m: _renamed(m, "block_sparse_moe", legacy), n): t
+        return {_MIXTRAL_NEW.sub(lambda m: _renamed(m, "block_sparse_moe", _MIXTRAL_LEGACY_PROJ), n): t
                 for n, t in super().own_names(tensors).items()}
 
     def output_name(self, name: str) -> str:

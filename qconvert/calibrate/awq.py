@@ -33,11 +33,11 @@ class _Array:
 
 class AWQObserver(Observer):
     all_samples = True
-    few_token_experts = True  # an expert with too few routed tokens: every token for its searches
 
     def __init__(self, out: CheckpointWriter):
         self.out = out
         self.plan = out.plan
+        self.expert_min_tokens = out.plan.opts.expert_min_tokens  # too few routed tokens: every token for the searches
         self.captured: dict[str, torch.Tensor] = {}
         self.all_tokens: dict[int, list[dict]] = {}  # by layer: experts searched on every token
 
@@ -59,28 +59,35 @@ class AWQObserver(Observer):
         plan, captured = self.plan, self.captured
         g = plan.opts.group_size
         modified: set[str] = set()
-        searched: dict[tuple[str, ...], dict] = {}  # by group: its float output and the best scale's error
-        # sequences per forward of an inspected block, by its widest input (float32)
+        # sequences per forward of an inspected block, by its widest input (float32); an expert's
+        # inputs are rows of tokens: as many tokens as that many sequences hold
         widest = max(t.shape[-1] for t in captured.values())
         seq = max(t.shape[1] for t in captured.values() if t.dim() == 3)
-        # sequences per forward of an inspected block (an expert's inputs are rows of tokens: as
-        # many tokens as that many sequences hold)
         rows = samples_within(4 * widest * seq)
-        for group in fw.scale_groups(i):
-            x = captured[group.linears[0]]
-            originals = [fw.linear_weight(hf).clone() for hf in group.linears]
-            inspect = group.inspect or (lambda t, hf=group.linears[0]: fw.apply_linear(hf, t))
-            floats = frozenset(j for j, hf in enumerate(group.linears) if hf not in plan.linears)
 
-            def run(weights, xs, group=group, inspect=inspect):
-                for hf, w in zip(group.linears, weights):
+        def block(linears: list[str], inspect):
+            """run(weights, xs): the inspected block's output on inputs xs with those weights of
+            the linears (the first linear alone when there is no block)."""
+            inspect = inspect or (lambda t: fw.apply_linear(linears[0], t))
+
+            def run(weights, xs):
+                for hf, w in zip(linears, weights):
                     fw.set_linear_weight(hf, w)
                 step = rows if xs.dim() == 3 else rows * seq
                 return torch.cat([inspect(xs[j:j + step]) for j in range(0, len(xs), step)])
+            return run
+
+        # per group: (its linears, its inspected block, the scale search's float output and best
+        # error, its report entry)
+        searched = []
+        for group in fw.scale_groups(i):
+            x = captured[group.linears[0]]
+            originals = [fw.linear_weight(hf).clone() for hf in group.linears]
+            floats = frozenset(j for j, hf in enumerate(group.linears) if hf not in plan.linears)
             try:
                 found: dict = {}
-                s, ratio = awq.best_scale(x, originals, g, run, floats=floats, found=found)
-                searched[tuple(group.linears)] = found
+                s, ratio = awq.best_scale(x, originals, g, block(group.linears, group.inspect), floats=floats,
+                                          found=found)
             except FloatingPointError as e:
                 names = ", ".join(self.name_of(hf) for hf in group.linears)
                 raise InputError(f"{plan.model.ckpt.path}: AWQ scale search for {names}: {e}") from None
@@ -90,11 +97,14 @@ class AWQObserver(Observer):
             scaled: dict[int, torch.Tensor] = {}  # each linear's own inputs (an expert's: its tokens), scaled once
             for hf in group.linears:
                 t = captured[hf]
-                captured[hf] = scaled.setdefault(id(t), t / s)
-            self.out.layers.setdefault(i, []).append({"linears": [self.name_of(hf) for hf in group.linears],
-                                                      "ratio": ratio})
+                if id(t) not in scaled:
+                    scaled[id(t)] = t / s
+                captured[hf] = scaled[id(t)]
+            entry = {"linears": [self.name_of(hf) for hf in group.linears], "ratio": ratio}
+            self.out.layers.setdefault(i, []).append(entry)
+            searched.append((group.linears, group.inspect, found, entry))
         layer = [hf for hf in plan.linears if plan.linears[hf].layer == i]
-        clipped = self.clip_layer(fw, i, layer, rows, seq, searched) if plan.opts.clip else {}
+        clipped = self.clip_layer(fw, i, layer, searched, block) if plan.opts.clip else {}
         for hf in layer:
             r = awq.quantize(clipped.get(hf, fw.linear_weight(hf)), g)
             self.out.add_linear(plan.linears[hf], r.q.numpy(), r.scales.numpy(), r.zeros.numpy(), None)
@@ -107,8 +117,7 @@ class AWQObserver(Observer):
         lin = self.plan.linears.get(hf)
         return lin.name if lin is not None else self.plan.names.get(hf + ".weight", hf + ".weight")[:-len(".weight")]
 
-    def clip_layer(self, fw, i: int, layer: list[str], rows: int, seq: int,
-                   searched: dict[tuple[str, ...], dict]) -> dict[str, torch.Tensor]:
+    def clip_layer(self, fw, i: int, layer: list[str], searched: list, block) -> dict[str, torch.Tensor]:
         """The clipped weights of the layer's linears whose clipping is kept. AutoAWQ's search
         picks each (row, group)'s clipping range by the linear's output on a sample of tokens; it
         is kept only where it lowers the error of the block the scale search inspects (or of the
@@ -122,39 +131,30 @@ class AWQObserver(Observer):
         g, captured = self.plan.opts.group_size, self.captured
         candidates = {hf: awq.apply_clip(fw.linear_weight(hf), awq.best_clip(fw.linear_weight(hf), captured[hf], g), g)
                       for hf in layer if hf.rsplit(".", 1)[-1] not in fw.family.awq_no_clip}
-        blocks = [(group.linears, group.inspect) for group in fw.scale_groups(i)]
-        grouped = {hf for linears, _ in blocks for hf in linears}
-        blocks += [([hf], None) for hf in candidates if hf not in grouped]
-        kept: dict[str, torch.Tensor] = {}
+        grouped = {hf for linears, *_ in searched for hf in linears}
+        alone = [([hf], None, None, None) for hf in candidates if hf not in grouped]
         entries = self.out.layers.setdefault(i, [])
-        for linears, inspect in blocks:
+        kept: dict[str, torch.Tensor] = {}
+        for linears, inspect, found, entry in searched + alone:
             if not any(hf in candidates for hf in linears):
                 continue
-            inspect = inspect or (lambda t, hf=linears[0]: fw.apply_linear(hf, t))
-            x = captured[linears[0]]
+            run, x = block(linears, inspect), captured[linears[0]]
             floats = [fw.linear_weight(hf) for hf in linears]
 
-            def error(weights, ref=None, linears=linears, inspect=inspect, x=x):
-                for hf, w in zip(linears, weights):
-                    fw.set_linear_weight(hf, w)
-                step = rows if x.dim() == 3 else rows * seq
-                out = torch.cat([inspect(x[j:j + step]) for j in range(0, len(x), step)])
-                return out if ref is None else float((out - ref).double().pow(2).sum())
+            def error(weights, ref, run=run, x=x) -> float:
+                return float((run(weights, x) - ref).double().pow(2).sum())
 
             def rounded(hf, w):  # what the checkpoint holds: a float linear (a router) as it is
                 return awq.pseudo_quantize(w, g)[0] if hf in self.plan.linears else w
-            known = searched.get(tuple(linears))
-            ref = known["reference"] if known else error(floats)
-            plain = known["error"] if known else error([rounded(hf, w) for hf, w in zip(linears, floats)], ref)
+            ref = found["reference"] if found else run(floats, x)
+            plain = found["error"] if found else error([rounded(hf, w) for hf, w in zip(linears, floats)], ref)
             clip = error([rounded(hf, candidates.get(hf, w)) for hf, w in zip(linears, floats)], ref)
-            error(floats)  # the float weights back: quantize_layer rounds them
+            run(floats, x)  # the float weights back: quantize_layer rounds them
             keep = clip < plain
             if keep:
                 kept.update({hf: candidates[hf] for hf in linears if hf in candidates})
-            names = [self.name_of(hf) for hf in linears]
-            entry = next((e for e in entries if e["linears"] == names), None)
             if entry is None:
-                entry = {"linears": names}
+                entry = {"linears": [self.name_of(hf) for hf in linears]}
                 entries.append(entry)
             entry["clip"] = keep
             entry["clip_error"] = round(clip / plain, 4) if plain > 0 else 1.0

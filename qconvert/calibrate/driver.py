@@ -32,10 +32,10 @@ class Observer:
     all_samples = False
     feeds = "float outputs"  # what the layer passes on to the next: its float or its quantized output
     fast_products = "float32"  # the forward's matrix products unless --exact-calib (Forward.products)
-    # a mixture's expert that the router sends fewer tokens than MoEForward.expert_min_tokens
-    # (or none) first runs every token of the batch for this observer's statistics, while the
-    # layer's output keeps the real routing (MoEForward.mlp)
-    few_token_experts = False
+    # a mixture's expert that the router sends fewer tokens than this (or none) first runs every
+    # token of the batch for this observer's statistics, while the layer's output keeps the real
+    # routing (MoEForward.mlp); None: experts see only their routed tokens
+    expert_min_tokens: int | None = None
 
     def linear_input(self, fw: Forward, hf: str, x: torch.Tensor) -> None:
         """Linear layer `hf` is about to run on x [samples, tokens, in]; fw.set_linear_weight()
@@ -50,7 +50,7 @@ class Observer:
 
 def few_token_experts(fw: Forward) -> list[dict]:
     """The experts of the layer just run that took every token for the observers' statistics
-    (Observer.few_token_experts), for the method's report; the forward's list is emptied."""
+    (Observer.expert_min_tokens), for the method's report; the forward's list is emptied."""
     few = getattr(fw, "few_token_experts", None) or []
     out = [{"expert": e, "routed_tokens": n} for e, n in few]
     few.clear()

@@ -42,7 +42,6 @@ class GPTQObserver(Observer):
     # come back rounded to bfloat16, which leaves H too far from positive definite to factorise
     # at the usual damping)
     fast_products = "bfloat16"
-    few_token_experts = True
 
     def linear_input(self, fw, hf: str, x: torch.Tensor) -> None:
         lin, o = self.plan.linears.get(hf), self.plan.opts
@@ -63,6 +62,7 @@ class GPTQObserver(Observer):
     def __init__(self, out: CheckpointWriter):
         self.out = out
         self.plan = out.plan
+        self.expert_min_tokens = out.plan.opts.expert_min_tokens
         self.all_tokens: dict[int, list[dict]] = {}  # by layer: experts quantized from every token
 
     def end_layer(self, fw, i: int) -> bool:

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as GT
 from gguf import GGUFValueType as VT
 from gguf.gguf_writer import GGUFValue
 
-from qconvert.arch.base import EXPERT
+from qconvert.arch.base import EXPERT, merged_expert
 from qconvert.calibrate.driver import Observer, run_layers
 from qconvert.calibrate.text import Calibration
 from qconvert.read.imatrix import Imatrix
@@ -36,7 +36,7 @@ class Collector(Observer):
     def linear_input(self, fw, hf: str, x: torch.Tensor) -> None:
         expert = None
         if self.family.n_experts and (m := EXPERT.match(hf + ".weight")):
-            hf, expert = f"{m['prefix']}.{m['proj']}", int(m["expert"])
+            hf, expert = merged_expert(m), int(m["expert"])
         name = self.family.map_name(hf + ".weight")
         if not name.startswith("blk."):
             return  # llama-imatrix's default: decoder blocks only

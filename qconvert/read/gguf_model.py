@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from qconvert.arch.base import EXPERT
+from qconvert.arch.base import EXPERT, merged_expert
 from qconvert.families import FAMILIES
 from qconvert.errors import InputError
 from qconvert.quant import blocks
@@ -90,7 +90,7 @@ class GGUFWeights:
             return hf_name, None
         expert = None
         if (m := EXPERT.match(hf_name)) and self.family.n_experts:
-            hf_name, expert = f"{m['prefix']}.{m['proj']}.weight", int(m["expert"])
+            hf_name, expert = merged_expert(m) + ".weight", int(m["expert"])
         try:
             g = self.family.map_name(hf_name)
         except InputError:

@@ -109,7 +109,7 @@ def test_expert_checkpoints_load_in_gptqmodel_and_transformers(family, method, t
 
 class Recorder(Observer):
     all_samples = True
-    few_token_experts = True
+    expert_min_tokens = 64
 
     def __init__(self):
         self.seen: list[tuple[str, int]] = []
