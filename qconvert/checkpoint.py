@@ -24,9 +24,10 @@ import torch
 from qconvert import __version__
 from qconvert.arch.base import EXPERT, NOT_TEXT, SKIP_SUFFIXES, merged_expert
 from qconvert.errors import InputError, UsageError
-from qconvert.layouts import (AWQ, GPTQ, LAYOUTS, TORCH_DTYPES, Entry, FloatQuantized, IntQuantized, Layout, PackQuantized,
-                               Params, TransformersFP8, to_numpy)
+from qconvert.layouts import (AWQ, GPTQ, LAYOUTS, TORCH_DTYPES, BitsAndBytes4bit, BitsAndBytes8bit, Entry, FloatQuantized,
+                               IntQuantized, Layout, PackQuantized, Params, TransformersFP8, to_numpy)
 from qconvert.model import Model
+from qconvert.quant import bnb
 from qconvert.quant.blocks import first_nonfinite, to_float32
 from qconvert.read.checkpoint import SIDE_FILES, Tensor
 from qconvert.read.quantized import DequantizedLinear
@@ -39,17 +40,21 @@ COPIED_FILES = [n for n in SIDE_FILES if n not in ("config.json", "README.md")] 
 OWN_FILES = {"config.json", "quantize_config.json", *COPIED_FILES}
 # methods that quantize each linear from its weight alone (no calibration): the block of their scales
 PER_TENSOR = {"fp8": None, "fp8-block": (128, 128)}
+# bitsandbytes' formats, also from each weight alone: 4-bit NF4 and FP4 (in blocks), LLM.int8()
+BNB = ("nf4", "fp4", "int8")
 # --format: the layouts each method writes, its own first (the default)
 FORMATS = {"gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors"),
            "w8a8": ("compressed-tensors",), "fp8": ("compressed-tensors",),
-           "fp8-block": ("compressed-tensors", "hf-fp8")}
+           "fp8-block": ("compressed-tensors", "hf-fp8"), **{m: ("bitsandbytes",) for m in BNB}}
+DEFAULT_GROUP = {"nf4": 64, "fp4": 64}  # --group-size when not given; 128 for the others
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
 class CheckpointOptions:
-    method: str = "gptq"  # "awq", or one of PER_TENSOR
+    method: str = "gptq"  # "awq", "w8a8", or one of PER_TENSOR or BNB
     bits: int = 4
-    group_size: int = 128
+    group_size: int | None = 128  # None: the method's default (DEFAULT_GROUP), set by the plan
     act_order: bool = True  # gptq: static groups, g_idx stays k // group, desc_act false
     sym: bool = True
     damp: float = 0.05
@@ -60,6 +65,8 @@ class CheckpointOptions:
     smoothing: float = 0.5  # w8a8: SmoothQuant's migration strength
     gptq: bool = True  # w8a8: GPTQ on the smoothed weights (else round to nearest)
     expert_min_tokens: int = 64  # gptq of experts: fewer routed tokens -> statistics from every token
+    double_quant: bool = True  # nf4, fp4: the block scales quantized again (bnb_4bit_use_double_quant)
+    compute_dtype: str = "float32"  # nf4, fp4: bnb_4bit_compute_dtype (BitsAndBytesConfig's default)
 
     @property
     def format(self) -> str:
@@ -67,10 +74,12 @@ class CheckpointOptions:
 
     @property
     def per_tensor(self) -> bool:
-        return self.method in PER_TENSOR
+        return self.method in PER_TENSOR or self.method in BNB
 
     @property
     def layout(self) -> type[Layout]:
+        if self.method in BNB:
+            return BitsAndBytes8bit if self.method == "int8" else BitsAndBytes4bit
         if self.per_tensor:
             return TransformersFP8 if self.format == "hf-fp8" else FloatQuantized
         if self.method == "w8a8":
@@ -79,6 +88,9 @@ class CheckpointOptions:
 
     @property
     def params(self) -> Params:
+        if self.method in BNB:
+            return Params(self.bits, self.group_size, dtype=self.dtype, kind=self.method if self.bits == 4 else "",
+                          double_quant=self.double_quant, compute_dtype=self.compute_dtype)
         if self.per_tensor:
             return Params(8, -1, dtype="F32" if self.format == "hf-fp8" else self.dtype, block=PER_TENSOR[self.method])
         zero_points = self.method == "awq" if self.format == "compressed-tensors" else False
@@ -88,6 +100,8 @@ class CheckpointOptions:
     def checkpoint_format(self) -> str:
         if self.format == "compressed-tensors":
             return self.layout.format
+        if self.method in BNB:
+            return "bitsandbytes"
         if self.per_tensor:
             return "fp8"
         if self.method == "awq":
@@ -101,6 +115,12 @@ class CheckpointOptions:
                                  f"to --to fp8-block, not --to {self.method}")
             raise UsageError(f"--format {self.format} does not apply to --to {self.method}; it writes "
                              f"{' or '.join(FORMATS[self.method])}")
+        if self.method in ("nf4", "fp4"):
+            if self.group_size not in bnb.BLOCK_SIZES:
+                raise UsageError(f"--group-size for --to {self.method} (bitsandbytes' blocksize) must be one of "
+                                 f"{', '.join(map(str, bnb.BLOCK_SIZES))}, got {self.group_size}")
+            if self.compute_dtype not in COMPUTE_DTYPES:
+                raise UsageError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.per_tensor:
             return
         if self.method == "w8a8" and not 0 <= self.smoothing <= 1:
@@ -156,15 +176,20 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     """Every output tensor of the checkpoint directory at `path`, from metadata only: layers whose
     widths do not fit the group size or the packing, and an output that may not be replaced,
     are found here."""
+    if opts.group_size is None:
+        opts = replace(opts, group_size=DEFAULT_GROUP.get(opts.method, 128))
     opts.check()
     ckpt, family = model.ckpt, model.family
     assert ckpt is not None
     if family.n_experts and opts.layout not in (GPTQ, AWQ):
         raise UsageError(f"--to {opts.method}{' --format ' + opts.format if opts.method in ('gptq', 'awq') else ''}: "
                          f"{ckpt.config.architecture()} is a mixture of experts; qconvert writes its GGUF files and "
-                         "GPTQ and AWQ checkpoints in their own layouts, not yet --to fp8, fp8-block or w8a8, nor "
-                         "--format compressed-tensors")
-    if opts.per_tensor:
+                         "GPTQ and AWQ checkpoints in their own layouts, not yet --to fp8, fp8-block, w8a8, nf4, fp4 "
+                         "or int8, nor --format compressed-tensors")
+    if opts.method in BNB:
+        opts = replace(opts, bits=8 if opts.method == "int8" else 4,
+                       group_size=-1 if opts.method == "int8" else opts.group_size, dtype=_float_dtype(ckpt))
+    elif opts.per_tensor:
         opts = replace(opts, bits=8, group_size=-1 if PER_TENSOR[opts.method] is None else PER_TENSOR[opts.method][1],
                        dtype=_float_dtype(ckpt))
     if opts.method == "w8a8":  # int8, one scale per output channel, symmetric
@@ -184,7 +209,8 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         if layer >= 0 and hf.endswith(".weight") and len(t.shape) == 2 and not family.keeps_float(hf[:-7]):
             family.check_float(t)
             prefix, hp = family.output_name(name[:-len(".weight")]), hf[:-len(".weight")]
-            if opts.layout in (FloatQuantized, PackQuantized, IntQuantized, TransformersFP8) and family.transposed(hf):
+            if opts.layout in (FloatQuantized, PackQuantized, IntQuantized, TransformersFP8, BitsAndBytes4bit,
+                               BitsAndBytes8bit) and family.transposed(hf):
                 raise UsageError(f"{ckpt.path}: --to {opts.method} --format {opts.format} quantizes Linear modules "
                                  f"only; {ckpt.config.architecture()} stores {prefix} as a transposed Conv1D")
             n_out, n_in = (t.shape[1], t.shape[0]) if family.transposed(hf) else t.shape
@@ -228,12 +254,21 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         raise InputError(f"{ckpt.path}: no decoder linear layers found to quantize")
     order = sorted(entries_by_name, key=lambda n: (layer_of[entries_by_name[n][0].name], n))
     entries = [e for n in order for e in entries_by_name[n]]
+    # tensors whose size is known only once they are computed (bitsandbytes' quant-state JSON)
+    # go last, after every other, so that the shards before them are written as they come
+    entries = [e for e in entries if e.exact] + [e for e in entries if not e.exact]
+    for e in entries:
+        if not e.exact:
+            layer_of[e.name] = LAST
     names = {n.replace("language_model.", ""): family.output_name(n) for n in ckpt.tensors}
     # compressed-tensors quantizes every Linear but those named here: the output head, and the
     # modules of a multimodal checkpoint's other towers
     ignore = ["lm_head", *sorted({root.removeprefix("model.").rstrip(".") for root in NOT_TEXT
                                   if any(n.startswith(root) for n in ckpt.tensors)})]
     return CheckpointPlan(model, path, opts, force, entries, linears, copies, layer_of, names, ignore)
+
+
+LAST = 1 << 30  # the layer of what is written after every layer
 
 
 def _float_dtype(ckpt) -> str:
@@ -327,7 +362,7 @@ class CheckpointWriter:
 
     def finish(self, calibration: dict) -> None:
         """Every tensor, the configs and the tokenizer files written; not yet in place."""
-        self.flush(1 << 30)
+        self.flush(LAST)
         self.shards.finish()
         write_configs(self.plan, self.dir.tmp, quantization_config(self.plan, calibration))
 

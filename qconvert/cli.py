@@ -62,8 +62,14 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but er
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
 Threads = Annotated[int, typer.Option("--threads", "-j", min=0, help="Threads for the kernels; 0 means all cores.")]
 Bits = Annotated[int, typer.Option("--bits", help="gptq: bits per weight (2, 4 or 8).")]
-GroupSize = Annotated[int, typer.Option("--group-size", help="gptq: input columns per scale; -1: one per output "
-                                                            "channel.")]
+GroupSize = Annotated[Optional[int], typer.Option("--group-size", show_default=False,
+                                                  help="gptq, awq: input columns per scale (default 128); -1: one "
+                                                       "per output channel. nf4, fp4: weights per absmax block "
+                                                       "(bitsandbytes' blocksize, default 64).")]
+DoubleQuant = Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="nf4, fp4: quantize the block "
+                                           "scales again, 8-bit per 256 (QLoRA's double quantization).")]
+ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="nf4, fp4: the dtype bitsandbytes computes in "
+                                           "(bnb_4bit_compute_dtype): float32, float16 or bfloat16.")]
 ActOrder = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", show_default=False,
                                                   help="gptq: quantize columns by descending activation energy, "
                                                        "with static groups (g_idx stays in order, desc_act false: "
@@ -120,7 +126,8 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 output_tensor_type: OutputType = None, token_embedding_type: EmbedType = None,
                 pure: Pure = False, imatrix: ImatrixFile = None, calib: Calib = None, calib_samples: CalibSamples = 32,
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
-                group_size: GroupSize = 128,
+                group_size: GroupSize = None, double_quant: DoubleQuant = True,
+                compute_dtype: ComputeDtype = "float32",
                 act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
                 clip: Clip = True, fmt: Format = "", smoothing: Smoothing = 0.5, gptq: UseGPTQ = True,
                 expert_min_tokens: ExpertMinTokens = 64) -> None:
@@ -169,7 +176,8 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
               CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
               CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size),
                                 clip, fmt=fmt.strip().lower(), smoothing=smoothing, gptq=gptq,
-                                expert_min_tokens=expert_min_tokens))
+                                expert_min_tokens=expert_min_tokens, double_quant=double_quant,
+                                compute_dtype=compute_dtype.strip().lower()))
     if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
         _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
                           "it, vLLM refuses asymmetric GPTQ", "yellow")
@@ -448,7 +456,7 @@ def _print_done(r) -> None:
         scheme = o["scales"] or f"{o['bits']}-bit group {o['group_size']}"
         line = (f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['method'].upper()} "
                 f"{scheme}, {o['n_linears']} linears")
-        if o["method"] in ("fp8", "fp8-block"):
+        if o["method"] in ("fp8", "fp8-block", "nf4", "fp4", "int8"):
             es = [e["error"] for x in o["layers"] for e in x["linears"]]
             line += f"; relative weight error {sum(es) / max(len(es), 1):.2e} on average"
         if o["method"] == "gptq" or (o["method"] == "w8a8" and o["layers"] and "gptq_error" in o["layers"][0]):

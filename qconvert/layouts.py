@@ -25,6 +25,7 @@ one per 128 x 128 block (whole blocks only); W = fp8 value * weight_scale_inv, i
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from math import prod
 from typing import ClassVar
@@ -34,7 +35,7 @@ import torch
 
 from qconvert import __version__
 from qconvert.errors import InputError
-from qconvert.quant import fp8
+from qconvert.quant import bnb, fp8
 from qconvert.quant.activations import ActivationQuant
 from qconvert.read.safetensors import DTYPES
 
@@ -48,6 +49,7 @@ class Entry:
     name: str
     dtype: str  # safetensors spelling
     shape: tuple[int, ...]
+    exact: bool = True  # False: `shape` bounds the one known when the data is (it ends its shard; the writer)
 
     @property
     def nbytes(self) -> int:
@@ -64,6 +66,9 @@ class Params:
     dtype: str = "F16"  # the scales' dtype (compressed-tensors: the checkpoint's float dtype)
     block: tuple[int, int] | None = None  # FP8: block scales of this shape, else one per output channel
     acts: ActivationQuant | None = None  # what the loader does to each quantized linear's input; None: nothing
+    kind: str = ""  # bitsandbytes 4-bit: "nf4" or "fp4"
+    double_quant: bool = False  # bitsandbytes 4-bit: the block scales quantized again (QLoRA's)
+    compute_dtype: str = "float32"  # bitsandbytes 4-bit: the dtype its kernels compute in
 
 
 class Layout:
@@ -107,6 +112,12 @@ class Layout:
         if missing:
             raise InputError(f"{where}: quantized linear {prefix} has no {missing[0]} tensor")
         return cls.checked_shape(p, prefix, shapes, where)
+
+    @classmethod
+    def tensor_shape(cls, p: Params, prefix: str, parts: dict, where: object) -> tuple[int, int, int]:
+        """linear_shape from the linear's tensors themselves (a layout whose shapes do not say
+        it reads what they hold)."""
+        return cls.linear_shape(p, prefix, {k: tuple(t.shape) for k, t in parts.items()}, where)
 
     @classmethod
     def checked_shape(cls, p: Params, prefix: str, shapes: dict[str, tuple[int, ...]],
@@ -648,6 +659,146 @@ class IntQuantized(CompressedTensors):
         return Params(8, -1, acts=cls.activations(qcfg, where))
 
 
+def _bnb_config(p: Params, four: bool) -> dict:
+    """quantization_config as transformers' BitsAndBytesConfig.to_dict() writes it (5.x), key for
+    key; qconvert is named in the shards' metadata instead of a `meta` key."""
+    return {"_load_in_4bit": four, "_load_in_8bit": not four,
+            "bnb_4bit_compute_dtype": p.compute_dtype if four else "float32", "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_quant_type": p.kind if four else "fp4", "bnb_4bit_use_double_quant": four and p.double_quant,
+            "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
+            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "load_in_4bit": four, "load_in_8bit": not four,
+            "quant_method": "bitsandbytes"}
+
+
+class BitsAndBytes4bit(Layout):
+    """bitsandbytes' 4-bit (NF4, FP4) Linear4bit as transformers saves it: `weight` U8
+    [ceil(N*K/2), 1] (two codes a byte, the first in the high nibble, row-major over [N, K]);
+    `weight.absmax` F32 [blocks] (one per `blocksize` weights), or with double quantization U8
+    codes of absmax - offset by the dynamic map in `weight.nested_quant_map` F32 [256], scaled by
+    `weight.nested_absmax` F32 (one per 256 blocks); `weight.quant_map` F32 [16], the levels;
+    `weight.quant_state.bitsandbytes__nf4` (or __fp4) U8: the JSON of the rest (quant_type,
+    blocksize, dtype, shape, and nested_blocksize, nested_dtype, nested_offset). quant/bnb.py holds
+    the maths."""
+
+    method = "bitsandbytes"
+    parts = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+             "weight.quant_state.bitsandbytes__nf4", "weight.quant_state.bitsandbytes__fp4")
+    marker = "weight.quant_map"
+    required = ("weight", "weight.absmax", "weight.quant_map")
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        return p.kind or "bnb-4bit"
+
+    @classmethod
+    def state_part(cls, parts: dict) -> str:
+        found = [k for k in parts if k.startswith("weight.quant_state.bitsandbytes__")]
+        return found[0] if len(found) == 1 else ""
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        n = n_out * n_in
+        blocks = -(-n // p.group_size)
+        w = prefix + ".weight"
+        out = [Entry(w, "U8", (-(-n // 2), 1)),
+               Entry(w + ".absmax", "U8" if p.double_quant else "F32", (blocks,)),
+               Entry(w + ".quant_map", "F32", (16,))]
+        state = {"quant_type": p.kind, "blocksize": p.group_size, "dtype": TORCH_NAMES[p.dtype], "shape": [n_out, n_in]}
+        if p.double_quant:
+            out += [Entry(w + ".nested_absmax", "F32", (-(-blocks // bnb.NESTED_BLOCK),)),
+                    Entry(w + ".nested_quant_map", "F32", (256,))]
+            # the offset's digits are known once the weight is: its longest float repr bounds them
+            state.update({"nested_blocksize": bnb.NESTED_BLOCK, "nested_dtype": "float32",
+                          "nested_offset": -1.1754943508222875e-38})
+        out.append(Entry(f"{w}.quant_state.bitsandbytes__{p.kind}", "U8", (len(json.dumps(state)),),
+                         exact=not p.double_quant))
+        return out
+
+    @classmethod
+    def unpack(cls, parts, p):
+        key = cls.state_part(parts)
+        state = bnb.read_state(parts[key])
+        return bnb.dequantize_4bit({k: torch.from_numpy(np.array(v)) for k, v in parts.items() if k != key},
+                                   state).numpy()
+
+    @classmethod
+    def tensor_shape(cls, p, prefix, parts, where):
+        missing = [k for k in cls.required if k not in parts]
+        key = cls.state_part(parts)
+        if missing or not key:
+            raise InputError(f"{where}: bitsandbytes 4-bit linear {prefix} has no "
+                             f"{missing[0] if missing else 'single weight.quant_state.bitsandbytes__* tensor'}")
+        try:
+            state = bnb.read_state(parts[key].array())
+            n_out, n_in = (int(x) for x in state["shape"])
+            block = int(state["blocksize"])
+            nested = "nested_blocksize" in state
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{where}: {prefix}.{key} is not bitsandbytes' quant state JSON ({e})") from None
+        blocks = -(-n_out * n_in // max(block, 1))
+        absmax = tuple(parts["weight.absmax"].shape)
+        if block < 1 or tuple(parts["weight"].shape) not in ((-(-n_out * n_in // 2), 1), (-(-n_out * n_in // 2),)) \
+                or absmax != (blocks,) or (nested and "weight.nested_absmax" not in parts):
+            raise InputError(f"{where}: {prefix}.weight {list(parts['weight'].shape)} and .absmax {list(absmax)} do "
+                             f"not fit a {n_out} x {n_in} 4-bit weight in blocks of {block}")
+        return n_out, n_in, block
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        return _bnb_config(p, True)
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        kind = str(qcfg.get("bnb_4bit_quant_type", "fp4")).lower()
+        if kind not in ("nf4", "fp4"):
+            raise InputError(f"{where}: bitsandbytes 4-bit quant type {kind!r} cannot be read (nf4 and fp4 can)")
+        return Params(4, -1, kind=kind, double_quant=bool(qcfg.get("bnb_4bit_use_double_quant")),
+                      compute_dtype=str(qcfg.get("bnb_4bit_compute_dtype", "float32")))
+
+
+class BitsAndBytes8bit(Layout):
+    """bitsandbytes' LLM.int8() Linear8bitLt as transformers saves it: `weight` I8 [N, K], `SCB`
+    F32 [N] (each row's max |w|), `weight_format` U8 scalar (0: row-major); W = weight * SCB / 127."""
+
+    method = "bitsandbytes"
+    parts = ("weight", "SCB", "weight_format")
+    marker = "SCB"
+    required = ("weight", "SCB")
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        return "int8"
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        return [Entry(prefix + ".weight", "I8", (n_out, n_in)), Entry(prefix + ".SCB", "F32", (n_out,)),
+                Entry(prefix + ".weight_format", "U8", ())]
+
+    @classmethod
+    def unpack(cls, parts, p):
+        return bnb.dequantize_int8(torch.from_numpy(np.array(parts["weight"])),
+                                   torch.from_numpy(np.array(parts["SCB"]))).numpy()
+
+    @classmethod
+    def checked_shape(cls, p, prefix, shapes, where):
+        w, s = shapes["weight"], tuple(shapes["SCB"])
+        if len(w) != 2 or s != (w[0],):
+            raise InputError(f"{where}: {prefix}.weight {list(w)} and .SCB {list(s)} do not fit one int8 linear")
+        return w[0], w[1], -1
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        return _bnb_config(p, False)
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        return Params(8, -1)
+
+
+TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+
 def _scheme(p: Params) -> str:
     return "per-channel" if p.block is None else f"{p.block[0]} x {p.block[1]} block"
 
@@ -674,7 +825,13 @@ def layout_of(config) -> tuple[type[Layout], Params] | None:
                              f"reads {', '.join(COMPRESSED_TENSORS)}")
         layout = COMPRESSED_TENSORS[fmt]
         return layout, layout.params(q, config.path)
+    if method == BitsAndBytes4bit.method:
+        four = bool(q.get("load_in_4bit", q.get("_load_in_4bit")))
+        if not four and not q.get("load_in_8bit", q.get("_load_in_8bit")):
+            raise InputError(f"{config.path}: a bitsandbytes quantization_config that loads neither 4-bit nor 8-bit")
+        layout = BitsAndBytes4bit if four else BitsAndBytes8bit
+        return layout, layout.params(q, config.path)
     if method not in LAYOUTS:
         raise InputError(f"{config.path}: quant_method {q.get('quant_method')!r} cannot be read; qconvert reads "
-                         f"{', '.join([*LAYOUTS, FloatQuantized.method])}")
+                         f"{', '.join([*LAYOUTS, FloatQuantized.method, BitsAndBytes4bit.method])}")
     return LAYOUTS[method], LAYOUTS[method].params(q, config.path)

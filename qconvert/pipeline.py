@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from qconvert.calibrate import imatrix as imatrix_mod
@@ -31,7 +32,7 @@ from qconvert.errors import InputError, Interrupted
 from qconvert.layouts import TORCH_DTYPES, from_numpy, to_numpy
 from qconvert.model import Model, open_model
 from qconvert.plan import Plan, make_plan, model_label
-from qconvert.quant import fp8
+from qconvert.quant import bnb, fp8
 from qconvert.quant.blocks import to_float32
 from qconvert.quant.recipes import Overrides
 from qconvert.read.imatrix import load_imatrix
@@ -184,11 +185,37 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
                     "seconds": round(time.perf_counter() - t, 3)}
 
 
-# a per-tensor method in a format: weight [N, K] in the checkpoint's dtype -> (codes, scales), and back
-TENSOR_METHODS = {("fp8", "compressed-tensors"): (fp8.channel, lambda q, s: fp8.dequantize(q, s)),
-                  ("fp8-block", "compressed-tensors"): (fp8.blockwise, lambda q, s: fp8.dequantize(q, s, (128, 128))),
-                  ("fp8-block", "hf-fp8"): (fp8.transformers_blockwise,
-                                            lambda q, s: fp8.dequantize(q, s, (128, 128)))}
+def _fp8(quantize, block):
+    def run(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
+        q, s = quantize(w)
+        return cp.opts.layout.pack(to_numpy(q), to_numpy(s), None, None, cp.opts.params), fp8.dequantize(q, s, block)
+    return run
+
+
+def _bnb_4bit(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
+    p = cp.opts.params
+    parts = bnb.quantize_linear_4bit(w, p.group_size, p.kind, p.double_quant)
+    state = bnb.read_state(parts[f"weight.quant_state.bitsandbytes__{p.kind}"].numpy())
+    return {k: v.numpy() for k, v in parts.items()}, bnb.dequantize_4bit(parts, state)
+
+
+def _bnb_int8(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
+    big = float(w.abs().max()) if w.numel() else 0.0
+    if big > 65504:  # LLM.int8() quantizes the float16 weight
+        raise InputError(f"{cp.model.ckpt.path}: a weight value {big:g} is beyond float16's range, which "
+                         "bitsandbytes' int8 quantizes from")
+    codes, scb = bnb.quantize_int8(w)
+    return ({"weight": codes.numpy(), "SCB": scb.numpy(), "weight_format": np.zeros((), np.uint8)},
+            bnb.dequantize_int8(codes, scb))
+
+
+# a per-tensor method in a format: (weight [N, K] in the checkpoint's dtype, plan) -> (the linear's
+# tensors by the name after its prefix, its dequantized weight)
+TENSOR_METHODS = {("fp8", "compressed-tensors"): _fp8(fp8.channel, None),
+                  ("fp8-block", "compressed-tensors"): _fp8(fp8.blockwise, (128, 128)),
+                  ("fp8-block", "hf-fp8"): _fp8(fp8.transformers_blockwise, (128, 128)),
+                  ("nf4", "bitsandbytes"): _bnb_4bit, ("fp4", "bitsandbytes"): _bnb_4bit,
+                  ("int8", "bitsandbytes"): _bnb_int8}
 
 
 def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> CheckpointWriter:
@@ -196,7 +223,7 @@ def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> 
     a time, and written as each layer is done; the directory is complete, not yet in place. The
     report gives each linear's relative squared error, |W - W'|^2 / |W|^2."""
     method = cp.opts.method
-    quantize, dequantize = TENSOR_METHODS[method, cp.opts.format]
+    quantize = TENSOR_METHODS[method, cp.opts.format]
     writer = CheckpointWriter(cp)
     tensors = cp.model.ckpt.tensors
     by_layer: dict[int, list] = {}
@@ -209,10 +236,11 @@ def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> 
             for lin in by_layer.get(i, []):
                 t = tensors[lin.name + ".weight"]
                 w = from_checkpoint(t, cp.opts.dtype)
-                q, s = quantize(w)
+                parts, dequantized = quantize(w, cp)
                 w32 = w.float()
-                err = float((dequantize(q, s).float() - w32).pow(2).sum() / w32.pow(2).sum().clamp(min=1e-30))
-                writer.add_linear(lin, to_numpy(q), to_numpy(s), None, None)
+                err = float((dequantized.float() - w32).pow(2).sum() / w32.pow(2).sum().clamp(min=1e-30))
+                for k, v in parts.items():
+                    writer.add(f"{lin.name}.{k}", v)
                 writer.layers.setdefault(i, []).append({"name": lin.name, "error": round(err, 9)})
                 t.release()
             writer.flush(i)

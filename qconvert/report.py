@@ -75,10 +75,11 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
                               "act_order": o.act_order if o.method == "gptq" or (o.method == "w8a8" and o.gptq) else False,
                               "sym": o.sym if o.method == "gptq" else False,
                               "clip": o.clip if o.method == "awq" else False,
-                              "scales": ("per channel" if o.group_size == -1 else f"{o.group_size} x {o.group_size} blocks")
-                              if o.per_tensor or o.method == "w8a8" else None,
+                              "scales": _scales(o),
                               "dtype": o.dtype if o.per_tensor else "F16",
                               **({"smoothing": o.smoothing, "gptq": o.gptq} if o.method == "w8a8" else {}),
+                              **({"double_quant": o.double_quant, "compute_dtype": o.compute_dtype}
+                                 if o.method in ("nf4", "fp4") else {}),
                               **({"expert_min_tokens": o.expert_min_tokens}
                                  if o.method in ("gptq", "awq") and cp.model.family.n_experts else {}),
                               "checkpoint_format": o.checkpoint_format, "n_linears": len(cp.linears),
@@ -89,3 +90,14 @@ def describe(model: Model, plan: Plan | None, checkpoints: list[CheckpointPlan],
                               "types": [o.types[i].name for o in plan.outputs],
                               "bytes": [o.infos[i].nbytes for o in plan.outputs]})
     return r
+
+
+def _scales(o) -> str | None:
+    """How a checkpoint's scales are laid out, where bits and group size do not say it."""
+    if o.method in ("nf4", "fp4"):
+        return f"absmax per {o.group_size}" + (", double-quantized" if o.double_quant else "")
+    if o.method == "int8":
+        return "per row"
+    if o.per_tensor or o.method == "w8a8":
+        return "per channel" if o.group_size == -1 else f"{o.group_size} x {o.group_size} blocks"
+    return None

@@ -52,6 +52,14 @@ TARGETS: dict[str, Target] = {t.name: t for t in sorted([
     Target("fp8-block", "checkpoint", "FP8 E4M3 weights with 128 x 128 block scales, dynamic FP8 activations per "
            "group of 128 (compressed-tensors float-quantized, llm-compressor's FP8_BLOCK; `--format hf-fp8`: "
            "transformers' fp8 layout)", "", "vLLM (GPUs), transformers", ("max_shard_size", "fmt"), label="FP8-BLOCK"),
+    Target("nf4", "checkpoint", "bitsandbytes 4-bit NormalFloat in blocks of 64, double quantization "
+           "(QLoRA's format, the -bnb-4bit checkpoints)", "", "transformers with bitsandbytes (GPUs and CPUs)",
+           ("group_size", "double_quant", "compute_dtype", "max_shard_size"), label="NF4"),
+    Target("fp4", "checkpoint", "bitsandbytes 4-bit float (FP4) in blocks of 64, double quantization", "",
+           "transformers with bitsandbytes (GPUs and CPUs)",
+           ("group_size", "double_quant", "compute_dtype", "max_shard_size"), label="FP4"),
+    Target("int8", "checkpoint", "bitsandbytes LLM.int8(): int8 weights with a scale per row", "",
+           "transformers with bitsandbytes (GPUs and CPUs)", ("max_shard_size",), label="INT8"),
     Target("w8a8", "checkpoint", "int8 weights per output channel and dynamic per-token int8 activations, after "
            "SmoothQuant, by GPTQ (compressed-tensors int-quantized, llm-compressor's W8A8)", "always",
            "vLLM (GPUs and CPUs), transformers",

@@ -14,7 +14,7 @@ from qconvert.layouts import Layout, Params
 def linear_shape(layout: type[Layout], p: Params, prefix: str, parts: dict, where: object) -> tuple[int, int, int]:
     """(out features, in features, group size) of one quantized linear, checked against its
     tensors' shapes (group size -1: one group per output channel)."""
-    return layout.linear_shape(p, prefix, {k: tuple(t.shape) for k, t in parts.items()}, where)
+    return layout.tensor_shape(p, prefix, parts, where)
 
 
 @dataclass

@@ -37,14 +37,29 @@ def foreign_file(directory: Path, method: str, own_files: set[str]) -> str | Non
             return f"it holds {entry!r}, which qconvert does not write"
     try:
         q = json.loads((directory / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-        quantizer, found = q["meta"]["quantizer"], q["quant_method"]
+        found = q["quant_method"]
+        # bitsandbytes' config has no room for it: the shards' metadata names the quantizer
+        quantizer = q["meta"]["quantizer"] if "meta" in q else [shard_quantizer(directory)]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "its config.json does not name qconvert as the quantizer"
-    if not (isinstance(quantizer, list) and any(str(x).startswith("qconvert:") for x in quantizer)):
+    if not (isinstance(quantizer, list) and any(str(x).startswith(("qconvert:", "qconvert ")) for x in quantizer)):
         return "its config.json does not name qconvert as the quantizer"
     if found != method:
         return f"it is a qconvert {str(found).upper()} output, not {method.upper()}"
     return None
+
+
+def shard_quantizer(directory: Path) -> str:
+    """The `quantizer` in the safetensors metadata of a directory's first shard ("" if none)."""
+    first = directory / "model.safetensors"
+    if not first.is_file():
+        first = next(iter(sorted(directory.glob("model-00001-of-*.safetensors"))), first)
+    with open(first, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n <= 100_000_000:
+            return ""
+        meta = json.loads(f.read(n)).get("__metadata__") or {}
+    return str(meta.get("quantizer", ""))
 
 
 def check_replaceable_dir(path: Path, force: bool, method: str, own_files: set[str]) -> None:
@@ -132,16 +147,27 @@ class ShardedWriter:
         self.pos = 0
         self._f = None
         self._shard = -1
-        self.total = sum(e.nbytes for e in entries)
+        # shards whose header is rewritten on closing: their last entries' shapes were bounds
+        self.late = {s for s, es in enumerate(self.shards) if any(not e.exact for e in es)}
+        for es in self.shards:
+            first = next((i for i, e in enumerate(es) if not e.exact), len(es))
+            if any(e.exact for e in es[first:]):
+                raise RuntimeError(f"safetensors writer: {es[first].name} has no exact shape and does not end its shard")
 
-    def _open(self, s: int) -> None:
-        self._close()
+    def _header(self, s: int) -> bytes:
         header: dict = {"__metadata__": self.metadata}
         off = 0
         for e in self.shards[s]:
             header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
             off += e.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
+        return json.dumps(header, separators=(",", ":")).encode()
+
+    def _open(self, s: int) -> None:
+        """The shard's header first. Entries whose shape is a bound (Entry.exact false) end the
+        shard: their header is written with the bounds, which can only be longer, and rewritten
+        with the shapes written, padded with spaces to the same length, when the shard closes."""
+        self._close()
+        raw = self._header(s)
         raw += b" " * (-len(raw) % 8)
         path = self.dir / self.names[s]
         try:
@@ -150,19 +176,34 @@ class ShardedWriter:
         except OSError as e:
             raise output_error(path, e) from None
         self._shard = s
+        self._reserved = len(raw)
 
     def _close(self) -> None:
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            s = self._shard
+            try:
+                if s in self.late:
+                    raw = self._header(s)
+                    self._f.seek(8)
+                    self._f.write(raw + b" " * (self._reserved - len(raw)))
+                self._f.close()
+            except OSError as e:
+                raise output_error(self.dir / self.names[s], e) from None
+            finally:
+                self._f = None
 
     def write(self, name: str, a: np.ndarray) -> None:
         s, e = self.order[self.pos]
         if name != e.name:
             raise RuntimeError(f"safetensors writer: expected {e.name}, got {name}")
-        a = np.ascontiguousarray(a)
-        if (DTYPES.get(a.dtype) != e.dtype and RAW_BITS.get(e.dtype) != a.dtype) or tuple(a.shape) != e.shape:
+        a = np.asarray(a)
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)  # (which makes a 0-d array 1-d: those are contiguous)
+        fits = tuple(a.shape) == e.shape if e.exact else (a.ndim == len(e.shape) and a.nbytes <= e.nbytes)
+        if (DTYPES.get(a.dtype) != e.dtype and RAW_BITS.get(e.dtype) != a.dtype) or not fits:
             raise RuntimeError(f"safetensors writer: {name} is {a.dtype} {a.shape}, planned {e.dtype} {e.shape}")
+        if not e.exact:  # its shape is known now
+            e.shape, e.exact = tuple(a.shape), True
         if s != self._shard:
             self._open(s)
         try:
@@ -176,7 +217,7 @@ class ShardedWriter:
             raise RuntimeError(f"safetensors writer: {len(self.order) - self.pos} tensors not written")
         self._close()
         if len(self.shards) > 1:
-            index = {"metadata": {"total_size": self.total},
+            index = {"metadata": {"total_size": sum(e.nbytes for _, e in self.order)},
                      "weight_map": {e.name: self.names[s] for s, e in self.order}}
             (self.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
