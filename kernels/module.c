@@ -247,6 +247,53 @@ static PyObject *py_lattice(PyObject *self, PyObject *args) {
     return ret;
 }
 
+/* bnb4_quantize(src_f32, packed, absmax_f32, block, bounds_f32[15], remap_u8[16], threads) */
+static PyObject *py_bnb4_quantize(PyObject *self, PyObject *args) {
+    Py_buffer x, packed, absmax, bounds, remap;
+    Py_ssize_t block;
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*w*w*ny*y*|i", &x, &packed, &absmax, &block, &bounds, &remap, &threads)) return NULL;
+    PyObject *ret = NULL;
+    const int64_t n = x.len / 4, blocks = block > 0 ? (n + block - 1) / block : 0;
+    if (block < 2 || block > 4096 || block % 2) {
+        PyErr_Format(PyExc_ValueError, "bnb4_quantize: block %zd is not an even size up to 4096", block);
+    } else if (packed.len != (n + 1) / 2 || absmax.len != blocks * 4 || bounds.len != 15 * 4 || remap.len != 16) {
+        PyErr_SetString(PyExc_ValueError, "bnb4_quantize: buffer sizes do not fit");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        qk_bnb4_quantize(x.buf, n, block, bounds.buf, remap.buf, packed.buf, absmax.buf, threads);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&x); PyBuffer_Release(&packed); PyBuffer_Release(&absmax);
+    PyBuffer_Release(&bounds); PyBuffer_Release(&remap);
+    return ret;
+}
+
+/* bnb4_dequantize(packed, absmax_f32, levels_f32[16], dst_f32, block, threads) */
+static PyObject *py_bnb4_dequantize(PyObject *self, PyObject *args) {
+    Py_buffer packed, absmax, levels, out;
+    Py_ssize_t block;
+    int threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*w*n|i", &packed, &absmax, &levels, &out, &block, &threads)) return NULL;
+    PyObject *ret = NULL;
+    const int64_t n = out.len / 4, blocks = block > 0 ? (n + block - 1) / block : 0;
+    if (block < 2 || block % 2) {
+        PyErr_Format(PyExc_ValueError, "bnb4_dequantize: block %zd is not even", block);
+    } else if (packed.len != (n + 1) / 2 || absmax.len != blocks * 4 || levels.len != 16 * 4) {
+        PyErr_SetString(PyExc_ValueError, "bnb4_dequantize: buffer sizes do not fit");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        qk_bnb4_dequantize(packed.buf, absmax.buf, levels.buf, n, block, out.buf, threads);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&packed); PyBuffer_Release(&absmax); PyBuffer_Release(&levels); PyBuffer_Release(&out);
+    return ret;
+}
+
 static PyObject *py_have_avx2(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -266,6 +313,11 @@ static PyMethodDef methods[] = {
     {"lattice", py_lattice, METH_VARARGS,
      "lattice(name, levels) -> (map int32 bytes, neighbours uint16 bytes): builds an i-quant grid's neighbour "
      "map once (name IQ2_XXS, IQ2_XS, IQ2_S, IQ1, IQ3_XXS or IQ3_S; levels: its points' level per coordinate)"},
+    {"bnb4_quantize", py_bnb4_quantize, METH_VARARGS,
+     "bnb4_quantize(src_f32, packed_u8, absmax_f32, block, bounds_f32, remap_u8, threads=1): bitsandbytes' "
+     "4-bit codes of float32 weights in blocks (quant/bnb.py)"},
+    {"bnb4_dequantize", py_bnb4_dequantize, METH_VARARGS,
+     "bnb4_dequantize(packed_u8, absmax_f32, levels_f32, dst_f32, block, threads=1): level times its block's absmax"},
     {"have_avx2", py_have_avx2, METH_NOARGS,
      "have_avx2() -> whether the AVX2 paths run (the CPU has AVX2 and QCONVERT_NO_SIMD is unset)"},
     {NULL, NULL, 0, NULL},

@@ -132,6 +132,12 @@ int64_t qk_first_nonfinite(const float *src, int64_t n);
 
 /* run fn(ctx, row_begin, row_end) over [0, nrows) split into contiguous ranges, one per
  * thread; the split never changes what a row produces */
+/* bitsandbytes' 4-bit codes (bnb.c): 0 on success, -1 for a block size it does not take */
+int qk_bnb4_quantize(const float *x, int64_t n, int64_t block, const float *bounds, const uint8_t *remap,
+                     uint8_t *packed, float *absmax, int threads);
+int qk_bnb4_dequantize(const uint8_t *codes, const float *absmax, const float *levels, int64_t n, int64_t block,
+                       float *out, int threads);
+
 typedef void (*qk_rows_fn)(void *ctx, int64_t begin, int64_t end);
 int qk_parallel_rows(qk_rows_fn fn, void *ctx, int64_t nrows, int nthreads);
 

@@ -238,7 +238,9 @@ def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> 
                 w = from_checkpoint(t, cp.opts.dtype)
                 parts, dequantized = quantize(w, cp)
                 w32 = w.float()
-                err = float((dequantized.float() - w32).pow(2).sum() / w32.pow(2).sum().clamp(min=1e-30))
+                diff = dequantized.to(torch.float32, copy=True).sub_(w32)
+                norm = torch.linalg.vector_norm
+                err = float(norm(diff) ** 2 / (norm(w32) ** 2).clamp(min=1e-30))
                 for k, v in parts.items():
                     writer.add(f"{lin.name}.{k}", v)
                 writer.layers.setdefault(i, []).append({"name": lin.name, "error": round(err, 9)})
@@ -261,8 +263,8 @@ def from_checkpoint(t, dtype: str) -> torch.Tensor:
     w = from_numpy(a, dtype if t.dtype == dtype else "F32")
     if w.dtype != TORCH_DTYPES[dtype]:
         w = w.to(TORCH_DTYPES[dtype])
-    bad = ~torch.isfinite(w)
-    if bool(bad.any()):
+    if w.numel() and not bool(torch.isfinite(torch.stack([w.amax(), w.amin()])).all()):  # NaN and inf show there
+        bad = ~torch.isfinite(w)
         raise InputError(f"{t.name}: non-finite value at flat index {int(bad.flatten().nonzero()[0])}")
     return w
 

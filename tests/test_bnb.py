@@ -43,7 +43,8 @@ def theirs_4bit(w: torch.Tensor, block: int, kind: str, double_quant: bool) -> d
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(64, 128), (33, 96), (5, 51), (300, 64)])
 @pytest.mark.parametrize("kind", ["nf4", "fp4"])
-def test_4bit_is_bitsandbytes(dtype, shape, kind):
+@pytest.mark.parametrize("backend", ["c", "torch"])
+def test_4bit_is_bitsandbytes(dtype, shape, kind, backend, monkeypatch):
     """Every tensor QuantState.as_dict(packed=True) gives (codes, absmax or its 8-bit codes,
     nested scales and maps, the JSON state) equal to ours, for every block size and with and
     without double quantization; a last short block, an odd number of weights (5 x 51), absmax blocks of

@@ -28,6 +28,8 @@ from functools import cache
 
 import torch
 
+from qconvert.quant.blocks import _k
+
 # QLoRA's NormalFloat levels (the quantiles of N(0, 1) scaled to [-1, 1]), as bitsandbytes' get_4bit_type("nf4")
 _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
         -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
@@ -82,16 +84,27 @@ def _blocks(a: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_4bit(w: torch.Tensor, block: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(packed uint8 [ceil(n/2), 1], absmax float32 [blocks]) of weight w (any float dtype)."""
-    absmax, scaled = _blocks(w.reshape(-1).float(), block)
+    """(packed uint8 [ceil(n/2), 1], absmax float32 [blocks]) of weight w (any float dtype); the C
+    kernel (kernels/bnb.c) unless QCONVERT_PUREPYTHON=1, the same bytes."""
+    a = w.reshape(-1).float().contiguous()
+    bounds, order = _buckets(kind)
+    if _k is not None and block <= 4096:
+        packed = torch.empty((a.numel() + 1) // 2, dtype=torch.uint8)
+        absmax = torch.empty(-(-a.numel() // block), dtype=torch.float32)
+        _k.bnb4_quantize(a.numpy(), packed.numpy(), absmax.numpy(), block, bounds.numpy(),
+                         order.to(torch.uint8).numpy() if kind != "nf4" else _IDENTITY.numpy(), torch.get_num_threads())
+        return packed[:, None], absmax
+    absmax, scaled = _blocks(a, block)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    bounds, order = _buckets(kind)
     q = torch.bucketize(scaled, bounds, out_int32=True)
     if kind != "nf4":
         q = order[q]
     q = q.to(torch.uint8)
     return ((q[::2] << 4) | q[1::2])[:, None], absmax
+
+
+_IDENTITY = torch.arange(16, dtype=torch.uint8)
 
 
 LUT_BINS = 65536  # bitsandbytes' CPU 8-bit quantizer: [-1, 1] in this many bins, each mapped to a level
@@ -158,15 +171,23 @@ def dequantize_4bit(parts: dict[str, torch.Tensor], state: dict) -> torch.Tensor
         nb = int(state["nested_blocksize"])
         dyn = parts["weight.nested_quant_map"].float()[absmax.long()]
         scales = parts["weight.nested_absmax"].float()
-        idx = torch.arange(absmax.numel()) // nb
-        absmax = dyn * scales[idx] + float(state["nested_offset"])
-    absmax = absmax.float()
+        absmax = dyn * scales.repeat_interleave(nb)[:absmax.numel()] + float(state["nested_offset"])
+    absmax = absmax.float().contiguous()
     n = shape[0] * shape[1]
-    packed = parts["weight"].reshape(-1)
-    q = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n].long()
-    vals = code[q]
-    idx = torch.arange(n) // block
-    return (vals * absmax[idx]).reshape(shape)
+    packed = parts["weight"].reshape(-1).contiguous()
+    if _k is not None:
+        out = torch.empty(n, dtype=torch.float32)
+        _k.bnb4_dequantize(packed.numpy(), absmax.numpy(), code.contiguous().numpy(), out.numpy(), block,
+                           torch.get_num_threads())
+        return out.reshape(shape)
+    q = torch.stack([packed >> 4, packed & 15], 1).reshape(-1)[:n]
+    vals = code[q.long()]
+    full = n - n % block
+    out = torch.empty(n, dtype=torch.float32)
+    out[:full] = (vals[:full].reshape(-1, block) * absmax[:full // block, None]).reshape(-1)
+    if full < n:
+        out[full:] = vals[full:] * absmax[-1]
+    return out.reshape(shape)
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
