@@ -41,20 +41,21 @@ def test_scale_search_beats_round_to_nearest():
     s, ratio = awq.best_scale(x, [w], 32, lambda ws, xs: xs @ ws[0].T)
     scaled = (x / s) @ awq.pseudo_quantize(w * s, 32)[0].T
     assert (scaled - ref).pow(2).mean() < 0.8 * (rtn - ref).pow(2).mean()
-    assert 0 < ratio < 1 and torch.isfinite(s).all()
+    assert ratio is not None and 0 < ratio <= 1 and torch.isfinite(s).all()
 
 
 def full_grid_ratio(x, w, group):
-    """AutoAWQ's search written out: every ratio on every input, the first lowest error wins."""
+    """llm-compressor's search written out: no scaling, then every ratio i/18 of duo scaling, on
+    every input; the first lowest error wins (None: no scaling)."""
     x_mean = x.abs().mean(0)
     w_abs = w.abs().reshape(-1, group)
     w_mean = (w_abs / (w_abs.amax(1, keepdim=True) + 1e-6)).reshape(w.shape).mean(0)
-    errs = []
-    for i in range(20):
-        s = (x_mean.pow(i / 20) / (w_mean.pow(1 - i / 20) + 1e-4)).clamp(min=1e-4)
+    errs, ratios = [], [None] + [i / 18 for i in range(19)]
+    for r in ratios:
+        s = torch.ones_like(x_mean) if r is None else (x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         errs.append(float(((x / s) @ awq.pseudo_quantize(w * s, group)[0].T - x @ w.T).double().pow(2).sum()))
-    return errs.index(min(errs)) / 20
+    return ratios[errs.index(min(errs))]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -68,7 +69,7 @@ def test_pruned_scale_search_keeps_the_full_search_choice(seed, monkeypatch):
     _, ratio = awq.best_scale(x, [w], 32, run)
     assert ratio == full_grid_ratio(x, w, 32)
     assert sum(rows) == 512 + 20 * 128 + awq.PRUNE_KEEP * 384  # one reference, 20 trials on a quarter, the rest for the kept
-    monkeypatch.setattr(awq, "PRUNE_KEEP", awq.N_GRID)  # no pruning: the full search exactly
+    monkeypatch.setattr(awq, "PRUNE_KEEP", len(awq.GRID))  # no pruning: the full search exactly
     assert awq.best_scale(x, [w], 32, lambda ws, xs: xs @ ws[0].T)[1] == full_grid_ratio(x, w, 32)
 
 

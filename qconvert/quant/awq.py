@@ -1,10 +1,11 @@
-"""AWQ (Lin et al. 2023) as AutoAWQ 0.2.9 implements it: codes, scales and zeros (the checkpoint's
-byte layout is writers/awq.py's business).
+"""AWQ (Lin et al. 2023) as AutoAWQ 0.2.9 and llm-compressor 0.14 implement it: codes, scales and
+zeros (the checkpoint's byte layout is writers/awq.py's business).
 
 Per group of linear layers that share an input (and the operation before them that can absorb
 a per-channel scale): x_mean = mean |x| per input channel, w_mean = mean over output rows of
-|W| normalised by each quantization group's max; for ratio = i/20, i = 0..19,
-s = (x_mean^ratio / (w_mean^(1-ratio) + 1e-4)).clamp(min=1e-4) / sqrt(max(s) min(s)); the ratio
+|W| normalised by each quantization group's max; the candidates are llm-compressor's: no scaling
+(s = 1), and for ratio = i/18, i = 0..18, s = (x_mean^ratio / (w_mean^(1-ratio) + 1e-4)).clamp(
+min=1e-4) / sqrt(max(s) min(s)) (AutoAWQ tries i/20, i = 0..19, and never s = 1); the candidate
 whose Q(W s)/s gives the lowest mean squared error of the inspected block's output wins. Then 1/s
 is folded into the preceding norm or linear and s into the linears. Then, for every linear but
 the ones computing attention queries and keys, a clipping search: the max of each (row, group)
@@ -59,8 +60,16 @@ def quantize(w: torch.Tensor, group: int, bits: int = 4) -> AWQResult:
                      zeros.reshape(N, -1).T.to(torch.int32).contiguous(), ((q - zeros) * scales).reshape(N, K))
 
 
-def _scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.Tensor:
-    s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+# the candidates (ratio, duo scaling), as llm-compressor 0.14's AWQModifier (duo_scaling=True)
+# searches them: no scaling at all, then 19 ratios 0, 1/18, ..., 1 of x_mean^r / w_mean^(1-r)
+GRID = [(0.0, False)] + [(i / (N_GRID - 2), True) for i in range(N_GRID - 1)]
+
+
+def _scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float, duo: bool = True) -> torch.Tensor:
+    if duo:
+        s = (x_mean.pow(ratio) / (w_mean.pow(1 - ratio) + 1e-4)).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
     s = s / (s.max() * s.min()).sqrt()
     s[~torch.isfinite(s)] = 1
     return s
@@ -69,17 +78,18 @@ def _scales(x_mean: torch.Tensor, w_mean: torch.Tensor, ratio: float) -> torch.T
 def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
                run: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
                bits: int = 4, floats: frozenset[int] = frozenset(),
-               found: dict | None = None) -> tuple[torch.Tensor, float]:
+               found: dict | None = None) -> tuple[torch.Tensor, float | None]:
     """The per-input-channel scale for linears sharing input x [samples, tokens, K]; `run(weights,
     xs)` gives the inspected block's output for inputs xs (some of x's samples) with the given
-    weights of those linears. Returns (scales, ratio).
+    weights of those linears. Returns (scales, ratio); ratio None: no scaling won.
 
-    The ratio with the lowest squared error over all samples wins, as in AutoAWQ; but every ratio
-    is first tried on a quarter of the samples only, and the rest are run for the PRUNE_KEEP
-    ratios with the lowest errors there: 9 block forwards of all samples instead of 21 (when the
-    quarter holds at least PRUNE_MIN samples; with fewer, every ratio runs on every sample). On
-    SmolLM2-135M and Qwen2.5-0.5B (16 x 512 calibration tokens) it kept the full search's choice
-    in all 162 groups.
+    The candidate (GRID) with the lowest squared error over all samples wins, as in AutoAWQ and
+    llm-compressor; but every one is first tried on a quarter of the samples only, and the rest
+    are run for the PRUNE_KEEP with the lowest errors there: 9 block forwards of all samples
+    instead of 21 (when the quarter holds at least PRUNE_MIN samples; with fewer, every candidate
+    runs on every sample). On SmolLM2-135M and Qwen2.5-0.5B (16 x 512 calibration tokens) it kept
+    the full search's choice in all 162 groups with AutoAWQ's ratios, and gave the same checkpoint
+    as the full search on Qwen2.5-0.5B with llm-compressor's.
 
     `floats`: the indices of weights that stay unquantized (a mixture's router, which shares the
     experts' input and takes the scales too, as in llm-compressor's MoE mappings): left out of
@@ -97,21 +107,21 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
     references = [run(weights, x[p]) for p in parts]
 
     def error(i: int, part: int) -> float:
-        s = _scales(x_mean, w_mean, i / N_GRID)
+        s = _scales(x_mean, w_mean, *GRID[i])
         trial = [w if j in floats else pseudo_quantize(w * s, group, bits)[0] / s for j, w in enumerate(weights)]
         err = float((references[part] - run(trial, x[parts[part]])).double().pow(2).sum())
         return err if math.isfinite(err) else math.inf
 
-    errors = {i: error(i, 0) for i in range(N_GRID)}
+    errors = {i: error(i, 0) for i in range(len(GRID))}
     if len(parts) == 2:
         kept = sorted(errors, key=lambda i: (errors[i], i))[:PRUNE_KEEP]
         errors = {i: errors[i] + error(i, 1) for i in kept}
     best = min(errors, key=lambda i: (errors[i], i))
     if not math.isfinite(errors[best]):
-        raise FloatingPointError("the block's output is not finite for any scaling ratio")
+        raise FloatingPointError("the block's output is not finite for any scaling")
     if found is not None:
         found["reference"], found["error"] = torch.cat(references), errors[best]
-    return _scales(x_mean, w_mean, best / N_GRID), best / N_GRID
+    return _scales(x_mean, w_mean, *GRID[best]), (GRID[best][0] if GRID[best][1] else None)
 
 
 def best_clip(w: torch.Tensor, x: torch.Tensor, group: int, bits: int = 4) -> torch.Tensor:
