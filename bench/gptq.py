@@ -58,12 +58,14 @@ tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
 """
 
 
-def depth_check(tmp: Path, method: str = "gptq") -> None:
-    """Random models of Qwen2.5-0.5B's widths, 4 and 16 layers. They are made in a child process:
+def depth_check(tmp: Path, method: str = "gptq", model: str = "qwen2.5-0.5b", calibrated: bool = True) -> None:
+    """Random models of `model`'s widths, 4 and 16 layers. They are made in a child process:
     a child's peak RSS (wait4's ru_maxrss) starts from its parent's at fork, so the measuring
     process must stay small."""
-    src = REAL / "hf" / "qwen2.5-0.5b"
-    print(f"\npeak RSS against depth ({method}; random weights, Qwen2.5-0.5B widths, 8 x 512 calibration tokens):")
+    src = REAL / "hf" / model
+    calib = ["--calib-samples", "8"] if calibrated else []
+    print(f"\npeak RSS against depth ({method}; random weights, {model}'s widths"
+          f"{', 8 x 512 calibration tokens' if calibrated else ''}):")
     for layers in (4, 16):
         d = tmp / f"depth{layers}"
         subprocess.run([sys.executable, "-c", MAKE_MODEL, str(src), str(d), str(layers)], check=True,
@@ -71,8 +73,8 @@ def depth_check(tmp: Path, method: str = "gptq") -> None:
         for f in ("tokenizer.json", "tokenizer_config.json"):
             (d / f).write_bytes((src / f).read_bytes())
         wall, rss = measure(qconvert_cmd() + [str(d), "--to", method, "-o", str(tmp / f"q{layers}"), "-q",
-                                              "--calib-samples", "8", "-j", "2"])
-        print(f"  {layers:2d} layers: {wall:6.1f} s, peak RSS {rss / 1e6:7.0f} MB")
+                                              *calib, "-j", "2"])
+        print(f"  {layers:2d} layers: {wall:6.1f} s, peak RSS {rss / 1e6:7.0f} MB", flush=True)
 
 
 def main() -> None:

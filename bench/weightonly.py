@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -69,20 +68,6 @@ def params(d: Path) -> int:
     from qconvert.inspect import inspect_checkpoint
 
     return inspect_checkpoint(str(d))["n_params"]
-
-
-def depth_check(tmp: Path, src: Path) -> None:
-    from gptq import MAKE_MODEL
-
-    print(f"\npeak RSS against depth (nf4; random weights, {src.name}'s widths):")
-    for layers in (4, 16):
-        d = tmp / f"depth{layers}"
-        subprocess.run([sys.executable, "-c", MAKE_MODEL, str(src), str(d), str(layers)], check=True,
-                       capture_output=True)
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            (d / f).write_bytes((src / f).read_bytes())
-        wall, rss = measure(qconvert_cmd() + [str(d), "--to", "nf4", "-o", str(tmp / f"q{layers}"), "-q", "-j", "2"])
-        print(f"  {layers:2d} layers: {wall:6.1f} s, peak RSS {rss / 1e6:7.0f} MB", flush=True)
 
 
 def main() -> None:
@@ -138,7 +123,9 @@ def main() -> None:
             if theirs:
                 print(f"{target}: time ratio {mine[0] / theirs[0]:.2f}x, memory ratio {mine[1] / theirs[1]:.2f}x")
         if args.depth:
-            depth_check(tmp, src)
+            from gptq import depth_check
+
+            depth_check(tmp, "nf4", args.model, calibrated=False)
 
 
 if __name__ == "__main__":
