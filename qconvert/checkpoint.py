@@ -265,6 +265,10 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     # modules of a multimodal checkpoint's other towers
     ignore = ["lm_head", *sorted({root.removeprefix("model.").rstrip(".") for root in NOT_TEXT
                                   if any(n.startswith(root) for n in ckpt.tensors)})]
+    if opts.method in BNB and len(ignore) > 1:
+        raise UsageError(f"{ckpt.path}: --to {opts.method}: the checkpoint holds {', '.join(ignore[1:])} besides the "
+                         "language model; transformers' bitsandbytes path quantizes their linears too, which qconvert "
+                         "does not yet (its GPTQ, AWQ and FP8 targets leave them float)")
     return CheckpointPlan(model, path, opts, force, entries, linears, copies, layer_of, names, ignore)
 
 

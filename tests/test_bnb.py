@@ -226,3 +226,20 @@ def test_replaced_with_force_and_refused_for_experts(tiny, tmp_path, capsys):
     code, _, err = run_cli([tiny("qwen3moe", "float32"), "--to", "nf4", "-o", tmp_path / "moe"], capsys)
     assert code == 2
     one_line_error(err, "mixture of experts")
+
+
+def test_refuses_other_towers(tiny, tmp_path, capsys):
+    """A checkpoint with a vision tower: transformers' bitsandbytes path would quantize its linears
+    too, which qconvert does not yet; refused in one line, nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers import copy_model, files_in
+
+    src = copy_model(tiny("llama", "float32"), tmp_path / "mm")
+    tensors = load_file(src / "model.safetensors")
+    tensors["model.vision_tower.encoder.fc.weight"] = torch.zeros(8, 8)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli([src, "--to", "nf4", "-o", tmp_path / "out"], capsys)
+    assert code == 2
+    one_line_error(err, "vision_tower", "nf4")
+    assert files_in(tmp_path) == ["mm"]
