@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -41,23 +42,19 @@ def run_transformers(src: str, out: str, target: str) -> None:
 
 
 def identical(a: Path, b: Path) -> str:
-    from safetensors import safe_open
+    """Whether two checkpoints hold the same tensors bit for bit and the same quantization_config
+    (run in a child process: see main)."""
+    import numpy as np
+    from safetensors.numpy import load_file
 
     def tensors(d: Path) -> dict:
-        out = {}
-        for f in sorted(d.glob("*.safetensors")):
-            with safe_open(f, "np") as h:
-                for k in h.keys():
-                    out[k] = h.get_slice(k)
-        return out
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
     ta, tb = tensors(a), tensors(b)
     if set(ta) != set(tb):
         return f"no: {len(set(ta) ^ set(tb))} names differ"
-    import numpy as np
-
     for k in ta:
-        x, y = ta[k][:], tb[k][:]
-        if x.dtype != y.dtype or x.shape != y.shape or not np.array_equal(x.view(np.uint8), y.view(np.uint8)):
+        x, y = np.ascontiguousarray(ta[k]), np.ascontiguousarray(tb[k])
+        if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
             return f"no: {k}"
     qa = json.loads((a / "config.json").read_text())["quantization_config"]
     qb = json.loads((b / "config.json").read_text())["quantization_config"]
@@ -78,9 +75,12 @@ def main() -> None:
     ap.add_argument("--calibrated", action="store_true")
     ap.add_argument("--depth", action="store_true")
     ap.add_argument("--run-transformers", nargs=3, metavar=("SRC", "OUT", "TARGET"), help=argparse.SUPPRESS)
+    ap.add_argument("--identical", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run_transformers:
         return run_transformers(*args.run_transformers)
+    if args.identical:
+        return print(identical(*args.identical))
     src = real_model(args.model)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     rows = []
@@ -91,7 +91,10 @@ def main() -> None:
             ours, ref = tmp / f"q-{target}", tmp / f"t-{target}"
             mine = measure(qconvert_cmd() + [str(src), "--to", target, "-o", str(ours), "-q", "-j", "2"], env=env)
             theirs = measure([sys.executable, __file__, "--run-transformers", str(src), str(ref), target], env=env)
-            same = identical(ours, ref)
+            # in a child: a child's peak RSS (wait4) starts from its parent's at fork, so this
+            # process must stay small
+            same = subprocess.run([sys.executable, __file__, "--identical", str(ours), str(ref)], check=True,
+                                  capture_output=True, text=True).stdout.strip()
             n = n or params(ours)
             print(f"{target}: qconvert {mine[0]:.1f} s {mine[1] / 1e6:.0f} MB, transformers + bitsandbytes "
                   f"{theirs[0]:.1f} s {theirs[1] / 1e6:.0f} MB; identical: {same}", flush=True)

@@ -33,6 +33,12 @@ def awkward(n: int, k: int, dtype) -> torch.Tensor:
     return w.to(dtype)
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal dtype, shape and bits (torch.equal takes -0.0 for 0.0)."""
+    return a.dtype == b.dtype and a.shape == b.shape and bytes(a.contiguous().view(torch.uint8).numpy()) == \
+        bytes(b.contiguous().view(torch.uint8).numpy())
+
+
 def theirs_4bit(w: torch.Tensor, block: int, kind: str, double_quant: bool) -> dict[str, torch.Tensor]:
     import bitsandbytes.functional as F
 
@@ -58,7 +64,7 @@ def test_4bit_is_bitsandbytes(dtype, shape, kind, backend, monkeypatch):
             ours = bnb.quantize_linear_4bit(w, block, kind, double_quant)
             assert set(ours) == set(ref)
             for k, v in ref.items():
-                assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and torch.equal(ours[k], v), (block, k)
+                assert same(ours[k], v), (block, k)
             state = bnb.read_state(ours[f"weight.quant_state.bitsandbytes__{kind}"].numpy())
             absmax = ref["weight.absmax"].float()
             if double_quant:
@@ -84,7 +90,7 @@ def test_nested_quantization_is_bitsandbytes():
                    code, mids, torch.zeros(512), (torch.rand(99_491, generator=g) - 0.5) * 7])
     q, state = F.quantize_blockwise(v, blocksize=256)
     ours, scales = bnb.quantize_nested(v)
-    assert torch.equal(ours, q) and torch.equal(scales, state.absmax)
+    assert same(ours, q) and same(scales, state.absmax)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -96,7 +102,7 @@ def test_int8_is_bitsandbytes(dtype):
     w = awkward(40, 96, DTYPES[dtype])
     p = B.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weight=False)._quantize("cpu")
     codes, scb = bnb.quantize_int8(w)
-    assert torch.equal(codes, p.data) and torch.equal(scb, p.SCB)
+    assert same(codes, p.data) and same(scb, p.SCB)
     assert torch.allclose(bnb.dequantize_int8(codes, scb), codes.float() * scb[:, None] / 127)
 
 
@@ -134,9 +140,7 @@ def test_checkpoint_is_what_transformers_saves(tiny, tmp_path, capsys, family, d
     got, want = load_file(out / "model.safetensors"), load_file(ref / "model.safetensors")
     assert set(got) == set(want)
     for k, v in want.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
-        assert torch.equal(got[k].view(torch.uint8) if v.dtype == torch.bfloat16 else got[k],
-                           v.view(torch.uint8) if v.dtype == torch.bfloat16 else v), k
+        assert same(got[k], v), k
     cfg, ref_cfg = (json.loads((d / "config.json").read_text()) for d in (out, ref))
     assert cfg["quantization_config"] == ref_cfg["quantization_config"]
     assert cfg.get("dtype") == ref_cfg.get("dtype")
@@ -187,7 +191,7 @@ def test_block_size_and_compute_dtype(tiny, tmp_path, capsys):
     got, weights = load_file(out / "model.safetensors"), load_file(src / "model.safetensors")
     prefix = "model.layers.1.mlp.down_proj"
     ref = theirs_4bit(weights[prefix + ".weight"], 128, "nf4", True)
-    assert all(torch.equal(got[f"{prefix}.{k}"], v) for k, v in ref.items())
+    assert all(same(got[f"{prefix}.{k}"], v) for k, v in ref.items())
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["bnb_4bit_compute_dtype"] == "bfloat16" and json.loads(stdout)["outputs"][0]["group_size"] == 128
     m = AutoModelForCausalLM.from_pretrained(out)

@@ -34,8 +34,9 @@ from qconvert.quant.blocks import _k
 _NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
         -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
         0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
-# bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bits; code 1 is its subnormal), before dividing by the largest
-_FP4 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+# bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bits; code 1 is its subnormal), before dividing by the largest;
+# code 8 is "-0" in its source, an integer literal: +0.0 in the quant_map it writes
+_FP4 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 NESTED_BLOCK = 256  # double quantization's block of absmax values
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes' quantize_4bit takes
 
