@@ -247,3 +247,30 @@ def test_refuses_other_towers(tiny, tmp_path, capsys):
     assert code == 2
     one_line_error(err, "vision_tower", "nf4")
     assert files_in(tmp_path) == ["mm"]
+
+
+@pytest.mark.parametrize("target", ["nf4", "int8"])
+def test_bitsandbytes_checkpoint_as_input(tiny, tmp_path, capsys, target):
+    """Our checkpoint (the bytes transformers saves) read as the source of another target: F32 GGUF
+    tensors equal bitsandbytes' dequantization of each linear, exactly, and the report says the
+    source was quantized."""
+    from gguf import GGUFReader
+    from safetensors.torch import load_file
+
+    src = tiny("llama", "float32")
+    q = tmp_path / target
+    assert run_cli([src, "--to", target, "-o", q], capsys)[0] == 0
+    out = tmp_path / "f32.gguf"
+    code, stdout, err = run_cli([q, "--to", "f32", "-o", out, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["source_quantization"]["quant_method"] == "bitsandbytes"
+    parts = load_file(q / "model.safetensors")
+    prefix = "model.layers.1.mlp.down_proj"
+    mine = {k[len(prefix) + 1:]: v for k, v in parts.items() if k.startswith(prefix + ".")}
+    if target == "int8":
+        expect = bnb.dequantize_int8(mine["weight"], mine["SCB"])
+    else:
+        expect = bnb.dequantize_4bit(mine, bnb.read_state(mine["weight.quant_state.bitsandbytes__nf4"].numpy()))
+    t = next(t for t in GGUFReader(out).tensors if t.name == "blk.1.ffn_down.weight")
+    assert torch.equal(torch.from_numpy(t.data.copy()).reshape(expect.shape), expect)
