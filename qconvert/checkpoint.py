@@ -89,8 +89,9 @@ class CheckpointOptions:
     @property
     def params(self) -> Params:
         if self.method in BNB:
-            return Params(self.bits, self.group_size, dtype=self.dtype, kind=self.method if self.bits == 4 else "",
-                          double_quant=self.double_quant, compute_dtype=self.compute_dtype)
+            kind = "" if self.method == "int8" else self.method
+            return Params(self.bits, self.group_size, dtype=self.dtype, kind=kind, double_quant=self.double_quant,
+                          compute_dtype=self.compute_dtype)
         if self.per_tensor:
             return Params(8, -1, dtype="F32" if self.format == "hf-fp8" else self.dtype, block=PER_TENSOR[self.method])
         zero_points = self.method == "awq" if self.format == "compressed-tensors" else False
@@ -304,12 +305,17 @@ def stored(name: str, t, dtype: str) -> np.ndarray:
         raise InputError(f"{name}: non-finite value at flat index {bad}")
     x = tensor_view(a)  # torch's conversions use the job's threads; the same rounding as numpy's
     if dtype == "F16":
-        big = float(max(x.max(), -x.min())) if x.numel() else 0.0
+        big = largest_magnitude(x)
         if big > 65504:
             raise InputError(f"{name}: value {big:g} is beyond float16's range; cannot store it in 16 bits")
     out = to_numpy(x.to(TORCH_DTYPES[dtype]))
     t.release()
     return out
+
+
+def largest_magnitude(x: torch.Tensor) -> float:
+    """max |x| (0 for an empty tensor), without the copy abs() makes."""
+    return float(max(x.max(), -x.min())) if x.numel() else 0.0
 
 
 def to_f16(name: str, t) -> np.ndarray:

@@ -26,6 +26,7 @@ one per 128 x 128 block (whole blocks only); W = fp8 value * weight_scale_inv, i
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from math import prod
 from typing import ClassVar
@@ -703,7 +704,8 @@ class BitsAndBytes4bit(Layout):
         out = [Entry(w, "U8", (-(-n // 2), 1)),
                Entry(w + ".absmax", "U8" if p.double_quant else "F32", (blocks,)),
                Entry(w + ".quant_map", "F32", (16,))]
-        state = {"quant_type": p.kind, "blocksize": p.group_size, "dtype": TORCH_NAMES[p.dtype], "shape": [n_out, n_in]}
+        dtype = str(TORCH_DTYPES[p.dtype]).removeprefix("torch.")
+        state = {"quant_type": p.kind, "blocksize": p.group_size, "dtype": dtype, "shape": [n_out, n_in]}
         if p.double_quant:
             out += [Entry(w + ".nested_absmax", "F32", (-(-blocks // bnb.NESTED_BLOCK),)),
                     Entry(w + ".nested_quant_map", "F32", (256,))]
@@ -733,14 +735,23 @@ class BitsAndBytes4bit(Layout):
             n_out, n_in = (int(x) for x in state["shape"])
             block = int(state["blocksize"])
             nested = "nested_blocksize" in state
+            nested_block = int(state["nested_blocksize"]) if nested else 1
+            if nested and not math.isfinite(float(state["nested_offset"])):
+                raise ValueError(f"nested_offset {state['nested_offset']!r}")
         except (ValueError, KeyError, TypeError) as e:
             raise InputError(f"{where}: {prefix}.{key} is not bitsandbytes' quant state JSON ({e})") from None
         blocks = -(-n_out * n_in // max(block, 1))
-        absmax = tuple(parts["weight.absmax"].shape)
-        if block < 1 or tuple(parts["weight"].shape) not in ((-(-n_out * n_in // 2), 1), (-(-n_out * n_in // 2),)) \
-                or absmax != (blocks,) or (nested and "weight.nested_absmax" not in parts):
-            raise InputError(f"{where}: {prefix}.weight {list(parts['weight'].shape)} and .absmax {list(absmax)} do "
-                             f"not fit a {n_out} x {n_in} 4-bit weight in blocks of {block}")
+        shape = {k: tuple(t.shape) for k, t in parts.items()}
+        fits = (block > 0 and n_out > 0 and n_in > 0 and shape["weight"] in ((-(-n_out * n_in // 2), 1),
+                                                                             (-(-n_out * n_in // 2),))
+                and shape["weight.absmax"] == (blocks,) and shape["weight.quant_map"] == (16,))
+        if nested:  # the absmax codes index a 256-level map, each 256 of them share a scale
+            fits = fits and nested_block > 0 and parts["weight.absmax"].dtype == "U8" \
+                and shape.get("weight.nested_quant_map") == (256,) \
+                and shape.get("weight.nested_absmax") == (-(-blocks // nested_block),)
+        if not fits:
+            raise InputError(f"{where}: {prefix}'s bitsandbytes tensors {shape} do not fit a {n_out} x {n_in} 4-bit "
+                             f"weight in blocks of {block}{' with double quantization' if nested else ''}")
         return n_out, n_in, block
 
     @classmethod
@@ -793,10 +804,6 @@ class BitsAndBytes8bit(Layout):
     @classmethod
     def params(cls, qcfg: dict, where: object) -> Params:
         return Params(8, -1)
-
-
-TORCH_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
-
 
 
 def _scheme(p: Params) -> str:

@@ -27,7 +27,7 @@ from qconvert.calibrate.awq import AWQObserver
 from qconvert.calibrate.driver import native_bf16, run_layers
 from qconvert.calibrate.gptq import GPTQObserver
 from qconvert.calibrate.w8a8 import W8A8Observer
-from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, plan_checkpoint
+from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, largest_magnitude, plan_checkpoint
 from qconvert.errors import InputError, Interrupted
 from qconvert.layouts import TORCH_DTYPES, from_numpy, to_numpy
 from qconvert.model import Model, open_model
@@ -200,7 +200,7 @@ def _bnb_4bit(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
 
 
 def _bnb_int8(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
-    big = float(w.abs().max()) if w.numel() else 0.0
+    big = largest_magnitude(w)
     if big > 65504:  # LLM.int8() quantizes the float16 weight
         raise InputError(f"{cp.model.ckpt.path}: a weight value {big:g} is beyond float16's range, which "
                          "bitsandbytes' int8 quantizes from")

@@ -274,3 +274,44 @@ def test_bitsandbytes_checkpoint_as_input(tiny, tmp_path, capsys, target):
         expect = bnb.dequantize_4bit(mine, bnb.read_state(mine["weight.quant_state.bitsandbytes__nf4"].numpy()))
     t = next(t for t in GGUFReader(out).tensors if t.name == "blk.1.ffn_down.weight")
     assert torch.equal(torch.from_numpy(t.data.copy()).reshape(expect.shape), expect)
+
+
+@pytest.mark.parametrize("damage", ["nested_absmax", "nested_offset", "quant_map"])
+def test_damaged_quant_state_is_an_input_error(tiny, tmp_path, capsys, damage):
+    """A 4-bit linear whose double-quantization tensors or state do not fit (a short nested
+    scale vector, a non-numeric offset, a short level table) is a one-line input error naming the
+    linear, not a traceback from the dequantizer."""
+    from safetensors.torch import load_file, save_file
+
+    src = tiny("llama", "float32")
+    q = tmp_path / "nf4"
+    assert run_cli([src, "--to", "nf4", "-o", q], capsys)[0] == 0
+    tensors = load_file(q / "model.safetensors")
+    prefix = "model.layers.0.mlp.up_proj.weight"
+    if damage == "nested_absmax":
+        tensors[prefix + ".nested_absmax"] = torch.zeros(3)
+    elif damage == "quant_map":
+        tensors[prefix + ".quant_map"] = torch.zeros(8)
+    else:
+        key = prefix + ".quant_state.bitsandbytes__nf4"
+        state = bnb.read_state(tensors[key].numpy())
+        state["nested_offset"] = "x"
+        tensors[key] = torch.frombuffer(bytearray(json.dumps(state).encode()), dtype=torch.uint8)
+    save_file(tensors, q / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_cli([q, "--to", "f32", "-o", tmp_path / "out.gguf"], capsys)
+    assert code == 3
+    one_line_error(err, "model.layers.0.mlp.up_proj")
+
+
+def test_force_refuses_a_directory_whose_shard_header_is_not_an_object(tiny, tmp_path, capsys):
+    """--force looks for qconvert in the shard's metadata when the config has no `meta` (as
+    bitsandbytes' has not); a header that is valid JSON but not an object names no quantizer, so
+    the directory is left alone, in one line."""
+    src = tiny("llama", "float32")
+    other = transformers_save(src, tmp_path / "theirs", "int8")
+    raw = b"[]      "
+    (other / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    code, _, err = run_cli([src, "--to", "int8", "-o", other, "--force"], capsys)
+    assert code != 0
+    one_line_error(err, "qconvert")
+    assert (other / "model.safetensors").read_bytes()[8:] == raw

@@ -50,9 +50,11 @@ def levels(kind: str) -> torch.Tensor:
 
 @cache
 def _buckets(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the 15 midpoints of the sorted levels, each bucket's code as uint8): the levels' argsort,
+    the identity for NF4, whose levels are sorted."""
     code = levels(kind)
     order = torch.argsort(code)
-    return (code[order[:-1]] + code[order[1:]]) / 2, order
+    return (code[order[:-1]] + code[order[1:]]) / 2, order.to(torch.uint8)
 
 
 @cache
@@ -88,24 +90,18 @@ def quantize_4bit(w: torch.Tensor, block: int, kind: str) -> tuple[torch.Tensor,
     """(packed uint8 [ceil(n/2), 1], absmax float32 [blocks]) of weight w (any float dtype); the C
     kernel (kernels/bnb.c) unless QCONVERT_PUREPYTHON=1, the same bytes."""
     a = w.reshape(-1).float().contiguous()
-    bounds, order = _buckets(kind)
+    bounds, codes = _buckets(kind)
     if _k is not None and block <= 4096:
         packed = torch.empty((a.numel() + 1) // 2, dtype=torch.uint8)
         absmax = torch.empty(-(-a.numel() // block), dtype=torch.float32)
-        _k.bnb4_quantize(a.numpy(), packed.numpy(), absmax.numpy(), block, bounds.numpy(),
-                         order.to(torch.uint8).numpy() if kind != "nf4" else _IDENTITY.numpy(), torch.get_num_threads())
+        _k.bnb4_quantize(a.numpy(), packed.numpy(), absmax.numpy(), block, bounds.numpy(), codes.numpy(),
+                         torch.get_num_threads())
         return packed[:, None], absmax
     absmax, scaled = _blocks(a, block)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
-    q = torch.bucketize(scaled, bounds, out_int32=True)
-    if kind != "nf4":
-        q = order[q]
-    q = q.to(torch.uint8)
+    q = codes[torch.bucketize(scaled, bounds)]
     return ((q[::2] << 4) | q[1::2])[:, None], absmax
-
-
-_IDENTITY = torch.arange(16, dtype=torch.uint8)
 
 
 LUT_BINS = 65536  # bitsandbytes' CPU 8-bit quantizer: [-1, 1] in this many bins, each mapped to a level

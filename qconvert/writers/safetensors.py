@@ -58,8 +58,9 @@ def shard_quantizer(directory: Path) -> str:
         n = int.from_bytes(f.read(8), "little")
         if not 0 < n <= 100_000_000:
             return ""
-        meta = json.loads(f.read(n)).get("__metadata__") or {}
-    return str(meta.get("quantizer", ""))
+        header = json.loads(f.read(n))
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return str(meta.get("quantizer", "")) if isinstance(meta, dict) else ""
 
 
 def check_replaceable_dir(path: Path, force: bool, method: str, own_files: set[str]) -> None:
