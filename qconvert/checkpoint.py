@@ -24,10 +24,10 @@ import torch
 from qconvert import __version__
 from qconvert.arch.base import EXPERT, NOT_TEXT, SKIP_SUFFIXES, merged_expert
 from qconvert.errors import InputError, UsageError
-from qconvert.layouts import (AWQ, GPTQ, LAYOUTS, TORCH_DTYPES, BitsAndBytes4bit, BitsAndBytes8bit, Entry, FloatQuantized,
-                               IntQuantized, Layout, PackQuantized, Params, TransformersFP8, to_numpy)
+from qconvert.layouts import (AWQ, GPTQ, HQQ, LAYOUTS, Quanto, TORCH_DTYPES, BitsAndBytes4bit, BitsAndBytes8bit, Entry,
+                               FloatQuantized, IntQuantized, Layout, PackQuantized, Params, TransformersFP8, to_numpy)
 from qconvert.model import Model
-from qconvert.quant import bnb
+from qconvert.quant import bnb, hqq
 from qconvert.quant.blocks import first_nonfinite, to_float32
 from qconvert.read.checkpoint import SIDE_FILES, Tensor
 from qconvert.read.quantized import DequantizedLinear
@@ -37,22 +37,27 @@ from qconvert.writers.safetensors import AtomicDir, ShardedWriter, check_replace
 GROUP_CHOICES = (32, 64, 128, 256)  # the loaders' CPU and GPU kernels take these (torch's int4 CPU kernel)
 COPIED_FILES = [n for n in SIDE_FILES if n not in ("config.json", "README.md")]  # tokenizer, generation config
 # what a checkpoint directory holds besides its shards (write_configs)
-OWN_FILES = {"config.json", "quantize_config.json", *COPIED_FILES}
+OWN_FILES = {"config.json", "quantize_config.json", "quanto_qmap.json", *COPIED_FILES}
 # methods that quantize each linear from its weight alone (no calibration): the block of their scales
 PER_TENSOR = {"fp8": None, "fp8-block": (128, 128)}
 # bitsandbytes' formats, also from each weight alone: 4-bit NF4 and FP4 (in blocks), LLM.int8()
 BNB = ("nf4", "fp4", "int8")
+# the methods transformers applies while loading a float model, from each weight alone: bitsandbytes' and HQQ
+ON_LOAD = (*BNB, "hqq")
+# optimum-quanto's weight-only types, also from each weight alone (QuantizedModelForCausalLM.quantize)
+QUANTO = ("quanto-int4", "quanto-int8")
 # --format: the layouts each method writes, its own first (the default)
 FORMATS = {"gptq": ("gptq", "compressed-tensors"), "awq": ("awq", "compressed-tensors"),
            "w8a8": ("compressed-tensors",), "fp8": ("compressed-tensors",),
-           "fp8-block": ("compressed-tensors", "hf-fp8"), **{m: ("bitsandbytes",) for m in BNB}}
-DEFAULT_GROUP = {"nf4": 64, "fp4": 64}  # --group-size when not given; 128 for the others
+           "fp8-block": ("compressed-tensors", "hf-fp8"), **{m: ("bitsandbytes",) for m in BNB}, "hqq": ("hqq",),
+           **{m: ("quanto",) for m in QUANTO}}
+DEFAULT_GROUP = {"nf4": 64, "fp4": 64, "hqq": 64}  # --group-size when not given; 128 for the others
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
 class CheckpointOptions:
-    method: str = "gptq"  # "awq", "w8a8", or one of PER_TENSOR or BNB
+    method: str = "gptq"  # "awq", "w8a8", or one of PER_TENSOR or ON_LOAD
     bits: int = 4
     group_size: int | None = 128  # None: the method's default (DEFAULT_GROUP), set by the plan
     act_order: bool = True  # gptq: static groups, g_idx stays k // group, desc_act false
@@ -74,10 +79,14 @@ class CheckpointOptions:
 
     @property
     def per_tensor(self) -> bool:
-        return self.method in PER_TENSOR or self.method in BNB
+        return self.method in PER_TENSOR or self.method in ON_LOAD or self.method in QUANTO
 
     @property
     def layout(self) -> type[Layout]:
+        if self.method == "hqq":
+            return HQQ
+        if self.method in QUANTO:
+            return Quanto
         if self.method in BNB:
             return BitsAndBytes8bit if self.method == "int8" else BitsAndBytes4bit
         if self.per_tensor:
@@ -88,6 +97,10 @@ class CheckpointOptions:
 
     @property
     def params(self) -> Params:
+        if self.method == "hqq":
+            return Params(self.bits, self.group_size, dtype=self.dtype)
+        if self.method in QUANTO:
+            return Params(self.bits, -1, dtype=self.dtype)
         if self.method in BNB:
             kind = "" if self.method == "int8" else self.method
             return Params(self.bits, self.group_size, dtype=self.dtype, kind=kind, double_quant=self.double_quant,
@@ -103,6 +116,10 @@ class CheckpointOptions:
             return self.layout.format
         if self.method in BNB:
             return "bitsandbytes"
+        if self.method == "hqq":
+            return "hqq"
+        if self.method in QUANTO:
+            return "quanto"
         if self.per_tensor:
             return "fp8"
         if self.method == "awq":
@@ -122,6 +139,11 @@ class CheckpointOptions:
                                  f"{', '.join(map(str, bnb.BLOCK_SIZES))}, got {self.group_size}")
             if self.compute_dtype not in COMPUTE_DTYPES:
                 raise UsageError(f"--compute-dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.method == "hqq":
+            if self.bits not in hqq.BITS:
+                raise UsageError(f"--bits for --to hqq must be one of {', '.join(map(str, hqq.BITS))}, got {self.bits}")
+            if self.group_size < 8 or self.group_size % 8:
+                raise UsageError(f"--group-size for --to hqq must be a multiple of 8 (hqq's rule), got {self.group_size}")
         if self.per_tensor:
             return
         if self.method == "w8a8" and not 0 <= self.smoothing <= 1:
@@ -190,6 +212,10 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     if opts.method in BNB:
         opts = replace(opts, bits=8 if opts.method == "int8" else 4,
                        group_size=-1 if opts.method == "int8" else opts.group_size, dtype=_float_dtype(ckpt))
+    elif opts.method == "hqq":
+        opts = replace(opts, dtype=_float_dtype(ckpt))
+    elif opts.method in QUANTO:  # quanto's group size is its own per-linear rule
+        opts = replace(opts, bits=int(opts.method[-1]), group_size=-1, dtype=_float_dtype(ckpt))
     elif opts.per_tensor:
         opts = replace(opts, bits=8, group_size=-1 if PER_TENSOR[opts.method] is None else PER_TENSOR[opts.method][1],
                        dtype=_float_dtype(ckpt))
@@ -211,7 +237,7 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
             family.check_float(t)
             prefix, hp = family.output_name(name[:-len(".weight")]), hf[:-len(".weight")]
             if opts.layout in (FloatQuantized, PackQuantized, IntQuantized, TransformersFP8, BitsAndBytes4bit,
-                               BitsAndBytes8bit) and family.transposed(hf):
+                               BitsAndBytes8bit, HQQ, Quanto) and family.transposed(hf):
                 raise UsageError(f"{ckpt.path}: --to {opts.method} --format {opts.format} quantizes Linear modules "
                                  f"only; {ckpt.config.architecture()} stores {prefix} as a transposed Conv1D")
             n_out, n_in = (t.shape[1], t.shape[0]) if family.transposed(hf) else t.shape
@@ -226,6 +252,8 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
                                  f"{prefix} gives {n_out}; use the default compressed-tensors format")
             gs = n_in if g == -1 else g
             if not opts.per_tensor and (n_in % gs or n_in % per_word or n_out % per_word):
+                misfits.append(f"{prefix} ({n_in} in, {n_out} out)")
+            if opts.method == "hqq" and not hqq.fits(n_out, n_in, g, opts.bits):
                 misfits.append(f"{prefix} ({n_in} in, {n_out} out)")
             linears[hp] = Linear(prefix, hp, layer, n_out, n_in)
             entries_by_name[prefix] = opts.layout.entries(prefix, n_out, n_in, opts.params)
@@ -245,6 +273,10 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         for name, shape, layer in family.awq_extra_tensors():
             entries_by_name[name] = [Entry(name, "F16", shape)]
             layer_of[name] = layer
+    if misfits and opts.method == "hqq":
+        fits = [str(c) for c in hqq.GROUPS if all(hqq.fits(lin.n_out, lin.n_in, c, opts.bits) for lin in linears.values())]
+        raise UsageError(f"{ckpt.path}: HQQ's {opts.bits}-bit packing of groups of {g} does not fit {len(misfits)} "
+                         f"layers, e.g. {misfits[0]}; group sizes that fit every layer: {', '.join(fits) or 'none'}")
     if misfits:
         widths = {lin.n_in for lin in linears.values()}
         fits = [str(c) for c in GROUP_CHOICES if all(w % c == 0 for w in widths)]
@@ -266,9 +298,9 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     # modules of a multimodal checkpoint's other towers
     ignore = ["lm_head", *sorted({root.removeprefix("model.").rstrip(".") for root in NOT_TEXT
                                   if any(n.startswith(root) for n in ckpt.tensors)})]
-    if opts.method in BNB and len(ignore) > 1:
+    if (opts.method in ON_LOAD or opts.method in QUANTO) and len(ignore) > 1:
         raise UsageError(f"{ckpt.path}: --to {opts.method}: the checkpoint holds {', '.join(ignore[1:])} besides the "
-                         "language model; transformers' bitsandbytes path quantizes their linears too, which qconvert "
+                         f"language model; transformers' {opts.layout.method} path quantizes their linears too, which qconvert "
                          "does not yet (its GPTQ, AWQ and FP8 targets leave them float)")
     return CheckpointPlan(model, path, opts, force, entries, linears, copies, layer_of, names, ignore)
 
@@ -434,16 +466,44 @@ def quantization_config(plan: CheckpointPlan, calib: dict | None) -> dict:
     return cfg
 
 
+def transformers4_config(cfg: dict) -> dict:
+    """config.json for a checkpoint only transformers 4.x loads (HQQ: 5.x neither quantizes nor
+    loads it): transformers 5's `rope_parameters` also as 4.x's `rope_theta` and `rope_scaling`,
+    which 4.x reads instead (without them it takes rope theta 10000: Qwen2.5's 1e6 lost, its
+    logits 14% off)."""
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in cfg:
+        return cfg
+    out = dict(cfg)
+    if isinstance(rope.get("full_attention"), dict):  # per layer type (Gemma 3): 4.x's local base frequency
+        local = rope.get("sliding_attention")
+        if isinstance(local, dict) and "rope_theta" in local:
+            out["rope_local_base_freq"] = local["rope_theta"]
+        rope = rope["full_attention"]
+    rope = dict(rope)
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope.pop("rope_theta")
+    if rope.get("rope_type", "default") != "default" and "rope_scaling" not in cfg:
+        out["rope_scaling"] = rope
+    return out
+
+
 def write_configs(plan: CheckpointPlan, directory: Path, qcfg: dict) -> None:
     src = plan.model.ckpt.path
     cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    cfg["quantization_config"] = qcfg
+    if qcfg is not None:
+        cfg["quantization_config"] = qcfg
+    if plan.opts.layout is Quanto:  # quanto's own file naming every quantized module
+        qmap = Quanto.qmap([lin.name for lin in plan.linears.values()], plan.opts.params)
+        (directory / "quanto_qmap.json").write_text(json.dumps(qmap, indent=4), encoding="utf-8")
     if not plan.opts.per_tensor:  # FP8 keeps the checkpoint's dtype
         cfg["dtype"] = "float16"
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = "float16"
+    if plan.opts.method == "hqq":
+        cfg = transformers4_config(cfg)
     (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-    if qcfg["quant_method"] == "gptq":  # AutoGPTQ-era loaders read this file
+    if qcfg is not None and qcfg["quant_method"] == "gptq":  # AutoGPTQ-era loaders read this file
         (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n", encoding="utf-8")
     for name in COPIED_FILES:
         if (src / name).is_file():

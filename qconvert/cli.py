@@ -61,11 +61,11 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON report on std
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
 Threads = Annotated[int, typer.Option("--threads", "-j", min=0, help="Threads for the kernels; 0 means all cores.")]
-Bits = Annotated[int, typer.Option("--bits", help="gptq: bits per weight (2, 4 or 8).")]
+Bits = Annotated[int, typer.Option("--bits", help="gptq: bits per weight (2, 4 or 8). hqq: 2, 3, 4 or 8.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", show_default=False,
                                                   help="gptq, awq: input columns per scale (default 128); -1: one "
                                                        "per output channel. nf4, fp4: weights per absmax block "
-                                                       "(bitsandbytes' blocksize, default 64).")]
+                                                       "(bitsandbytes' blocksize, default 64). hqq: weights per scale and zero (default 64).")]
 DoubleQuant = Annotated[bool, typer.Option("--double-quant/--no-double-quant", help="nf4, fp4: quantize the block "
                                            "scales again, 8-bit per 256 (QLoRA's double quantization).")]
 ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="nf4, fp4: the dtype bitsandbytes computes in "
@@ -456,7 +456,7 @@ def _print_done(r) -> None:
         scheme = o["scales"] or f"{o['bits']}-bit group {o['group_size']}"
         line = (f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['method'].upper()} "
                 f"{scheme}, {o['n_linears']} linears")
-        if o["method"] in ("fp8", "fp8-block", "nf4", "fp4", "int8"):
+        if o["method"] in ("fp8", "fp8-block", "nf4", "fp4", "int8", "hqq", "quanto-int4", "quanto-int8"):
             es = [e["error"] for x in o["layers"] for e in x["linears"]]
             line += f"; relative weight error {sum(es) / max(len(es), 1):.2e} on average"
         if o["method"] == "gptq" or (o["method"] == "w8a8" and o["layers"] and "gptq_error" in o["layers"][0]):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qconvert.errors import InputError
 from qconvert.layouts import layout_of
 from qconvert.read.checkpoint import open_checkpoint
 from qconvert.read.gguf_model import read_gguf
@@ -51,6 +52,18 @@ def inspect_gguf(path: Path) -> dict:
 _LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
+def _expected_shapes(ckpt) -> dict[str, tuple[int, ...]]:
+    """The weight shapes the config gives, by name, where qconvert knows the architecture (a
+    layout whose tensors fit more than one shape needs them: quanto's); none otherwise."""
+    from qconvert.families import family_for
+
+    try:
+        family = family_for(ckpt)
+        return {e.name: e.shape for e in family.expected() if not family.transposed(e.name)}
+    except InputError:
+        return {}
+
+
 def inspect_checkpoint(source: str) -> dict:
     """A safetensors checkpoint directory (or hub id): its quantization config, every quantized
     linear's method, bits and group size by decoder layer, size on disk and bits per weight."""
@@ -65,11 +78,13 @@ def inspect_checkpoint(source: str) -> dict:
         quantized = sorted({n[:-len(marker)] for n in tensors if n.endswith(marker)}) if found else []
         parts_of = set()
         linears = []
+        shapes = _expected_shapes(ckpt) if quantized else {}
         for prefix in quantized:
             layout, params = found
             parts = {k: tensors[f"{prefix}.{k}"] for k in layout.parts if f"{prefix}.{k}" in tensors}
             parts_of |= {f"{prefix}.{k}" for k in parts}
-            n_out, n_in, group = linear_shape(layout, params, prefix, parts, ckpt.config.path)
+            n_out, n_in, group = linear_shape(layout, params, prefix, parts, ckpt.config.path,
+                                              shapes.get(prefix.replace("language_model.", "") + ".weight"))
             nbytes = sum(t_bytes(t) for t in parts.values())
             m = _LAYER.search(prefix)
             linears.append({"name": prefix, "layer": int(m.group(1)) if m else None, "method": layout.label(params),

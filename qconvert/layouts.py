@@ -29,6 +29,7 @@ import json
 import math
 from dataclasses import dataclass
 from math import prod
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 
 from qconvert import __version__
 from qconvert.errors import InputError
-from qconvert.quant import bnb, fp8
+from qconvert.quant import bnb, fp8, hqq, quanto
 from qconvert.quant.activations import ActivationQuant
 from qconvert.read.safetensors import DTYPES
 
@@ -70,6 +71,7 @@ class Params:
     kind: str = ""  # bitsandbytes 4-bit: "nf4" or "fp4"
     double_quant: bool = False  # bitsandbytes 4-bit: the block scales quantized again (QLoRA's)
     compute_dtype: str = "float32"  # bitsandbytes 4-bit: the dtype its kernels compute in
+    hidden: int = 0  # quanto 4-bit, read: the model's hidden size (its tensors alone do not give a linear's shape)
 
 
 class Layout:
@@ -115,9 +117,11 @@ class Layout:
         return cls.checked_shape(p, prefix, shapes, where)
 
     @classmethod
-    def tensor_shape(cls, p: Params, prefix: str, parts: dict, where: object) -> tuple[int, int, int]:
+    def tensor_shape(cls, p: Params, prefix: str, parts: dict, where: object,
+                     expected: tuple[int, ...] | None = None) -> tuple[int, int, int]:
         """linear_shape from the linear's tensors themselves (a layout whose shapes do not say
-        it reads what they hold)."""
+        it reads what they hold); `expected`, the weight's [out, in] as the config makes it, where
+        known, for a layout whose tensors fit more than one (quanto's)."""
         return cls.linear_shape(p, prefix, {k: tuple(t.shape) for k, t in parts.items()}, where)
 
     @classmethod
@@ -317,7 +321,7 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     """A checkpoint tensor's array (as read/safetensors.py views it) as a torch tensor of `dtype`."""
-    a = np.ascontiguousarray(a)
+    a = np.ascontiguousarray(a).reshape(np.shape(a))  # ascontiguousarray makes a scalar 1-D
     if dtype == "BF16":
         return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
     if dtype == "F8_E4M3":
@@ -724,7 +728,7 @@ class BitsAndBytes4bit(Layout):
                                    state).numpy()
 
     @classmethod
-    def tensor_shape(cls, p, prefix, parts, where):
+    def tensor_shape(cls, p, prefix, parts, where, expected=None):
         missing = [k for k in cls.required if k not in parts]
         key = cls.state_part(parts)
         if missing or not key:
@@ -806,11 +810,259 @@ class BitsAndBytes8bit(Layout):
         return Params(8, -1)
 
 
+def _hqq_scalars(p: Params) -> dict[str, np.ndarray]:
+    """An HQQ linear's metadata tensors as hqq's HQQLinear.state_dict encodes them for
+    safetensors (encode_safetensor_type: bools U8, ints I32, strings and dtypes as U8 character
+    codes, the shape I64), axis 1, transformers' settings."""
+    def text(s: str) -> np.ndarray:
+        return np.frombuffer(s.encode(), np.uint8).copy()
+
+    def flag(b: bool) -> np.ndarray:
+        return np.array(int(b), np.uint8)
+
+    return {"nbits": np.array(p.bits, np.int32), "group_size": np.array(p.group_size, np.int32),
+            "axis": np.array(1, np.int32), "packing": text(hqq.PACKING[p.bits]),
+            "unpack_view_dtype": text("torch.int32" if p.bits == 3 else "torch.uint8"),
+            "view_as_float": flag(False), "quant_scale": flag(False), "quant_zero": flag(False),
+            "compute_dtype": text(str(TORCH_DTYPES[p.dtype])), "offload_meta": flag(False),
+            "encoded_state_dict": flag(True), "stores_quant_config": flag(True), "channel_wise": flag(True),
+            "optimize": flag(True), "round_zero": flag(p.bits == 4)}
+
+
+class HQQ(Layout):
+    """HQQ's HQQLinear as transformers 4.x saves it (HqqConfig; hqq 0.2.8's state_dict, encoded
+    for safetensors): `W_q` the packed codes (U8; I32 for 3-bit; quant/hqq.py), `scale` and `zero`
+    [N K / group, 1] in the compute dtype (one per group of `group` consecutive weights of the
+    row-major weight, axis 1), `shape` I64 [2] = (N, K), and the settings as scalar or character
+    tensors (nbits, group_size, axis, packing, unpack_view_dtype, view_as_float, quant_scale,
+    quant_zero, compute_dtype, offload_meta, encoded_state_dict, stores_quant_config, channel_wise,
+    optimize, round_zero). W = ((q - zero) * scale) in the compute dtype, reshaped to `shape`."""
+
+    method = "hqq"
+    parts = ("W_q", "nbits", "group_size", "shape", "scale", "zero", "axis", "packing", "unpack_view_dtype",
+             "view_as_float", "quant_scale", "quant_zero", "compute_dtype", "offload_meta", "encoded_state_dict",
+             "stores_quant_config", "channel_wise", "optimize", "round_zero")
+    marker = "W_q"
+    required = ("W_q", "nbits", "group_size", "shape", "scale", "zero", "axis")
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        return "hqq"
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        rows = n_out * n_in // p.group_size
+        out = [Entry(f"{prefix}.W_q", "I32" if p.bits == 3 else "U8", (hqq.packed_rows(rows, p.bits), p.group_size)),
+               Entry(f"{prefix}.scale", p.dtype, (rows, 1)), Entry(f"{prefix}.zero", p.dtype, (rows, 1)),
+               Entry(f"{prefix}.shape", "I64", (2,))]
+        kinds = {np.dtype(np.uint8): "U8", np.dtype(np.int32): "I32"}
+        out += [Entry(f"{prefix}.{k}", kinds[v.dtype], v.shape) for k, v in _hqq_scalars(p).items()]
+        return out
+
+    @classmethod
+    def quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
+                  p: Params) -> dict[str, np.ndarray]:
+        """The linear's tensors from hqq.quantize's codes and its float32 scale and zero."""
+        dtype = TORCH_DTYPES[p.dtype]
+        return {"W_q": hqq.pack(q, p.bits).numpy(), "scale": to_numpy(scale.to(dtype)),
+                "zero": to_numpy(zero.to(dtype)), "shape": np.array(shape, np.int64), **_hqq_scalars(p)}
+
+    @classmethod
+    def unpack(cls, parts, p):
+        return cls.decode(parts, p).float().numpy()
+
+    @classmethod
+    def decode(cls, parts, p) -> torch.Tensor:
+        """The weight in the compute dtype, as hqq's HQQLinear.dequantize gives it (either axis)."""
+        meta = _hqq_meta(parts)
+        w_q = torch.from_numpy(np.array(parts["W_q"]))
+        if w_q.dtype != torch.int32 and meta["packing"] == "3bit_32":
+            w_q = w_q.view(torch.int32)
+        elif w_q.dtype != torch.uint8 and meta["packing"] != "3bit_32":
+            w_q = w_q.view(torch.uint8)
+        scale, zero = (from_numpy(np.asarray(parts[k]), {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}
+                                  .get(np.asarray(parts[k]).dtype, "F32")) for k in ("scale", "zero"))
+        n_out, n_in = meta["shape"]
+        rows = n_out * n_in // meta["group_size"] if meta["axis"] == 1 else meta["group_size"]
+        return hqq.dequantize(hqq.unpack(w_q, meta["nbits"], rows), scale, zero, (n_out, n_in))
+
+    @classmethod
+    def tensor_shape(cls, p, prefix, parts, where, expected=None):
+        missing = [k for k in cls.required if k not in parts]
+        if missing:
+            raise InputError(f"{where}: HQQ linear {prefix} has no {missing[0]} tensor")
+        try:
+            meta = _hqq_meta({k: v.array() for k, v in parts.items() if k != "W_q"})
+        except (ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{where}: {prefix}'s HQQ settings cannot be read ({e})") from None
+        n_out, n_in = meta["shape"]
+        bits, group, axis = meta["nbits"], meta["group_size"], meta["axis"]
+        n = n_out * n_in
+        fits = n_out > 0 and n_in > 0 and group > 0 and n % group == 0 and bits in hqq.BITS and axis in (0, 1) \
+            and meta["packing"] == hqq.PACKING.get(bits)
+        if fits:
+            rows, cols = (n // group, group) if axis == 1 else (group, n // group)
+            stats = (rows, 1) if axis == 1 else (1, cols)
+            fits = tuple(parts["W_q"].shape) == (hqq.packed_rows(rows, bits), cols) \
+                and tuple(parts["scale"].shape) == stats and tuple(parts["zero"].shape) == stats
+        if not fits:
+            shapes = {k: list(parts[k].shape) for k in ("W_q", "scale", "zero")}
+            raise InputError(f"{where}: {prefix}'s HQQ tensors {shapes} do not fit a {n_out} x {n_in} {bits}-bit "
+                             f"weight in groups of {group} along axis {axis}")
+        return n_out, n_in, group
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict:
+        """quantization_config as transformers 4.x's HqqConfig writes it (hqq_base_quant_config)."""
+        return {"quant_config": {"offload_meta": False, "scale_quant_params": None,
+                                 "weight_quant_params": {"axis": 1, "channel_wise": True, "group_size": p.group_size,
+                                                         "nbits": p.bits, "optimize": True,
+                                                         "round_zero": p.bits == 4, "view_as_float": False},
+                                 "zero_quant_params": None},
+                "quant_method": "hqq", "skip_modules": list(extra.get("ignore", ["lm_head"]))}
+
+    @classmethod
+    def params(cls, qcfg: dict, where: object) -> Params:
+        q = qcfg.get("quant_config")
+        w = q.get("weight_quant_params") if isinstance(q, dict) else None
+        if not isinstance(w, dict):
+            raise InputError(f"{where}: HQQ quant_config without one weight_quant_params for every linear (per-layer "
+                             "settings) cannot be read")
+        if q.get("scale_quant_params") or q.get("zero_quant_params"):
+            raise InputError(f"{where}: HQQ with quantized scales or zeros cannot be read")
+        return Params(int(w.get("nbits", 4)), int(w.get("group_size") or -1))
+
+
+def _hqq_meta(parts: dict) -> dict:
+    """An HQQ linear's settings from its encoded tensors (decode_safetensor_type)."""
+    def text(k: str) -> str:
+        return bytes(np.asarray(parts[k], np.uint8).tolist()).decode()
+
+    shape = [int(x) for x in np.asarray(parts["shape"]).reshape(-1)]
+    if len(shape) != 2:
+        raise ValueError(f"shape {shape}")
+    return {"nbits": int(np.asarray(parts["nbits"]).reshape(())), "group_size": int(np.asarray(parts["group_size"]).reshape(())),
+            "axis": int(np.asarray(parts["axis"]).reshape(())), "shape": tuple(shape),
+            "packing": text("packing") if "packing" in parts else hqq.PACKING.get(int(np.asarray(parts["nbits"]).reshape(())), "")}
+
+
+class Quanto(Layout):
+    """optimum-quanto's frozen QLinear as QuantizedModelForCausalLM.save_pretrained writes it (no
+    quantization_config; `quanto_qmap.json` names each quantized module's weight qtype). qint8:
+    `P.weight._data` I8 [N, K], `P.weight._scale` [N, 1]; qint4: `P.weight._data._data` U8
+    [ceil(R/2), C] (the codes of [R, C] = [N K / group, group], or [N, K] without groups, packed
+    two a byte across rows, the first half of the rows in the low nibbles), `P.weight._scale` and
+    `P.weight._shift` [R, 1]; both: `P.input_scale`, `P.output_scale` scalars 1 (no activation
+    quantization); every float tensor in the weight's dtype. W = codes * scale (qint8), codes *
+    scale - shift (qint4). quant/quanto.py holds the maths."""
+
+    method = "quanto"
+    parts = ("weight._data", "weight._data._data", "weight._scale", "weight._shift", "input_scale", "output_scale")
+    marker = "weight._scale"
+    required = ("weight._scale",)
+
+    @classmethod
+    def label(cls, p: Params) -> str:
+        return f"quanto-int{p.bits}"
+
+    @classmethod
+    def grid(cls, n_out: int, n_in: int) -> tuple[int, int]:
+        """(rows, columns) of a qint4 linear's codes."""
+        g = quanto.group_size(n_in)
+        return (n_out * n_in // g, g) if g else (n_out, n_in)
+
+    @classmethod
+    def entries(cls, prefix: str, n_out: int, n_in: int, p: Params) -> list[Entry]:
+        if p.bits == 8:
+            out = [Entry(f"{prefix}.weight._data", "I8", (n_out, n_in)), Entry(f"{prefix}.weight._scale", p.dtype, (n_out, 1))]
+        else:
+            rows, cols = cls.grid(n_out, n_in)
+            out = [Entry(f"{prefix}.weight._data._data", "U8", (-(-rows // 2), cols)),
+                   Entry(f"{prefix}.weight._scale", p.dtype, (rows, 1)), Entry(f"{prefix}.weight._shift", p.dtype, (rows, 1))]
+        return out + [Entry(f"{prefix}.input_scale", p.dtype, ()), Entry(f"{prefix}.output_scale", p.dtype, ())]
+
+    @classmethod
+    def quantized(cls, w: torch.Tensor, p: Params) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        """(the linear's tensors, its dequantized weight) of a weight in the checkpoint's dtype."""
+        one = to_numpy(torch.ones((), dtype=w.dtype))
+        if p.bits == 8:
+            codes, scale = quanto.quantize_int8(w)
+            return ({"weight._data": codes.numpy(), "weight._scale": to_numpy(scale), "input_scale": one,
+                     "output_scale": one}, quanto.dequantize_int8(codes, scale))
+        codes, scale, shift = quanto.quantize_int4(w, quanto.group_size(w.shape[1]))
+        return ({"weight._data._data": quanto.pack4(codes).numpy(), "weight._scale": to_numpy(scale),
+                 "weight._shift": to_numpy(shift), "input_scale": one, "output_scale": one},
+                quanto.dequantize_int4(codes, scale, shift, tuple(w.shape)))
+
+    @classmethod
+    def unpack(cls, parts, p):
+        def float_part(k: str) -> torch.Tensor:
+            a = np.asarray(parts[k])
+            return from_numpy(a, {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}.get(a.dtype, "F32"))
+        scale = float_part("weight._scale")
+        if "weight._data" in parts:
+            return quanto.dequantize_int8(torch.from_numpy(np.array(parts["weight._data"])), scale).float().numpy()
+        # [R, C] rows of the row-major weight: the reader reshapes them to [N, K]
+        codes = quanto.unpack4(torch.from_numpy(np.array(parts["weight._data._data"])), len(scale))
+        shift = float_part("weight._shift")
+        return quanto.dequantize_int4(codes, scale, shift, tuple(codes.shape)).float().numpy()
+
+    @classmethod
+    def tensor_shape(cls, p, prefix, parts, where, expected=None):
+        shape = {k: tuple(t.shape) for k, t in parts.items()}
+        if "weight._data" in shape:  # qint8
+            w = shape["weight._data"]
+            if len(w) != 2 or shape["weight._scale"] != (w[0], 1):
+                raise InputError(f"{where}: {prefix}'s quanto int8 tensors {shape} do not fit one linear")
+            return w[0], w[1], -1
+        if "weight._data._data" not in shape or "weight._shift" not in shape:
+            raise InputError(f"{where}: quanto linear {prefix} has no weight._data or weight._data._data tensor")
+        packed, rows = shape["weight._data._data"], shape["weight._scale"][0]
+        if len(packed) != 2 or packed[0] != -(-rows // 2) or shape["weight._shift"] != (rows, 1) \
+                or shape["weight._scale"] != (rows, 1):
+            raise InputError(f"{where}: {prefix}'s quanto int4 tensors {shape} do not fit one linear")
+        # [rows, cols] is [N, K] (no groups) or [N K / g, g] (groups): one of N and K is the hidden size
+        cols, h = packed[1], p.hidden
+        fits = set()
+        if quanto.group_size(cols) is None and h in (rows, cols):
+            fits.add((rows, cols))
+        if h and rows * cols % h == 0:
+            for n_out, n_in in ((rows * cols // h, h), (h, rows * cols // h)):
+                if quanto.group_size(n_in) == cols and n_in > cols:
+                    fits.add((n_out, n_in))
+        if expected is not None and tuple(expected) in fits:
+            fits = {tuple(expected)}
+        if len(fits) != 1:
+            raise InputError(f"{where}: {prefix}'s quanto int4 codes [{rows}, {cols}] fit "
+                             f"{'no' if not fits else 'more than one'} linear shape of a model with hidden size {h}")
+        n_out, n_in = fits.pop()
+        return n_out, n_in, cls.grid(n_out, n_in)[1]
+
+    @classmethod
+    def config(cls, p: Params, extra: dict) -> dict | None:
+        return None  # quanto writes none: quanto_qmap.json names the modules instead
+
+    @classmethod
+    def qmap(cls, prefixes: list[str], p: Params) -> dict:
+        return {prefix: {"weights": f"qint{p.bits}", "activations": "none"} for prefix in prefixes}
+
+    @classmethod
+    def params_from_qmap(cls, qmap: object, hidden: int, where: object) -> Params:
+        kinds = {str(v.get("weights")) for v in qmap.values() if isinstance(v, dict)} if isinstance(qmap, dict) else set()
+        acts = {str(v.get("activations", "none")) for v in qmap.values() if isinstance(v, dict)} \
+            if isinstance(qmap, dict) else set()
+        if len(kinds) != 1 or not kinds <= {"qint4", "qint8"} or acts - {"none"}:
+            raise InputError(f"{where}: quanto checkpoints with one weight qtype for every module, qint4 or qint8, "
+                             f"and no activation quantization can be read; this one has weights "
+                             f"{sorted(kinds) or 'none'}, activations {sorted(acts) or 'none'}")
+        return Params(4 if kinds == {"qint4"} else 8, -1, hidden=hidden)
+
+
 def _scheme(p: Params) -> str:
     return "per-channel" if p.block is None else f"{p.block[0]} x {p.block[1]} block"
 
 
-LAYOUTS: dict[str, type[Layout]] = {cls.method: cls for cls in (AWQ, GPTQ, TransformersFP8)}
+LAYOUTS: dict[str, type[Layout]] = {cls.method: cls for cls in (AWQ, GPTQ, TransformersFP8, HQQ)}
 COMPRESSED_TENSORS: dict[str, type[Layout]] = {cls.format: cls for cls in (FloatQuantized, PackQuantized,
                                                                              IntQuantized)}
 
@@ -820,6 +1072,14 @@ def layout_of(config) -> tuple[type[Layout], Params] | None:
     quantization; a quant_method (or compressed-tensors format) no layout decodes is an
     InputError."""
     q = config.data.get("quantization_config")
+    qmap = Path(config.path).parent / "quanto_qmap.json"
+    if q is None and qmap.is_file():  # optimum-quanto's checkpoints name their modules there instead
+        try:
+            found = json.loads(qmap.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{qmap}: not readable JSON ({e})") from None
+        text = config.data.get("text_config") if isinstance(config.data.get("text_config"), dict) else config.data
+        return Quanto, Quanto.params_from_qmap(found, int(text.get("hidden_size") or 0), qmap)
     if q is None:
         return None
     if not isinstance(q, dict):

@@ -98,6 +98,12 @@ def _scales(o) -> str | None:
         return f"absmax per {o.group_size}" + (", double-quantized" if o.double_quant else "")
     if o.method == "int8":
         return "per row"
+    if o.method == "quanto-int8":
+        return "per channel"
+    if o.method == "quanto-int4":
+        return "scale and shift per 128 (or per channel)"
+    if o.method == "hqq":
+        return f"{o.bits}-bit, scale and zero per {o.group_size}"
     if o.per_tensor or o.method == "w8a8":
         return "per channel" if o.group_size == -1 else f"{o.group_size} x {o.group_size} blocks"
     return None

@@ -58,6 +58,14 @@ TARGETS: dict[str, Target] = {t.name: t for t in sorted([
     Target("fp4", "checkpoint", "bitsandbytes 4-bit float (FP4) in blocks of 64, double quantization", "",
            "transformers with bitsandbytes (GPUs and CPUs)",
            ("group_size", "double_quant", "compute_dtype", "max_shard_size"), label="FP4"),
+    Target("hqq", "checkpoint", "HQQ 4-bit (2, 3, 8) in groups of 64 with zero points, half-quadratic optimised, "
+           "calibration-free (transformers' HqqConfig layout)", "", "transformers 4.x with hqq, hqq",
+           ("bits", "group_size", "max_shard_size"), label="HQQ"),
+    Target("quanto-int4", "checkpoint", "optimum-quanto qint4: 4-bit weights with a scale and shift per group of 128 "
+           "inputs (quanto's rule for narrower layers)", "", "optimum-quanto (QuantizedModelForCausalLM)",
+           ("max_shard_size",), label="QUANTO-INT4"),
+    Target("quanto-int8", "checkpoint", "optimum-quanto qint8: int8 weights with a scale per output channel", "",
+           "optimum-quanto (QuantizedModelForCausalLM)", ("max_shard_size",), label="QUANTO-INT8"),
     Target("int8", "checkpoint", "bitsandbytes LLM.int8(): int8 weights with a scale per row", "",
            "transformers with bitsandbytes (GPUs and CPUs)", ("max_shard_size",), label="INT8"),
     Target("w8a8", "checkpoint", "int8 weights per output channel and dynamic per-token int8 activations, after "

@@ -64,3 +64,34 @@ def one_line_error(err: str, *needles: str) -> None:
 
 
 __all__ = ["run_cli", "convert_to", "signal_mid_write", "copy_model", "files_in", "one_line_error", "pytest"]
+
+
+def quantized_then_f32(src: Path, target: str, tmp_path: Path, capsys, method: str) -> tuple[Path, dict]:
+    """`--to target`, then that checkpoint as the source of `--to f32`: (the checkpoint, the F32
+    GGUF's tensors by name as torch); the report names `method` as the source's quantization."""
+    import json
+
+    import torch
+    from gguf import GGUFReader
+
+    q = tmp_path / target
+    assert run_cli([src, "--to", target, "-o", q], capsys)[0] == 0
+    out = tmp_path / "f32.gguf"
+    code, stdout, err = run_cli([q, "--to", "f32", "-o", out, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["source_quantization"]["quant_method"] == method
+    return q, {t.name: torch.from_numpy(t.data.copy()) for t in GGUFReader(out).tensors}
+
+
+def replaced_only_when_ours(src: Path, target: str, theirs: Path, moe: Path, tmp_path: Path, capsys) -> None:
+    """--force replaces a previous qconvert output of `target`, not `theirs` (the reference
+    library's own checkpoint); a mixture of experts `moe` is refused in one line."""
+    out = tmp_path / f"ours-{target}"
+    assert run_cli([src, "--to", target, "-o", out], capsys)[0] == 0
+    assert run_cli([src, "--to", target, "-o", out, "--force"], capsys)[0] == 0
+    code, _, err = run_cli([src, "--to", target, "-o", theirs, "--force"], capsys)
+    assert code != 0
+    one_line_error(err, "qconvert")
+    code, _, err = run_cli([moe, "--to", target, "-o", tmp_path / "moe"], capsys)
+    assert code == 2
+    one_line_error(err, "mixture of experts")

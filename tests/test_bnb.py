@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qconvert.quant import bnb
-from tests.helpers import one_line_error, run_cli
+from tests.helpers import one_line_error, quantized_then_f32, replaced_only_when_ours, run_cli
 
 pytestmark = pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -35,8 +35,8 @@ def awkward(n: int, k: int, dtype) -> torch.Tensor:
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal dtype, shape and bits (torch.equal takes -0.0 for 0.0)."""
-    return a.dtype == b.dtype and a.shape == b.shape and bytes(a.contiguous().view(torch.uint8).numpy()) == \
-        bytes(b.contiguous().view(torch.uint8).numpy())
+    return a.dtype == b.dtype and a.shape == b.shape and \
+        bytes(a.reshape(-1).contiguous().view(torch.uint8).numpy()) == bytes(b.reshape(-1).contiguous().view(torch.uint8).numpy())
 
 
 def theirs_4bit(w: torch.Tensor, block: int, kind: str, double_quant: bool) -> dict[str, torch.Tensor]:
@@ -220,14 +220,9 @@ def test_replaced_with_force_and_refused_for_experts(tiny, tmp_path, capsys):
     qconvert: the config has no room for it), not someone else's; a mixture of experts is
     refused in one line."""
     src = tiny("llama", "float32")
-    out = tmp_path / "int8"
-    assert run_cli([src, "--to", "int8", "-o", out], capsys)[0] == 0
-    assert run_cli([src, "--to", "int8", "-o", out, "--force"], capsys)[0] == 0
-    other = transformers_save(src, tmp_path / "theirs", "int8")
-    code, _, err = run_cli([src, "--to", "int8", "-o", other, "--force"], capsys)
-    assert code != 0
-    one_line_error(err, "qconvert")
-    code, _, err = run_cli([tiny("qwen3moe", "float32"), "--to", "nf4", "-o", tmp_path / "moe"], capsys)
+    replaced_only_when_ours(src, "int8", transformers_save(src, tmp_path / "theirs", "int8"),
+                            tiny("qwen3moe", "float32"), tmp_path, capsys)
+    code, _, err = run_cli([tiny("qwen3moe", "float32"), "--to", "nf4", "-o", tmp_path / "moe-nf4"], capsys)
     assert code == 2
     one_line_error(err, "mixture of experts")
 
@@ -254,17 +249,9 @@ def test_bitsandbytes_checkpoint_as_input(tiny, tmp_path, capsys, target):
     """Our checkpoint (the bytes transformers saves) read as the source of another target: F32 GGUF
     tensors equal bitsandbytes' dequantization of each linear, exactly, and the report says the
     source was quantized."""
-    from gguf import GGUFReader
     from safetensors.torch import load_file
 
-    src = tiny("llama", "float32")
-    q = tmp_path / target
-    assert run_cli([src, "--to", target, "-o", q], capsys)[0] == 0
-    out = tmp_path / "f32.gguf"
-    code, stdout, err = run_cli([q, "--to", "f32", "-o", out, "--json"], capsys)
-    assert code == 0, err
-    report = json.loads(stdout)
-    assert report["source_quantization"]["quant_method"] == "bitsandbytes"
+    q, gguf = quantized_then_f32(tiny("llama", "float32"), target, tmp_path, capsys, "bitsandbytes")
     parts = load_file(q / "model.safetensors")
     prefix = "model.layers.1.mlp.down_proj"
     mine = {k[len(prefix) + 1:]: v for k, v in parts.items() if k.startswith(prefix + ".")}
@@ -272,8 +259,7 @@ def test_bitsandbytes_checkpoint_as_input(tiny, tmp_path, capsys, target):
         expect = bnb.dequantize_int8(mine["weight"], mine["SCB"])
     else:
         expect = bnb.dequantize_4bit(mine, bnb.read_state(mine["weight.quant_state.bitsandbytes__nf4"].numpy()))
-    t = next(t for t in GGUFReader(out).tensors if t.name == "blk.1.ffn_down.weight")
-    assert torch.equal(torch.from_numpy(t.data.copy()).reshape(expect.shape), expect)
+    assert torch.equal(gguf["blk.1.ffn_down.weight"].reshape(expect.shape), expect)
 
 
 @pytest.mark.parametrize("damage", ["nested_absmax", "nested_offset", "quant_map"])

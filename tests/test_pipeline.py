@@ -48,7 +48,7 @@ MIXTURES = "the GGUF mixtures (q4_k_m, iq4_xs, ...)"
 
 
 @pytest.mark.parametrize("args,flag,users", [
-    (["--to", "q8_0", "--bits", "3"], "--bits", "awq, gptq"),
+    (["--to", "q8_0", "--bits", "3"], "--bits", "awq, gptq, hqq"),
     (["--to", "q8_0,f16", "--calib-samples", "8"], "--calib-samples", f"{MIXTURES}, awq, gptq, w8a8"),
     (["--to", "gptq", "--tensor-type", "attn=q8_0"], "--tensor-type", MIXTURES),
     (["--to", "gptq", "--pure"], "--pure", MIXTURES),

@@ -11,10 +11,12 @@ import numpy as np
 from qconvert.layouts import Layout, Params
 
 
-def linear_shape(layout: type[Layout], p: Params, prefix: str, parts: dict, where: object) -> tuple[int, int, int]:
+def linear_shape(layout: type[Layout], p: Params, prefix: str, parts: dict, where: object,
+                 expected: tuple[int, ...] | None = None) -> tuple[int, int, int]:
     """(out features, in features, group size) of one quantized linear, checked against its
-    tensors' shapes (group size -1: one group per output channel)."""
-    return layout.tensor_shape(p, prefix, parts, where)
+    tensors' shapes (group size -1: one group per output channel); `expected`: its weight's shape
+    as the config makes it, where the family knows it."""
+    return layout.tensor_shape(p, prefix, parts, where, expected)
 
 
 @dataclass
@@ -32,6 +34,7 @@ class DequantizedLinear:
 
     def array(self) -> np.ndarray:
         w = self.layout.unpack({k: np.asarray(t.array()) for k, t in self.parts.items()}, self.params)
+        w = w.reshape(self.shape[::-1] if self.transposed else self.shape)  # quanto's groups come as rows
         return np.ascontiguousarray(w.T) if self.transposed else w
 
     def release(self) -> None:
@@ -48,6 +51,7 @@ def dequantized_view(tensors: dict, family, layout: type[Layout], params: Params
     parts_of = {f"{p}.{k}": p for p in prefixes for k in layout.parts}
     unused = {f"{p}.{k}" for p in prefixes for k in layout.unused}
     out = {}
+    shapes = {e.name: e.shape for e in family.expected()}
     for name, t in tensors.items():
         if name in unused:
             continue
@@ -56,9 +60,11 @@ def dequantized_view(tensors: dict, family, layout: type[Layout], params: Params
             out[name] = t
         elif name == f"{prefix}.{layout.marker}":
             parts = {k: tensors[f"{prefix}.{k}"] for k in layout.parts if f"{prefix}.{k}" in tensors}
-            n_out, n_in, _ = linear_shape(layout, params, prefix, parts, config.path)
             hf = prefix.replace("language_model.", "") + ".weight"
             tr = family.transposed(hf)
+            expected = shapes.get(hf)
+            n_out, n_in, _ = linear_shape(layout, params, prefix, parts, config.path,
+                                          expected and (tuple(expected[::-1]) if tr else tuple(expected)))
             out[prefix + ".weight"] = DequantizedLinear(prefix + ".weight", (n_in, n_out) if tr else (n_out, n_in),
                                                         parts, layout, params, tr)
     return out

@@ -36,9 +36,12 @@ def foreign_file(directory: Path, method: str, own_files: set[str]) -> str | Non
                                                      or entry in own_files):
             return f"it holds {entry!r}, which qconvert does not write"
     try:
-        q = json.loads((directory / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+        cfg = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        # optimum-quanto's has none: its quanto_qmap.json names the quantized modules
+        q = {"quant_method": "quanto"} if "quantization_config" not in cfg and (directory / "quanto_qmap.json").is_file() \
+            else cfg["quantization_config"]
         found = q["quant_method"]
-        # bitsandbytes' config has no room for it: the shards' metadata names the quantizer
+        # bitsandbytes', HQQ's and quanto's configs have no room for it: the shards' metadata names the quantizer
         quantizer = q["meta"]["quantizer"] if "meta" in q else [shard_quantizer(directory)]
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "its config.json does not name qconvert as the quantizer"
