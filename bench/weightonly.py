@@ -165,7 +165,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
-        n = None
+        n = params(src)  # the float source's parameters (as inspect counts them)
         for target in [t.strip() for t in args.targets.split(",") if t.strip()]:
             ours, ref = tmp / f"q-{target}", tmp / f"t-{target}"
             mine = measure(qconvert_cmd() + [str(src), "--to", target, "-o", str(ours), "-q", "-j", "2"], env=env)
@@ -176,7 +176,6 @@ def main() -> None:
             # process must stay small
             same = subprocess.run([sys.executable, __file__, "--identical", str(ours), str(ref)], check=True,
                                   capture_output=True, text=True).stdout.strip()
-            n = n or params(ours)
             lib = {"hqq": "hqq (transformers 4.57)"}.get(target, "optimum-quanto" if target.startswith("quanto")
                                                          else "bitsandbytes")
             print(f"{target}: qconvert {mine[0]:.1f} s {mine[1] / 1e6:.0f} MB, transformers + {lib} "

@@ -38,8 +38,18 @@ def environment() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    flags: set[str] = set()
+    try:
+        flags = set(next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")))
+    except (OSError, StopIteration):
+        pass
+    # the same model name covers CPUs with and without AVX-512 ("AMD EPYC"), whose float32 and
+    # bfloat16 products (and so the calibrated outputs) differ
     return {"torch": torch.__version__, "numpy": numpy.__version__, "cpu": cpu or platform.processor(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "isa": sorted(flags & ISA_FLAGS)}
+
+
+ISA_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8"}
 
 
 def tree_hash(path: Path) -> str:
