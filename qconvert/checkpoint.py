@@ -318,9 +318,11 @@ def _float_dtype(ckpt) -> str:
     return "F32" if dtype == "F64" else dtype
 
 
-def stored(name: str, t, dtype: str) -> np.ndarray:
+def stored(name: str, t, dtype: str, view: bool = False) -> np.ndarray:
     """A tensor as the checkpoint stores it: a float one in `dtype` (refusing NaN/Inf and, for
-    float16, values beyond its range), other dtypes as they are."""
+    float16, values beyond its range), other dtypes as they are. `view`: a tensor already in
+    `dtype` comes back as the checkpoint's own (memory-mapped) array, not a copy; the caller
+    releases it once written."""
     if t.dtype not in FLOAT_DTYPES:
         return np.asarray(t.array())
     if t.dtype == dtype:
@@ -328,6 +330,8 @@ def stored(name: str, t, dtype: str) -> np.ndarray:
         bad = first_nonfinite(to_float32(dtype, a))
         if bad >= 0:
             raise InputError(f"{name}: non-finite value at flat index {bad}")
+        if view:
+            return a
         out = np.array(a)
         t.release()
         return out
@@ -398,9 +402,12 @@ class CheckpointWriter:
             e = w.order[w.pos][1]
             if self.plan.layer_of[e.name] > upto_layer:
                 return
-            data = self.produced.pop(e.name) if e.name in self.produced else \
-                stored(e.name, self.plan.copies[e.name], e.dtype)
-            w.write(e.name, data)
+            if e.name in self.produced:
+                w.write(e.name, self.produced.pop(e.name))
+                continue
+            t = self.plan.copies[e.name]
+            w.write(e.name, stored(e.name, t, e.dtype, view=True))  # written from the mapped file, then let go
+            t.release()
 
     def finish(self, calibration: dict) -> None:
         """Every tensor, the configs and the tokenizer files written; not yet in place."""
