@@ -329,6 +329,12 @@ def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(a.copy())
 
 
+def float_tensor(a: np.ndarray) -> torch.Tensor:
+    """A float checkpoint tensor's array as read (bfloat16 as its uint16 bits) as torch, its dtype kept."""
+    a = np.asarray(a)
+    return from_numpy(a, {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}.get(a.dtype, "F32"))
+
+
 class CompressedTensors(Layout):
     """What compressed-tensors' formats share: quant_method, one config group targeting Linear,
     the quantization_config as llm-compressor saves it (compressed-tensors 0.20's
@@ -400,12 +406,10 @@ class FloatQuantized(CompressedTensors):
 
     @classmethod
     def unpack(cls, parts, p):
-        s = parts["weight_scale"]
-        scale_dtype = {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}.get(s.dtype, "F32")
         codes = from_numpy(parts["weight"], "F8_E4M3")
         # the exact products, in float32 (as FP8 kernels and llama.cpp's converter take them;
         # compressed-tensors' own decompression rounds them to the scales' dtype)
-        return fp8.dequantize(codes.float(), from_numpy(s, scale_dtype).float(), p.block).numpy()
+        return fp8.dequantize(codes.float(), float_tensor(parts["weight_scale"]).float(), p.block).numpy()
 
     @classmethod
     def checked_shape(cls, p, prefix, shapes, where):
@@ -860,12 +864,15 @@ class HQQ(Layout):
         return out
 
     @classmethod
-    def quantized(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, shape: tuple[int, int],
-                  p: Params) -> dict[str, np.ndarray]:
-        """The linear's tensors from hqq.quantize's codes and its float32 scale and zero."""
+    def quantized(cls, w: torch.Tensor, p: Params) -> tuple[dict[str, np.ndarray], torch.Tensor]:
+        """(the linear's tensors, its dequantized weight) of a weight; scale and zero stored in the
+        compute dtype (the checkpoint's), as HQQLinear keeps them."""
+        q, scale, zero = hqq.quantize(w, p.bits, p.group_size)
         dtype = TORCH_DTYPES[p.dtype]
-        return {"W_q": hqq.pack(q, p.bits).numpy(), "scale": to_numpy(scale.to(dtype)),
-                "zero": to_numpy(zero.to(dtype)), "shape": np.array(shape, np.int64), **_hqq_scalars(p)}
+        scale, zero = scale.to(dtype), zero.to(dtype)
+        return ({"W_q": hqq.pack(q, p.bits).numpy(), "scale": to_numpy(scale), "zero": to_numpy(zero),
+                 "shape": np.array(tuple(w.shape), np.int64), **_hqq_scalars(p)},
+                hqq.dequantize(q, scale, zero, tuple(w.shape)))
 
     @classmethod
     def unpack(cls, parts, p):
@@ -880,8 +887,7 @@ class HQQ(Layout):
             w_q = w_q.view(torch.int32)
         elif w_q.dtype != torch.uint8 and meta["packing"] != "3bit_32":
             w_q = w_q.view(torch.uint8)
-        scale, zero = (from_numpy(np.asarray(parts[k]), {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}
-                                  .get(np.asarray(parts[k]).dtype, "F32")) for k in ("scale", "zero"))
+        scale, zero = float_tensor(parts["scale"]), float_tensor(parts["zero"])
         n_out, n_in = meta["shape"]
         rows = n_out * n_in // meta["group_size"] if meta["axis"] == 1 else meta["group_size"]
         return hqq.dequantize(hqq.unpack(w_q, meta["nbits"], rows), scale, zero, (n_out, n_in))
@@ -938,12 +944,15 @@ def _hqq_meta(parts: dict) -> dict:
     def text(k: str) -> str:
         return bytes(np.asarray(parts[k], np.uint8).tolist()).decode()
 
+    def number(k: str) -> int:
+        return int(np.asarray(parts[k]).reshape(()))
+
     shape = [int(x) for x in np.asarray(parts["shape"]).reshape(-1)]
     if len(shape) != 2:
         raise ValueError(f"shape {shape}")
-    return {"nbits": int(np.asarray(parts["nbits"]).reshape(())), "group_size": int(np.asarray(parts["group_size"]).reshape(())),
-            "axis": int(np.asarray(parts["axis"]).reshape(())), "shape": tuple(shape),
-            "packing": text("packing") if "packing" in parts else hqq.PACKING.get(int(np.asarray(parts["nbits"]).reshape(())), "")}
+    bits = number("nbits")
+    return {"nbits": bits, "group_size": number("group_size"), "axis": number("axis"), "shape": tuple(shape),
+            "packing": text("packing") if "packing" in parts else hqq.PACKING.get(bits, "")}
 
 
 class Quanto(Layout):
@@ -996,15 +1005,12 @@ class Quanto(Layout):
 
     @classmethod
     def unpack(cls, parts, p):
-        def float_part(k: str) -> torch.Tensor:
-            a = np.asarray(parts[k])
-            return from_numpy(a, {np.dtype(np.uint16): "BF16", np.dtype(np.float16): "F16"}.get(a.dtype, "F32"))
-        scale = float_part("weight._scale")
+        scale = float_tensor(parts["weight._scale"])
         if "weight._data" in parts:
             return quanto.dequantize_int8(torch.from_numpy(np.array(parts["weight._data"])), scale).float().numpy()
         # [R, C] rows of the row-major weight: the reader reshapes them to [N, K]
         codes = quanto.unpack4(torch.from_numpy(np.array(parts["weight._data._data"])), len(scale))
-        shift = float_part("weight._shift")
+        shift = float_tensor(parts["weight._shift"])
         return quanto.dequantize_int4(codes, scale, shift, tuple(codes.shape)).float().numpy()
 
     @classmethod
@@ -1079,7 +1085,8 @@ def layout_of(config) -> tuple[type[Layout], Params] | None:
         except (OSError, ValueError) as e:
             raise InputError(f"{qmap}: not readable JSON ({e})") from None
         text = config.data.get("text_config") if isinstance(config.data.get("text_config"), dict) else config.data
-        return Quanto, Quanto.params_from_qmap(found, int(text.get("hidden_size") or 0), qmap)
+        hidden = text.get("hidden_size")
+        return Quanto, Quanto.params_from_qmap(found, hidden if isinstance(hidden, int) else 0, qmap)
     if q is None:
         return None
     if not isinstance(q, dict):

@@ -29,10 +29,10 @@ from qconvert.calibrate.gptq import GPTQObserver
 from qconvert.calibrate.w8a8 import W8A8Observer
 from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, largest_magnitude, plan_checkpoint
 from qconvert.errors import InputError, Interrupted
-from qconvert.layouts import HQQ, TORCH_DTYPES, Quanto, from_numpy, to_numpy
+from qconvert.layouts import TORCH_DTYPES, from_numpy, to_numpy
 from qconvert.model import Model, open_model
 from qconvert.plan import Plan, make_plan, model_label
-from qconvert.quant import bnb, fp8, hqq
+from qconvert.quant import bnb, fp8
 from qconvert.quant.blocks import to_float32
 from qconvert.quant.recipes import Overrides
 from qconvert.read.imatrix import load_imatrix
@@ -209,16 +209,9 @@ def _bnb_int8(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
             bnb.dequantize_int8(codes, scb))
 
 
-def _hqq(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
-    p = cp.opts.params
-    q, scale, zero = hqq.quantize(w, p.bits, p.group_size)
-    parts = HQQ.quantized(q, scale, zero, tuple(w.shape), p)
-    dtype = TORCH_DTYPES[p.dtype]
-    return parts, hqq.dequantize(q, scale.to(dtype), zero.to(dtype), tuple(w.shape))
-
-
-def _quanto(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
-    return Quanto.quantized(w, cp.opts.params)
+def _by_layout(w: torch.Tensor, cp: CheckpointPlan) -> tuple[dict, torch.Tensor]:
+    """A layout that quantizes a weight itself (HQQ, quanto)."""
+    return cp.opts.layout.quantized(w, cp.opts.params)
 
 
 # a per-tensor method in a format: (weight [N, K] in the checkpoint's dtype, plan) -> (the linear's
@@ -227,8 +220,8 @@ TENSOR_METHODS = {("fp8", "compressed-tensors"): _fp8(fp8.channel, None),
                   ("fp8-block", "compressed-tensors"): _fp8(fp8.blockwise, (128, 128)),
                   ("fp8-block", "hf-fp8"): _fp8(fp8.transformers_blockwise, (128, 128)),
                   ("nf4", "bitsandbytes"): _bnb_4bit, ("fp4", "bitsandbytes"): _bnb_4bit,
-                  ("int8", "bitsandbytes"): _bnb_int8, ("hqq", "hqq"): _hqq,
-                  ("quanto-int4", "quanto"): _quanto, ("quanto-int8", "quanto"): _quanto}
+                  ("int8", "bitsandbytes"): _bnb_int8, ("hqq", "hqq"): _by_layout,
+                  ("quanto-int4", "quanto"): _by_layout, ("quanto-int8", "quanto"): _by_layout}
 
 
 def tensor_pass(model: Model, cp: CheckpointPlan, progress: Progress | None) -> CheckpointWriter:

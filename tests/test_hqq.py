@@ -55,16 +55,15 @@ def test_quantize_is_hqq(dtype, shape, group, bits):
     w = awkward(*shape, DTYPES[dtype])
     theirs = hqq_linear(w, bits, group)
     state = theirs.state_dict()
-    q, scale, zero = hqq.quantize(w, bits, group)
     p = Params(bits, group, dtype={"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype])
-    parts = HQQ.quantized(q, scale, zero, shape, p)
+    parts, dequantized = HQQ.quantized(w, p)
     for k, v in state.items():
         mine = torch.from_numpy(parts[k])
         if v.dtype == torch.bfloat16:
             mine = mine.view(torch.bfloat16)
         assert same(mine, v.data), k
     assert set(parts) == set(state)
-    assert same(HQQ.decode(parts, p), theirs.dequantize())
+    assert same(HQQ.decode(parts, p), theirs.dequantize()) and same(dequantized, theirs.dequantize())
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
