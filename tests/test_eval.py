@@ -11,6 +11,7 @@ import pytest
 from qconvert.quant.recipes import RECIPES
 from tests.helpers import one_line_error, run_cli
 from tests.models import FAMILIES
+from tests.oracles import generic_llama
 
 CTX, CHUNKS = 64, 6
 
@@ -38,13 +39,13 @@ def ours(capsys, *args) -> dict:
 
 
 def llama_cpp_nll(path, src, text) -> np.ndarray:
-    """llama.cpp's negative log-likelihoods of the scored tokens, for the chunks eval scores."""
-    from llama_cpp import Llama
-
+    """llama.cpp's negative log-likelihoods of the scored tokens, for the chunks eval scores. Its
+    CPU kernels quantize activations to 8 bits for every quantized weight type, which moves a tiny
+    random model's perplexity by up to 0.9% from our float forward: the 1% the tests allow."""
     from qconvert.calibrate.text import tokenize
     from qconvert.evaluate import chunk_tokens
 
-    llm = Llama(str(path), n_ctx=CTX, logits_all=True, n_threads=2, verbose=False)
+    llm = generic_llama(path, n_ctx=CTX, logits_all=True, n_threads=2, verbose=False)
     bos = llm.token_bos() if llm.metadata.get("tokenizer.ggml.add_bos_token") == "true" else None
     chunks = chunk_tokens(tokenize(src, text.read_text(encoding="utf-8")), CTX, CHUNKS, bos, "text")
     out = []

@@ -126,13 +126,13 @@ def make_gptq(src, out, capsys, *extra, method="gptq"):
     return report["outputs"][0]
 
 
-def our_logits(path) -> torch.Tensor:
+def our_logits(path, ids: list[int] = IDS) -> torch.Tensor:
     from qconvert.evaluate import open_model
 
     m = open_model(str(path))
     try:
         with torch.inference_mode():
-            return m.forward().logits(torch.tensor([IDS]))[0]
+            return m.forward().logits(torch.tensor([ids]))[0]
     finally:
         m.close()
 
