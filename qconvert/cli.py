@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Annotated, Optional
@@ -97,18 +98,16 @@ MaxShard = Annotated[str, typer.Option("--max-shard-size", help="gptq: largest s
                                                                 "500MB.")]
 
 
-def parse_size(text: str) -> int:
-    import re
-
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
     if not m:
-        raise UsageError(f"--max-shard-size: cannot read {text!r}; write e.g. 5GB or 500MB")
+        raise UsageError(f"{option}: cannot read {text!r}; write e.g. 5GB or 500MB")
     unit = (m.group(2) or "B").upper()
     mult = {"B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
             "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}[unit]
     n = int(float(m.group(1)) * mult)
     if n < 1:
-        raise UsageError("--max-shard-size must be positive")
+        raise UsageError(f"{option} must be positive")
     return n
 
 
@@ -389,6 +388,150 @@ def eval_cmd(models: Annotated[list[str], typer.Argument(metavar="MODEL", help="
     out.print(f"{r.seconds:.1f}s, peak memory {r.peak_rss_bytes / 1e9:.2f} GB")
 
 
+@app.command("batch")
+def batch_cmd(jobs: Annotated[Path, typer.Argument(help="The jobs file: JSON Lines, or YAML (.yaml/.yml), one "
+                                                "job per model.", show_default=False)],
+              ray: Annotated[Optional[str], typer.Option("--ray", help="Run each job as a Ray task: 'auto' (the "
+                                                         "cluster this machine belongs to), an address "
+                                                         "(HOST:PORT, ray://HOST:PORT), or 'local' (a cluster of "
+                                                         "this machine alone, started for the batch). Needs "
+                                                         "qconvert[ray].", show_default=False)] = None,
+              parallel: Annotated[int, typer.Option("--parallel", "-p", min=0, help="Jobs side by side on this "
+                                                    "machine; 0: one per core, as memory allows.")] = 0,
+              threads: Annotated[int, typer.Option("--threads", "-j", min=0, help="Threads per job; 0: the cores "
+                                                   "shared among the jobs side by side (Ray: 2).")] = 0,
+              memory: Annotated[Optional[str], typer.Option("--memory", help="Memory the jobs side by side may "
+                                                            "use together, e.g. 24GB; default: what the machine "
+                                                            "has available. Each job's peak is estimated from its "
+                                                            "checkpoint.", show_default=False)] = None,
+              retries: Annotated[int, typer.Option("--retries", min=0, help="Further attempts for a job whose "
+                                                   "process was killed, or whose Ray worker was lost.")] = 2,
+              manifest: Annotated[Optional[Path], typer.Option("--manifest", help="Where finished jobs are "
+                                                               "recorded with their outputs' sha256. Default: "
+                                                               "JOBS.manifest.json beside the jobs file.",
+                                                               show_default=False)] = None,
+              force: Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs, and make "
+                                                  "again a recorded job whose outputs changed.")] = False,
+              dry_run: Annotated[bool, typer.Option("--dry-run", help="Say what would run, what is done "
+                                                    "(verified) and each job's memory estimate; run nothing.")] = False,
+              json_: Json = False, quiet: Quiet = False) -> None:
+    """Run many conversions from a jobs file: each job one model to its targets, resumable.
+
+    Each line of JOBS is one job: {"source": "./model", "to": "q4_k_m,gptq", "output": "out/model/",
+    "revision": null, "options": {"calib-samples": 64}} (options: the convert command's long option
+    names; true/false for switches). Each job is one `qconvert convert` process reading its
+    checkpoint once for all its targets (the same bytes as the single command), side by side as
+    cores and memory allow, or a Ray task with --ray. Finished jobs are recorded in the manifest
+    with their outputs' sha256: a second run skips them, verified. A job whose process was killed
+    (or whose Ray worker was lost) is tried again; one that failed on its input or output is
+    reported and the others go on. Exit code 0 when every job is done, 5 when some failed.
+
+    [b]Examples[/b]
+
+      qconvert batch jobs.jsonl                         [dim]# on this machine[/dim]
+
+      qconvert batch jobs.yaml --ray auto               [dim]# on the Ray cluster this machine is in[/dim]
+
+      qconvert batch jobs.jsonl --json > summary.json   [dim]# for CI[/dim]
+    """
+    from qconvert import batch
+
+    flags = _convert_flags()
+    parsed = batch.read_jobs(jobs, flags)
+    record = batch.Manifest(manifest or jobs.with_name(jobs.name + ".manifest.json"))
+    opts = batch.BatchOptions(parallel, threads, parse_size(memory, "--memory") if memory else 0, retries, force, ray)
+    outcomes = batch.plan_batch(parsed, record, force)
+    start = time.perf_counter()
+    if dry_run:
+        for o in outcomes:
+            if o.status == "pending":
+                o.estimate_bytes = batch.estimate_peak_bytes(o.job)
+                o.status = "would run"
+    else:
+        show = not (quiet or json_ or not err.is_terminal)
+        display = _BatchDisplay(len(outcomes), sum(o.status == "skipped" for o in outcomes)) if show else None
+        try:
+            batch.run_batch(outcomes, record, opts, _cores(), display.event if display else None)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted; the jobs that were running left no output behind, the finished ones "
+                              f"are recorded in {record.path}") from None
+        finally:
+            if display:
+                display.stop()
+    code = batch.exit_code(outcomes)
+    if json_:
+        print(json.dumps({"jobs": [o.as_dict() for o in outcomes], "manifest": str(record.path),
+                          **{k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed")},
+                          "seconds": round(time.perf_counter() - start, 3), "exit_code": code}, indent=2))
+    elif not quiet:
+        _print_batch(outcomes, record.path, time.perf_counter() - start)
+    if code:
+        raise typer.Exit(code)
+
+
+def _convert_flags():
+    """The convert command's long options, as a jobs file's `options` names them."""
+    from qconvert.batch import Flag
+
+    command = typer.main.get_command(app).commands["convert"]
+    flags = {}
+    for p in command.params:
+        if p.param_type_name != "option":
+            continue
+        name = max((o for o in p.opts if o.startswith("--")), key=len)[2:]
+        flags[name] = Flag(name, not p.is_flag, p.secondary_opts[0] if p.secondary_opts else None, p.multiple)
+    return flags
+
+
+class _BatchDisplay:
+    """One progress display for the whole batch: the jobs finished, and one line per job running."""
+
+    def __init__(self, total: int, skipped: int):
+        from rich.progress import SpinnerColumn
+
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                            TimeElapsedColumn(), console=err, transient=True)
+        self.overall = self.bar.add_task("[bold]batch", total=total, completed=skipped)
+        self.running: dict[int, int] = {}
+        self.bar.start()
+
+    def event(self, what: str, o) -> None:
+        j = o.job
+        if what == "start":
+            again = f" (attempt {o.attempts})" if o.attempts > 1 else ""
+            self.running[j.index] = self.bar.add_task(escape(f"job {j.index}: {j.source} -> {j.to}{again}"), total=None)
+            return
+        task = self.running.pop(j.index, None)
+        if task is not None:
+            self.bar.remove_task(task)
+        if what == "retry":
+            _error("warning", f"job {j.index} ({j.source}): {o.error}; trying again", "yellow")
+            return
+        self.bar.advance(self.overall)
+        if o.status == "failed":
+            _error("error", f"job {j.index} ({j.source} -> {j.to}): {o.error}")
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+def _print_batch(outcomes, manifest: Path, seconds: float) -> None:
+    t = Table("job", "source", "to", "status", "tries", "s", "peak MB", "outputs / error", box=None)
+    for o in outcomes:
+        peak = f"{o.peak_rss_bytes / 1e6:.0f}" if o.peak_rss_bytes else "-"
+        if o.status == "would run":
+            peak = f"~{o.estimate_bytes / 1e6:.0f}"
+        colour = {"done": "green", "skipped": "dim", "failed": "red"}.get(o.status, "")
+        what = o.error if o.status == "failed" else ", ".join(Path(x["path"]).name for x in o.outputs)
+        t.add_row(str(o.job.index), escape(o.job.source), o.job.to, f"[{colour}]{o.status}[/{colour}]" if colour
+                  else o.status, str(o.attempts or "-"), f"{o.seconds:.1f}" if o.attempts else "-", peak,
+                  escape(what or ""))
+    out.print(t)
+    counts = {k: sum(o.status == k for o in outcomes) for k in ("done", "skipped", "failed", "would run")}
+    out.print(", ".join(f"{n} {k}" for k, n in counts.items() if n) + f" in {seconds:.1f}s; manifest "
+              f"{escape(str(manifest))}")
+
+
 def _bars(bars: list[Progress]):
     """A progress callback (what, done, total): one bar per stage, on stderr, gone when done."""
     state: dict[str, tuple] = {}
@@ -487,7 +630,7 @@ def _on_sigterm(signum, frame):  # noqa: ARG001
     raise KeyboardInterrupt
 
 
-COMMANDS = {"convert", "eval", "imatrix", "inspect"}
+COMMANDS = {"batch", "convert", "eval", "imatrix", "inspect"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,7 @@
 """Typed errors. Library code raises these; only cli.py prints them and exits.
 
 Exit codes (DESIGN.md): 0 ok, 1 internal error, 2 usage, 3 input problem, 4 output problem,
+5 some jobs of a batch failed (qconvert batch: each job keeps its own code),
 130 interrupted.
 """
 from __future__ import annotations
