@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import qconvert_cmd, real_model  # noqa: E402
+from common import leave_bench_dir, qconvert_cmd, real_model  # noqa: E402
 
 TINY = ["llama-wide", "gemma3", "phi3"]  # tests/models.py's random models
 
@@ -34,6 +34,7 @@ def make_models(root: Path) -> dict[str, Path]:
     """SmolLM2-135M; Qwen2.5-0.5B's widths at 4 layers, random; three tiny random families."""
     from gptq import MAKE_MODEL
 
+    leave_bench_dir()  # bench/kernels.py would shadow the `kernels` package transformers imports
     from tests.models import build
 
     out = {"smollm2": real_model("smollm2-135m")}
@@ -53,7 +54,8 @@ def jobs(models: dict[str, Path], out: Path, calib: dict) -> list[dict]:
     return [
         {"source": str(models["smollm2"]), "to": "q8_0,q4_k_m,iq4_xs", "output": str(out / "smollm2-gguf"),
          "options": calib},
-        {"source": str(models["smollm2"]), "to": "gptq", "output": str(out / "smollm2-gptq"), "options": calib},
+        {"source": str(models["smollm2"]), "to": "gptq", "output": str(out / "smollm2-gptq"),
+         "options": {**calib, "group-size": 64}},
         {"source": str(models["smollm2"]), "to": "nf4,fp8", "output": str(out / "smollm2-nf4-fp8")},
         {"source": str(models["llama"]), "to": "q8_0,q4_k_m,q6_k", "output": str(out / "llama"), "options": calib},
         {"source": str(models["qwen2"]), "to": "awq", "output": str(out / "qwen2-awq"), "options": g32},

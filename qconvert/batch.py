@@ -47,6 +47,8 @@ class Flag:
     takes_value: bool
     negative: str | None = None  # "--no-clip" for a boolean pair
     repeatable: bool = False
+    param: str = ""  # the command's parameter it sets ("fmt" for --format)
+    path: bool = False  # a file the job reads (--calib, --imatrix): made absolute, as the source is
 
 
 @dataclass
@@ -173,12 +175,22 @@ def _job(index: int, where: str, d: Any, flags: dict[str, Flag]) -> BatchJob:
     options = d.get("options") or {}
     if not isinstance(options, dict):
         raise UsageError(f"{where}: 'options' is an object of the convert command's long option names")
-    args, given = [], {}
+    args, given, named = [], {}, {}
     for name, value in options.items():
-        arg, param = _option_args(where, str(name).lstrip("-"), value, flags)
+        name = str(name).lstrip("-")
+        flag = flags.get(name)
+        if flag is not None and flag.path and isinstance(value, str):
+            value = str(Path(value).expanduser().resolve())  # the same file whichever directory a worker starts in
+        named[name] = value
+        arg, param = _option_args(where, name, value, flags)
         args += arg
         if param is not None:
-            given[param] = "--" + str(name).lstrip("-")
+            given[param] = "--" + name
+    options = named
+    for name in ("calib-samples", "calib-seq-len"):  # the memory estimate reads them
+        if name in options and (isinstance(options[name], bool) or not isinstance(options[name], int)
+                                or options[name] < 1):
+            raise UsageError(f"{where}: option {name!r} is a positive whole number")
     try:
         targets.check_options(chosen, given)
     except UsageError as e:
@@ -206,7 +218,7 @@ def _option_args(where: str, name: str, value: Any, flags: dict[str, Flag]) -> t
     if flag is None:
         close = sorted(flags, key=lambda f: _distance(f, name))[:1]
         raise UsageError(f"{where}: unknown option {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    param = name.replace("-", "_")
+    param = flag.param or name.replace("-", "_")
     if not flag.takes_value:
         if not isinstance(value, bool):
             raise UsageError(f"{where}: option {name!r} is true or false")
@@ -266,7 +278,10 @@ class Manifest:
         if path.exists():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                if data.get("version") != MANIFEST_VERSION or not isinstance(data.get("jobs"), dict):
+                if data.get("version") != MANIFEST_VERSION or not isinstance(data.get("jobs"), dict) or not all(
+                        isinstance(e, dict) and isinstance(e.get("outputs"), list) and all(
+                            isinstance(o, dict) and isinstance(o.get("path"), str) and isinstance(o.get("sha256"), str)
+                            for o in e["outputs"]) for e in data["jobs"].values()):
                     raise ValueError("not a qconvert batch manifest")
             except (OSError, ValueError, AttributeError) as e:
                 raise UsageError(f"{path}: cannot read the batch manifest ({e}); move it away to start afresh") from None
@@ -319,8 +334,11 @@ def estimate_peak_bytes(job: BatchJob) -> int:
     from qconvert import targets
     from qconvert.read.checkpoint import open_checkpoint
 
+    where = _local_copy(job.source, job.revision)
+    if where is None:
+        return BASE_BYTES
     try:
-        ckpt = open_checkpoint(job.source, job.revision)
+        ckpt = open_checkpoint(where)
     except Exception:
         return BASE_BYTES
     try:
@@ -338,6 +356,19 @@ def estimate_peak_bytes(job: BatchJob) -> int:
         tokens = int(job.options.get("calib-samples", 32)) * int(job.options.get("calib-seq-len", 512))
         estimate += 2 * 4 * layer + 4 * 4 * tokens * int(hidden)
     return int(estimate)
+
+
+def _local_copy(source: str, revision: str | None) -> str | None:
+    """The source's directory, or a hub id's snapshot in the local cache: never a download (the
+    job downloads it when it runs, on whichever machine runs it)."""
+    if Path(source).expanduser().is_dir():
+        return source
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source, revision=revision, local_files_only=True)
+    except Exception:  # not in the cache, or not a hub id: the job will say which
+        return None
 
 
 def _elements(shape) -> int:
@@ -408,7 +439,8 @@ def run_job_process(argv: list[str]) -> tuple[int, str, str, str, float]:
 
     started = time.time()
     outf, errf = _spool(), _spool()
-    p = subprocess.Popen(job_command(argv), stdout=outf, stderr=errf, preexec_fn=_die_with_parent)
+    p = subprocess.Popen(job_command(argv), stdout=outf, stderr=errf, preexec_fn=_die_with_parent,
+                         start_new_session=True)
     try:
         p.wait()
     except BaseException:  # Ray's cancel: interrupted as Ctrl-C would, so the job removes its partial outputs
@@ -482,10 +514,11 @@ def run_batch(outcomes: list[Outcome], manifest: Manifest, opts: BatchOptions, c
               events: Events | None = None) -> None:
     events = events or (lambda what, o: None)
     todo = [o for o in outcomes if o.status == "pending"]
-    for o in todo:
-        o.estimate_bytes = estimate_peak_bytes(o.job)
     if not todo:
         return
+    manifest.save()  # where it cannot be written, say so before any job runs
+    for o in todo:
+        o.estimate_bytes = estimate_peak_bytes(o.job)
     if opts.ray is not None:
         _run_ray(todo, manifest, opts, cores, events)
     else:
@@ -510,6 +543,8 @@ def _ended(o: Outcome, transient: bool, manifest: Manifest, opts: BatchOptions, 
 def _run_local(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, cores: int, events: Events) -> None:
     budget = opts.memory or available_memory()
     at_once = opts.parallel or (max(1, cores // opts.threads) if opts.threads else cores)
+    if not opts.parallel:  # no more side by side than memory holds, so the cores go to those that run
+        at_once = min(at_once, max(1, budget // max(o.estimate_bytes for o in todo)))
     at_once = max(1, min(at_once, len(todo)))
     threads = opts.threads or max(1, cores // at_once)
     queue = list(todo)
@@ -526,8 +561,9 @@ def _run_local(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, core
                 queue.pop(0)
                 o.status, o.attempts, o.started = "running", o.attempts + 1, time.time()
                 outf, errf = _spool(), _spool()
+                # a session of its own: a terminal's Ctrl-C reaches the batch, which stops each job once
                 p = subprocess.Popen(job_command(o.job.argv(threads, opts.force)), stdout=outf,
-                                     stderr=errf, preexec_fn=_die_with_parent)
+                                     stderr=errf, preexec_fn=_die_with_parent, start_new_session=True)
                 running[p] = (o, time.perf_counter(), outf, errf)
                 events("start", o)
             time.sleep(0.05)
@@ -541,6 +577,7 @@ def _run_local(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, core
         _stop(list(running))
         for o, *_ in running.values():
             o.status, o.error, o.exit_code = "failed", "interrupted", 130
+            remove_partials(o.job.output)
         raise
 
 
@@ -558,11 +595,11 @@ def _read(f) -> str:
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
-    """Interrupt the jobs still running (each removes its partial outputs, as a single command
-    does on Ctrl-C) and wait for them."""
+    """Stop the jobs still running (SIGTERM: each removes its partial outputs, as a single
+    command does) and wait for them; one that has not ended in 30 s is killed."""
     for p in procs:
         if p.poll() is None:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 30
     for p in procs:
         try:
@@ -586,18 +623,24 @@ def _run_ray_tasks(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, 
         from ray import exceptions as rx
     except ImportError:
         raise UsageError("--ray needs Ray: pip install 'qconvert[ray]'") from None
-    address = None if opts.ray == "local" else opts.ray
     pending: dict[Any, Outcome] = {}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+        ray.init(address=opts.ray, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
                  configure_logging=False, ignore_reinit_error=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise UsageError(f"--ray {opts.ray}: cannot reach a Ray cluster ({' '.join(str(e).split())[:200]})") \
             from None
+    finally:
+        for s, h in handlers.items():  # Ray's own exit on SIGTERM would skip stopping the jobs
+            signal.signal(s, h)
     try:
-        resources = ray.cluster_resources()
-        largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")), default=0)
-        threads = opts.threads or max(1, min(int(resources.get("CPU", cores)), cores, 2))
+        alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        largest = max((n.get("memory", 0) for n in alive), default=0)
+        most_cpus = max((int(n.get("CPU", 0)) for n in alive), default=0)
+        threads = opts.threads or 2
+        if most_cpus:
+            threads = min(threads, most_cpus)  # a task no node can hold would wait for ever
         task = ray.remote(run_job_process)
 
         def submit(o: Outcome) -> None:
@@ -621,7 +664,8 @@ def _run_ray_tasks(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, 
                     rc, stdout, stderr, o.where, o.started = ray.get(ref)
                     transient = finish(o, rc, stdout, stderr)
                 except (rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError, rx.OwnerDiedError,
-                        rx.TaskCancelledError, rx.RaySystemError) as e:
+                        rx.TaskCancelledError, rx.RaySystemError, rx.OutOfMemoryError,
+                        rx.LocalRayletDiedError) as e:
                     o.status, o.exit_code = "failed", None
                     o.error = f"the Ray worker was lost ({type(e).__name__})"
                     transient = True
@@ -645,7 +689,7 @@ def _run_ray_tasks(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, 
 def exit_code(outcomes: list[Outcome]) -> int:
     """0 when every job is done or skipped; 5 when some failed (each job's own code in the
     summary); 130 when interrupted."""
-    failed = [o for o in outcomes if o.status != "done" and o.status != "skipped"]
+    failed = [o for o in outcomes if o.status not in ("done", "skipped", "would run")]
     if not failed:
         return 0
     if any(o.exit_code == 130 and o.error == "interrupted" for o in failed):

@@ -47,8 +47,9 @@ Calib = Annotated[Optional[Path], typer.Option("--calib", help="Calibration text
 CalibSamples = Annotated[int, typer.Option("--calib-samples", min=1, help="Calibration samples.")]
 CalibSeqLen = Annotated[int, typer.Option("--calib-seq-len", min=16, help="Tokens per calibration sample.")]
 ExactCalib = Annotated[bool, typer.Option("--exact-calib", help="Float32 matrix products in the calibration forward: "
-                                                                "q4_k_m/iq4_nl and imatrix instead of int8 (about 1.5x "
-                                                                "slower; the matrix moves by about 1%); gptq instead of "
+                                                                "q4_k_m/iq4_nl and imatrix instead of int8 on CPUs with "
+                                                                "int8 dot products (about 1.5x slower; the matrix moves "
+                                                                "by about 1%; other CPUs always run float32); gptq instead of "
                                                                 "bfloat16 on CPUs that have it (about 1.25x slower).")]
 Seed = Annotated[int, typer.Option("--seed", min=0, max=2 ** 63 - 1,
                                    help="Which samples of a long text; same inputs, same file.")]
@@ -473,13 +474,18 @@ def _convert_flags():
     """The convert command's long options, as a jobs file's `options` names them."""
     from qconvert.batch import Flag
 
+    import typing
+
     command = typer.main.get_command(app).commands["convert"]
+    hints = typing.get_type_hints(convert_cmd)  # Optional[Path] for the files a job reads
     flags = {}
     for p in command.params:
         if p.param_type_name != "option":
             continue
         name = max((o for o in p.opts if o.startswith("--")), key=len)[2:]
-        flags[name] = Flag(name, not p.is_flag, p.secondary_opts[0] if p.secondary_opts else None, p.multiple)
+        path = Path in (typing.get_args(hints.get(p.name)) or (hints.get(p.name),))
+        flags[name] = Flag(name, not p.is_flag, p.secondary_opts[0] if p.secondary_opts else None, p.multiple,
+                           p.name, path)
     return flags
 
 

@@ -24,7 +24,7 @@ import torch
 from qconvert.calibrate import imatrix as imatrix_mod
 from qconvert.calibrate import text
 from qconvert.calibrate.awq import AWQObserver
-from qconvert.calibrate.driver import native_bf16, run_layers
+from qconvert.calibrate.driver import native_bf16, native_int8, run_layers
 from qconvert.calibrate.gptq import GPTQObserver
 from qconvert.calibrate.w8a8 import W8A8Observer
 from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, largest_magnitude, plan_checkpoint
@@ -137,12 +137,13 @@ def imatrix_pass(model: Model, plan: Plan, samples: text.Calibration, exact: boo
     """The float model (int8 products unless `exact`) with the importance matrix's collector;
     the GGUF mixtures get its weights."""
     t = time.perf_counter()
+    int8 = not exact and native_int8()
     made, rec = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
-                                    path=Path("qconvert:calibration"), int8=not exact)
+                                    path=Path("qconvert:calibration"), int8=int8)
     plan.use_imatrix(made)
     return {"method": "imatrix", "targets": [o.recipe.name for o in plan.outputs if o.weights is not None and
                                              o.recipe.quantizes_like_llama_quantize],
-            "forward": "float32" if exact else "int8", "feeds": imatrix_mod.Collector.feeds, "entries": len(made.entries),
+            "forward": "int8" if int8 else "float32", "feeds": imatrix_mod.Collector.feeds, "entries": len(made.entries),
             **unreached_experts(rec), "seconds": round(time.perf_counter() - t, 3)}
 
 
@@ -292,7 +293,7 @@ def make_imatrix(source: str, output: Path | None, calibration: CalibrationOptio
         samples = text.samples(model.ckpt.path, calibration.text, calibration.samples, calibration.seq_len,
                                calibration.seed, model.bos, model.family.max_positions())
         _, rec = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
-                                     int8=not calibration.exact)
+                                     int8=not calibration.exact and native_int8())
         size, sha = imatrix_mod.write_imatrix(path, rec, [samples.dataset], *samples.tokens.shape, force=force)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; no output was left behind") from None

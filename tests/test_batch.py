@@ -74,7 +74,9 @@ def test_batch_is_the_single_commands_and_resumes(three, tmp_path, capsys):
         to = spec["to"] if isinstance(spec["to"], str) else ",".join(spec["to"])
         single(capsys, spec["source"], to, alone, spec.get("options") or {})
         assert tree(Path(spec["output"])) == tree(alone), spec
-        assert j["attempts"] == 1 and j["estimate_bytes"] >= j["peak_rss_bytes"] > 0
+        # (peaks here start from pytest's own RSS, which a forked child's ru_maxrss inherits:
+        # bench/batch.py compares estimates with peaks from a small batch process)
+        assert j["attempts"] == 1 and j["estimate_bytes"] > 0 and j["peak_rss_bytes"] > 0
     assert len(r["jobs"][0]["outputs"]) == 2  # two files of one job
     manifest = jobs.with_name("jobs.jsonl.manifest.json")
     assert Path(r["manifest"]) == manifest and len(json.loads(manifest.read_text())["jobs"]) == 3
@@ -131,6 +133,8 @@ def test_memory_decides_what_runs_side_by_side(three, tmp_path, capsys):
     def spans(r):
         return [(datetime.fromisoformat(j["started"]), datetime.fromisoformat(j["ended"])) for j in r["jobs"]]
 
+    code, out, err = run_cli(["batch", jobs, "--dry-run"], capsys)  # nothing runs, and that is no failure
+    assert code == 0 and "2 would run" in out and "~" in out and not (tmp_path / "out").exists(), out + err
     code, r, err = batch(capsys, jobs, "--parallel", "2", "--memory", "1B")  # each job alone is over it
     assert code == 0, err
     (s1, e1), (s2, e2) = spans(r)
@@ -197,7 +201,8 @@ def test_a_killed_job_that_is_not_retried_leaves_nothing_partial(tiny, tmp_path)
     assert p.returncode == 5, stderr[-3000:]
     job = json.loads(stdout)["jobs"][0]
     assert job["status"] == "failed" and "killed (SIGKILL)" in job["error"], job
-    assert list((tmp_path / "out").iterdir()) == [] and not jobs.with_name("jobs.jsonl.manifest.json").exists()
+    assert list((tmp_path / "out").iterdir()) == []
+    assert json.loads(jobs.with_name("jobs.jsonl.manifest.json").read_text())["jobs"] == {}  # nothing recorded
 
 
 def test_ctrl_c_stops_the_batch_and_leaves_no_partial_output(tiny, tmp_path):
@@ -231,6 +236,10 @@ def test_ctrl_c_stops_the_batch_and_leaves_no_partial_output(tiny, tmp_path):
     ('{"source": "m", "to": "gptq", "output": "o", "options": {"act-order": "yes"}}',
      ["jobs.jsonl:2", "'act-order' is true or false"]),
     ('{"source": "m", "to": "q8_0", "output": "o", "options": {"threads": 4}}', ["jobs.jsonl:2", "batch's to set"]),
+    ('{"source": "m", "to": "q8_0", "output": "o", "options": {"format": "hf-fp8"}}',
+     ["jobs.jsonl:2", "--format applies to"]),
+    ('{"source": "m", "to": "gptq", "output": "o", "options": {"--calib-samples": "many"}}',
+     ["jobs.jsonl:2", "'calib-samples' is a positive whole number"]),
     ('{"source": "m", "to": "q8_0", "output": "o"}\n{"source": "n", "to": "f16", "output": "o"}',
      ["jobs.jsonl:3", "each job needs its own"]),
     ('{"source": "m", "to": "q8_0", "output": "o"', ["jobs.jsonl:2", "not a JSON object"]),

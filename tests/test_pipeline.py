@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from qconvert.calibrate.driver import native_bf16
+from qconvert.calibrate.driver import native_bf16, native_int8
 
 from tests.golden_outputs import tree_hash
 from tests.helpers import files_in, one_line_error, run_cli
@@ -29,7 +29,8 @@ def test_one_command_gives_the_bytes_of_separate_runs(tiny, tmp_path, capsys):
     assert [(p["method"], p["targets"]) for p in passes] == [("imatrix", ["q4_k_m", "iq4_nl"]), ("gptq", ["gptq"]),
                                                              ("awq", ["awq"])]
     assert [p["feeds"] for p in passes] == ["float outputs", "quantized outputs", "float outputs"]
-    assert [p["forward"] for p in passes] == ["int8", "bfloat16" if native_bf16() else "float32", "float32"]
+    assert [p["forward"] for p in passes] == ["int8" if native_int8() else "float32",
+                                              "bfloat16" if native_bf16() else "float32", "float32"]
     for o in report["outputs"]:
         assert Path(o["path"]).parent == tmp_path / "all"
         if o["kind"] == "checkpoint":

@@ -80,8 +80,9 @@ def collect(family, calib: Calibration, threads: int, progress: Callable[[int, i
             path: Path = Path("(in memory)"), int8: bool = True) -> tuple[Imatrix, Collector]:
     """Run the calibration samples through the model layer by layer; returns the imatrix.
     `int8`: the forward's linear layers run as int8 products (Forward.int8_linear), about 1.5x
-    the speed of the whole calibration; the statistics move by about 1%, as they would computed
-    from a Q8_0 model."""
+    the speed of the whole calibration on CPUs with int8 dot products (the callers ask for it
+    only there: driver.native_int8); the statistics move by about 1%, as they would computed from
+    a Q8_0 model."""
     torch.set_num_threads(max(1, threads))
     rec = Collector(family)
     fw = family.forward()
