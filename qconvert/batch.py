@@ -29,6 +29,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from qconvert.errors import Interrupted, UsageError
 
 MANIFEST_VERSION = 1
@@ -248,22 +250,14 @@ def _distance(a: str, b: str) -> int:
 
 # ---- the manifest ------------------------------------------------------------------------------
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def output_sha256(path: Path) -> str | None:
     """A file's sha256, a checkpoint directory's as its report gives it; None where it is gone."""
-    from qconvert.checkpoint import tree_sha256
+    from qconvert.checkpoint import file_sha256, tree_sha256
 
     try:
         if path.is_dir():
             return tree_sha256(path)
-        return file_sha256(path) if path.is_file() else None
+        return file_sha256(path).hex() if path.is_file() else None
     except OSError:
         return None
 
@@ -309,9 +303,9 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        from qconvert.writers.atomic import output_error
+        from qconvert.writers.atomic import output_error, temporary
 
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        tmp = temporary(self.path, "partial")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"version": MANIFEST_VERSION, "jobs": self.jobs}, indent=1) + "\n",
@@ -342,15 +336,14 @@ def estimate_peak_bytes(job: BatchJob) -> int:
     except Exception:
         return BASE_BYTES
     try:
-        sizes = {name: _elements(t.shape) for name, t in ckpt.tensors.items()}
+        sizes = {name: int(np.prod(t.shape, dtype=np.int64)) for name, t in ckpt.tensors.items()}
         hidden = ckpt.config.data.get("hidden_size") or ckpt.config.data.get("n_embd") or 0
     finally:
         ckpt.close()
     estimate = BASE_BYTES + 2 * 4 * max(sizes.values(), default=0)
     chosen = targets.parse(job.to)
-    no_calib = job.options.get("no-calib") is True or job.options.get("calib") is False
-    calibrated = any(t.calibration == "always" or (t.calibration == "default" and not no_calib
-                                                   and "imatrix" not in job.options) for t in chosen)
+    uncalibrated = job.options.get("no-calib") is True or "imatrix" in job.options  # the mixtures'
+    calibrated = any(t.calibration == "always" or (t.calibration == "default" and not uncalibrated) for t in chosen)
     if calibrated:
         layer = sum(n for name, n in sizes.items() if ".layers.0." in name or ".h.0." in name)
         tokens = int(job.options.get("calib-samples", 32)) * int(job.options.get("calib-seq-len", 512))
@@ -369,13 +362,6 @@ def _local_copy(source: str, revision: str | None) -> str | None:
         return snapshot_download(source, revision=revision, local_files_only=True)
     except Exception:  # not in the cache, or not a hub id: the job will say which
         return None
-
-
-def _elements(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 def available_memory() -> int:
@@ -416,16 +402,11 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
 def remove_partials(output: Path) -> None:
     """The temporary outputs of the job's runs that ended without removing them: beside its
     output (a file or directory of one target) and inside it (a directory of several)."""
-    import re
-
-    from qconvert.writers.atomic import remove_stale
+    from qconvert.writers.atomic import remove_stale, remove_stale_in
 
     remove_stale(output)
     if output.is_dir():
-        for name in os.listdir(output):
-            m = re.fullmatch(r"\.(.+)\.\d+\.(partial|old)", name)
-            if m:
-                remove_stale(output / m.group(1))
+        remove_stale_in(output)
 
 
 def job_command(argv: list[str]) -> list[str]:

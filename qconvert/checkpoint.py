@@ -426,14 +426,18 @@ class CheckpointWriter:
         self.dir.abort()
 
 
+def file_sha256(path: Path) -> bytes:
+    one = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 24):
+            one.update(block)
+    return one.digest()
+
+
 def tree_sha256(d: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(p for p in d.iterdir() if p.is_file()):
-        one = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 24):
-                one.update(block)
-        h.update(f.name.encode() + b"\0" + one.digest())
+        h.update(f.name.encode() + b"\0" + file_sha256(f))
     return h.hexdigest()
 
 

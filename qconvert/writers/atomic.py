@@ -51,17 +51,28 @@ def _alive(pid: int) -> bool:
     return True
 
 
+_TEMPORARY = re.compile(r"\.(.+)\.(\d+)\.(partial|old)")  # what temporary() names: output, pid, kind
+
+
 def remove_stale(path: Path) -> None:
     """Remove the temporary outputs beside `path` whose run no longer exists."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.(partial|old)")
+    _remove_stale(path.parent, path.name)
+
+
+def remove_stale_in(directory: Path) -> None:
+    """Remove every temporary output in `directory` whose run no longer exists."""
+    _remove_stale(directory, None)
+
+
+def _remove_stale(directory: Path, name: str | None) -> None:
     try:
-        names = os.listdir(path.parent)
+        names = os.listdir(directory)
     except OSError:
         return
-    for name in names:
-        m = pattern.fullmatch(name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
-            stale = path.parent / name
+    for entry in names:
+        m = _TEMPORARY.fullmatch(entry)
+        if m and name in (None, m.group(1)) and int(m.group(2)) != os.getpid() and not _alive(int(m.group(2))):
+            stale = directory / entry
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
