@@ -1,7 +1,7 @@
 """GPTQ: qconvert against GPTQModel 7.7.0 on the same model and calibration tokens, two ways.
 
 usage: python bench/gptq.py [--model qwen2.5-0.5b] [--samples 32] [--seq-len 512] [--chunks 16]
-                            [--group-size 128] [--depth]
+                            [--group-size 128] [--depth] [--workers N]
 
 Defaults against defaults: `qconvert --to gptq` (activation order with static groups) against
 GPTQModel's default QuantizeConfig (act_group_aware: its group-aware reordering, desc_act off).
@@ -12,6 +12,10 @@ need less: SmolLM2's 576 takes 64), damping 0.05, symmetric, the same calibratio
 perplexity / KL divergence / top-1 against the float model on northangerabbey.txt, every
 checkpoint scored by `qconvert eval` (the same forward for all). --depth also quantizes random
 models of Qwen2.5-0.5B's width with 4 and 16 layers, to show peak memory does not grow with depth.
+
+--workers N instead runs qconvert's default GPTQ in one process and with --workers N (the same
+2 threads shared among the workers), and checks that the two checkpoints are the same bytes:
+wall times, and the peak RSS of the largest process (wait4's, over the driver and its workers).
 """
 from __future__ import annotations
 
@@ -77,6 +81,34 @@ def depth_check(tmp: Path, method: str = "gptq", model: str = "qwen2.5-0.5b", ca
         print(f"  {layers:2d} layers: {wall:6.1f} s, peak RSS {rss / 1e6:7.0f} MB", flush=True)
 
 
+def workers_check(src: Path, args) -> None:
+    import hashlib
+
+    def digest(d: Path) -> str:
+        h = hashlib.sha256()
+        for f in sorted(d.rglob("*")):
+            if f.is_file():
+                h.update(f.relative_to(d).as_posix().encode())
+                h.update(f.read_bytes())
+        return h.hexdigest()
+    print(f"{args.model}: GPTQ 4-bit group {args.group_size}, {args.samples} x {args.seq_len} calibration tokens, "
+          "2 threads in all")
+    with tempfile.TemporaryDirectory() as tmp:
+        seen = {}
+        for workers in (1, args.workers):
+            out = Path(tmp) / f"w{workers}"
+            wall, rss = measure(qconvert_cmd() + [
+                str(src), "--to", "gptq", "-o", str(out), "-q", "-j", "2", "--group-size", str(args.group_size),
+                "--calib-samples", str(args.samples), "--calib-seq-len", str(args.seq_len),
+                *(["--workers", str(workers)] if workers > 1 else [])])
+            seen[workers] = (wall, digest(out))
+            print(f"  {'one process' if workers == 1 else f'--workers {workers}':12s} {wall:7.1f} s, largest process's "
+                  f"peak RSS {rss / 1e6:6.0f} MB, sha256 {seen[workers][1][:16]}", flush=True)
+        w1, wn = seen[1], seen[args.workers]
+        print(f"  same bytes: {w1[1] == wn[1]}; wall time ratio --workers {args.workers} / one process: "
+              f"{wn[0] / w1[0]:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="qwen2.5-0.5b")
@@ -85,6 +117,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--depth", action="store_true")
+    ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--run-gptqmodel", nargs=5, metavar=("SRC", "OUT", "TOKENS", "DEFAULTS", "GROUP"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -92,6 +125,8 @@ def main() -> None:
         src_, out, tokens_, defaults, group = args.run_gptqmodel
         return run_gptqmodel(src_, out, tokens_, defaults == "1", int(group))
     src = real_model(args.model)
+    if args.workers:
+        return workers_check(src, args)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tokens = tmp / "tokens.npy"

@@ -35,7 +35,8 @@ from qconvert.errors import Interrupted, UsageError
 
 MANIFEST_VERSION = 1
 BASE_BYTES = 500 * 10 ** 6  # a job's floor: the interpreter, torch, numpy and qconvert (tiny models peak there)
-TRANSIENT_CODES = {130, 137, 143}  # interrupted, or killed (SIGKILL / SIGTERM) through a shell or a container
+# a calibration worker lost, interrupted, or killed (SIGKILL / SIGTERM) through a shell or a container
+TRANSIENT_CODES = {6, 130, 137, 143}
 # keys of a job; options hold the convert command's long option names
 KEYS = ("source", "to", "output", "revision", "options")
 # the batch sets these for every job itself
@@ -388,7 +389,7 @@ def available_memory() -> int:
 
 # ---- one job, one process ----------------------------------------------------------------------
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+def die_with_parent() -> None:  # pragma: no cover - runs in the child
     """The job's process ends when the process that started it does (a lost Ray worker, a
     killed batch) instead of writing on as an orphan."""
     try:
@@ -420,7 +421,7 @@ def run_job_process(argv: list[str]) -> tuple[int, str, str, str, float]:
 
     started = time.time()
     outf, errf = _spool(), _spool()
-    p = subprocess.Popen(job_command(argv), stdout=outf, stderr=errf, preexec_fn=_die_with_parent,
+    p = subprocess.Popen(job_command(argv), stdout=outf, stderr=errf, preexec_fn=die_with_parent,
                          start_new_session=True)
     try:
         p.wait()
@@ -544,7 +545,7 @@ def _run_local(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, core
                 outf, errf = _spool(), _spool()
                 # a session of its own: a terminal's Ctrl-C reaches the batch, which stops each job once
                 p = subprocess.Popen(job_command(o.job.argv(threads, opts.force)), stdout=outf,
-                                     stderr=errf, preexec_fn=_die_with_parent, start_new_session=True)
+                                     stderr=errf, preexec_fn=die_with_parent, start_new_session=True)
                 running[p] = (o, time.perf_counter(), outf, errf)
                 events("start", o)
             time.sleep(0.05)
@@ -591,34 +592,18 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 
 def _run_ray(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, cores: int, events: Events) -> None:
-    import contextlib
+    from qconvert.cluster import node_resources, ray_cluster
 
-    # Ray's driver prints its raylet's messages ("A worker died ...") on stdout, which is --json's
-    with contextlib.redirect_stdout(sys.stderr):
-        _run_ray_tasks(todo, manifest, opts, cores, events)
+    with ray_cluster(opts.ray) as ray:
+        _run_ray_tasks(ray, todo, opts, manifest, events, *node_resources(ray)[:2])
 
 
-def _run_ray_tasks(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, cores: int, events: Events) -> None:
-    try:
-        import ray
-        from ray import exceptions as rx
-    except ImportError:
-        raise UsageError("--ray needs Ray: pip install 'qconvert[ray]'") from None
+def _run_ray_tasks(ray, todo: list[Outcome], opts: BatchOptions, manifest: Manifest, events: Events,
+                   most_cpus: int, largest: int) -> None:
+    from ray import exceptions as rx
+
     pending: dict[Any, Outcome] = {}
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ray.init(address=opts.ray, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                 configure_logging=False, ignore_reinit_error=True)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UsageError(f"--ray {opts.ray}: cannot reach a Ray cluster ({' '.join(str(e).split())[:200]})") \
-            from None
-    finally:
-        for s, h in handlers.items():  # Ray's own exit on SIGTERM would skip stopping the jobs
-            signal.signal(s, h)
-    try:
-        alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        largest = max((n.get("memory", 0) for n in alive), default=0)
-        most_cpus = max((int(n.get("CPU", 0)) for n in alive), default=0)
         threads = opts.threads or 2
         if most_cpus:
             threads = min(threads, most_cpus)  # a task no node can hold would wait for ever
@@ -663,8 +648,6 @@ def _run_ray_tasks(todo: list[Outcome], manifest: Manifest, opts: BatchOptions, 
         if pending:
             ray.wait(list(pending), num_returns=len(pending), timeout=30)  # the jobs remove their partial outputs
         raise
-    finally:
-        ray.shutdown()
 
 
 def exit_code(outcomes: list[Outcome]) -> int:

@@ -63,6 +63,14 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON report on std
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite existing outputs.")]
 Threads = Annotated[int, typer.Option("--threads", "-j", min=0, help="Threads for the kernels; 0 means all cores.")]
+Workers = Annotated[int, typer.Option("--workers", min=1, help="Calibration (importance matrix, gptq, awq, w8a8) "
+                                      "over this many worker processes, each running its share of the samples (the "
+                                      "threads shared among them); the same bytes for any number. With --ray: "
+                                      "Ray actors, by default one per node.")]
+RayAddress = Annotated[Optional[str], typer.Option("--ray", help="Run the calibration's workers as Ray actors: "
+                                                   "'auto' (the cluster this machine is in), an address, or 'local' "
+                                                   "(a cluster of this machine, for trying it). Needs "
+                                                   "qconvert[ray].", show_default=False)]
 Bits = Annotated[int, typer.Option("--bits", help="gptq: bits per weight (2, 4 or 8). hqq: 2, 3, 4 or 8.")]
 GroupSize = Annotated[Optional[int], typer.Option("--group-size", show_default=False,
                                                   help="gptq, awq: input columns per scale (default 128); -1: one "
@@ -130,7 +138,7 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 compute_dtype: ComputeDtype = "float32",
                 act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
                 clip: Clip = True, fmt: Format = "", smoothing: Smoothing = 0.5, gptq: UseGPTQ = True,
-                expert_min_tokens: ExpertMinTokens = 64) -> None:
+                expert_min_tokens: ExpertMinTokens = 64, workers: Workers = 1, ray: RayAddress = None) -> None:
     """Convert MODEL to GGUF files and quantized safetensors checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -158,7 +166,10 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
       qconvert ./model --to w8a8 -o model-w8a8/         [dim]# SmoothQuant + GPTQ int8[/dim]
 
       qconvert ./model --to q4_k_m,iq4_nl,gptq,awq -o out/  [dim]# all four from one command[/dim]
+
+      qconvert ./model --to gptq --workers 4 -j 16      [dim]# calibration over 4 processes, same bytes[/dim]
     """
+    from qconvert.calibrate.parallel import Parallel
     from qconvert.checkpoint import CheckpointOptions
     from qconvert.pipeline import CalibrationOptions, Job, convert
     from qconvert.quant.recipes import Overrides, parse_tensor_types, parse_type
@@ -177,7 +188,7 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
               CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size),
                                 clip, fmt=fmt.strip().lower(), smoothing=smoothing, gptq=gptq,
                                 expert_min_tokens=expert_min_tokens, double_quant=double_quant,
-                                compute_dtype=compute_dtype.strip().lower()))
+                                compute_dtype=compute_dtype.strip().lower()), Parallel(workers, ray))
     if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
         _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
                           "it, vLLM refuses asymmetric GPTQ", "yellow")
@@ -275,7 +286,8 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
                                                 "file to write. Default: MODEL.imatrix.gguf here.")] = None,
                 revision: Revision = None, calib: Calib = None, calib_samples: CalibSamples = 32,
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, json_: Json = False,
-                quiet: Quiet = False, force: Force = False, threads: Threads = 0) -> None:
+                quiet: Quiet = False, force: Force = False, threads: Threads = 0, workers: Workers = 1,
+                ray: RayAddress = None) -> None:
     """Compute an importance matrix and write it in llama.cpp's GGUF imatrix format.
 
     llama-quantize --imatrix accepts the file, and so does qconvert --imatrix.
@@ -285,14 +297,18 @@ def imatrix_cmd(model: Model, output: Annotated[Optional[Path], typer.Option("--
       qconvert imatrix ./SmolLM2-135M -o smollm2.imatrix.gguf
 
       qconvert imatrix ./model --calib wiki.txt --calib-samples 64
+
+      qconvert imatrix ./model --calib-samples 256 --ray auto   [dim]# the samples over a Ray cluster[/dim]
     """
+    from qconvert.calibrate.parallel import Parallel
     from qconvert.pipeline import CalibrationOptions, make_imatrix
 
     bars: list[Progress] = []
     show = not (quiet or json_ or not err.is_terminal)
     try:
         report = make_imatrix(model, output, CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
-                              threads or _cores(), force, revision, _bars(bars) if show else None)
+                              threads or _cores(), force, revision, _bars(bars) if show else None,
+                              Parallel(workers, ray))
     finally:
         for bar in bars:
             bar.stop()

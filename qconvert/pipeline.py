@@ -13,6 +13,7 @@ a failure or an interruption leaves none behind.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,10 +26,11 @@ from qconvert.calibrate import imatrix as imatrix_mod
 from qconvert.calibrate import text
 from qconvert.calibrate.awq import AWQObserver
 from qconvert.calibrate.driver import native_bf16, native_int8, run_layers
+from qconvert.calibrate.parallel import Parallel
 from qconvert.calibrate.gptq import GPTQObserver
 from qconvert.calibrate.w8a8 import W8A8Observer
 from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWriter, largest_magnitude, plan_checkpoint
-from qconvert.errors import InputError, Interrupted
+from qconvert.errors import InputError, Interrupted, UsageError
 from qconvert.layouts import TORCH_DTYPES, from_numpy, to_numpy
 from qconvert.model import Model, open_model
 from qconvert.plan import Plan, make_plan, model_label
@@ -67,6 +69,7 @@ class Job:
     no_calib: bool = False  # the mixtures round to nearest, as llama-quantize without --imatrix
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)  # method set per target
+    parallel: Parallel = field(default_factory=Parallel)  # the calibration over workers (--workers, --ray)
 
 
 def convert(job: Job, progress: Progress | None = None) -> Report:
@@ -85,6 +88,7 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
                              job.overrides, im, calibrate=im is None and not job.no_calib)
         checkpoints = [plan_checkpoint(model, p, job.force, replace(job.checkpoint, method=t.name))
                        for t, p in zip(job.targets, paths) if t.kind == "checkpoint"]
+        check_spread(model, job, checkpoints)
         report = describe(model, plan, checkpoints, job.targets, job.threads, job.dry_run)
         if job.dry_run:
             return report
@@ -96,17 +100,21 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
             samples = text.samples(model.ckpt.path, c.text, c.samples, c.seq_len, c.seed, model.bos,
                                    model.family.max_positions())
         passes = []
-        if plan is not None:
-            if plan.needs_calibration:
-                passes.append(imatrix_pass(model, plan, samples, job.calibration.exact, job.threads, progress))
-            written += write_gguf(plan, job.threads, progress)
-        for cp in checkpoints:
-            if cp.opts.per_tensor:
-                written.append(tensor_pass(model, cp, progress))
-                continue
-            writer, done = checkpoint_pass(model, cp, samples, job.calibration.exact, progress)
-            written.append(writer)
-            passes.append(done)
+        spread = (model, job.revision, job.parallel) if job.parallel.spread and samples is not None else None
+        with job.parallel.connected() if spread else contextlib.nullcontext():
+            if plan is not None:
+                if plan.needs_calibration:
+                    passes.append(imatrix_pass(model, plan, samples, job.calibration.exact, job.threads, progress,
+                                               spread))
+                written += write_gguf(plan, job.threads, progress)
+            for cp in checkpoints:
+                if cp.opts.per_tensor:
+                    written.append(tensor_pass(model, cp, progress))
+                    continue
+                writer, done = checkpoint_pass(model, cp, samples, job.calibration.exact, progress, spread,
+                                               job.threads)
+                written.append(writer)
+                passes.append(done)
         for w in written:  # every output into place, together
             w.commit()
     except BaseException as e:
@@ -132,19 +140,37 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
     return report
 
 
+def check_spread(model: Model, job: Job, checkpoints: list[CheckpointPlan]) -> None:
+    """--workers / --ray: refused, before any compute, for the methods whose calibration does not
+    yet run over workers."""
+    if not job.parallel.spread:
+        return
+    for cp in checkpoints:
+        method = cp.opts.method
+        if cp.opts.per_tensor:
+            continue
+        if model.family.n_experts:
+            raise UsageError(f"--to {method}: a mixture of experts' {method.upper()} calibration does not run over "
+                             "workers yet (each worker's tokens reach other experts); leave out --workers/--ray")
+
+
+def _spread_report(where: dict | None) -> dict:
+    return {"workers": where} if where else {}
+
+
 def imatrix_pass(model: Model, plan: Plan, samples: text.Calibration, exact: bool, threads: int,
-                 progress: Progress | None) -> dict:
+                 progress: Progress | None, spread=None) -> dict:
     """The float model (int8 products unless `exact`) with the importance matrix's collector;
     the GGUF mixtures get its weights."""
     t = time.perf_counter()
     int8 = not exact and native_int8()
     made, rec = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
-                                    path=Path("qconvert:calibration"), int8=int8)
+                                    path=Path("qconvert:calibration"), int8=int8, spread=spread)
     plan.use_imatrix(made)
     return {"method": "imatrix", "targets": [o.recipe.name for o in plan.outputs if o.weights is not None and
                                              o.recipe.quantizes_like_llama_quantize],
             "forward": "int8" if int8 else "float32", "feeds": imatrix_mod.Collector.feeds, "entries": len(made.entries),
-            **unreached_experts(rec), "seconds": round(time.perf_counter() - t, 3)}
+            **unreached_experts(rec), **_spread_report(rec.where), "seconds": round(time.perf_counter() - t, 3)}
 
 
 def unreached_experts(rec) -> dict:
@@ -159,10 +185,11 @@ OBSERVERS = {"gptq": GPTQObserver, "awq": AWQObserver, "w8a8": W8A8Observer}  # 
 
 
 def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration, exact: bool,
-                    progress: Progress | None) -> tuple[CheckpointWriter, dict]:
+                    progress: Progress | None, spread=None, threads: int = 1) -> tuple[CheckpointWriter, dict]:
     """The layer loop with the method's observer, writing the checkpoint as each layer is
     quantized; the directory is complete, not yet in place. The forward's products are the
-    method's fast ones where this CPU has them, float32 when `exact`."""
+    method's fast ones where this CPU has them, float32 when `exact`. `spread`: (model,
+    revision, parallel.Parallel) to run the samples over workers."""
     t = time.perf_counter()
     method = cp.opts.method
     writer = CheckpointWriter(cp)
@@ -172,8 +199,14 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
         fw = model.forward()
         fast = observer.fast_products
         products = fw.use_products("float32" if exact or (fast == "bfloat16" and not native_bf16()) else fast)
-        run_layers(fw, torch.from_numpy(samples.tokens), (observer,),
-                   _labelled(progress, f"{method.upper()}: quantizing layers"))
+        label = _labelled(progress, f"{method.upper()}: quantizing layers")
+        where = None
+        if spread is not None:
+            from qconvert.calibrate import parallel
+            where = parallel.run(spread[0], spread[1], samples.tokens, observer.handle, observer.part,
+                                 observer.part_args(len(samples.tokens)), products, spread[2], threads, label)
+        else:
+            run_layers(fw, torch.from_numpy(samples.tokens), (observer.observer(len(samples.tokens)),), label)
         calib = {"dataset": samples.dataset, "samples": int(samples.tokens.shape[0]),
                  "seq_len": int(samples.tokens.shape[1])}
         writer.finish(calib)
@@ -182,7 +215,7 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
         raise
     writer.report = {"layers": observer.report(), "calibration": calib}
     return writer, {"method": method, "targets": [method], "forward": products,
-                    "feeds": observer.feeds,
+                    "feeds": observer.feeds, **_spread_report(where),
                     "seconds": round(time.perf_counter() - t, 3)}
 
 
@@ -281,7 +314,8 @@ def _labelled(progress: Progress | None, what: str) -> Callable[[int, int], None
 
 
 def make_imatrix(source: str, output: Path | None, calibration: CalibrationOptions, threads: int, force: bool,
-                 revision: str | None = None, progress: Progress | None = None) -> dict:
+                 revision: str | None = None, progress: Progress | None = None,
+                 parallel: Parallel | None = None) -> dict:
     """`qconvert imatrix`: one calibration pass, written in llama.cpp's GGUF imatrix format."""
     start = time.perf_counter()
     model = open_model(source, revision)
@@ -292,15 +326,19 @@ def make_imatrix(source: str, output: Path | None, calibration: CalibrationOptio
         remove_stale(path)
         samples = text.samples(model.ckpt.path, calibration.text, calibration.samples, calibration.seq_len,
                                calibration.seed, model.bos, model.family.max_positions())
-        _, rec = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
-                                     int8=not calibration.exact and native_int8())
+        spread = (model, revision, parallel) if parallel is not None and parallel.spread else None
+        int8 = not calibration.exact and native_int8()
+        with parallel.connected() if spread else contextlib.nullcontext():
+            _, rec = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
+                                         int8=int8, spread=spread)
         size, sha = imatrix_mod.write_imatrix(path, rec, [samples.dataset], *samples.tokens.shape, force=force)
     except KeyboardInterrupt:
         raise Interrupted("interrupted; no output was left behind") from None
     finally:
         model.close()
     return {"path": str(path), "bytes": size, "sha256": sha, "entries": len(rec.sums), **unreached_experts(rec),
+            **_spread_report(rec.where),
             "dataset": samples.dataset,
             "samples": int(samples.tokens.shape[0]), "seq_len": int(samples.tokens.shape[1]),
-            "products": "float32" if calibration.exact else "int8", "seconds": round(time.perf_counter() - start, 3),
+            "products": "int8" if int8 else "float32", "seconds": round(time.perf_counter() - start, 3),
             "peak_rss_bytes": peak_rss_bytes()}

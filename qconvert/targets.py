@@ -16,7 +16,8 @@ from pathlib import Path
 from qconvert.errors import UsageError
 from qconvert.quant.recipes import RECIPES, Recipe
 
-CALIBRATION = ("calib", "calib_samples", "calib_seq_len", "seed")  # how calibration text becomes samples
+# how calibration text becomes samples, and where they run
+CALIBRATION = ("calib", "calib_samples", "calib_seq_len", "seed", "workers", "ray")
 MIXTURE = ("no_calib", "imatrix", "exact_calib", "tensor_type", "output_tensor_type", "token_embedding_type",
            "pure", *CALIBRATION)  # llama-quantize's options and the importance matrix's
 

@@ -188,13 +188,17 @@ def test_w8a8_is_compressed_tensors_int8(tiny, tmp_path, capsys, family, extra):
 def test_w8a8_smoothing_keeps_the_float_model_and_gptq_beats_rounding(tiny, tmp_path, capsys):
     """The smoothing is folded exactly (norm / s, W s): with GPTQ the 8-bit model is at least as
     close to the float model as round-to-nearest, and both are close."""
+    from qconvert.calibrate.gptq import reduce, statistics
     from qconvert.calibrate.w8a8 import smoothing_scales
     from qconvert.model import open_model
 
     x = torch.randn(2, 16, 8) * torch.tensor([1, 2, 3, 50, 1, 1, 0.5, 4.0])
     w = [torch.randn(6, 8), torch.randn(4, 8)]
-    s = smoothing_scales(x, w, 0.5)
-    r = x.reshape(-1, 8).amax(0) - x.reshape(-1, 8).amin(0)
+    shares = [statistics(type("Fw", (), {"chunk_units": [(u, slice(0, 1))], "chunk_samples": 1})(), x[u:u + 1])
+              for u in (0, 1)]
+    _, r = reduce(shares)  # the column ranges of two workers' shares
+    assert torch.equal(r, x.reshape(-1, 8).amax(0) - x.reshape(-1, 8).amin(0))
+    s = smoothing_scales(r, w, 0.5)
     ws = 2 * torch.cat(w).abs().amax(0)
     assert torch.allclose(s, (r.sqrt() / ws.sqrt()).clamp(min=1e-5))
     src = tiny("llama")

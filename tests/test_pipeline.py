@@ -78,7 +78,7 @@ def test_a_failing_pass_leaves_no_output_of_any_target(tiny, tmp_path, capsys, m
 
     def broken(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(awq_observer.AWQObserver, "quantize_layer", broken)
+    monkeypatch.setattr(awq_observer.AWQObserver, "end", broken)
     code, _, err = run_cli([tiny("llama"), "--to", "q8_0,gptq,awq", "--group-size", "32", "-o", tmp_path / "o",
                             *CALIB], capsys)
     assert code == 130

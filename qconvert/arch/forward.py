@@ -53,6 +53,10 @@ class Forward:
         # set by the layer loop (calibrate/driver.py) for the layers it runs: each observer sees
         # every linear layer's input before the layer runs (observers.py)
         self.observers: tuple = ()
+        # set by the layer loop while a batch runs: [(calibration unit, its samples in the
+        # batch)] and the batch's number of samples (driver.unit_parts)
+        self.chunk_units: list[tuple[int, slice]] | None = None
+        self.chunk_samples = 0
         # set by quantize_inputs: the loader's run-time quantization of these linears' inputs
         self._acts: tuple[Callable[[torch.Tensor], torch.Tensor], frozenset[str]] | None = None
 

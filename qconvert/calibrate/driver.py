@@ -140,20 +140,48 @@ def samples_per_batch(fw: Forward, seq_len: int) -> int:
     return min(MAX_BATCH, samples_within(seq_len * max(widest, 3 * hidden) * 4))
 
 
+UNIT = 4  # samples per calibration unit: statistics are summed per unit, then over units in a fixed tree
+
+
+def unit_parts(fw: Forward, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """x, a linear layer's input for the samples running now, split by calibration unit:
+    [(unit, its part of x)]. An input whose rows do not follow the samples (a mixture expert's
+    routed tokens from several units at once) is one part, under the first unit."""
+    units = fw.chunk_units or [(0, slice(None))]
+    if len(units) == 1 or x.dim() != 3 or x.shape[0] != fw.chunk_samples:
+        return [(units[0][0], x)]
+    return [(u, x[s]) for u, s in units]
+
+
 def run_layers(fw: Forward, tokens: torch.Tensor, observers: tuple[Observer, ...] = (),
-               progress: Progress | None = None) -> torch.Tensor:
+               progress: Progress | None = None, first_unit: int = 0) -> torch.Tensor:
     """Run token batches [n, T] through every decoder layer, one layer at a time for all of them;
-    returns the last layer's output [n, T, D]."""
+    returns the last layer's output [n, T, D]. The samples are calibration units of UNIT samples
+    (the first one numbered `first_unit`: a worker's share starts there); a batch never splits a
+    unit, so every unit's activations, and the statistics the observers take from them per unit,
+    are the same whichever share of the samples this run holds."""
     ALLOCATOR.tune()
-    batch = len(tokens) if any(o.all_samples for o in observers) else samples_per_batch(fw, tokens.shape[1])
+    n = len(tokens)
+    units = [(first_unit + k // UNIT, k, min(k + UNIT, n)) for k in range(0, n, UNIT)]
+    if any(o.all_samples for o in observers):
+        chunks = [(0, n, [(u, slice(a, b)) for u, a, b in units])]
+    else:
+        batch = min(UNIT, samples_per_batch(fw, tokens.shape[1]))
+        chunks = [(j, min(j + batch, b), [(u, slice(0, min(j + batch, b) - j))])
+                  for u, a, b in units for j in range(a, b, batch)]
 
     def through(i: int, h: torch.Tensor) -> torch.Tensor:
-        return torch.cat([fw.layer(i, h[j:j + batch]) for j in range(0, len(h), batch)])
+        outs = []
+        for a, b, parts in chunks:
+            fw.chunk_units, fw.chunk_samples = parts, b - a
+            outs.append(fw.layer(i, h[a:b]))
+        fw.chunk_units = None
+        return torch.cat(outs)
     with torch.inference_mode():
-        h = torch.cat([fw.embed(tokens[j:j + batch]) for j in range(0, len(tokens), batch)])
+        h = torch.cat([fw.embed(tokens[a:b]) for a, b, _ in chunks])
         fw.clear()
-        n = fw.family.n_layers
-        for i in range(n):
+        layers = fw.family.n_layers
+        for i in range(layers):
             fw.observers = observers
             try:
                 out = through(i, h)
@@ -166,6 +194,6 @@ def run_layers(fw: Forward, tokens: torch.Tensor, observers: tuple[Observer, ...
             del out
             fw.clear()  # this layer's weights go; the next layer's are read when it runs
             if progress:
-                progress(i + 1, n)
+                progress(i + 1, layers)
             ALLOCATOR.release()
     return h

@@ -13,7 +13,7 @@ from gguf import GGUFValueType as VT
 from gguf.gguf_writer import GGUFValue
 
 from qconvert.arch.base import EXPERT, merged_expert
-from qconvert.calibrate.driver import Observer, run_layers
+from qconvert.calibrate.driver import Observer, run_layers, unit_parts
 from qconvert.calibrate.text import Calibration
 from qconvert.read.imatrix import Imatrix
 from qconvert.writers.gguf import GGUFWriter, TensorInfo
@@ -23,17 +23,25 @@ ROWS = 256  # rows squared and summed at a time: the block stays in cache
 
 class Collector(Observer):
     """Sums of squares per input column and token counts, by GGUF weight name; an observer of
-    the layer loop. Linears that share an input (q, k, v; gate, up) get the sums computed once."""
+    the layer loop. Linears that share an input (q, k, v; gate, up) get the sums computed once.
+    Each calibration unit's sums are summed in the units' tree (parallel.Tree); at a layer's end
+    its tensors' blocks go to `send` ("end", layer, {name: (blocks, counts)}), which in the same
+    process is this collector's own reduce (a worker's goes to the driver's collector)."""
 
-    def __init__(self, family):
+    def __init__(self, family, send=None):
         self.family = family
         # GGUF name -> sums [columns], or [experts, columns] for a stacked *_exps tensor, whose
         # counts are per expert (llama-imatrix's MUL_MAT_ID statistics: each expert's sums over
         # the tokens routed to it)
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, np.ndarray] = {}
+        self.trees: dict[str, object] = {}  # this layer's: name -> the units' tree of sums
+        self.tree_counts: dict[str, np.ndarray] = {}
+        self.send = send or (lambda fw, kind, key, payload: self.handle(fw, kind, key, [payload]))
+        self.where: dict | None = None  # where the samples ran, when over workers (collect)
 
     def linear_input(self, fw, hf: str, x: torch.Tensor) -> None:
+        from qconvert.calibrate.parallel import Tree
         expert = None
         if self.family.n_experts and (m := EXPERT.match(hf + ".weight")):
             hf, expert = merged_expert(m), int(m["expert"])
@@ -43,11 +51,27 @@ class Collector(Observer):
         flat = x.reshape(-1, x.shape[-1])
         s = fw.per_input("imatrix", x, lambda: square_sums(flat))
         n_mat = 1 if expert is None else self.family.n_experts
-        if name not in self.sums:
-            self.sums[name] = torch.zeros((n_mat, flat.shape[1]), dtype=torch.float64)
-            self.counts[name] = np.zeros(n_mat, dtype=np.int64)
-        self.sums[name][expert or 0] += s
-        self.counts[name][expert or 0] += flat.shape[0]
+        if name not in self.trees:
+            self.trees[name] = Tree()
+            self.tree_counts[name] = np.zeros(n_mat, dtype=np.int64)
+        unit = unit_parts(fw, x)[0][0]  # a batch holds one unit's samples (the loop's batches for this observer)
+        value = self.trees[name].at(unit, lambda: torch.zeros((n_mat, flat.shape[1]), dtype=torch.float64))
+        value[expert or 0] += s
+        self.tree_counts[name][expert or 0] += flat.shape[0]
+
+    def end_layer(self, fw, i: int) -> bool:
+        payload = {name: (tree.blocks(), self.tree_counts[name]) for name, tree in self.trees.items()}
+        self.trees, self.tree_counts = {}, {}
+        self.send(fw, "end", i, payload)
+        return False
+
+    def handle(self, fw, kind: str, key, payloads: list[dict]) -> None:  # noqa: ARG002
+        """Every worker's blocks of the layer's sums, summed in the tree; the counts added."""
+        from qconvert.calibrate.parallel import total
+        for name in sorted({n for p in payloads for n in p}):
+            shares = [p[name] for p in payloads if name in p]
+            self.sums[name] = total([blocks for blocks, _ in shares])
+            self.counts[name] = np.sum([c for _, c in shares], axis=0)
 
     def unreached(self) -> list[tuple[str, int]]:
         """(tensor, expert) for every expert no calibration token was routed to."""
@@ -77,17 +101,25 @@ def square_sums(flat: torch.Tensor) -> torch.Tensor:
 
 
 def collect(family, calib: Calibration, threads: int, progress: Callable[[int, int], None] | None = None,
-            path: Path = Path("(in memory)"), int8: bool = True) -> tuple[Imatrix, Collector]:
+            path: Path = Path("(in memory)"), int8: bool = True, spread=None) -> tuple[Imatrix, Collector]:
     """Run the calibration samples through the model layer by layer; returns the imatrix.
     `int8`: the forward's linear layers run as int8 products (Forward.int8_linear), about 1.5x
     the speed of the whole calibration on CPUs with int8 dot products (the callers ask for it
     only there: driver.native_int8); the statistics move by about 1%, as they would computed from
-    a Q8_0 model."""
+    a Q8_0 model. `spread`: (model, revision, parallel.Parallel) to run the samples over workers
+    (the same sums); the collector's `where` says where it ran."""
     torch.set_num_threads(max(1, threads))
     rec = Collector(family)
-    fw = family.forward()
-    fw.use_products("int8" if int8 else "float32")
-    run_layers(fw, torch.from_numpy(calib.tokens), (rec,), progress)
+    products = "int8" if int8 else "float32"
+    if spread is not None:
+        from qconvert.calibrate import parallel
+        model, revision, how = spread
+        rec.where = parallel.run(model, revision, calib.tokens, rec.handle, "imatrix", {}, products, how, threads,
+                                 progress)
+    else:
+        fw = family.forward()
+        fw.use_products(products)
+        run_layers(fw, torch.from_numpy(calib.tokens), (rec,), progress)
     n, T = calib.tokens.shape
     return rec.to_imatrix(path, calib.dataset, n, T), rec
 

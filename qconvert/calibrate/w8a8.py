@@ -21,20 +21,17 @@ from __future__ import annotations
 import torch
 
 from qconvert.calibrate.awq import _Array, fold
-from qconvert.calibrate.gptq import GPTQObserver, hessian
+from qconvert.calibrate.gptq import GPTQObserver
 from qconvert.checkpoint import CheckpointWriter, to_f16
-from qconvert.errors import InputError
-from qconvert.quant.blocks import first_nonfinite
 from qconvert.quant.gptq import GPTQResult, gptq, group_params, quantize_codes
 
 MINIMUM_SCALE = 1e-5
 SMOOTHED = ("norm", "norm1p", "layernorm")  # the operations before a group that SmoothQuant folds into
 
 
-def smoothing_scales(x: torch.Tensor, weights: list[torch.Tensor], strength: float) -> torch.Tensor:
-    """s [K] for inputs x [..., K] to linears with weights [N_i, K]."""
-    rows = x.reshape(-1, x.shape[-1]).float()
-    r = rows.amax(0) - rows.amin(0)
+def smoothing_scales(r: torch.Tensor, weights: list[torch.Tensor], strength: float) -> torch.Tensor:
+    """s [K] for inputs whose channels range over r [K] (max - min over every token), to linears
+    with weights [N_i, K]."""
     w = 2.0 * torch.cat([m.abs().amax(0, keepdim=True) for m in weights]).amax(0)
     s = torch.where(w > 0, r.pow(strength) / w.pow(1 - strength), r)
     return torch.clamp(s, min=MINIMUM_SCALE)
@@ -50,18 +47,22 @@ def round_to_nearest(W: torch.Tensor, bits: int):
 
 
 class W8A8Observer(GPTQObserver):
+    """GPTQ's method on the smoothed weights: when the first linear of a SmoothQuant group comes,
+    its input's column ranges give the group's scales, folded into the norm here."""
+
     def __init__(self, out: CheckpointWriter):
         super().__init__(out)
         self.scales: dict[str, torch.Tensor] = {}  # linear -> the smoothing of its input, this layer
         self.modified: set[str] = set()
         self.smoothed: list[dict] = []
+        self.smoothed_hessian: tuple | None = None  # (the statistics, the scales, H / s / s)
 
-    def linear_input(self, fw, hf: str, x: torch.Tensor) -> None:
+    def quantize(self, fw, hf: str, H: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
         lin, o = self.plan.linears[hf], self.plan.opts
         if hf not in self.scales:
             for group in fw.scale_groups(lin.layer):
                 if group.prev[0] in SMOOTHED and group.linears[0] == hf:
-                    s = smoothing_scales(x, [fw.linear_weight(h) for h in group.linears], o.smoothing)
+                    s = smoothing_scales(ranges, [fw.linear_weight(h) for h in group.linears], o.smoothing)
                     self.modified |= fold(fw, group, s)
                     for h in group.linears:
                         self.scales[h] = s
@@ -70,30 +71,29 @@ class W8A8Observer(GPTQObserver):
                                           "linears": [self.plan.linears[h].name for h in group.linears],
                                           "max_scale": float(s.max()), "min_scale": float(s.min())})
         s = self.scales.get(hf)
-        W = fw.linear_weight(hf).float()
-        bad = first_nonfinite(W.numpy())
-        if bad >= 0:
-            raise InputError(f"{self.plan.model.ckpt.path}: tensor {lin.name}.weight has a non-finite value at flat "
-                             f"index {bad}")
+        W = self.weight(hf, fw)
         if o.gptq:
-            H = fw.per_input("hessian", x, lambda: hessian(x))
             if s is not None:
-                H = fw.per_input("smoothed hessian", x, lambda: H / s[:, None] / s[None, :])
+                hit = self.smoothed_hessian
+                if hit is None or hit[0] is not self.input or hit[1] is not s:
+                    hit = self.smoothed_hessian = (self.input, s, H / s[:, None] / s[None, :])
+                H = hit[2]
             r = gptq(W if s is None else W * s, H, 8, -1, True, o.act_order, o.damp)
         else:
             r = round_to_nearest(W if s is None else W * s, 8)
-        fw.set_linear_weight(hf, r.weight if s is None else r.weight / s)
         self.out.add_linear(lin, r.q.numpy(), r.scales.numpy(), r.zeros.numpy(), None)
         self.out.layers.setdefault(lin.layer, []).append({"name": lin.name, "gptq": r.error, "rtn": r.rtn_error,
                                                           "damp": r.damp, "smoothed": s is not None})
+        return r.weight if s is None else r.weight / s
 
-    def end_layer(self, fw, i: int) -> bool:
+    def end(self, fw, i: int) -> None:
         for name in self.modified:
             out = self.plan.names.get(name, name)
             self.out.add(out, to_f16(out, _Array(fw.w(name))))
         self.modified.clear()
         self.scales.clear()
-        return super().end_layer(fw, i)
+        self.smoothed_hessian = None
+        super().end(fw, i)
 
     def report(self) -> list[dict]:
         layers = super().report() if self.plan.opts.gptq else \

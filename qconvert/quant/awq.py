@@ -96,20 +96,15 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
     w_mean and unrounded in the trials. `found`, when given, receives the block's float output
     over all samples ("reference") and the winner's squared error ("error"), for the clipping
     check."""
-    W = torch.cat([w for j, w in enumerate(weights) if j not in floats], 0)
-    w_abs = W.abs().reshape(-1, group)
-    w_mean = (w_abs / (w_abs.amax(1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
+    w_mean = weight_mean(weights, group, floats)
     x_mean = x.abs().reshape(-1, x.shape[-1]).mean(0)
-    n = len(x)
-    first = (n + 3) // 4
-    # a quarter of fewer than PRUNE_MIN samples is too noisy a sieve: then the full search
-    parts = [slice(0, first), slice(first, n)] if first >= PRUNE_MIN else [slice(0, n)]
+    parts = [slice(a, b) for a, b in search_parts(len(x))]
     references = [run(weights, x[p]) for p in parts]
 
     def error(i: int, part: int) -> float:
         s = _scales(x_mean, w_mean, *GRID[i])
-        trial = [w if j in floats else pseudo_quantize(w * s, group, bits)[0] / s for j, w in enumerate(weights)]
-        err = float((references[part] - run(trial, x[parts[part]])).double().pow(2).sum())
+        err = float((references[part] - run(trial(weights, s, group, floats, bits), x[parts[part]])).double()
+                    .pow(2).sum())
         return err if math.isfinite(err) else math.inf
 
     errors = {i: error(i, 0) for i in range(len(GRID))}
@@ -124,38 +119,81 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
     return _scales(x_mean, w_mean, *GRID[best]), (GRID[best][0] if GRID[best][1] else None)
 
 
-def best_clip(w: torch.Tensor, x: torch.Tensor, group: int, bits: int = 4) -> torch.Tensor:
-    """Per (row, group) clipping maxima [N, G] for w [N, K] given inputs x [tokens, K]. The
-    per-group partial outputs x_g w_g^T are batched matrix products (AutoAWQ broadcasts a
-    [rows, tokens, groups, group] product, the same sums in another order)."""
+def clip_rows(x: torch.Tensor, first_row: int = 0, rows: int | None = None) -> torch.Tensor:
+    """The input tokens the clipping search compares outputs on: every max(1, rows // CLIP_TOKENS)-th
+    token of all `rows` (default: x's), x [..., K] holding those from number first_row on."""
+    x = x.reshape(-1, x.shape[-1])
+    step = max(1, (rows if rows is not None else x.shape[0]) // CLIP_TOKENS)
+    return x[(-first_row) % step::step]
+
+
+def clip_errors(w: torch.Tensor, x: torch.Tensor, group: int, bits: int = 4) -> torch.Tensor:
+    """[steps, N, G]: for each shrink step of the clipping search, each (row, group)'s squared
+    output error summed over the tokens x [tokens, K]. The per-group partial outputs x_g w_g^T
+    are batched matrix products (AutoAWQ broadcasts a [rows, tokens, groups, group] product, the
+    same sums in another order)."""
     N, K = w.shape
     G = K // group
-    x = x.reshape(-1, K)
-    x = x[:: max(1, x.shape[0] // CLIP_TOKENS)]
     xg = x.reshape(-1, G, group).transpose(0, 1)  # G, T, g
 
     def partial(wb: torch.Tensor) -> torch.Tensor:  # wb [n, K] -> [G, T, n]
         return torch.bmm(xg, wb.reshape(-1, G, group).permute(1, 2, 0))
 
-    out = []
+    steps = int(MAX_SHRINK * N_GRID)
+    out = torch.empty(steps, N, G)
     rows = 256 if N % 256 == 0 else 64
     for r0 in range(0, N, rows):
         wb = w[r0:r0 + rows]
         n = wb.shape[0]
         org_max = wb.reshape(n, G, group).abs().amax(-1)  # n, G
-        best_max = org_max.clone()
-        min_err = torch.full_like(org_max, float("inf"))
         org_out = partial(wb)
-        for i in range(int(MAX_SHRINK * N_GRID)):
+        for i in range(steps):
             mx = org_max * (1 - i / N_GRID)
             cur = torch.clamp(wb.reshape(n, G, group), -mx[..., None], mx[..., None]).reshape(n, K)
             q = pseudo_quantize(cur, group, bits)[0]
-            err = (partial(q) - org_out).pow(2).mean(1).T  # n, G
-            better = err < min_err
-            min_err[better] = err[better]
-            best_max[better] = mx[better]
-        out.append(best_max)
-    return torch.cat(out)
+            out[i, r0:r0 + n] = (partial(q) - org_out).pow(2).sum(1).T
+    return out
+
+
+def choose_clip(w: torch.Tensor, errors: torch.Tensor, group: int) -> torch.Tensor:
+    """Per (row, group) clipping maxima [N, G] of w [N, K]: the shrink step with the lowest mean
+    error (errors [steps, N, G], clip_errors' sums over the tokens divided by their number)."""
+    N, K = w.shape
+    org_max = w.reshape(N, K // group, group).abs().amax(-1)
+    best_max = org_max.clone()
+    min_err = torch.full_like(org_max, float("inf"))
+    for i in range(errors.shape[0]):
+        better = errors[i] < min_err
+        min_err[better] = errors[i][better]
+        best_max[better] = (org_max * (1 - i / N_GRID))[better]
+    return best_max
+
+
+def weight_mean(weights: list[torch.Tensor], group: int, floats: frozenset[int] = frozenset()) -> torch.Tensor:
+    """w_mean [K]: the mean over output rows of |W| normalised by each quantization group's max,
+    over the quantized weights of a group of linears sharing an input."""
+    W = torch.cat([w for j, w in enumerate(weights) if j not in floats], 0)
+    w_abs = W.abs().reshape(-1, group)
+    return (w_abs / (w_abs.amax(1, keepdim=True) + 1e-6)).reshape(W.shape).mean(0)
+
+
+def search_parts(n: int) -> list[tuple[int, int]]:
+    """The samples [first, last) the scale search tries every candidate on, then the rest that
+    the PRUNE_KEEP best are tried on too (one part when a quarter is fewer than PRUNE_MIN)."""
+    first = (n + 3) // 4
+    return [(0, first), (first, n)] if first >= PRUNE_MIN else [(0, n)]
+
+
+def trial(weights: list[torch.Tensor], s: torch.Tensor, group: int, floats: frozenset[int] = frozenset(),
+          bits: int = 4) -> list[torch.Tensor]:
+    """The weights a scale candidate s is judged with: Q(W s) / s (a float one unrounded)."""
+    return [w if j in floats else pseudo_quantize(w * s, group, bits)[0] / s for j, w in enumerate(weights)]
+
+
+def best_clip(w: torch.Tensor, x: torch.Tensor, group: int, bits: int = 4) -> torch.Tensor:
+    """Per (row, group) clipping maxima [N, G] for w [N, K] given inputs x [tokens, K]."""
+    x = clip_rows(x)
+    return choose_clip(w, clip_errors(w, x, group, bits) / x.shape[0], group)
 
 
 def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group: int) -> torch.Tensor:
