@@ -323,7 +323,8 @@ def estimate_peak_bytes(job: BatchJob) -> int:
     """A job's peak memory, from its checkpoint's headers and config (nothing read but those):
     the floor, the largest tensor in float32 twice (read and converted), and with calibration a
     decoder layer's weights twice and the samples' hidden states four times over (in, out, the
-    residual and a batch's temporaries). Meant to be above the measured peak (bench/batch.py
+    residual and a batch's temporaries), and for each local calibration worker (--workers) the
+    floor and a layer's weights twice more (the hidden states are shared among them). Meant to be above the measured peak (bench/batch.py
     prints both); a source that cannot be opened gets the floor, and its job then fails with its
     own message."""
     from qconvert import targets
@@ -349,6 +350,9 @@ def estimate_peak_bytes(job: BatchJob) -> int:
         layer = sum(n for name, n in sizes.items() if ".layers.0." in name or ".h.0." in name)
         tokens = int(job.options.get("calib-samples", 32)) * int(job.options.get("calib-seq-len", 512))
         estimate += 2 * 4 * layer + 4 * 4 * tokens * int(hidden)
+        workers = int(job.options.get("workers", 1))
+        if workers > 1 and "ray" not in job.options:  # each worker process: the floor and a layer
+            estimate += workers * (BASE_BYTES + 2 * 4 * layer)
     return int(estimate)
 
 

@@ -291,3 +291,15 @@ def test_on_a_local_ray_cluster(three, tiny, tmp_path, capsys):
     for whom in ("job", "worker"):  # the job's process, or the Ray worker that runs it
         (tmp_path / whom).mkdir()
         killed_job_is_retried(tiny, tmp_path / whom, capsys, "--ray", "local", parent=whom == "worker")
+
+
+def test_the_memory_estimate_counts_calibration_workers(tiny, tmp_path):
+    """Each local calibration worker is another process: the floor and a layer's weights more;
+    on Ray the workers are placed by Ray and the job's own process estimate stays."""
+    from qconvert.batch import BASE_BYTES, BatchJob, estimate_peak_bytes
+
+    def job(**options) -> BatchJob:
+        return BatchJob(1, "jobs.jsonl:1", str(tiny("llama")), "gptq", tmp_path / "o", None, options, [])
+    alone, two, ray = job(), job(workers=2), job(workers=2, ray="local")
+    assert estimate_peak_bytes(two) > estimate_peak_bytes(alone) + 2 * BASE_BYTES
+    assert estimate_peak_bytes(ray) == estimate_peak_bytes(alone)

@@ -10,6 +10,10 @@ weight); when the layer has run on every sample, each observer sees the layer's 
 weights still loaded, and may change them (AWQ folds its scales and quantizes there); if it
 asks, the layer runs again on the changed weights before its output moves on to the next layer.
 No method swaps a hook or runs inside a progress callback.
+
+The samples are calibration units of UNIT samples: a batch never splits a unit, and observers
+sum their statistics per unit (parallel.Tree), so that the samples can be shared among workers
+(calibrate/parallel.py) without changing a bit of the result.
 """
 from __future__ import annotations
 

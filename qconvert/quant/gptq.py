@@ -78,6 +78,18 @@ def lower_inverse(L: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _cholesky(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.cholesky_ex on one thread: LAPACK's blocked factorisation splits its work
+    differently with more threads, and its bits with it (on SmolLM2-135M's Hessians, 1 and 2
+    threads gave different GPTQ codes); the quantization must not depend on -j."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.cholesky_ex(A)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _hinv_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor U of H^-1 (U^T U = H^-1) after damping; damping grows until it
     factorises. With J the reversal, J H J = L L^T gives H^-1 = (J L^-T J)(J L^-1 J) and J L^-1 J
@@ -89,7 +101,7 @@ def _hinv_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     while True:
         Hd = flipped.clone()
         Hd[idx, idx] += damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = _cholesky(Hd)
         if int(info) == 0:
             U = lower_inverse(L).flip(0, 1)
             if bool(torch.isfinite(torch.diag(U)).all()):
