@@ -114,33 +114,53 @@ def _workers_of(pid: int) -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "multiprocessing.spawn" in line]
 
 
-def test_a_lost_worker_fails_the_job_and_leaves_nothing(tiny, tmp_path):
-    """A worker process killed while the checkpoint is being written: exit 6 (another run may
-    succeed), one line, no output left behind, no worker left running."""
-    out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "qconvert", str(tiny("qwen2")), "--to", "gptq", "-o", str(out),
+def _stop_mid_calibration(tmp_path: Path, model: Path, whom: str) -> tuple[subprocess.Popen, str, list[int]]:
+    """Run a GPTQ over 2 workers and, once the partial checkpoint is there, SIGKILL a worker
+    (`whom` "worker") or SIGINT the command ("driver"); (the process, its stderr, its workers)."""
+    proc = subprocess.Popen([sys.executable, "-m", "qconvert", str(model), "--to", "gptq", "-o", str(tmp_path / "out"),
                              "--group-size", "32", "--calib-samples", "64", "--calib-seq-len", "256",
                              "--workers", "2", "-j", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    killed = []
+    seen: list[int] = []
 
-    def kill_one():
+    def stop():
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             workers = _workers_of(proc.pid)
             if len(workers) == 2 and files_in(tmp_path):  # the partial checkpoint is there
-                os.kill(workers[-1], signal.SIGKILL)
-                killed.append(workers[-1])
+                seen.extend(workers)
+                if whom == "worker":
+                    os.kill(workers[-1], signal.SIGKILL)
+                else:
+                    proc.send_signal(signal.SIGINT)
                 return
             time.sleep(0.01)
-    t = threading.Thread(target=kill_one)
+    t = threading.Thread(target=stop)
     t.start()
     _, err = proc.communicate(timeout=300)
     t.join()
-    assert killed, f"no worker to kill: {err}"
+    return proc, err, seen
+
+
+def test_a_lost_worker_fails_the_job_and_leaves_nothing(tiny, tmp_path):
+    """A worker process killed while the checkpoint is being written: exit 6 (another run may
+    succeed), one line naming the model, no output left behind."""
+    proc, err, seen = _stop_mid_calibration(tmp_path, tiny("qwen2"), "worker")
+    assert seen, f"no worker to kill: {err}"
     assert proc.returncode == 6, err
-    one_line_error(err, "calibration worker")
+    one_line_error(err, "calibration worker", "qwen2")
     assert files_in(tmp_path) == []
+
+
+def test_ctrl_c_stops_the_workers_and_leaves_nothing(tiny, tmp_path):
+    proc, err, seen = _stop_mid_calibration(tmp_path, tiny("qwen2"), "driver")
+    assert seen, f"no worker seen: {err}"
+    assert proc.returncode == 130, err
+    one_line_error(err, "interrupted")
+    assert files_in(tmp_path) == []
+    time.sleep(0.5)
+    assert not [p for p in seen if Path(f"/proc/{p}").exists() and "zombie" not in
+                Path(f"/proc/{p}/status").read_text(errors="replace").lower()]
 
 
 def test_on_a_local_ray_cluster(tiny, tmp_path, capsys):
