@@ -18,6 +18,7 @@ from qconvert.calibrate.parallel import Tree, shares, total
 from tests.helpers import files_in, one_line_error, run_cli
 
 CALIB = ["--calib-samples", "12", "--calib-seq-len", "48"]  # 3 calibration units of 4 samples
+FREE = pytest.mark.kernel_free  # no GGUF blocks: the numpy pass has nothing to add
 
 
 def tree_of(p: Path) -> dict[str, bytes]:
@@ -25,6 +26,7 @@ def tree_of(p: Path) -> dict[str, bytes]:
         else {p.name: p.read_bytes()}
 
 
+@FREE
 def test_the_tree_sum_is_the_same_however_the_units_are_shared():
     """Per-unit values of very different magnitudes (where float addition's order shows): every
     split of 11 units into contiguous shares sums to the same bits, which a sequential sum of
@@ -61,11 +63,12 @@ def test_the_tree_sum_is_the_same_however_the_units_are_shared():
 @pytest.mark.parametrize("family,to,extra", [
     ("llama", "q4_k_m", []),
     ("qwen3moe", "q4_k_m", []),  # experts' per-expert sums and counts
-    ("qwen2", "gptq", ["--group-size", "32"]),
-    ("phi3", "gptq", ["--group-size", "32", "--no-act-order"]),  # fused qkv and gate_up
-    ("llama", "w8a8", []),  # the smoothing's column ranges too
-    ("qwen3", "awq", ["--group-size", "32", "--calib-samples", "20"]),  # a unit across the search's two parts
-    ("phi3", "awq", ["--group-size", "32"]),  # the fused qkv's v rows take the o group's scales
+    pytest.param("qwen2", "gptq", ["--group-size", "32"], marks=FREE),
+    pytest.param("phi3", "gptq", ["--group-size", "32", "--no-act-order"], marks=FREE),  # fused qkv and gate_up
+    pytest.param("llama", "w8a8", [], marks=FREE),  # the smoothing's column ranges too
+    # a unit across the search's two parts
+    pytest.param("qwen3", "awq", ["--group-size", "32", "--calib-samples", "20"], marks=FREE),
+    pytest.param("phi3", "awq", ["--group-size", "32"], marks=FREE),  # the fused qkv's v rows take the o group's scales
 ])
 def test_workers_give_the_bytes_of_one_process(tiny, tmp_path, capsys, family, to, extra):
     src = tiny(family)
@@ -85,6 +88,7 @@ def test_workers_give_the_bytes_of_one_process(tiny, tmp_path, capsys, family, t
     assert outs[1] == outs[None] and outs[2] == outs[None] and outs[3] == outs[None]
 
 
+@FREE
 def test_imatrix_command_over_workers(tiny, tmp_path, capsys):
     src = tiny("gemma3")
     files = []
@@ -96,6 +100,7 @@ def test_imatrix_command_over_workers(tiny, tmp_path, capsys):
     assert files[0] == files[1] and json.loads(stdout)["workers"]["workers"] == 2
 
 
+@FREE
 def test_methods_and_models_that_do_not_spread_are_usage_errors(tiny, tmp_path, capsys):
     for method in ("gptq", "awq"):
         code, _, err = run_cli([tiny("mixtral"), "--to", method, "-o", tmp_path / "m", *CALIB, "--group-size", "32",
@@ -142,6 +147,7 @@ def _stop_mid_calibration(tmp_path: Path, model: Path, whom: str) -> tuple[subpr
     return proc, err, seen
 
 
+@FREE
 def test_a_lost_worker_fails_the_job_and_leaves_nothing(tiny, tmp_path):
     """A worker process killed while the checkpoint is being written: exit 6 (another run may
     succeed), one line naming the model, no output left behind."""
@@ -152,6 +158,7 @@ def test_a_lost_worker_fails_the_job_and_leaves_nothing(tiny, tmp_path):
     assert files_in(tmp_path) == []
 
 
+@FREE
 def test_ctrl_c_stops_the_workers_and_leaves_nothing(tiny, tmp_path):
     proc, err, seen = _stop_mid_calibration(tmp_path, tiny("qwen2"), "driver")
     assert seen, f"no worker seen: {err}"
@@ -163,6 +170,7 @@ def test_ctrl_c_stops_the_workers_and_leaves_nothing(tiny, tmp_path):
                 Path(f"/proc/{p}/status").read_text(errors="replace").lower()]
 
 
+@FREE
 def test_on_a_local_ray_cluster(tiny, tmp_path, capsys):
     pytest.importorskip("ray")
     src = tiny("llama")
