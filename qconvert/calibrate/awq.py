@@ -171,16 +171,16 @@ class AWQStatistics(Observer):
             if hf.rsplit(".", 1)[-1] in fw.family.awq_no_clip:
                 continue
             w, x = fw.linear_weight(hf), captured[hf]
-            if x.dim() == 3:
+            if x.dim() == 3:  # each piece's tokens among every sample's (clip_rows' stride is global)
                 T = x.shape[1]
-                pieces = self.pieces(x, [(0, self.samples)])[0]
-                sums = tree(pieces, lambda sl: awq.clip_errors(w, awq.clip_rows(x[sl], _first_sample(self.units, sl) * T,
-                                                                                self.samples * T), g))
-                tokens = sum(len(awq.clip_rows(x[sl], _first_sample(self.units, sl) * T, self.samples * T))
-                             for _, sl in pieces)
+                pieces = [(u, awq.clip_rows(x[sl], _first_sample(self.units, sl) * T, self.samples * T))
+                          for u, sl in self.pieces(x, [(0, self.samples)])[0]]
             else:
-                rows = awq.clip_rows(x)
-                sums, tokens = tree([(0, slice(None))], lambda sl: awq.clip_errors(w, rows, g)), len(rows)
+                pieces = [(0, awq.clip_rows(x))]
+            t = Tree()
+            for u, rows in pieces:
+                t.add(u, awq.clip_errors(w, rows, g))
+            sums, tokens = t.blocks(), sum(len(rows) for _, rows in pieces)
             best_max = self.send(fw, "awq clip", (i, hf), {"sums": sums, "tokens": tokens})
             candidates[hf] = awq.apply_clip(w, best_max, g)
         grouped = {hf for linears, *_ in searched for hf in linears}

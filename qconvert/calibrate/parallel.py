@@ -225,22 +225,21 @@ class LocalPool:
             self.procs.append(p)
         # the spec (the samples) through the pipe, not the start: a child killed while starting
         # would leave the start writing to it for ever
-        self.lost = set()
-        for i, (c, spec) in enumerate(zip(self.conns, specs)):
-            try:
-                c.send(spec)
-            except OSError:
-                self.lost.add(i)
+        self.lost: set[int] = set()
+        self._send(specs)
         self.started = False
         self.where = "local processes"
 
+    def _send(self, messages: list) -> None:
+        for i, (c, m) in enumerate(zip(self.conns, messages)):
+            try:
+                c.send(m)
+            except OSError:
+                self.lost.add(i)
+
     def step(self, replies: list) -> list[tuple]:
         if self.started:
-            for i, (c, r) in enumerate(zip(self.conns, replies)):
-                try:
-                    c.send(r)
-                except OSError:
-                    self.lost.add(i)
+            self._send(replies)
         self.started = True
         out = []
         for i, (c, p) in enumerate(zip(self.conns, self.procs)):
