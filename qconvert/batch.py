@@ -344,7 +344,9 @@ def estimate_peak_bytes(job: BatchJob) -> int:
         ckpt.close()
     estimate = BASE_BYTES + 2 * 4 * max(sizes.values(), default=0)
     chosen = targets.parse(job.to)
-    uncalibrated = job.options.get("no-calib") is True or "imatrix" in job.options  # the mixtures'
+    # the mixtures' (--method gptq calibrates with an importance matrix file too)
+    uncalibrated = (job.options.get("no-calib") is True or "imatrix" in job.options) and \
+        job.options.get("method") != "gptq"
     calibrated = any(t.calibration == "always" or (t.calibration == "default" and not uncalibrated) for t in chosen)
     if calibrated:
         layer = sum(n for name, n in sizes.items() if ".layers.0." in name or ".h.0." in name)

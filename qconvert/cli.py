@@ -83,14 +83,24 @@ ComputeDtype = Annotated[str, typer.Option("--compute-dtype", help="nf4, fp4: th
 ActOrder = Annotated[Optional[bool], typer.Option("--act-order/--no-act-order", show_default=False,
                                                   help="gptq: quantize columns by descending activation energy, "
                                                        "with static groups (g_idx stays in order, desc_act false: "
-                                                       "every loader accepts it). On by default.")]
+                                                       "every loader accepts it). On by default. --method gptq: "
+                                                       "within each block of the GGUF type.")]
 Sym = Annotated[bool, typer.Option("--sym/--asym", help="gptq: symmetric (checkpoint_format gptq) or asymmetric "
                                                         "(gptq_v2; vLLM refuses asymmetric GPTQ).")]
 ExpertMinTokens = Annotated[int, typer.Option("--expert-min-tokens", min=0, help="gptq, awq of a mixture of experts: "
                                               "an expert routed fewer calibration tokens than this is quantized from "
                                               "every token (one with none always is)")]
-Damp = Annotated[float, typer.Option("--damp", help="gptq: damping, a fraction of the Hessian's mean diagonal; "
-                                                    "raised by 0.01 steps if the factorisation fails.")]
+Damp = Annotated[Optional[float], typer.Option("--damp", show_default=False,
+                                              help="gptq, w8a8, --method gptq: damping, a fraction of the Hessian's "
+                                                   "mean diagonal, raised by 0.01 steps if the factorisation fails "
+                                                   "(default 0.05 for the checkpoints, 0.01 for the GGUF "
+                                                   "mixtures: measured best on each).")]
+Method = Annotated[str, typer.Option("--method", help="The GGUF mixtures' rounding: imatrix (llama-quantize's: "
+                                     "each weight to the nearest point of its block's grid, the scales chosen "
+                                     "with the importance matrix) or gptq (the same scales and types, each "
+                                     "rounding error compensated by the weights not yet rounded through the "
+                                     "Hessian of the layer's calibration inputs, layer by layer as GPTQ does; "
+                                     "--damp and --act-order apply).")]
 Clip = Annotated[bool, typer.Option("--clip/--no-clip", help="awq: after the scales, search each linear's "
                                                               "clipping range (AutoAWQ's auto_clip); --no-clip "
                                                               "skips it, as llm-compressor's AWQ does.")]
@@ -136,9 +146,10 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
                 calib_seq_len: CalibSeqLen = 512, seed: Seed = 0, exact_calib: ExactCalib = False, bits: Bits = 4,
                 group_size: GroupSize = None, double_quant: DoubleQuant = True,
                 compute_dtype: ComputeDtype = "float32",
-                act_order: ActOrder = None, sym: Sym = True, damp: Damp = 0.05, max_shard_size: MaxShard = "5GB",
+                act_order: ActOrder = None, sym: Sym = True, damp: Damp = None, max_shard_size: MaxShard = "5GB",
                 clip: Clip = True, fmt: Format = "", smoothing: Smoothing = 0.5, gptq: UseGPTQ = True,
-                expert_min_tokens: ExpertMinTokens = 64, workers: Workers = 1, ray: RayAddress = None) -> None:
+                expert_min_tokens: ExpertMinTokens = 64, workers: Workers = 1, ray: RayAddress = None,
+                method: Method = "imatrix") -> None:
     """Convert MODEL to GGUF files and quantized safetensors checkpoints, any mix in one command ([bold]convert[/bold] is the default command).
 
     [b]Examples[/b]
@@ -156,6 +167,8 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
       qconvert ./model --to iq4_nl --calib my.txt       [dim]# calibrated on your own text[/dim]
 
       qconvert ./model --to q4_k_m --no-calib           [dim]# = llama-quantize without an imatrix[/dim]
+
+      qconvert ./model --to q4_k_m --method gptq        [dim]# same types, error-feedback rounding[/dim]
 
       qconvert ./model --to gptq -o model-gptq/         [dim]# GPTQ 4-bit, group 128, calibrated[/dim]
 
@@ -175,7 +188,13 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
     from qconvert.quant.recipes import Overrides, parse_tensor_types, parse_type
 
     chosen = targets.parse(to)
-    targets.check_options(chosen, _given(ctx))
+    given = _given(ctx)
+    targets.check_options(chosen, given)
+    for param in ("damp", "act_order"):  # the mixtures take them only for --method gptq
+        if param in given and method.strip().lower() != "gptq" and \
+                not any(t.name in ("gptq", "w8a8") for t in chosen):
+            raise UsageError(f"{given[param]} applies to gptq, w8a8 and the GGUF mixtures with --method gptq, not to "
+                             f"--to {to} without --method gptq")
     if no_calib and imatrix is not None:
         raise UsageError("--no-calib and --imatrix contradict each other: choose one")
     overrides = Overrides(
@@ -185,10 +204,12 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
         pure=pure)
     job = Job(model, chosen, output, revision, force, threads or _cores(), dry_run, overrides, imatrix, no_calib,
               CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
-              CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, damp, parse_size(max_shard_size),
+              CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, 0.05 if damp is None else damp,
+                                parse_size(max_shard_size),
                                 clip, fmt=fmt.strip().lower(), smoothing=smoothing, gptq=gptq,
                                 expert_min_tokens=expert_min_tokens, double_quant=double_quant,
-                                compute_dtype=compute_dtype.strip().lower()), Parallel(workers, ray))
+                                compute_dtype=compute_dtype.strip().lower()), Parallel(workers, ray),
+              method.strip().lower(), 0.01 if damp is None else damp)
     if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
         _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
                           "it, vLLM refuses asymmetric GPTQ", "yellow")
@@ -615,8 +636,13 @@ def _print_done(r) -> None:
     _print_source(r)
     for o in r.outputs:
         if o["kind"] == "gguf":
-            out.print(f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} "
-                      f"bpw, sha256 {o['sha256'][:16]}…")
+            line = (f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['bits_per_weight']:.2f} "
+                    f"bpw, sha256 {o['sha256'][:16]}…")
+            fed = [x for x in o.get("layers", []) if "error" in x]
+            if fed:
+                ratio = sum(x["error"] for x in fed) / sum(x["rtn_error"] for x in fed)
+                line += f"; error feedback: output error {ratio:.3f}x rounding to nearest's"
+            out.print(line)
             continue
         scheme = o["scales"] or f"{o['bits']}-bit group {o['group_size']}"
         line = (f"[green]wrote[/green] {escape(o['path'])}  {o['bytes'] / 1e6:.1f} MB, {o['method'].upper()} "

@@ -33,7 +33,7 @@ from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWri
 from qconvert.errors import InputError, Interrupted, UsageError
 from qconvert.layouts import TORCH_DTYPES, from_numpy, to_numpy
 from qconvert.model import Model, open_model
-from qconvert.plan import Plan, make_plan, model_label
+from qconvert.plan import Plan, imatrix_kv, make_plan, model_label, tensor_weights
 from qconvert.quant import bnb, fp8
 from qconvert.quant.blocks import to_float32
 from qconvert.quant.recipes import Overrides
@@ -70,6 +70,10 @@ class Job:
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
     checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)  # method set per target
     parallel: Parallel = field(default_factory=Parallel)  # the calibration over workers (--workers, --ray)
+    # the GGUF mixtures' rounding: "imatrix" (llama-quantize's, importance-weighted to nearest) or
+    # "gptq" (error feedback through each layer's Hessian, quant/feedback.py); --damp, --act-order
+    method: str = "imatrix"
+    method_damp: float = 0.01
 
 
 def convert(job: Job, progress: Progress | None = None) -> Report:
@@ -89,13 +93,15 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
         checkpoints = [plan_checkpoint(model, p, job.force, replace(job.checkpoint, method=t.name))
                        for t, p in zip(job.targets, paths) if t.kind == "checkpoint"]
         check_spread(model, job, checkpoints)
+        feedback_outputs = check_method(model, job, plan)
         report = describe(model, plan, checkpoints, job.targets, job.threads, job.dry_run)
         if job.dry_run:
             return report
         # calibrate and write: one importance matrix for the GGUF mixtures, one pass per method
         torch.set_num_threads(max(1, job.threads))
         samples = None
-        if any(not cp.opts.per_tensor for cp in checkpoints) or (plan is not None and plan.needs_calibration):
+        if any(not cp.opts.per_tensor for cp in checkpoints) or (plan is not None and plan.needs_calibration) \
+                or feedback_outputs:
             c = job.calibration
             samples = text.samples(model.ckpt.path, c.text, c.samples, c.seq_len, c.seed, model.bos,
                                    model.family.max_positions())
@@ -103,10 +109,18 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
         spread = (model, job.revision, job.parallel) if job.parallel.spread and samples is not None else None
         with job.parallel.connected() if spread else contextlib.nullcontext():
             if plan is not None:
-                if plan.needs_calibration:
+                if plan.needs_calibration and not feedback_outputs:
                     passes.append(imatrix_pass(model, plan, samples, job.calibration.exact, job.threads, progress,
                                                spread))
+                for o in feedback_outputs:
+                    passes.append(feedback_pass(model, plan, o, samples, job, progress, spread))
+                    if o.weights is None:  # no --imatrix: the pass's own statistics are the file's matrix
+                        o.weights = tensor_weights(plan.tensors, o.types, o.feedback.imatrix(samples))
+                        o.kv.update(imatrix_kv(o.feedback.imatrix(samples)))
                 written += write_gguf(plan, job.threads, progress)
+                for o, w in zip(plan.outputs, written[-len(plan.outputs):]):
+                    if o.feedback is not None:
+                        w.report = {"rounding": "gptq", "layers": o.feedback.report()}
             for cp in checkpoints:
                 if cp.opts.per_tensor:
                     written.append(tensor_pass(model, cp, progress))
@@ -121,11 +135,14 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
         for w in written:
             w.abort()
         if plan is not None:
+            plan.close_spills()
             remove_dirs(plan.created_dirs)
         if isinstance(e, KeyboardInterrupt):
             raise Interrupted("interrupted; no output was left behind") from None
         raise
     finally:
+        if plan is not None:
+            plan.close_spills()
         model.close()
     results = {str(w.path): w for w in written}
     for entry in report.outputs:
@@ -152,6 +169,54 @@ def check_spread(model: Model, job: Job, checkpoints: list[CheckpointPlan]) -> N
         if model.family.n_experts:
             raise UsageError(f"--to {method}: a mixture of experts' {method.upper()} calibration does not run over "
                              "workers yet (each worker's tokens reach other experts); leave out --workers/--ray")
+
+
+def check_method(model: Model, job: Job, plan: Plan | None) -> list:
+    """`--method gptq`: the GGUF mixtures it rounds (all the job's), refused before any compute
+    where it cannot run."""
+    if job.method == "imatrix":
+        return []
+    if job.method != "gptq":
+        raise UsageError(f"--method: unknown rounding {job.method!r}; known: imatrix, gptq")
+    mixtures = [o for o in plan.outputs if o.recipe.quantizes_like_llama_quantize] if plan is not None else []
+    if not mixtures:
+        raise UsageError("--method gptq applies to the GGUF mixtures (q4_k_m, iq4_xs, ...), none of which is chosen")
+    if not 0 < job.method_damp < 1:
+        raise UsageError(f"--damp must be between 0 and 1, got {job.method_damp}")
+    if job.no_calib:
+        raise UsageError("--method gptq rounds through the Hessians of calibration inputs: leave out --no-calib")
+    if model.family.n_experts:
+        raise UsageError("--method gptq: a mixture of experts' GGUF files are not yet rounded with error feedback "
+                         "(its experts' stacked tensors); leave out --method")
+    return mixtures
+
+
+def feedback_pass(model: Model, plan: Plan, o, samples: text.Calibration, job: Job, progress: Progress | None,
+                  spread=None) -> dict:
+    """One GGUF mixture's layer loop with error feedback (calibrate/feedback.py): its decoder
+    linears quantized into a spill file, which write_gguf() then writes in their place. Without
+    --imatrix no importance-matrix pass runs first: each linear's block scales are searched with
+    its own input's mean squares (diag(H) / 2, on the quantized layers' outputs), and those are
+    the matrix the file records."""
+    from qconvert.calibrate.feedback import FeedbackObserver
+    t = time.perf_counter()
+    observer = FeedbackObserver(plan, o, job.method_damp, job.checkpoint.act_order, job.threads)
+    o.feedback = observer
+    fw = model.forward()
+    fast = observer.fast_products
+    products = fw.use_products("float32" if job.calibration.exact or (fast == "bfloat16" and not native_bf16())
+                               else fast)
+    label = _labelled(progress, f"{o.recipe.name.upper()}: rounding layers with error feedback")
+    where = None
+    if spread is not None:
+        from qconvert.calibrate import parallel
+        where = parallel.run(spread[0], spread[1], samples.tokens, observer.handle, observer.part,
+                             observer.part_args(len(samples.tokens)), products, spread[2], job.threads, label)
+    else:
+        run_layers(fw, torch.from_numpy(samples.tokens), (observer.observer(len(samples.tokens)),), label)
+    return {"method": "gptq", "targets": [o.recipe.name], "forward": products, "feeds": observer.feeds,
+            "tensors": len(observer.tensors), **({"kept_nearest": observer.kept} if observer.kept else {}),
+            **_spread_report(where), "seconds": round(time.perf_counter() - t, 3)}
 
 
 def _spread_report(where: dict | None) -> dict:

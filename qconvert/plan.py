@@ -39,6 +39,8 @@ class OutputPlan:
     weights: list | None  # per plan tensor: importance weights for its quantizer, or None; None until calibrated
     force: bool = False
     packed: PackedValues = field(default_factory=PackedValues)  # shared by a plan's outputs
+    # --method gptq: the observer that rounded its decoder linears, whose spill holds their blocks
+    feedback: object | None = None
 
     @property
     def tensor_bytes(self) -> int:
@@ -74,6 +76,11 @@ class Plan:
     @property
     def needs_calibration(self) -> bool:
         return any(o.recipe.quantizes_like_llama_quantize and o.weights is None for o in self.outputs)
+
+    def close_spills(self) -> None:
+        for o in self.outputs:
+            if o.feedback is not None:
+                o.feedback.spill.close()
 
     def use_imatrix(self, im: Imatrix) -> None:
         """Give the mixtures their importance weights (made by calibration after planning) and

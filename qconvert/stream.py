@@ -26,16 +26,22 @@ def write_gguf(plan: Plan, threads: int, progress: Callable[[str, int, int], Non
         for w in writers:
             w.open()
         for i, t in enumerate(plan.tensors):
-            for w in writers:
+            # tensors already quantized (--method gptq's spill): written whole, the chunks still
+            # read for the other outputs and for the checks
+            spilled = [o.feedback is not None and t.name in o.feedback.spill for o in plan.outputs]
+            for o, w, s in zip(plan.outputs, writers, spilled):
                 w.begin_tensor(t.name)
+                if s:
+                    w.write(o.feedback.spill.get(t.name))
             row = 0
             for chunk in float_chunks(t, threads):
                 amax = max(float(chunk.max()), -float(chunk.min())) if chunk.size else 0.0
-                for o, w in zip(plan.outputs, writers):
+                for o, w, s in zip(plan.outputs, writers, spilled):
                     if amax >= o.types[i].overflow:
                         raise InputError(f"tensor {t.hf_name!r} holds {amax:.4g}, beyond what {o.types[i].name} can "
                                          f"store for --to {o.recipe.name}; use --to bf16 or f32")
-                    w.write(o.types[i].quantize(chunk, threads, chunk_weights(o.weights[i], t, row)))
+                    if not s:
+                        w.write(o.types[i].quantize(chunk, threads, chunk_weights(o.weights[i], t, row)))
                 done += chunk.size
                 row += chunk.shape[0]
                 if progress:

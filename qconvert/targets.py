@@ -19,7 +19,8 @@ from qconvert.quant.recipes import RECIPES, Recipe
 # how calibration text becomes samples, and where they run
 CALIBRATION = ("calib", "calib_samples", "calib_seq_len", "seed", "workers", "ray")
 MIXTURE = ("no_calib", "imatrix", "exact_calib", "tensor_type", "output_tensor_type", "token_embedding_type",
-           "pure", *CALIBRATION)  # llama-quantize's options and the importance matrix's
+           "pure", "method", "damp", "act_order", *CALIBRATION)  # llama-quantize's options, the importance
+# matrix's and --method gptq's
 
 
 @dataclass(frozen=True)

@@ -303,3 +303,14 @@ def test_the_memory_estimate_counts_calibration_workers(tiny, tmp_path):
     alone, two, ray = job(), job(workers=2), job(workers=2, ray="local")
     assert estimate_peak_bytes(two) > estimate_peak_bytes(alone) + 2 * BASE_BYTES
     assert estimate_peak_bytes(ray) == estimate_peak_bytes(alone)
+
+
+def test_the_memory_estimate_counts_gptq_rounding_with_an_imatrix_file(tiny, tmp_path):
+    """`--imatrix FILE` spares the GGUF mixtures their calibration, unless `--method gptq`
+    rounds them through the calibration inputs' Hessians anyway."""
+    from qconvert.batch import BatchJob, estimate_peak_bytes
+
+    def job(**options) -> BatchJob:
+        return BatchJob(1, "jobs.jsonl:1", str(tiny("llama")), "q4_k_m", tmp_path / "o", None, options, [])
+    given, fed, calibrated = job(imatrix="m.gguf"), job(imatrix="m.gguf", method="gptq"), job()
+    assert estimate_peak_bytes(given) < estimate_peak_bytes(fed) == estimate_peak_bytes(calibrated)

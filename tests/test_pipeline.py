@@ -53,8 +53,8 @@ MIXTURES = "the GGUF mixtures (q4_k_m, iq4_xs, ...)"
     (["--to", "q8_0,f16", "--calib-samples", "8"], "--calib-samples", f"{MIXTURES}, awq, gptq, w8a8"),
     (["--to", "gptq", "--tensor-type", "attn=q8_0"], "--tensor-type", MIXTURES),
     (["--to", "gptq", "--pure"], "--pure", MIXTURES),
-    (["--to", "awq", "--no-act-order"], "--no-act-order", "gptq, w8a8"),
-    (["--to", "awq,q4_k_m", "--damp", "0.1"], "--damp", "gptq, w8a8"),
+    (["--to", "awq", "--no-act-order"], "--no-act-order", f"{MIXTURES}, gptq, w8a8"),
+    (["--to", "awq,q4_k_m", "--damp", "0.1"], "--damp", "gptq, w8a8 and the GGUF mixtures with --method gptq"),
     (["--to", "q8_0", "--imatrix", "m.gguf"], "--imatrix", MIXTURES),
 ])
 def test_options_for_no_chosen_target_are_usage_errors(tiny, tmp_path, capsys, args, flag, users):
