@@ -202,18 +202,8 @@ def feedback_pass(model: Model, plan: Plan, o, samples: text.Calibration, job: J
     t = time.perf_counter()
     observer = FeedbackObserver(plan, o, job.method_damp, job.checkpoint.act_order, job.threads)
     o.feedback = observer
-    fw = model.forward()
-    fast = observer.fast_products
-    products = fw.use_products("float32" if job.calibration.exact or (fast == "bfloat16" and not native_bf16())
-                               else fast)
-    label = _labelled(progress, f"{o.recipe.name.upper()}: rounding layers with error feedback")
-    where = None
-    if spread is not None:
-        from qconvert.calibrate import parallel
-        where = parallel.run(spread[0], spread[1], samples.tokens, observer.handle, observer.part,
-                             observer.part_args(len(samples.tokens)), products, spread[2], job.threads, label)
-    else:
-        run_layers(fw, torch.from_numpy(samples.tokens), (observer.observer(len(samples.tokens)),), label)
+    products, where = layer_loop(model, observer, samples, job.calibration.exact, spread, job.threads,
+                                 _labelled(progress, f"{o.recipe.name.upper()}: rounding layers with error feedback"))
     return {"method": "gptq", "targets": [o.recipe.name], "forward": products, "feeds": observer.feeds,
             "tensors": len(observer.tensors), **({"kept_nearest": observer.kept} if observer.kept else {}),
             **_spread_report(where), "seconds": round(time.perf_counter() - t, 3)}
@@ -261,17 +251,8 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
     try:
         observer = OBSERVERS[method](writer)
         writer.flush(-1)  # embeddings and whatever precedes the decoder layers
-        fw = model.forward()
-        fast = observer.fast_products
-        products = fw.use_products("float32" if exact or (fast == "bfloat16" and not native_bf16()) else fast)
-        label = _labelled(progress, f"{method.upper()}: quantizing layers")
-        where = None
-        if spread is not None:
-            from qconvert.calibrate import parallel
-            where = parallel.run(spread[0], spread[1], samples.tokens, observer.handle, observer.part,
-                                 observer.part_args(len(samples.tokens)), products, spread[2], threads, label)
-        else:
-            run_layers(fw, torch.from_numpy(samples.tokens), (observer.observer(len(samples.tokens)),), label)
+        products, where = layer_loop(model, observer, samples, exact, spread, threads,
+                                     _labelled(progress, f"{method.upper()}: quantizing layers"))
         calib = {"dataset": samples.dataset, "samples": int(samples.tokens.shape[0]),
                  "seq_len": int(samples.tokens.shape[1])}
         writer.finish(calib)
@@ -282,6 +263,22 @@ def checkpoint_pass(model: Model, cp: CheckpointPlan, samples: text.Calibration,
     return writer, {"method": method, "targets": [method], "forward": products,
                     "feeds": observer.feeds, **_spread_report(where),
                     "seconds": round(time.perf_counter() - t, 3)}
+
+
+def layer_loop(model: Model, observer, samples: text.Calibration, exact: bool, spread, threads: int,
+               label: Callable[[int, int], None] | None) -> tuple[str, dict | None]:
+    """A layer-wise method's pass over the samples, here or over workers (`spread`): (the
+    products the forward ran, where the samples ran). The forward's products are the method's
+    fast ones where this CPU has them, float32 when `exact`."""
+    fw = model.forward()
+    fast = observer.fast_products
+    products = fw.use_products("float32" if exact or (fast == "bfloat16" and not native_bf16()) else fast)
+    if spread is None:
+        run_layers(fw, torch.from_numpy(samples.tokens), (observer.observer(len(samples.tokens)),), label)
+        return products, None
+    from qconvert.calibrate import parallel
+    return products, parallel.run(spread[0], spread[1], samples.tokens, observer.handle, observer.part,
+                                  observer.part_args(len(samples.tokens)), products, spread[2], threads, label)
 
 
 def _fp8(quantize, block):
