@@ -204,12 +204,13 @@ def convert_cmd(ctx: typer.Context, model: Model, to: To = "q8_0", output: Outpu
         pure=pure)
     job = Job(model, chosen, output, revision, force, threads or _cores(), dry_run, overrides, imatrix, no_calib,
               CalibrationOptions(calib, calib_samples, calib_seq_len, seed, exact_calib),
-              CheckpointOptions("gptq", bits, group_size, act_order is not False, sym, 0.05 if damp is None else damp,
+              CheckpointOptions("gptq", bits, group_size, act_order is not False, sym,
+                                CheckpointOptions.damp if damp is None else damp,
                                 parse_size(max_shard_size),
                                 clip, fmt=fmt.strip().lower(), smoothing=smoothing, gptq=gptq,
                                 expert_min_tokens=expert_min_tokens, double_quant=double_quant,
                                 compute_dtype=compute_dtype.strip().lower()), Parallel(workers, ray),
-              method.strip().lower(), 0.01 if damp is None else damp)
+              method.strip().lower(), Job.method_damp if damp is None else damp)
     if any(t.name == "gptq" for t in chosen) and not sym and not quiet:
         _error("warning", "asymmetric GPTQ is written as checkpoint_format gptq_v2; GPTQModel and transformers load "
                           "it, vLLM refuses asymmetric GPTQ", "yellow")

@@ -33,7 +33,7 @@ from qconvert.checkpoint import CheckpointOptions, CheckpointPlan, CheckpointWri
 from qconvert.errors import InputError, Interrupted, UsageError
 from qconvert.layouts import TORCH_DTYPES, from_numpy, to_numpy
 from qconvert.model import Model, open_model
-from qconvert.plan import Plan, imatrix_kv, make_plan, model_label, tensor_weights
+from qconvert.plan import Plan, make_plan, model_label
 from qconvert.quant import bnb, fp8
 from qconvert.quant.blocks import to_float32
 from qconvert.quant.recipes import Overrides
@@ -115,8 +115,7 @@ def convert(job: Job, progress: Progress | None = None) -> Report:
                 for o in feedback_outputs:
                     passes.append(feedback_pass(model, plan, o, samples, job, progress, spread))
                     if o.weights is None:  # no --imatrix: the pass's own statistics are the file's matrix
-                        o.weights = tensor_weights(plan.tensors, o.types, o.feedback.imatrix(samples))
-                        o.kv.update(imatrix_kv(o.feedback.imatrix(samples)))
+                        o.use_imatrix(plan.tensors, o.feedback.imatrix(samples))
                 written += write_gguf(plan, job.threads, progress)
                 for o, w in zip(plan.outputs, written[-len(plan.outputs):]):
                     if o.feedback is not None:

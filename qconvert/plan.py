@@ -42,6 +42,12 @@ class OutputPlan:
     # --method gptq: the observer that rounded its decoder linears, whose spill holds their blocks
     feedback: object | None = None
 
+    def use_imatrix(self, tensors: list[PlannedTensor], im: Imatrix) -> None:
+        """Importance weights for this mixture's tensors from `im`, and the keys llama-quantize
+        records for it."""
+        self.weights = tensor_weights(tensors, self.types, im)
+        self.kv.update(imatrix_kv(im))
+
     @property
     def tensor_bytes(self) -> int:
         return sum(t.nbytes for t in self.infos)
@@ -87,8 +93,7 @@ class Plan:
         the keys llama-quantize records for them."""
         for o in self.outputs:
             if o.recipe.quantizes_like_llama_quantize:
-                o.weights = tensor_weights(self.tensors, o.types, im)
-                o.kv.update(imatrix_kv(im))
+                o.use_imatrix(self.tensors, im)
 
 
 def model_label(ckpt: Checkpoint) -> str:

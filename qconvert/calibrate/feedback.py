@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qconvert.calibrate.gptq import GPTQObserver
+from qconvert.calibrate.gptq import GPTQObserver, finite_weight
 from qconvert.errors import InputError
 from qconvert.plan import OutputPlan, Plan
 from qconvert.quant import feedback
-from qconvert.quant.blocks import Blocks, first_nonfinite
+from qconvert.quant.blocks import Blocks
 from qconvert.read.imatrix import Imatrix
 
 
@@ -71,10 +71,11 @@ def row_order(plan: Plan, i: int, transposed: bool) -> torch.Tensor | None:
     rows = np.broadcast_to(np.arange(N, dtype=np.float32)[:, None], (N, K))
     cols = np.broadcast_to(np.arange(K, dtype=np.float32)[None, :], (N, K))
     stored = (lambda a: np.ascontiguousarray(a.T)) if transposed else np.ascontiguousarray
-    if tuple(t.source.shape) != (stored(rows).shape if transposed else (N, K)):
+    stored_rows = stored(rows)
+    if tuple(t.source.shape) != stored_rows.shape:
         return None
     try:
-        r = np.asarray(t.transform(stored(rows), t.source.dtype), dtype=np.float32).reshape(N, K)
+        r = np.asarray(t.transform(stored_rows, t.source.dtype), dtype=np.float32).reshape(N, K)
         c = np.asarray(t.transform(stored(cols), t.source.dtype), dtype=np.float32).reshape(N, K)
     except Exception:  # noqa: BLE001 - a transform that needs real data: not a reordering
         return None
@@ -128,11 +129,7 @@ class FeedbackObserver(GPTQObserver):
         if weights is None:  # each column's mean square input (llama-imatrix's statistic, here on these inputs)
             weights = (torch.diag(H) / 2).numpy()
         self.means[t.name] = weights
-        W = fw.linear_weight(hf).float()
-        bad = first_nonfinite(W.numpy())
-        if bad >= 0:
-            raise InputError(f"{self.plan.ckpt.path}: tensor {t.hf_name} has a non-finite value at flat index {bad}")
-        Wg = W[order]
+        Wg = finite_weight(fw, hf, self.plan.ckpt.path, t.hf_name)[order]
         N, K = Wg.shape
         entry = {"name": t.name, "type": ty.name}
         if feedback.supports(ty):

@@ -116,6 +116,16 @@ def reduce(payloads: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     return H, torch.stack([p["max"] for p in payloads]).amax(0) - torch.stack([p["min"] for p in payloads]).amin(0)
 
 
+def finite_weight(fw, hf: str, path, name: str) -> torch.Tensor:
+    """Linear `hf`'s weight from the forward as float32, refusing NaN and infinity (naming the
+    checkpoint `path` and the tensor `name`)."""
+    W = fw.linear_weight(hf).float()
+    bad = first_nonfinite(W.numpy())
+    if bad >= 0:
+        raise InputError(f"{path}: tensor {name} has a non-finite value at flat index {bad}")
+    return W
+
+
 class GPTQObserver:
     """GPTQ's method: given a linear's Hessian over every sample, the linear quantized (the
     weights read from this process's forward), written, its dequantized weight returned; at a
@@ -154,13 +164,7 @@ class GPTQObserver:
         return False
 
     def weight(self, hf: str, fw) -> torch.Tensor:
-        lin = self.plan.linears[hf]
-        W = fw.linear_weight(hf).float()
-        bad = first_nonfinite(W.numpy())
-        if bad >= 0:
-            raise InputError(f"{self.plan.model.ckpt.path}: tensor {lin.name}.weight has a non-finite value at flat "
-                             f"index {bad}")
-        return W
+        return finite_weight(fw, hf, self.plan.model.ckpt.path, f"{self.plan.linears[hf].name}.weight")
 
     def quantize(self, fw, hf: str, H: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:  # noqa: ARG002
         lin, o = self.plan.linears[hf], self.plan.opts

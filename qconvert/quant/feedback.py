@@ -59,7 +59,7 @@ class Codec:
 
 # ---- legacy types and Q8_0: blocks of 32, one scale (and min) ----------------------------------
 
-def _legacy_grid(qs_at: int, shift: int | None):
+def _legacy_grid(shift: int | None):
     """Q4_0 (shift 8), Q5_0 (16): value = d (q - shift); Q4_1, Q5_1 (None): d q + m."""
     def grid(data):
         d = _f16(data, 0)
@@ -176,10 +176,10 @@ def _iq4_xs_pack(data, codes):
 
 CODECS: dict[str, Codec] = {
     "Q8_0": Codec(256, _q8_0_grid, _q8_0_pack),
-    "Q4_0": Codec(16, _legacy_grid(2, 8), _legacy_pack(2, False)),
-    "Q4_1": Codec(16, _legacy_grid(4, None), _legacy_pack(4, False)),
-    "Q5_0": Codec(32, _legacy_grid(6, 16), _legacy_pack(6, True)),
-    "Q5_1": Codec(32, _legacy_grid(8, None), _legacy_pack(8, True)),
+    "Q4_0": Codec(16, _legacy_grid(8), _legacy_pack(2, False)),
+    "Q4_1": Codec(16, _legacy_grid(None), _legacy_pack(4, False)),
+    "Q5_0": Codec(32, _legacy_grid(16), _legacy_pack(6, True)),
+    "Q5_1": Codec(32, _legacy_grid(None), _legacy_pack(8, True)),
     "Q2_K": Codec(4, _q2_k_grid, _q2_k_pack),
     "Q3_K": Codec(8, _q3_k_grid, _q3_k_pack),
     "Q4_K": Codec(16, _kx_grid, _q4_k_pack),
