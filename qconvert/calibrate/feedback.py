@@ -15,8 +15,8 @@ on what the file holds.
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
+from tempfile import TemporaryFile
 
 import numpy as np
 import torch
@@ -27,20 +27,30 @@ from qconvert.plan import OutputPlan, Plan
 from qconvert.quant import feedback
 from qconvert.quant.blocks import Blocks
 from qconvert.read.imatrix import Imatrix
+from qconvert.writers.atomic import output_error
 
 
 class Spill:
     """Quantized tensors by GGUF name, on disk until the stream writes them."""
 
-    def __init__(self, directory):
-        self.file = tempfile.TemporaryFile(dir=directory, prefix=".qconvert-spill-")
+    def __init__(self, directory: Path):
+        self.directory = directory
+        try:
+            self.file = TemporaryFile(dir=directory, prefix=".qconvert-spill-")
+        except OSError as e:
+            raise output_error(directory, e) from None
         self.where: dict[str, tuple[int, int]] = {}
 
     def put(self, name: str, data: np.ndarray) -> None:
+        """Append a tensor's blocks; a full disk or any write error is the output's error."""
         data = np.ascontiguousarray(data).view(np.uint8).reshape(-1)
-        self.file.seek(0, 2)
-        self.where[name] = (self.file.tell(), data.size)
-        self.file.write(memoryview(data))
+        try:
+            self.file.seek(0, 2)
+            self.where[name] = (self.file.tell(), data.size)
+            self.file.write(memoryview(data))
+            self.file.flush()
+        except OSError as e:
+            raise output_error(self.directory, e) from None
 
     def __contains__(self, name: str) -> bool:
         return name in self.where

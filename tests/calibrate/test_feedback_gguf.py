@@ -156,3 +156,32 @@ def test_a_nan_weight_is_refused_naming_it(tiny, tmp_path, capsys):
     assert code == 3
     one_line_error(err, "down_proj", "non-finite")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_full_disk_while_spilling_is_the_outputs_error(tiny, tmp_path, capsys, monkeypatch):
+    """The spill file lives beside the output: a full disk there is exit 4, one line, nothing left."""
+    import errno
+    import tempfile
+
+    from qconvert.calibrate import feedback as observer
+
+    class Full:
+        """The spill file, whose third write finds the disk full."""
+
+        def __init__(self, **kw):
+            self.f, self.writes = tempfile.TemporaryFile(**kw), 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+    monkeypatch.setattr(observer, "TemporaryFile", lambda **kw: Full(**kw))
+    code, _, err = run_cli([tiny("llama-wide"), "--to", "q4_k_m", "--method", "gptq", *SMALL,
+                            "-o", tmp_path / "out" / "x.gguf"], capsys)
+    assert code == 4
+    one_line_error(err, "disk full")
+    assert not (tmp_path / "out").exists()
