@@ -20,26 +20,27 @@ QK_INLINE void importance(const float *xb, const float *qw, float sigma2, float 
     for (int j = 0; j < 32; ++j) w[j] = qw[j] * sqrtf(sigma2 + xb[j] * xb[j]);
 }
 
-/* Blocks 0 .. m-1 (m <= QK_LANES) of x and their importance weights, one block per lane; lanes
- * past m hold zeros (searched, never stored) */
-QK_INLINE void lanes_of(const float *x, const float *qw, float sigma2, int m, float X[32][QK_LANES],
-                        float W[32][QK_LANES]) {
+/* One block to search: its 32 weights, its 32 importance weights and its row's mean square,
+ * and where its bytes go. Blocks are searched QK_LANES at a time, one per SIMD lane; a lane's
+ * result does not depend on the others, so the blocks of a lane group may come from several
+ * rows (rows of one block: the columns feedback.py quantizes one block at a time). */
+typedef struct {
+    const float *x, *qw;
+    float sigma2;
+    uint8_t *y;
+} lane_item;
+
+/* the items' blocks and importance weights, one per lane; lanes past m hold zeros (searched,
+ * never stored) */
+QK_INLINE void lanes_of(const lane_item *it, int m, float X[32][QK_LANES], float W[32][QK_LANES]) {
     for (int b = 0; b < QK_LANES; ++b) {
         float w[32];
-        if (b < m) importance(x + 32 * b, qw + 32 * b, sigma2, w);
+        if (b < m) importance(it[b].x, it[b].qw, it[b].sigma2, w);
         for (int j = 0; j < 32; ++j) {
-            X[j][b] = b < m ? x[32 * b + j] : 0.f;
+            X[j][b] = b < m ? it[b].x[j] : 0.f;
             W[j][b] = b < m ? w[j] : 0.f;
         }
     }
-}
-
-/* Q4_0 / Q5_0 with importance: m blocks searched at once, make_qx_quants per lane */
-QK_INLINE void qx_blocks(const float *x, const float *qw, float sigma2, int m, int nmax, float d[QK_LANES],
-                         int8_t L[32][QK_LANES]) {
-    float X[32][QK_LANES], W[32][QK_LANES];
-    lanes_of(x, qw, sigma2, m, X, W);
-    qk_make_qx_lanes(32, X, W, nmax, d, L);
 }
 
 /* 5th bits of 32 levels -> qh, nibbles -> qs (elements j and j+16 share a byte) */
@@ -70,27 +71,8 @@ QK_INLINE void q4_0_block_ref(const float *x, uint8_t *y) {
     for (int j = 0; j < 16; ++j) y[2 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
 }
 
-QK_CLONES void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    for (int64_t r = 0; r < nrows; ++r) {
-        const float *x = src + r * n;
-        uint8_t *y = dst + r * (n / 32) * 18;
-        const float sigma2 = qw ? row_sigma2(x, n) : 0;
-        if (!qw) {
-            for (int64_t ib = 0; ib < n / 32; ++ib) q4_0_block_ref(x + 32 * ib, y + 18 * ib);
-            continue;
-        }
-        for (int64_t ib = 0; ib < n / 32; ib += QK_LANES) {
-            const int m = (int)QK_MIN((int64_t)QK_LANES, n / 32 - ib);
-            float d[QK_LANES];
-            int8_t L[32][QK_LANES];
-            qx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, m, 8, d, L);
-            for (int b = 0; b < m; ++b) {
-                uint8_t *yb = y + 18 * (ib + b);
-                qk_put_f16(yb, d[b]);
-                for (int j = 0; j < 16; ++j) yb[2 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
-            }
-        }
-    }
+void qk_quantize_q4_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    qk_quantize_legacy(QK_LEGACY_Q4_0, src, dst, nrows, n, qw, NULL);
 }
 
 void qk_dequantize_q4_0(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
@@ -121,36 +103,8 @@ QK_INLINE void q4_1_block_ref(const float *x, uint8_t *y) {
     for (int j = 0; j < 16; ++j) y[4 + j] = (uint8_t)(L[j] | (L[16 + j] << 4));
 }
 
-/* Q4_1 / Q5_1 with importance: m blocks searched at once, make_qkx3 per lane */
-QK_INLINE void qkx_blocks(const float *x, const float *qw, float sigma2, int m, int nmax, float *d, float *min,
-                          uint8_t L[32][QK_LANES]) {
-    float X[32][QK_LANES], W[32][QK_LANES];
-    lanes_of(x, qw, sigma2, m, X, W);
-    qk_make_qkx_lanes(32, X, W, nmax, -0.9f, 0.05f, 36, 1, 0, d, min, L);
-}
-
-QK_CLONES void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    for (int64_t r = 0; r < nrows; ++r) {
-        const float *x = src + r * n;
-        uint8_t *y = dst + r * (n / 32) * 20;
-        if (!qw) {
-            for (int64_t ib = 0; ib < n / 32; ++ib) q4_1_block_ref(x + 32 * ib, y + 20 * ib);
-            continue;
-        }
-        const float sigma2 = row_sigma2(x, n);
-        for (int64_t ib = 0; ib < n / 32; ib += QK_LANES) {
-            const int m = (int)QK_MIN((int64_t)QK_LANES, n / 32 - ib);
-            float d[QK_LANES], min[QK_LANES];
-            uint8_t L[32][QK_LANES];
-            qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, m, 15, d, min, L);
-            for (int b = 0; b < m; ++b) {
-                uint8_t *yb = y + 20 * (ib + b);
-                qk_put_f16(yb, d[b]);
-                qk_put_f16(yb + 2, -min[b]);
-                for (int j = 0; j < 16; ++j) yb[4 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
-            }
-        }
-    }
+void qk_quantize_q4_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    qk_quantize_legacy(QK_LEGACY_Q4_1, src, dst, nrows, n, qw, NULL);
 }
 
 void qk_dequantize_q4_1(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
@@ -177,28 +131,8 @@ QK_INLINE void q5_0_block_ref(const float *x, uint8_t *y) {
     pack_q5(L, y + 6, y + 2);
 }
 
-QK_CLONES void qk_quantize_q5_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    for (int64_t r = 0; r < nrows; ++r) {
-        const float *x = src + r * n;
-        uint8_t *y = dst + r * (n / 32) * 22;
-        const float sigma2 = qw ? row_sigma2(x, n) : 0;
-        if (!qw) {
-            for (int64_t ib = 0; ib < n / 32; ++ib) q5_0_block_ref(x + 32 * ib, y + 22 * ib);
-            continue;
-        }
-        for (int64_t ib = 0; ib < n / 32; ib += QK_LANES) {
-            const int m = (int)QK_MIN((int64_t)QK_LANES, n / 32 - ib);
-            float d[QK_LANES];
-            int8_t L[32][QK_LANES];
-            qx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, m, 16, d, L);
-            for (int b = 0; b < m; ++b) {
-                uint8_t *yb = y + 22 * (ib + b), Lb[32];
-                for (int j = 0; j < 32; ++j) Lb[j] = (uint8_t)L[j][b];
-                qk_put_f16(yb, d[b]);
-                pack_q5(Lb, yb + 6, yb + 2);
-            }
-        }
-    }
+void qk_quantize_q5_0(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    qk_quantize_legacy(QK_LEGACY_Q5_0, src, dst, nrows, n, qw, NULL);
 }
 
 static int q5_level(const uint8_t *y, int j, int hi_off) {
@@ -230,30 +164,8 @@ QK_INLINE void q5_1_block_ref(const float *x, uint8_t *y) {
     pack_q5(L, y + 8, y + 4);
 }
 
-QK_CLONES void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    for (int64_t r = 0; r < nrows; ++r) {
-        const float *x = src + r * n;
-        uint8_t *y = dst + r * (n / 32) * 24;
-        if (!qw) {
-            for (int64_t ib = 0; ib < n / 32; ++ib) q5_1_block_ref(x + 32 * ib, y + 24 * ib);
-            continue;
-        }
-        const float sigma2 = row_sigma2(x, n);
-        for (int64_t ib = 0; ib < n / 32; ib += QK_LANES) {
-            const int m = (int)QK_MIN((int64_t)QK_LANES, n / 32 - ib);
-            float d[QK_LANES], min[QK_LANES];
-            uint8_t L[32][QK_LANES];
-            qkx_blocks(x + 32 * ib, qw + 32 * ib, sigma2, m, 31, d, min, L);
-            for (int b = 0; b < m; ++b) {
-                uint8_t *yb = y + 24 * (ib + b);
-                qk_put_f16(yb, d[b]);
-                qk_put_f16(yb + 2, -min[b]);
-                uint8_t Lb[32];
-                for (int j = 0; j < 32; ++j) Lb[j] = L[j][b];
-                pack_q5(Lb, yb + 8, yb + 4);
-            }
-        }
-    }
+void qk_quantize_q5_1(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
+    qk_quantize_legacy(QK_LEGACY_Q5_1, src, dst, nrows, n, qw, NULL);
 }
 
 void qk_dequantize_q5_1(const uint8_t *src, float *dst, int64_t nrows, int64_t n) {
@@ -262,4 +174,90 @@ void qk_dequantize_q5_1(const uint8_t *src, float *dst, int64_t nrows, int64_t n
         const float d = qk_get_f16(y), m = qk_get_f16(y + 2);
         for (int j = 0; j < 32; ++j) dst[32 * b + j] = (float)q5_level(y, j, 4) * d + m;
     }
+}
+
+/* ---- with importance weights: the lane groups ---------------------------------------------- */
+
+static const int LEGACY_BYTES[4] = {18, 20, 22, 24};
+
+/* the m items' blocks searched at once (make_qx_quants for Q4_0/Q5_0, make_qkx3_quants for
+ * Q4_1/Q5_1, as quantize_row_*_impl) and written */
+QK_INLINE void legacy_flush(int kind, const lane_item *it, int m) {
+    float X[32][QK_LANES], W[32][QK_LANES], d[QK_LANES], min[QK_LANES];
+    lanes_of(it, m, X, W);
+    if (kind == QK_LEGACY_Q4_0 || kind == QK_LEGACY_Q5_0) {
+        int8_t L[32][QK_LANES];
+        qk_make_qx_lanes(32, X, W, kind == QK_LEGACY_Q4_0 ? 8 : 16, d, L);
+        for (int b = 0; b < m; ++b) {
+            uint8_t *yb = it[b].y;
+            qk_put_f16(yb, d[b]);
+            if (kind == QK_LEGACY_Q4_0) {
+                for (int j = 0; j < 16; ++j) yb[2 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
+            } else {
+                uint8_t Lb[32];
+                for (int j = 0; j < 32; ++j) Lb[j] = (uint8_t)L[j][b];
+                pack_q5(Lb, yb + 6, yb + 2);
+            }
+        }
+    } else {
+        uint8_t L[32][QK_LANES];
+        qk_make_qkx_lanes(32, X, W, kind == QK_LEGACY_Q4_1 ? 15 : 31, -0.9f, 0.05f, 36, 1, 0, d, min, L);
+        for (int b = 0; b < m; ++b) {
+            uint8_t *yb = it[b].y;
+            qk_put_f16(yb, d[b]);
+            qk_put_f16(yb + 2, -min[b]);
+            if (kind == QK_LEGACY_Q4_1) {
+                for (int j = 0; j < 16; ++j) yb[4 + j] = (uint8_t)(L[j][b] | (L[j + 16][b] << 4));
+            } else {
+                uint8_t Lb[32];
+                for (int j = 0; j < 32; ++j) Lb[j] = L[j][b];
+                pack_q5(Lb, yb + 8, yb + 4);
+            }
+        }
+    }
+}
+
+QK_CLONES static void legacy_impl(int kind, const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw,
+                                  const float *ms) {
+    const int bytes = LEGACY_BYTES[kind];
+    lane_item it[QK_LANES];
+    int m = 0;
+    for (int64_t r = 0; r < nrows; ++r) {
+        const float *x = src + r * n;
+        uint8_t *y = dst + r * (n / 32) * bytes;
+        const float sigma2 = ms ? ms[r] : row_sigma2(x, n);
+        for (int64_t ib = 0; ib < n / 32; ++ib) {
+            it[m].x = x + 32 * ib;
+            it[m].qw = qw + 32 * ib;
+            it[m].sigma2 = sigma2;
+            it[m].y = y + bytes * ib;
+            if (++m == QK_LANES) {
+                legacy_flush(kind, it, m);
+                m = 0;
+            }
+        }
+    }
+    if (m) legacy_flush(kind, it, m);
+}
+
+QK_CLONES static void legacy_ref(int kind, const float *src, uint8_t *dst, int64_t nrows, int64_t n) {
+    const int bytes = LEGACY_BYTES[kind];
+    for (int64_t b = 0; b < nrows * (n / 32); ++b) {
+        const float *x = src + 32 * b;
+        uint8_t *y = dst + bytes * b;
+        switch (kind) {
+        case QK_LEGACY_Q4_0: q4_0_block_ref(x, y); break;
+        case QK_LEGACY_Q4_1: q4_1_block_ref(x, y); break;
+        case QK_LEGACY_Q5_0: q5_0_block_ref(x, y); break;
+        default: q5_1_block_ref(x, y); break;
+        }
+    }
+}
+
+void qk_quantize_legacy(int kind, const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw,
+                        const float *ms) {
+    if (qw)
+        legacy_impl(kind, src, dst, nrows, n, qw, ms);
+    else
+        legacy_ref(kind, src, dst, nrows, n);
 }

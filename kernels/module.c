@@ -55,12 +55,27 @@ typedef struct {
     const uint8_t *qsrc;
     int64_t n_per_row;
     const float *qw;
+    const float *ms;  /* each row's mean square for the legacy types' importance (or NULL) */
+    int legacy;       /* QK_LEGACY_* where ms is given */
 } rows_ctx;
 
 static void quantize_rows(void *p, int64_t b, int64_t e) {
     rows_ctx *c = p;
     const int64_t row_bytes = c->n_per_row / c->t->block * c->t->bytes;
-    c->t->quantize(c->src + b * c->n_per_row, c->dst + b * row_bytes, e - b, c->n_per_row, c->qw);
+    if (c->ms)
+        qk_quantize_legacy(c->legacy, c->src + b * c->n_per_row, c->dst + b * row_bytes, e - b, c->n_per_row, c->qw,
+                           c->ms + b);
+    else
+        c->t->quantize(c->src + b * c->n_per_row, c->dst + b * row_bytes, e - b, c->n_per_row, c->qw);
+}
+
+/* QK_LEGACY_* of a type name, or -1 */
+static int legacy_kind(const char *name) {
+    static const char *names[] = {[QK_LEGACY_Q4_0] = "Q4_0", [QK_LEGACY_Q4_1] = "Q4_1", [QK_LEGACY_Q5_0] = "Q5_0",
+                                  [QK_LEGACY_Q5_1] = "Q5_1"};
+    for (int k = 0; k < 4; k++)
+        if (!strcmp(name, names[k])) return k;
+    return -1;
 }
 
 static void dequantize_rows(void *p, int64_t b, int64_t e) {
@@ -80,13 +95,16 @@ static int check_rows(const qtype *t, Py_ssize_t nrows, Py_ssize_t n_per_row) {
 
 static PyObject *py_quantize(PyObject *self, PyObject *args) {
     const char *name;
-    Py_buffer src, dst, qw = {0};
+    Py_buffer src, dst, qw = {0}, ms = {0};
     Py_ssize_t nrows, n_per_row;
     int threads = 1;
-    PyObject *qw_obj = Py_None;
+    PyObject *qw_obj = Py_None, *ms_obj = Py_None;
     (void)self;
-    if (!PyArg_ParseTuple(args, "sy*w*nn|iO", &name, &src, &dst, &nrows, &n_per_row, &threads, &qw_obj)) return NULL;
-    if (qw_obj != Py_None && PyObject_GetBuffer(qw_obj, &qw, PyBUF_C_CONTIGUOUS) < 0) {
+    if (!PyArg_ParseTuple(args, "sy*w*nn|iOO", &name, &src, &dst, &nrows, &n_per_row, &threads, &qw_obj, &ms_obj))
+        return NULL;
+    if ((qw_obj != Py_None && PyObject_GetBuffer(qw_obj, &qw, PyBUF_C_CONTIGUOUS) < 0) ||
+        (ms_obj != Py_None && PyObject_GetBuffer(ms_obj, &ms, PyBUF_C_CONTIGUOUS) < 0)) {
+        if (qw.buf) PyBuffer_Release(&qw);
         PyBuffer_Release(&src);
         PyBuffer_Release(&dst);
         return NULL;
@@ -107,8 +125,11 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         } else if (qw.buf && qw.len != (Py_ssize_t)n_per_row * 4) {
             PyErr_Format(PyExc_ValueError, "%s: importance weights must be %zd float32, got %zd bytes",
                          name, n_per_row, qw.len);
+        } else if (ms.buf && (legacy_kind(name) < 0 || !qw.buf || ms.len != (Py_ssize_t)nrows * 4)) {
+            PyErr_Format(PyExc_ValueError, "%s: mean squares are for Q4_0, Q4_1, Q5_0 and Q5_1 with importance "
+                         "weights, %zd float32", name, nrows);
         } else {
-            rows_ctx c = {t, src.buf, dst.buf, NULL, NULL, n_per_row, qw.buf};
+            rows_ctx c = {t, src.buf, dst.buf, NULL, NULL, n_per_row, qw.buf, ms.buf, legacy_kind(name)};
             Py_BEGIN_ALLOW_THREADS
             qk_parallel_rows(quantize_rows, &c, nrows, threads);
             Py_END_ALLOW_THREADS
@@ -116,6 +137,7 @@ static PyObject *py_quantize(PyObject *self, PyObject *args) {
         }
     }
     if (qw.buf) PyBuffer_Release(&qw);
+    if (ms.buf) PyBuffer_Release(&ms);
     PyBuffer_Release(&src);
     PyBuffer_Release(&dst);
     return ret;
@@ -139,7 +161,7 @@ static PyObject *py_dequantize(PyObject *self, PyObject *args) {
             PyErr_Format(PyExc_ValueError, "%s: buffers must be %lld and %lld bytes, got %zd and %zd",
                          name, (long long)need_src, (long long)need_dst, src.len, dst.len);
         } else {
-            rows_ctx c = {t, NULL, NULL, dst.buf, src.buf, n_per_row, NULL};
+            rows_ctx c = {t, NULL, NULL, dst.buf, src.buf, n_per_row, NULL, NULL, -1};
             Py_BEGIN_ALLOW_THREADS
             qk_parallel_rows(dequantize_rows, &c, nrows, threads);
             Py_END_ALLOW_THREADS
@@ -294,6 +316,33 @@ static PyObject *py_bnb4_dequantize(PyObject *self, PyObject *args) {
     return ret;
 }
 
+static PyObject *py_feedback_round(PyObject *self, PyObject *args) {
+    Py_buffer w, u, a, b, table, codes, err;
+    Py_ssize_t B, N;
+    int levels, threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*iw*w*nn|i", &w, &u, &a, &b, &table, &levels, &codes, &err, &B, &N,
+                          &threads))
+        return NULL;
+    PyObject *ret = NULL;
+    const Py_ssize_t cells = B * N;
+    if (B < 0 || N < 0 || levels < 2 || levels > 256) {
+        PyErr_SetString(PyExc_ValueError, "feedback_round: bad block shape or levels");
+    } else if (w.len != cells * 4 || a.len != cells * 4 || b.len != cells * 4 || err.len != cells * 4 ||
+               codes.len != cells || u.len != B * B * 4 || (table.len != 0 && table.len != levels * 4)) {
+        PyErr_SetString(PyExc_ValueError, "feedback_round: buffer sizes do not fit");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        qk_feedback_round(w.buf, u.buf, a.buf, b.buf, table.len ? table.buf : NULL, levels, codes.buf, err.buf, B, N,
+                          threads);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&w); PyBuffer_Release(&u); PyBuffer_Release(&a); PyBuffer_Release(&b);
+    PyBuffer_Release(&table); PyBuffer_Release(&codes); PyBuffer_Release(&err);
+    return ret;
+}
+
 static PyObject *py_have_avx2(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -302,8 +351,9 @@ static PyObject *py_have_avx2(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"quantize", py_quantize, METH_VARARGS,
-     "quantize(type, src_f32, dst, nrows, n_per_row, threads=1, imatrix=None): float32 rows -> blocks; "
-     "imatrix: n_per_row float32 importance weights"},
+     "quantize(type, src_f32, dst, nrows, n_per_row, threads=1, imatrix=None, mean_squares=None): float32 rows "
+     "-> blocks; imatrix: n_per_row float32 importance weights; mean_squares (Q4_0, Q4_1, Q5_0, Q5_1 with an "
+     "imatrix): nrows float32, each row's mean square in the importance in place of its own"},
     {"dequantize", py_dequantize, METH_VARARGS,
      "dequantize(type, src, dst_f32, nrows, n_per_row, threads=1): blocks -> float32 rows"},
     {"convert", py_convert, METH_VARARGS,
@@ -318,6 +368,10 @@ static PyMethodDef methods[] = {
      "4-bit codes of float32 weights in blocks (quant/bnb.py)"},
     {"bnb4_dequantize", py_bnb4_dequantize, METH_VARARGS,
      "bnb4_dequantize(packed_u8, absmax_f32, levels_f32, dst_f32, block, threads=1): level times its block's absmax"},
+    {"feedback_round", py_feedback_round, METH_VARARGS,
+     "feedback_round(w_f32, u_f32, a_f32, b_f32, table_f32, levels, codes_u8, err_f32, B, N, threads=1): one block "
+     "of columns w [B, N] rounded in order to the grid a c + b (or a table[c]; table empty for none), each error "
+     "/ u[i, i] spread over the later columns by u's row i (quant/feedback.py)"},
     {"have_avx2", py_have_avx2, METH_NOARGS,
      "have_avx2() -> whether the AVX2 paths run (the CPU has AVX2 and QCONVERT_NO_SIMD is unset)"},
     {NULL, NULL, 0, NULL},

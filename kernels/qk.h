@@ -128,6 +128,14 @@ void qk_f16_to_f32_n(const uint16_t *src, float *dst, int64_t n);
 void qk_bf16_to_f32_n(const uint16_t *src, float *dst, int64_t n);
 /* index of the first NaN/Inf in src[0..n), or -1 */
 int64_t qk_first_nonfinite(const float *src, int64_t n);
+/* Q4_0, Q4_1, Q5_0, Q5_1 (kind QK_LEGACY_*): rows as qk_quantize_q4_0 etc.; with importance weights qw,
+ * ms (or NULL) gives each row's mean square in place of the row's own (legacy.c) */
+enum { QK_LEGACY_Q4_0, QK_LEGACY_Q4_1, QK_LEGACY_Q5_0, QK_LEGACY_Q5_1 };
+void qk_quantize_legacy(int kind, const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw,
+                        const float *ms);
+/* error-feedback rounding of one block of columns w [B][N] in place (feedback.c) */
+void qk_feedback_round(float *w, const float *u, const float *a, const float *b, const float *table, int levels,
+                       uint8_t *codes, float *err, int64_t B, int64_t N, int threads);
 
 
 /* run fn(ctx, row_begin, row_end) over [0, nrows) split into contiguous ranges, one per

@@ -63,7 +63,7 @@ def test_gptq_dead_columns_and_singular_hessian():
     assert torch.isfinite(r2.weight).all() and r2.error < r2.rtn_error
 
 
-@pytest.mark.parametrize("n,k", [(600, 2048), (300, 2304), (257, 5000)])
+@pytest.mark.parametrize("n,k", [(200, 512), (300, 600), (600, 2048), (300, 2304), (257, 5000)])
 def test_wide_hessians_from_the_upper_triangle(n, k):
     """The banded Hessian of wide inputs is symmetric and equals 2/n X^T X (the same dot
     products; bitwise equal with torch's BLAS here, float rounding allowed elsewhere)."""

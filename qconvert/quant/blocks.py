@@ -145,10 +145,24 @@ class Blocks(BlockType):
     lattice: ClassVar[str | None] = None
     # ggml_quantize_requires_imatrix: ggml's quantizer has no path without importance weights
     needs_imatrix: ClassVar[bool] = False
+    # the importance weights take the row's mean square (Q4_0, Q4_1, Q5_0, Q5_1), which
+    # quantize(mean_squares=) can give in place of the rows' own
+    row_mean_square: ClassVar[bool] = False
 
     @classmethod
-    def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> np.ndarray:
+    def quantize(cls, rows: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None,
+                 mean_squares: np.ndarray | None = None) -> np.ndarray:
+        """Rows [nrows, n] as blocks. `mean_squares` [nrows] (row_mean_square types, with
+        `imatrix`): each row's mean square in its importance weights, as if the row were longer
+        (feedback.py quantizes a row one block at a time)."""
         nrows, n = rows.shape
+        ms = None
+        if mean_squares is not None:
+            if not cls.row_mean_square or imatrix is None:
+                raise ValueError(f"{cls.name}: mean squares are for Q4_0, Q4_1, Q5_0 and Q5_1 with importance weights")
+            ms = np.ascontiguousarray(mean_squares, dtype=np.float32).reshape(-1)
+            if ms.size != nrows:
+                raise ValueError(f"{cls.name}: {nrows} rows need {nrows} mean squares, got {ms.size}")
         if not cls.fits(n):
             raise ValueError(f"{cls.name}: row length must be a multiple of {cls.block}, got {n}")
         if cls.needs_imatrix and imatrix is None:
@@ -164,11 +178,11 @@ class Blocks(BlockType):
                                  f"at column {bad[0]}")
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if _k is None:
-            return cls.reference.quantize(rows, qw)
+            return cls.reference.quantize(rows, qw) if ms is None else cls.reference.quantize(rows, qw, ms)
         if cls.lattice is not None:
             _build_lattice(cls.lattice)
         out = np.empty((nrows, n // cls.block * cls.block_bytes), dtype=np.uint8)
-        _k.quantize(cls.name, rows, out, nrows, n, threads, qw)
+        _k.quantize(cls.name, rows, out, nrows, n, threads, qw, ms)
         return out
 
     @classmethod
@@ -210,21 +224,25 @@ class Q8_0(Blocks):
 class Q4_0(Blocks):
     name, ggml = "Q4_0", GT.Q4_0
     reference = _by_name(legacy, "Q4_0")
+    row_mean_square = True
 
 
 class Q4_1(Blocks):
     name, ggml = "Q4_1", GT.Q4_1
     reference = _by_name(legacy, "Q4_1")
+    row_mean_square = True
 
 
 class Q5_0(Blocks):
     name, ggml = "Q5_0", GT.Q5_0
     reference = _by_name(legacy, "Q5_0")
+    row_mean_square = True
 
 
 class Q5_1(Blocks):
     name, ggml = "Q5_1", GT.Q5_1
     reference = _by_name(legacy, "Q5_1")
+    row_mean_square = True
 
 
 class Q2_K(Blocks):

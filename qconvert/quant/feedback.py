@@ -7,13 +7,17 @@ One linear W [N out, K in] at a time, with H = 2/n X^T X of its calibration inpu
 super-blocks of the type's block size along K (256 for the K-quants and IQ4_XS, 32 otherwise).
 When a super-block begins, its columns as the earlier rounding errors have left them are
 quantized by the type's own quantizer (the C kernel, byte-identical to ggml, with the importance
-weights llama-quantize would use): that fixes the block's scales and mins, the "grid". Then its
-columns are rounded one at a time to the nearest point of their sub-block's grid, by descending
-diag(H) within the block (act-order within what the format allows: the block's columns are
-fixed by the format, their order is free), each error spread over the block's later columns
+weights llama-quantize would use; the legacy types' weights take the whole row's mean square,
+as llama-quantize's do, though the quantizer sees one block of the row): that fixes the block's
+scales and mins, the "grid". Then its columns are rounded one at a time to the nearest point of
+their sub-block's grid, by descending diag(H) within the block (act-order within what the format
+allows: the block's columns are fixed by the format, their order is free), each error spread
+over the block's later columns
 through the upper Cholesky factor of H^-1, and the block's accumulated error over the remaining
-super-blocks at its end (the lazy batch update). The codes are written into the block's bytes in
-place of the quantizer's own; the scales stay as chosen.
+super-blocks at its end (the lazy batch update). The column loop is kernels/feedback.c (every
+output row runs on its own, so rows are split over threads), or the same steps in torch without
+the C kernels. The codes are written into the block's bytes in place of the quantizer's own;
+the scales stay as chosen.
 
 A column whose input was always zero in calibration (diag(H) = 0) is kept, not zeroed as GPTQ
 does for its checkpoints (it may see input on other text): it gets H = 1 there, so it is rounded
@@ -33,6 +37,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from qconvert.quant import blocks
 from qconvert.quant.blocks import BlockType
 from qconvert.quant.gptq import ERROR_ROWS, _hinv_upper, output_error
 from qconvert.quant.reference import iq4_nl, kquants, legacy
@@ -231,6 +236,8 @@ def quantize(W: torch.Tensor, H: torch.Tensor, t: type[BlockType], imatrix: np.n
     U, damp = _hinv_upper(H[perm][:, perm], damp)
     Wt = W0.t()[perm].contiguous()  # [K, N], column k of W (in the order above) is row k here
 
+    # the legacy types weigh by the row's mean square: the whole row's, as llama-quantize sees it
+    ms = legacy.row_mean_squares(W0.numpy()) if getattr(t, "row_mean_square", False) else None
     block_bytes = t.block_bytes
     out = np.empty((N, K // QK * block_bytes), dtype=np.uint8)
     table = torch.from_numpy(codec.table) if codec.table is not None else None
@@ -242,9 +249,9 @@ def quantize(W: torch.Tensor, H: torch.Tensor, t: type[BlockType], imatrix: np.n
         back = torch.argsort(local)
         W1 = Wt[i1:i2]  # a view: updated in place
         rows = np.ascontiguousarray(W1[back].t().numpy())  # [N, QK] in the format's order
-        data = t.quantize(rows, threads, weights[i1:i2])
+        data = t.quantize(rows, threads, weights[i1:i2], mean_squares=ms)
         a, b = (torch.from_numpy(np.ascontiguousarray(g.T))[local] for g in codec.grid(data))  # [QK, N]
-        codes = _round_block(W1, U[i1:i2, i1:i2], a, b, codec.levels, table, mids, Err)
+        codes = _round_block(W1, U[i1:i2, i1:i2], a, b, codec.levels, table, mids, Err, threads)
         codec.pack(data, codes[back].t().numpy())
         out[:, s * block_bytes:(s + 1) * block_bytes] = data
         if i2 < K:
@@ -259,12 +266,19 @@ def quantize(W: torch.Tensor, H: torch.Tensor, t: type[BlockType], imatrix: np.n
 
 
 def _round_block(W1: torch.Tensor, U1: torch.Tensor, a: torch.Tensor, b: torch.Tensor, levels: int,
-                 table: torch.Tensor | None, mids: torch.Tensor | None, Err: torch.Tensor) -> torch.Tensor:
+                 table: torch.Tensor | None, mids: torch.Tensor | None, Err: torch.Tensor,
+                 threads: int = 1) -> torch.Tensor:
     """One block's columns (rows of W1 [B, N], updated in place) rounded in order to their grid
     (a, b [B, N]), each error spread over the later columns; fills Err with the scaled errors
-    and returns the codes [B, N] (uint8)."""
+    and returns the codes [B, N] (uint8). The C kernel (kernels/feedback.c) where it is built,
+    else the same steps in torch (the last bits of the updates may differ between the two)."""
     B = W1.shape[0]
     codes = torch.empty(B, W1.shape[1], dtype=torch.uint8)
+    if blocks._k is not None:
+        blocks._k.feedback_round(W1.numpy(), U1.contiguous().numpy(), a.contiguous().numpy(), b.contiguous().numpy(),
+                                 table.numpy() if table is not None else b"", levels, codes.numpy(), Err.numpy(),
+                                 B, W1.shape[1], threads)
+        return codes
     step = torch.where(a == 0, torch.ones_like(a), a)
     for i in range(B):
         w = W1[i]

@@ -16,6 +16,8 @@ to include 0, s = (max - min) / (2^b - 1), z = round(-min / s); q = clamp(round(
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,32 +64,90 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2 ** bits - 1)
 
 
+PANEL = 256  # rows or columns per piece of the factorisation and the triangular inverse
+
+
+@contextmanager
+def _pieces():
+    """Run fixed pieces of a factorisation side by side: yields each(fn, starts), which calls
+    fn(start) for every start on as many threads as torch was given (-j), each torch operation
+    inside on one thread. The pieces are the same whatever the thread count and each is computed
+    on one thread, so the bits do not depend on -j (LAPACK's own factorisation splits its blocks
+    by thread count, and its bits change with them: on SmolLM2-135M, -j 1 and -j 2 gave
+    different GPTQ codes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    inference = torch.is_inference_mode_enabled()  # per thread in torch: the pool's threads take the caller's
+
+    def run(fn, s: int) -> None:
+        with torch.inference_mode(inference), torch.no_grad():
+            fn(s)
+
+    def each(fn, starts) -> None:
+        if pool is None:
+            for s in starts:
+                fn(s)
+        else:
+            list(pool.map(lambda s: run(fn, s), starts))
+    try:
+        yield each
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        torch.set_num_threads(threads)
+
+
 def lower_inverse(L: torch.Tensor) -> torch.Tensor:
     """The inverse of lower-triangular L, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1,
     D^-1]], the corner from two triangular solves. n^3 / 3 multiply-adds, a third of a solve
-    against the identity (which does not know that the inverse is triangular too)."""
-    n = L.shape[0]
-    if n <= 256:
-        return torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False)
-    h = n // 2
+    against the identity (which does not know that the inverse is triangular too). MKL's solves
+    give the same bits on 1 to 4 threads (tests/test_gptq.py), unlike its factorisation."""
     out = torch.zeros_like(L)
-    out[:h, :h] = lower_inverse(L[:h, :h])
-    out[h:, h:] = lower_inverse(L[h:, h:])
-    corner = torch.linalg.solve_triangular(L[:h, :h], L[h:, :h], upper=False, left=False)  # C A^-1
-    out[h:, :h] = -torch.linalg.solve_triangular(L[h:, h:], corner, upper=False)
+    _lower_inverse_into(L, out)
     return out
 
 
-def _cholesky(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.linalg.cholesky_ex on one thread: LAPACK's blocked factorisation splits its work
-    differently with more threads, and its bits with it (on SmolLM2-135M's Hessians, 1 and 2
-    threads gave different GPTQ codes); the quantization must not depend on -j."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return torch.linalg.cholesky_ex(A)
-    finally:
-        torch.set_num_threads(threads)
+def _lower_inverse_into(L: torch.Tensor, out: torch.Tensor) -> None:
+    n = L.shape[0]
+    if n <= 256:
+        out.copy_(torch.linalg.solve_triangular(L, torch.eye(n, dtype=L.dtype), upper=False))
+        return
+    h = n // 2
+    _lower_inverse_into(L[:h, :h], out[:h, :h])
+    _lower_inverse_into(L[h:, h:], out[h:, h:])
+    corner = torch.linalg.solve_triangular(L[:h, :h], L[h:, :h], upper=False, left=False)  # C A^-1
+    out[h:, :h] = torch.linalg.solve_triangular(L[h:, h:], corner, upper=False).neg_()
+
+
+def _cholesky(A: torch.Tensor, overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lower Cholesky factor of A and LAPACK's info (0, or the order of the first minor that is
+    not positive definite), right-looking by panels: each diagonal block factorised, the panel
+    below it solved, the trailing lower triangle updated column panel by column panel, the
+    pieces side by side (_pieces: the same bits whatever -j). `overwrite`: in A's memory."""
+    n = A.shape[0]
+    if not overwrite:
+        A = A.clone()
+    with _pieces() as each:
+        for j in range(0, n, PANEL):
+            e = min(j + PANEL, n)
+            Ljj, info = torch.linalg.cholesky_ex(A[j:e, j:e])
+            if int(info):
+                return A, info + j
+            A[j:e, j:e] = Ljj
+            if e == n:
+                break
+
+            def below(r: int) -> None:
+                rows = A[r:r + PANEL, j:e]
+                rows.copy_(torch.linalg.solve_triangular(Ljj.mT, rows, upper=True, left=False))
+            each(below, range(e, n, PANEL))
+            P = A[e:, j:e]
+
+            def update(c: int) -> None:  # the columns c.. of the trailing matrix, from their diagonal down
+                A[c:, c:c + PANEL].sub_(P[c - e:] @ P[c - e:c - e + PANEL].T)
+            each(update, range(e, n, PANEL))
+    return A.tril_(), torch.zeros((), dtype=torch.int32)
 
 
 def _hinv_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
@@ -101,7 +161,7 @@ def _hinv_upper(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     while True:
         Hd = flipped.clone()
         Hd[idx, idx] += damp * mean_diag
-        L, info = _cholesky(Hd)
+        L, info = _cholesky(Hd, overwrite=True)
         if int(info) == 0:
             U = lower_inverse(L).flip(0, 1)
             if bool(torch.isfinite(torch.diag(U)).all()):

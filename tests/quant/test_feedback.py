@@ -53,6 +53,31 @@ def test_without_correlation_the_bytes_are_the_quantizers(name):
     assert r.error == pytest.approx(r.rtn_error)
 
 
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_legacy_blocks_get_the_scales_of_their_whole_rows(name):
+    """The legacy types weigh a block's importance by its whole row's mean square
+    (quantize_row_*_impl); quantized one block at a time, each block still gets the scales (and
+    mins) ggml's quantizer gives it within its row. Without correlation the codes are the nearest
+    points of the stored grid (ggml rounds with the scale before its f16 rounding, so its own
+    codes are not always the nearest: a few differ, each by one step)."""
+    t, codec = blocks.get(name), feedback.CODECS[name]
+    rng = np.random.default_rng(2)
+    W = rng.standard_normal((16, 512)).astype(np.float32)
+    weights = rng.uniform(0.1, 4, 512).astype(np.float32)
+    r = feedback.quantize(torch.from_numpy(W), torch.diag(torch.from_numpy(weights * 2)), t, weights,
+                          act_order=False)
+    ours, ggml = r.data.reshape(-1, t.block_bytes), t.quantize(W, 1, weights).reshape(-1, t.block_bytes)
+    scale_bytes = 2 if name in ("Q4_0", "Q5_0") else 4
+    np.testing.assert_array_equal(ours[:, :scale_bytes], ggml[:, :scale_bytes])
+    a, b = codec.grid(ours)
+    x = W.reshape(-1, 32)
+    nearest = np.clip(np.rint((x - b) / a), 0, codec.levels - 1) * a + b
+    np.testing.assert_array_equal(r.weight.numpy().reshape(-1, 32), nearest.astype(np.float32))
+    theirs = t.dequantize(ggml, (16, 512)).reshape(-1, 32)
+    assert (np.abs(theirs - nearest) <= 1.0001 * np.abs(a)).all()
+    assert r.error <= r.rtn_error
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("name", TYPES)
 def test_error_feedback_beats_rounding_to_nearest(name, act_order):
@@ -87,3 +112,55 @@ def test_partial_blocks_are_refused():
     with pytest.raises(ValueError, match="whole blocks"):
         feedback.quantize(torch.zeros(4, 300), torch.eye(300), blocks.get("Q4_K"))
     assert not feedback.supports(blocks.get("IQ2_XXS")) and feedback.supports(blocks.get("IQ4_XS"))
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_a_rows_mean_squares_give_its_blocks_their_bytes_one_at_a_time(name):
+    """quantize(mean_squares=) of a row's blocks one column of blocks at a time, given the whole
+    rows' mean squares, is the whole rows' quantization byte for byte (C and numpy alike)."""
+    from qconvert.quant.reference.legacy import row_mean_squares
+
+    t = blocks.get(name)
+    rng = np.random.default_rng(5)
+    W = (rng.standard_normal((24, 256)) * rng.uniform(0.01, 3, (24, 1))).astype(np.float32)
+    weights = rng.uniform(0.1, 4, 256).astype(np.float32)
+    ms = row_mean_squares(W)
+    parts = [t.quantize(np.ascontiguousarray(W[:, i:i + 32]), 1, weights[i:i + 32], mean_squares=ms)
+             for i in range(0, 256, 32)]
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), t.quantize(W, 1, weights))
+    with pytest.raises(ValueError, match="mean squares"):
+        blocks.get("Q4_K").quantize(W, 1, weights, mean_squares=ms)
+    with pytest.raises(ValueError, match="mean squares"):
+        t.quantize(W, 1, None, mean_squares=ms)
+
+
+@pytest.mark.skipif(blocks._k is None, reason="the C kernel's loop against torch's")
+@pytest.mark.parametrize("name", ["Q4_K", "IQ4_NL"])
+def test_the_c_column_loop_is_the_torch_loop(name):
+    """kernels/feedback.c runs _round_block's torch loop: the same codes (but where a last-bit
+    difference in an update moves a weight across a rounding boundary), updates and errors."""
+    t, codec = blocks.get(name), feedback.CODECS[name]
+    B, N = t.block, 300
+    X = correlated_inputs(B, seed=4)
+    H = 2 * X.T @ X / X.shape[0]
+    U, _ = feedback._hinv_upper(H, 0.01)
+    rng = np.random.default_rng(6)
+    W = torch.from_numpy((rng.standard_normal((N, B)) * 0.05).astype(np.float32))
+    a, b = (torch.from_numpy(np.ascontiguousarray(g.T)) for g in codec.grid(t.quantize(W.numpy(), 1)))
+    table = torch.from_numpy(codec.table) if codec.table is not None else None
+    mids = (table[1:] + table[:-1]) / 2 if table is not None else None
+    got = {}
+    for backend in ("c", "torch"):
+        W1, Err = W.t().contiguous(), torch.empty(B, N)
+        k = blocks._k
+        if backend == "torch":
+            blocks._k = None
+        try:
+            codes = feedback._round_block(W1, U, a, b, codec.levels, table, mids, Err, 2)
+        finally:
+            blocks._k = k
+        got[backend] = codes, W1, Err
+    (c1, w1, e1), (c2, w2, e2) = got["c"], got["torch"]
+    assert (c1 == c2).float().mean() > 0.995
+    torch.testing.assert_close(w1, w2, rtol=1e-3, atol=1e-4)
+    assert (e1 - e2).abs().mean() < 1e-3 * e2.abs().mean()

@@ -34,22 +34,27 @@ def _trunc_u8(v: np.ndarray) -> np.ndarray:
     return np.trunc(v).astype(np.int64).astype(np.int8).astype(np.uint8)
 
 
-def _importance(rows: np.ndarray, qw: np.ndarray) -> np.ndarray:
-    n = rows.shape[1]
-    sigma2 = seqsum(rows * rows) / F(n)
+def row_mean_squares(rows: np.ndarray) -> np.ndarray:
+    """Each row's mean square as quantize_row_*_impl sums it: sigma2 of the importance weights."""
+    return seqsum(rows * rows) / F(rows.shape[1])
+
+
+def _importance(rows: np.ndarray, qw: np.ndarray, ms: np.ndarray | None = None) -> np.ndarray:
+    sigma2 = row_mean_squares(rows) if ms is None else ms.astype(F)
     blocks = rows.reshape(rows.shape[0], -1, 32)
     w = qw.reshape(1, -1, 32).astype(F) * np.sqrt(sigma2[:, None, None] + blocks * blocks)
     return w.reshape(-1, 32)
 
 
 @np.errstate(all="ignore")  # inf/NaN appear where ggml's floats overflow too; the bytes still match
-def quantize(kind: str, rows: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+def quantize(kind: str, rows: np.ndarray, qw: np.ndarray | None, ms: np.ndarray | None = None) -> np.ndarray:
+    """ms: with qw, each row's mean square in the importance weights in place of its own."""
     rows = np.ascontiguousarray(rows, dtype=F)
     x = rows.reshape(-1, 32)
     out = np.zeros((x.shape[0], BYTES[kind]), dtype=np.uint8)
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         if qw is not None:
-            w = _importance(rows, qw)
+            w = _importance(rows, qw, ms)
             if kind in ("Q4_0", "Q5_0"):
                 d, L = make_qx_quants(x, 8 if kind == "Q4_0" else 16, w)
                 out[:, :2] = _f16(d)
