@@ -67,10 +67,11 @@ QK_INLINE void iq4_search_lanes(const float X[32][QK_LANES], const float W[32][Q
     for (int b = 0; b < QK_LANES; ++b) d_out[b] = d[b];
 }
 
-/* m <= QK_LANES blocks of 32 at once, one per lane (lanes past m hold zeros, not stored): the
- * weights x^2 without an imatrix, qw*sqrt(sigma2 + x^2) with one (sigma2 = 2*mean x^2 of the
- * block) */
-QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *ys, int m) {
+/* m <= QK_LANES consecutive blocks of 32 at once, one per lane (lanes past m hold zeros, not
+ * stored), lane b's importance weights at qws[b] (NULL: none): the weights x^2 without an imatrix,
+ * qw*sqrt(sigma2 + x^2) with one (sigma2 = 2*mean x^2 of the block). A lane's result does not
+ * depend on the others, so the blocks may come from several rows. */
+QK_CLONES static void iq4_nl_lanes(const float *xs, const float *const *qws, uint8_t *ys, int m) {
     float X[32][QK_LANES], W[32][QK_LANES], sigma2[QK_LANES], d[QK_LANES];
     for (int b = 0; b < QK_LANES; ++b)
         for (int j = 0; j < 32; ++j) X[j][b] = b < m ? xs[32 * b + j] : 0.f;
@@ -80,7 +81,7 @@ QK_CLONES static void iq4_nl_lanes(const float *xs, const float *qws, uint8_t *y
     for (int b = 0; b < QK_LANES; ++b) sigma2[b] *= 2.f / 32;
     for (int j = 0; j < 32; ++j)
         for (int b = 0; b < QK_LANES; ++b)
-            W[j][b] = qws && b < m ? qws[32 * b + j] * sqrtf(sigma2[b] + X[j][b] * X[j][b]) : X[j][b] * X[j][b];
+            W[j][b] = b < m && qws[b] ? qws[b][j] * sqrtf(sigma2[b] + X[j][b] * X[j][b]) : X[j][b] * X[j][b];
     iq4_search_lanes(X, W, d);
     for (int b = 0; b < m; ++b) {
         const uint16_t dh = qk_f32_to_f16(d[b]);
@@ -165,12 +166,15 @@ void qk_dequantize_iq4_xs(const uint8_t *src, float *dst, int64_t nrows, int64_t
     }
 }
 
+/* the rows' blocks in order, QK_LANES at a time across row ends (a row of one block, as
+ * feedback.py quantizes a block column, still fills the lanes) */
 void qk_quantize_iq4_nl(const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw) {
-    const int64_t nb = n / 32;
-    for (int64_t r = 0; r < nrows; ++r) {
-        for (int64_t ib = 0; ib < nb; ib += QK_LANES)
-            iq4_nl_lanes(src + r * n + 32 * ib, qw ? qw + 32 * ib : NULL, dst + (r * nb + ib) * 18,
-                         (int)QK_MIN((int64_t)QK_LANES, nb - ib));
+    const int64_t nb = n / 32, total = nrows * nb;
+    for (int64_t b = 0; b < total; b += QK_LANES) {
+        const int m = (int)QK_MIN((int64_t)QK_LANES, total - b);
+        const float *qws[QK_LANES] = {0};
+        for (int l = 0; l < m; ++l) qws[l] = qw ? qw + 32 * ((b + l) % nb) : NULL;
+        iq4_nl_lanes(src + 32 * b, qws, dst + 18 * b, m);
     }
 }
 

@@ -317,29 +317,30 @@ static PyObject *py_bnb4_dequantize(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_feedback_round(PyObject *self, PyObject *args) {
-    Py_buffer w, u, a, b, table, codes, err;
+    Py_buffer w, u, a, b, table, codes, err, targets;
     Py_ssize_t B, N;
     int levels, threads = 1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "w*y*y*y*y*iw*w*nn|i", &w, &u, &a, &b, &table, &levels, &codes, &err, &B, &N,
-                          &threads))
+    if (!PyArg_ParseTuple(args, "w*y*y*y*y*iw*w*w*nn|i", &w, &u, &a, &b, &table, &levels, &codes, &err, &targets, &B,
+                          &N, &threads))
         return NULL;
     PyObject *ret = NULL;
     const Py_ssize_t cells = B * N;
     if (B < 0 || N < 0 || levels < 2 || levels > 256) {
         PyErr_SetString(PyExc_ValueError, "feedback_round: bad block shape or levels");
     } else if (w.len != cells * 4 || a.len != cells * 4 || b.len != cells * 4 || err.len != cells * 4 ||
-               codes.len != cells || u.len != B * B * 4 || (table.len != 0 && table.len != levels * 4)) {
+               codes.len != cells || u.len != B * B * 4 || (table.len != 0 && (levels != 16 || table.len != 64)) ||
+               (targets.len != 0 && targets.len != cells * 4)) {
         PyErr_SetString(PyExc_ValueError, "feedback_round: buffer sizes do not fit");
     } else {
         Py_BEGIN_ALLOW_THREADS
-        qk_feedback_round(w.buf, u.buf, a.buf, b.buf, table.len ? table.buf : NULL, levels, codes.buf, err.buf, B, N,
-                          threads);
+        qk_feedback_round(w.buf, u.buf, a.buf, b.buf, table.len ? table.buf : NULL, levels, codes.buf, err.buf,
+                          targets.len ? targets.buf : NULL, B, N, threads);
         Py_END_ALLOW_THREADS
         ret = Py_NewRef(Py_None);
     }
     PyBuffer_Release(&w); PyBuffer_Release(&u); PyBuffer_Release(&a); PyBuffer_Release(&b);
-    PyBuffer_Release(&table); PyBuffer_Release(&codes); PyBuffer_Release(&err);
+    PyBuffer_Release(&table); PyBuffer_Release(&codes); PyBuffer_Release(&err); PyBuffer_Release(&targets);
     return ret;
 }
 
@@ -369,9 +370,10 @@ static PyMethodDef methods[] = {
     {"bnb4_dequantize", py_bnb4_dequantize, METH_VARARGS,
      "bnb4_dequantize(packed_u8, absmax_f32, levels_f32, dst_f32, block, threads=1): level times its block's absmax"},
     {"feedback_round", py_feedback_round, METH_VARARGS,
-     "feedback_round(w_f32, u_f32, a_f32, b_f32, table_f32, levels, codes_u8, err_f32, B, N, threads=1): one block "
-     "of columns w [B, N] rounded in order to the grid a c + b (or a table[c]; table empty for none), each error "
-     "/ u[i, i] spread over the later columns by u's row i (quant/feedback.py)"},
+     "feedback_round(w_f32, u_f32, a_f32, b_f32, table_f32, levels, codes_u8, err_f32, targets_f32, B, N, "
+     "threads=1): one block of columns w [B, N] rounded in order to the grid a c + b (or a table[c]; table empty "
+     "for none), each error / u[i, i] spread over the later columns by u's row i; targets (or empty) gets each "
+     "weight as it was when rounded (quant/feedback.py)"},
     {"have_avx2", py_have_avx2, METH_NOARGS,
      "have_avx2() -> whether the AVX2 paths run (the CPU has AVX2 and QCONVERT_NO_SIMD is unset)"},
     {NULL, NULL, 0, NULL},

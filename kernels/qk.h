@@ -133,9 +133,9 @@ int64_t qk_first_nonfinite(const float *src, int64_t n);
 enum { QK_LEGACY_Q4_0, QK_LEGACY_Q4_1, QK_LEGACY_Q5_0, QK_LEGACY_Q5_1 };
 void qk_quantize_legacy(int kind, const float *src, uint8_t *dst, int64_t nrows, int64_t n, const float *qw,
                         const float *ms);
-/* error-feedback rounding of one block of columns w [B][N] in place (feedback.c) */
+/* error-feedback rounding of one block of columns w [B][N] in place (feedback.c); a table has 16 levels */
 void qk_feedback_round(float *w, const float *u, const float *a, const float *b, const float *table, int levels,
-                       uint8_t *codes, float *err, int64_t B, int64_t N, int threads);
+                       uint8_t *codes, float *err, float *targets, int64_t B, int64_t N, int threads);
 
 
 /* run fn(ctx, row_begin, row_end) over [0, nrows) split into contiguous ranges, one per
