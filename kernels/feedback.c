@@ -35,18 +35,16 @@ QK_INLINE void fb_round_uniform(const float *w, const float *a, const float *b, 
     }
 }
 
-/* the same with levels a table[c]: c counts the midpoints between levels below w / a
- * (torch.bucketize of the sorted midpoints) */
-QK_INLINE void fb_round_table(const float *w, const float *a, const float *table, const float *mids, float d,
-                              uint8_t *codes, float *err, int64_t t0, int64_t t1) {
-    float lv[FB_TABLE], md[FB_TABLE - 1];  /* local copies: the loop below then stays in vector lanes */
-    for (int k = 0; k < FB_TABLE; k++) lv[k] = table[k];
-    for (int k = 0; k < FB_TABLE - 1; k++) md[k] = mids[k];
+/* the same with levels lv[c]: c counts the midpoints md between levels below w / a
+ * (torch.bucketize of the sorted midpoints); lv and md are the caller's local arrays, so the
+ * loop stays in vector lanes */
+QK_INLINE void fb_round_table(const float *w, const float *a, const float lv[FB_TABLE], const float md[FB_TABLE - 1],
+                              float d, uint8_t *codes, float *err, int64_t t0, int64_t t1) {
     for (int64_t n = t0; n < t1; n++) {
         const float step = a[n] == 0 ? 1.0f : a[n];
         const float v = w[n] / step;
         float c = 0, level = lv[0];
-        for (int k = 0; k < FB_TABLE - 1; k++) {  /* a select, not table[c] */
+        for (int k = 0; k < FB_TABLE - 1; k++) {  /* a select, not lv[c] */
             const int above = md[k] < v;
             c = above ? (float)(k + 1) : c;
             level = above ? lv[k + 1] : level;
@@ -59,9 +57,11 @@ QK_INLINE void fb_round_table(const float *w, const float *a, const float *table
 QK_CLONES static void fb_rows(void *p, int64_t n0, int64_t n1) {
     const fb_ctx *c = (const fb_ctx *)p;
     const int64_t B = c->B, N = c->N;
-    float mids[FB_TABLE - 1];
-    if (c->table)
-        for (int k = 0; k < FB_TABLE - 1; k++) mids[k] = (c->table[k + 1] + c->table[k]) / 2;
+    float lv[FB_TABLE], md[FB_TABLE - 1];
+    if (c->table) {
+        for (int k = 0; k < FB_TABLE; k++) lv[k] = c->table[k];
+        for (int k = 0; k < FB_TABLE - 1; k++) md[k] = (lv[k + 1] + lv[k]) / 2;
+    }
     for (int64_t t0 = n0; t0 < n1; t0 += FB_TILE) {
         const int64_t t1 = QK_MIN(t0 + FB_TILE, n1);
         for (int64_t i = 0; i < B; i++) {
@@ -69,7 +69,7 @@ QK_CLONES static void fb_rows(void *p, int64_t n0, int64_t n1) {
             const float d = c->u[i * B + i];
             if (c->targets) memcpy(c->targets + i * N + t0, wi + t0, (size_t)(t1 - t0) * sizeof(float));
             if (c->table)
-                fb_round_table(wi, c->a + i * N, c->table, mids, d, c->codes + i * N, ei, t0, t1);
+                fb_round_table(wi, c->a + i * N, lv, md, d, c->codes + i * N, ei, t0, t1);
             else
                 fb_round_uniform(wi, c->a + i * N, c->b + i * N, c->levels, d, c->codes + i * N, ei, t0, t1);
             for (int64_t j = i + 1; j < B; j++) {

@@ -12,16 +12,15 @@ as llama-quantize's do, though the quantizer sees one block of the row): that fi
 scales and mins, the "grid". Then its columns are rounded one at a time to the nearest point of
 their sub-block's grid, by descending diag(H) within the block (act-order within what the format
 allows: the block's columns are fixed by the format, their order is free), each error spread
-over the block's later columns
-through the upper Cholesky factor of H^-1, and the block's accumulated error over the remaining
-super-blocks at its end (the lazy batch update). The feedback moves the weights it has not yet
-rounded, so the scales are then chosen again, by the same quantizer, from the weights as they
-were when rounded, and the block is rounded once more from its start with those (scales and
-feedback alternated once: on SmolLM2-135M's q2_k the output error fell from 0.193x to 0.175x
-rounding to nearest's; a second alternation did not help). The column loop is kernels/feedback.c (every
-output row runs on its own, so rows are split over threads), or the same steps in torch without
-the C kernels. The codes are written into the block's bytes in place of the quantizer's own;
-the scales stay as chosen.
+over the block's later columns through the upper Cholesky factor of H^-1, and the block's
+accumulated error over the remaining super-blocks at its end (the lazy batch update). The
+feedback moves the weights it has not yet rounded, so the scales are then chosen again, by the
+same quantizer, from the weights as they were when rounded, and the block is rounded once more
+from its start with those (scales and feedback alternated once: on SmolLM2-135M's q2_k the
+output error fell from 0.193x to 0.175x rounding to nearest's; a second alternation did not
+help). The column loop is kernels/feedback.c (every output row runs on its own, so rows are
+split over threads), or the same steps in torch without the C kernels. The codes are written
+into the block's bytes in place of the quantizer's own; the scales stay as chosen.
 
 A column whose input was always zero in calibration (diag(H) = 0) is kept, not zeroed as GPTQ
 does for its checkpoints (it may see input on other text): it gets H = 1 there, so it is rounded
@@ -252,7 +251,7 @@ def quantize(W: torch.Tensor, H: torch.Tensor, t: type[BlockType], imatrix: np.n
         local = perm[i1:i2] - i1  # the block's columns in the order they are rounded
         back = torch.argsort(local)
         W1 = Wt[i1:i2]  # a view: updated in place
-        U1 = U[i1:i2, i1:i2]
+        U1 = U[i1:i2, i1:i2].contiguous()  # both roundings' (the C loop takes it whole)
 
         def scales(x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
             """The type's quantizer on the block's columns x [QK, N] (in rounding order): its
