@@ -85,7 +85,9 @@ def test_llama_cpp_runs_the_file_as_our_forward_does(tiny, tmp_path, capsys):
     assert code == 0, err
     fed, plain = json.loads(out)
     ref = llama_cpp_nll(tmp_path / "fed.gguf", src, text)
-    assert abs(fed["perplexity"] / np.exp(ref.mean()) - 1) < 0.01, (fed["perplexity"], np.exp(ref.mean()))
+    # llama.cpp's 8-bit activations move this model's perplexity by 0.5-1.1% from our float forward
+    # (the imatrix path's file calibrated as here: 1.1%), so 2% here where test_eval's files allow 1%
+    assert abs(fed["perplexity"] / np.exp(ref.mean()) - 1) < 0.02, (fed["perplexity"], np.exp(ref.mean()))
     assert fed["kl_divergence"] < plain["kl_divergence"]
 
 
