@@ -73,6 +73,22 @@ def test_pruned_scale_search_keeps_the_full_search_choice(seed, monkeypatch):
     assert awq.best_scale(x, [w], 32, lambda ws, xs: xs @ ws[0].T)[1] == full_grid_ratio(x, w, 32)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_gram_search_is_the_full_search(seed):
+    """A linear compared alone is judged from X^T X: every candidate's error equals its output's
+    squared error over every token, and the choice is the unpruned search's."""
+    x, w = outlier_problem(seed + 20, tokens=512)
+    x_mean = x.abs().mean(0)
+    w_mean = awq.weight_mean([w], 32)
+    errors = awq.gram_scale_errors(w, x.T @ x, x_mean, w_mean, 32)
+    for c, (r, duo) in enumerate(awq.GRID):
+        s = awq._scales(x_mean, w_mean, r, duo)
+        direct = float(((x / s) @ awq.pseudo_quantize(w * s, 32)[0].T - x @ w.T).double().pow(2).sum())
+        assert errors[c] == pytest.approx(direct, rel=1e-4)
+    best = min(errors, key=lambda c: (errors[c], c))
+    assert (awq.GRID[best][0] if awq.GRID[best][1] else None) == full_grid_ratio(x, w, 32)
+
+
 def test_scale_search_refuses_non_finite_outputs():
     x, w = outlier_problem()
     with pytest.raises(FloatingPointError):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from qconvert.calibrate.driver import UNIT, Observer, few_token_experts, samples_within
+from qconvert.calibrate.gptq import Bands, gram_sum
 from qconvert.calibrate.parallel import Tree, total
 from qconvert.checkpoint import CheckpointWriter, to_f16
 from qconvert.errors import InputError
@@ -126,24 +127,30 @@ class AWQStatistics(Observer):
                 "rows": x.reshape(-1, x.shape[-1]).shape[0]})
             w_mean = awq.weight_mean(weights, g, floats)
             run = block(group.linears, group.inspect)
-            parts = self.search_pieces(x)
-            references = {sl.start: run(weights, x[sl]) for part in parts for _, sl in part}  # by piece
-            candidates = list(range(len(awq.GRID)))
-            for p, part in enumerate(parts):
-                errors = {}
-                for c in candidates:
-                    trial = awq.trial(weights, awq._scales(x_mean, w_mean, *awq.GRID[c]), g, floats)
+            if group.inspect is None and 0 not in floats:
+                # a linear compared alone: its output error is a quadratic form in X^T X, so the
+                # method judges every candidate on every token from the Gram matrix (no pruning)
+                reply = self.send(fw, "awq search", (i, gi, 0), {"gram": tree(whole, lambda sl: gram_sum(x[sl]))})
+                references = GRAM
+            else:
+                parts = self.search_pieces(x)
+                references = {sl.start: run(weights, x[sl]) for part in parts for _, sl in part}  # by piece
+                candidates = list(range(len(awq.GRID)))
+                for p, part in enumerate(parts):
+                    errors = {}
+                    for c in candidates:
+                        trial = awq.trial(weights, awq._scales(x_mean, w_mean, *awq.GRID[c]), g, floats)
 
-                    def error(sl, trial=trial) -> float:
-                        e = float((references[sl.start] - run(trial, x[sl])).double().pow(2).sum())
-                        return e if math.isfinite(e) else math.inf
-                    errors[c] = tree(part, error)
-                for hf, w in zip(group.linears, weights):  # the float weights, for the method to read
-                    fw.set_linear_weight(hf, w)
-                reply = self.send(fw, "awq search", (i, gi, p), {"parts": len(parts), "errors": errors})
-                if "best" in reply:
-                    break
-                candidates = reply["next"]
+                        def error(sl, trial=trial) -> float:
+                            e = float((references[sl.start] - run(trial, x[sl])).double().pow(2).sum())
+                            return e if math.isfinite(e) else math.inf
+                        errors[c] = tree(part, error)
+                    for hf, w in zip(group.linears, weights):  # the float weights, for the method to read
+                        fw.set_linear_weight(hf, w)
+                    reply = self.send(fw, "awq search", (i, gi, p), {"parts": len(parts), "errors": errors})
+                    if "best" in reply:
+                        break
+                    candidates = reply["next"]
             s = awq._scales(x_mean, w_mean, *awq.GRID[reply["best"]])
             if not self.shared:  # (in one process the method has done it to this forward)
                 for hf, w in zip(group.linears, weights):
@@ -188,6 +195,9 @@ class AWQStatistics(Observer):
         for k, (linears, run, x, references) in enumerate(searched + alone):
             if not any(hf in candidates for hf in linears):
                 continue
+            if references is GRAM:  # the method judges it from the Gram matrix it holds
+                self.send(fw, "awq keep", (i, k), {"gram": True})
+                continue
             floats = [fw.linear_weight(hf) for hf in linears]
             pieces = [piece for part in self.search_pieces(x) for piece in part]  # a unit may come in two
             if references is None:
@@ -205,6 +215,9 @@ class AWQStatistics(Observer):
                 "plain": tree(pieces, lambda sl: error(plain, sl)) if len(searched) <= k else None})
             for hf, w in zip(linears, floats):  # the float weights back: the method rounds them
                 fw.set_linear_weight(hf, w)
+
+
+GRAM = "gram"  # a searched group's references: none, the method holds its input's Gram matrix
 
 
 def _first_sample(units: list[tuple[int, slice]], sl: slice) -> int:
@@ -269,8 +282,17 @@ class AWQObserver:
         if L["groups"] is None:
             L["groups"] = fw.scale_groups(i)
         group = L["groups"][gi]
-        errors = {c: total([q["errors"][c] for q in payloads]) for c in payloads[0]["errors"]}
-        if p == 0 and payloads[0]["parts"] == 2:
+        weights = [fw.linear_weight(hf) for hf in group.linears]
+        floats = frozenset(j for j, hf in enumerate(group.linears) if hf not in self.plan.linears)
+        w_mean = awq.weight_mean(weights, self.plan.opts.group_size, floats)
+        H = None
+        if "gram" in payloads[0]:
+            H = total([q["gram"] for q in payloads])
+            H = H.full() if isinstance(H, Bands) else H
+            errors = awq.gram_scale_errors(weights[0], H, L["x_mean"], w_mean, self.plan.opts.group_size)
+        else:
+            errors = {c: total([q["errors"][c] for q in payloads]) for c in payloads[0]["errors"]}
+        if p == 0 and H is None and payloads[0]["parts"] == 2:
             L["errors"] = errors
             return {"next": sorted(errors, key=lambda c: (errors[c], c))[:awq.PRUNE_KEEP]}
         if p == 1:
@@ -280,16 +302,15 @@ class AWQObserver:
             names = ", ".join(self.name_of(hf) for hf in group.linears)
             raise InputError(f"{self.plan.model.ckpt.path}: AWQ scale search for {names}: the block's output is not "
                              "finite for any scaling")
-        weights = [fw.linear_weight(hf) for hf in group.linears]
-        floats = frozenset(j for j, hf in enumerate(group.linears) if hf not in self.plan.linears)
-        s = awq._scales(L["x_mean"], awq.weight_mean(weights, self.plan.opts.group_size, floats), *awq.GRID[best])
+        s = awq._scales(L["x_mean"], w_mean, *awq.GRID[best])
         for hf, w in zip(group.linears, weights):
             fw.set_linear_weight(hf, w * s)
         L["modified"] |= fold(fw, group, s) | {group.linears[j] + ".weight" for j in floats}
         entry = {"linears": [self.name_of(hf) for hf in group.linears],
                  "ratio": awq.GRID[best][0] if awq.GRID[best][1] else None}
         self.out.layers.setdefault(i, []).append(entry)
-        L["searched"].append((group.linears, errors[best], entry))
+        # the scaled linear's input is x / s: its Gram matrix, for the clipping check
+        L["searched"].append((group.linears, errors[best], entry, None if H is None else H / s[:, None] / s))
         return {"best": best}
 
     def keep(self, fw, key, payloads: list) -> bool:  # noqa: ARG002
@@ -298,13 +319,20 @@ class AWQObserver:
         of layers 2 and 3, where its massive activations arise) come out 20% worse clipped, and
         clipping them costs the whole model 5% in KL divergence; elsewhere clipping helps. A
         group's unclipped error is its scale search's winning one (the same products, up to
-        rounding: x/s against Q(W s) there, x against Q(W s)/s here)."""
+        rounding: x/s against Q(W s) there, x against Q(W s)/s here). A linear compared alone is
+        judged from its scaled input's Gram matrix, both errors from it."""
         i, k = key
         L = self.layer
         grouped = {hf for linears, *_ in L["searched"] for hf in linears}
-        alone = [([hf], None, None) for hf in L["clip"] if hf not in grouped]
-        linears, plain, entry = (L["searched"] + alone)[k]
-        clip = total([p["clip"] for p in payloads])
+        alone = [([hf], None, None, None) for hf in L["clip"] if hf not in grouped]
+        linears, plain, entry, H = (L["searched"] + alone)[k]
+        if H is not None:
+            g = self.plan.opts.group_size
+            w = fw.linear_weight(linears[0])
+            clip = awq.gram_error(awq.pseudo_quantize(L["clip"].get(linears[0], w), g)[0] - w, H)
+            plain = awq.gram_error(awq.pseudo_quantize(w, g)[0] - w, H)
+        else:
+            clip = total([p["clip"] for p in payloads])
         if plain is None:
             plain = total([p["plain"] for p in payloads])
             entry = {"linears": [self.name_of(hf) for hf in linears]}

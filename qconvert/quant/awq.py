@@ -119,6 +119,26 @@ def best_scale(x: torch.Tensor, weights: list[torch.Tensor], group: int,
     return _scales(x_mean, w_mean, *GRID[best]), (GRID[best][0] if GRID[best][1] else None)
 
 
+def gram_error(d: torch.Tensor, H: torch.Tensor) -> float:
+    """The squared output error over every token, sum ||x d^T||^2, of a weight difference d [N, K]
+    from the input's Gram matrix H = X^T X [K, K]: sum((d H) * d)."""
+    e = float(((d @ H) * d).sum(dtype=torch.float64))
+    return e if math.isfinite(e) else math.inf
+
+
+def gram_scale_errors(w: torch.Tensor, H: torch.Tensor, x_mean: torch.Tensor, w_mean: torch.Tensor, group: int,
+                      bits: int = 4) -> dict[int, float]:
+    """Every candidate's error, on every token, for a linear compared alone (its own output, as
+    AutoAWQ compares o_proj and down_proj): Q(W s)/s - W through the Gram matrix H of its input.
+    One X^T X and 20 products of [N, K] by [K, K] instead of 9 forwards of every token (the
+    pruned search): a third of the work for Qwen2.5-0.5B's down_proj, a seventh for o_proj."""
+    errors = {}
+    for c in range(len(GRID)):
+        s = _scales(x_mean, w_mean, *GRID[c])
+        errors[c] = gram_error(pseudo_quantize(w * s, group, bits)[0] / s - w, H)
+    return errors
+
+
 def clip_rows(x: torch.Tensor, first_row: int = 0, rows: int | None = None) -> torch.Tensor:
     """The input tokens the clipping search compares outputs on: every max(1, rows // CLIP_TOKENS)-th
     token of all `rows` (default: x's), x [..., K] holding those from number first_row on."""
