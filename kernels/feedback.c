@@ -6,6 +6,8 @@
  * was when rounded. Every output row n runs on its own (the
  * update of w[j][n] needs only column i's error at n), so the rows are split over threads and
  * taken in tiles that stay in cache; the result does not depend on either. */
+#include <math.h>
+
 #include "qk.h"
 
 #define FB_TILE 64
@@ -86,4 +88,83 @@ void qk_feedback_round(float *w, const float *u, const float *a, const float *b,
     fb_ctx c = {w, u, a, b, table, codes, err, targets, B, N, levels};
     if (B * B * N < (int64_t)1 << 22) threads = 1;  /* starting threads costs more than this work */
     qk_parallel_rows(fb_rows, &c, N, threads);
+}
+
+/* The scale search of quant/feedback.py's search_scale for blocks of 32 with one scale (value =
+ * d * level): for each block of x [B][32] with importance weights w [32], among its quantizer's
+ * d (d[b] on entry) and m / (levels[0] fr[c]) for the C fractions fr (m: the block's first weight
+ * of largest magnitude), each rounded to f16 and refitted by weighted least squares for the
+ * levels it rounds to, the first with the lowest sum w (x - d l)^2 (NaN counts as infinite);
+ * d[b] on return. levels: nlev ascending values; uniform (table 0): the integers from levels[0]. */
+typedef struct {
+    const float *x, *w, *levels, *fr;
+    float *d;
+    int nlev, table, C;
+} ss_ctx;
+
+/* the weighted error of scale d on block x and the least-squares scale for the levels it rounds
+ * to; the sums in 8 lanes, added in a fixed order (so the loop stays in vector lanes) */
+QK_INLINE float ss_error(const float *x, const float *w, float d, const float lv[FB_TABLE],
+                         const float md[FB_TABLE - 1], float lo, float hi, int table, float *fit) {
+    const float step = d == 0 ? 1.0f : d;
+    float e8[8] = {0}, n8[8] = {0}, d8[8] = {0};
+    for (int i0 = 0; i0 < 32; i0 += 8) {
+        for (int j = 0; j < 8; j++) {
+            const float xi = x[i0 + j], wi = w[i0 + j], v = xi / step;
+            float l;
+            if (table) {  /* torch.bucketize over the midpoints: a tie goes to the lower level */
+                l = lv[0];
+                for (int k = 0; k < FB_TABLE - 1; k++) l = md[k] < v ? lv[k + 1] : l;
+            } else {
+                float c = v < lo ? lo : v;
+                c = c > hi ? hi : c;
+                l = (c + 12582912.f) - 12582912.f;  /* half to even, as torch.round (|c| < 2^22) */
+            }
+            const float r = xi - d * l;
+            e8[j] += wi * r * r;
+            n8[j] += wi * xi * l;
+            d8[j] += wi * l * l;
+        }
+    }
+    float e = 0, num = 0, den = 0;
+    for (int j = 0; j < 8; j++) e += e8[j], num += n8[j], den += d8[j];
+    if (fit) *fit = den > 0 ? qk_f16_to_f32(qk_f32_to_f16(num / den)) : d;
+    return e != e ? INFINITY : e;
+}
+
+QK_CLONES static void ss_rows(void *ctx, int64_t begin, int64_t end) {
+    const ss_ctx *c = ctx;
+    float lv[FB_TABLE] = {0}, md[FB_TABLE - 1] = {0};
+    const float lo = c->levels[0], hi = c->levels[c->nlev - 1];
+    if (c->table) {  /* FB_TABLE levels (the caller checks) */
+        for (int k = 0; k < FB_TABLE; k++) lv[k] = c->levels[k];
+        for (int k = 0; k + 1 < FB_TABLE; k++) md[k] = (lv[k] + lv[k + 1]) * 0.5f;
+    }
+    for (int64_t b = begin; b < end; b++) {
+        const float *x = c->x + b * 32;
+        int at = 0;
+        for (int i = 1; i < 32; i++) at = fabsf(x[i]) > fabsf(x[at]) ? i : at;
+        float best = c->d[b], best_e = INFINITY;
+        for (int k = 0; k <= c->C; k++) {
+            float d = k == 0 ? c->d[b] : qk_f16_to_f32(qk_f32_to_f16(x[at] / (c->levels[0] * c->fr[k - 1])));
+            float fit, e, e2;
+            if (c->table) {  /* each a loop of its own, in vector lanes */
+                e = ss_error(x, c->w, d, lv, md, lo, hi, 1, &fit);
+                e2 = ss_error(x, c->w, fit, lv, md, lo, hi, 1, NULL);
+            } else {
+                e = ss_error(x, c->w, d, lv, md, lo, hi, 0, &fit);
+                e2 = ss_error(x, c->w, fit, lv, md, lo, hi, 0, NULL);
+            }
+            if (e2 < e) d = fit, e = e2;
+            if (e < best_e) best = d, best_e = e;
+        }
+        c->d[b] = best;
+    }
+}
+
+void qk_search_scale(const float *x, int64_t B, const float *w, const float *levels, int nlev, int table,
+                     const float *fr, int C, float *d, int threads) {
+    ss_ctx c = {x, w, levels, fr, d, nlev, table, C};
+    if (B < 512) threads = 1;  /* 2 us a block: starting threads costs more below */
+    qk_parallel_rows(ss_rows, &c, B, threads);
 }

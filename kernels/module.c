@@ -344,6 +344,29 @@ static PyObject *py_feedback_round(PyObject *self, PyObject *args) {
     return ret;
 }
 
+static PyObject *py_search_scale(PyObject *self, PyObject *args) {
+    Py_buffer x, w, levels, fr, d;
+    Py_ssize_t B;
+    int table, threads = 1;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*y*y*iy*w*n|i", &x, &w, &levels, &table, &fr, &d, &B, &threads))
+        return NULL;
+    PyObject *ret = NULL;
+    const Py_ssize_t nlev = levels.len / 4;
+    if (B < 0 || x.len != B * 32 * 4 || w.len != 32 * 4 || d.len != B * 4 || nlev < 2 || nlev > 256 || (table && nlev != 16) ||
+        levels.len % 4 || fr.len % 4) {
+        PyErr_SetString(PyExc_ValueError, "search_scale: buffer sizes do not fit");
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        qk_search_scale(x.buf, B, w.buf, levels.buf, (int)nlev, table, fr.buf, (int)(fr.len / 4), d.buf, threads);
+        Py_END_ALLOW_THREADS
+        ret = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&x); PyBuffer_Release(&w); PyBuffer_Release(&levels); PyBuffer_Release(&fr);
+    PyBuffer_Release(&d);
+    return ret;
+}
+
 static PyObject *py_have_avx2(PyObject *self, PyObject *args) {
     (void)self;
     (void)args;
@@ -374,6 +397,10 @@ static PyMethodDef methods[] = {
      "threads=1): one block of columns w [B, N] rounded in order to the grid a c + b (or a table[c]; table empty "
      "for none), each error / u[i, i] spread over the later columns by u's row i; targets (or empty) gets each "
      "weight as it was when rounded (quant/feedback.py)"},
+    {"search_scale", py_search_scale, METH_VARARGS,
+     "search_scale(x_f32, w_f32, levels_f32, table, fractions_f32, d_f32, B, threads=1): blocks x [B, 32] with "
+     "importance w [32]: each block's scale d (in: its quantizer's) chosen again among d and its largest weight / "
+     "(levels[0] * fraction), each f16 and refitted, by the lowest weighted error (quant/feedback.py)"},
     {"have_avx2", py_have_avx2, METH_NOARGS,
      "have_avx2() -> whether the AVX2 paths run (the CPU has AVX2 and QCONVERT_NO_SIMD is unset)"},
     {NULL, NULL, 0, NULL},

@@ -146,6 +146,10 @@ int qk_bnb4_quantize(const float *x, int64_t n, int64_t block, const float *boun
 int qk_bnb4_dequantize(const uint8_t *codes, const float *absmax, const float *levels, int64_t n, int64_t block,
                        float *out, int threads);
 
+/* quant/feedback.py's search_scale for blocks of 32 with one scale (feedback.c) */
+void qk_search_scale(const float *x, int64_t B, const float *w, const float *levels, int nlev, int table,
+                     const float *fr, int C, float *d, int threads);
+
 typedef void (*qk_rows_fn)(void *ctx, int64_t begin, int64_t end);
 int qk_parallel_rows(qk_rows_fn fn, void *ctx, int64_t nrows, int nthreads);
 

@@ -1,15 +1,17 @@
 """Error-feedback rounding in llama.cpp's block formats: GPTQ's column-by-column rounding, each
 error compensated by the columns not yet rounded through the inverse Hessian of the layer's
-inputs, with every block's scales (and mins) chosen by ggml's own search, so the bytes are a
-file of exactly llama-quantize's type and size.
+inputs, with every block's scales (and mins) chosen by ggml's own search (widened for the types
+with one scale per block of 32: search_scale), so the bytes are a file of exactly
+llama-quantize's type and size.
 
 One linear W [N out, K in] at a time, with H = 2/n X^T X of its calibration inputs. Columns go in
 super-blocks of the type's block size along K (256 for the K-quants and IQ4_XS, 32 otherwise).
 When a super-block begins, its columns as the earlier rounding errors have left them are
 quantized by the type's own quantizer (the C kernel, byte-identical to ggml, with the importance
 weights llama-quantize would use; the legacy types' weights take the whole row's mean square,
-as llama-quantize's do, though the quantizer sees one block of the row): that fixes the block's
-scales and mins, the "grid". Then its columns are rounded one at a time to the nearest point of
+as llama-quantize's do, though the quantizer sees one block of the row), and for Q4_0, Q5_0,
+Q8_0 and IQ4_NL its scale is then searched again over a wider range by the importance alone:
+that fixes the block's scales and mins, the "grid". Then its columns are rounded one at a time to the nearest point of
 their sub-block's grid, by descending diag(H) within the block (act-order within what the format
 allows: the block's columns are fixed by the format, their order is free), each error spread
 over the block's later columns through the upper Cholesky factor of H^-1, and the block's
@@ -63,6 +65,14 @@ class Codec:
     grid: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     pack: Callable[[np.ndarray, np.ndarray], None]
     table: np.ndarray | None = None
+    # one scale per block of 32 at its first two bytes, value = d * level: the scale search widened
+    # (search_scale); the levels are table's, or the integers from -levels / 2 up
+    search: bool = False
+
+    def level_values(self) -> np.ndarray:
+        if self.table is not None:
+            return self.table
+        return np.arange(self.levels, dtype=F) - self.levels // 2
 
 
 # ---- legacy types and Q8_0: blocks of 32, one scale (and min) ----------------------------------
@@ -183,19 +193,74 @@ def _iq4_xs_pack(data, codes):
 
 
 CODECS: dict[str, Codec] = {
-    "Q8_0": Codec(256, _q8_0_grid, _q8_0_pack),
-    "Q4_0": Codec(16, _legacy_grid(8), _legacy_pack(2, False)),
+    "Q8_0": Codec(256, _q8_0_grid, _q8_0_pack, search=True),
+    "Q4_0": Codec(16, _legacy_grid(8), _legacy_pack(2, False), search=True),
     "Q4_1": Codec(16, _legacy_grid(None), _legacy_pack(4, False)),
-    "Q5_0": Codec(32, _legacy_grid(16), _legacy_pack(6, True)),
+    "Q5_0": Codec(32, _legacy_grid(16), _legacy_pack(6, True), search=True),
     "Q5_1": Codec(32, _legacy_grid(None), _legacy_pack(8, True)),
     "Q2_K": Codec(4, _q2_k_grid, _q2_k_pack),
     "Q3_K": Codec(8, _q3_k_grid, _q3_k_pack),
     "Q4_K": Codec(16, _kx_grid, _q4_k_pack),
     "Q5_K": Codec(32, _kx_grid, _q5_k_pack),
     "Q6_K": Codec(64, _q6_k_grid, _q6_k_pack),
-    "IQ4_NL": Codec(16, _iq4_nl_grid, _iq4_nl_pack, iq4_nl.KVALUES.astype(F)),
+    "IQ4_NL": Codec(16, _iq4_nl_grid, _iq4_nl_pack, iq4_nl.KVALUES.astype(F), search=True),
     "IQ4_XS": Codec(16, _iq4_xs_grid, _iq4_xs_pack, iq4_nl.KVALUES.astype(F)),
 }
+
+
+# the divisors tried besides ggml's: the block's largest magnitude at this fraction of the grid's
+# largest level (below 1 a coarser grid, above it the largest weights clipped)
+SEARCH = torch.linspace(0.5, 1.25, 21)
+
+
+def search_scale(data: np.ndarray, rows: np.ndarray, w: np.ndarray, codec: Codec, threads: int = 1) -> None:
+    """A block-of-32 type's scale d (value = d * level) chosen again, in place in `data` [B, bytes],
+    for the blocks `rows` [B, 32] with importance weights w [32]: among the quantizer's own d and
+    d = m / (level[0] f), m the block's largest weight in magnitude (its sign kept), level[0] the
+    grid's largest in magnitude, f in SEARCH, each rounded to f16 and then refitted by weighted
+    least squares for the levels it rounds to (d' = sum(w x l) / sum(w l^2)), the one with the
+    lowest sum(w (x - d l)^2) (the first such: the quantizer's on a tie). ggml's quantizers try
+    d within 10% of m / level[0] (Q8_0 only m / 127), weighted by the importance times
+    sqrt(sigma2 + x^2), which suits rounding each weight to its nearest level; rounded with
+    feedback, the importance alone (H's diagonal) is the objective, and a grid that clips the
+    largest weights or leaves room around them often does better (on SmolLM2-135M, auto-round's
+    q3_k_m types, mostly Q5_0: KL divergence 0.0330 -> 0.0239). The C kernel (kernels/feedback.c)
+    where it is built, else the same steps in torch (a last-bit difference in a sum may pick
+    another of two near-equal candidates)."""
+    if blocks._k is not None:
+        d = np.ascontiguousarray(_f16(data, 0).reshape(-1))
+        blocks._k.search_scale(np.ascontiguousarray(rows, dtype=F), np.ascontiguousarray(w, dtype=F),
+                               np.ascontiguousarray(codec.level_values(), dtype=F), int(codec.table is not None),
+                               SEARCH.numpy(), d, len(rows), threads)
+        data[:, :2] = d.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        return
+    levels = torch.from_numpy(codec.level_values())
+    X = torch.from_numpy(rows)
+    W = torch.from_numpy(np.ascontiguousarray(w, dtype=F))[None, None, :]
+    m = X.gather(1, X.abs().argmax(1, keepdim=True))  # [B, 1]
+    d = torch.cat([torch.from_numpy(_f16(data, 0)), m / (levels[0] * SEARCH)[None, :]], 1).half().float()
+    Xc = X[:, None, :]  # [B, 1, 32] against the candidates [B, C, 1]
+
+    def error(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(each candidate's weighted error, the levels it rounds to) for scales d [B, C]."""
+        L = _nearest(Xc / torch.where(d == 0, torch.ones_like(d), d)[..., None], levels, codec.table is not None)
+        return torch.nan_to_num((W * (Xc - d[..., None] * L) ** 2).sum(-1), nan=float("inf")), L
+
+    e, L = error(d)
+    den = (W * L * L).sum(-1)
+    fit = torch.where(den > 0, (W * Xc * L).sum(-1) / torch.where(den > 0, den, torch.ones_like(den)), d).half().float()
+    e2, _ = error(fit)
+    better = e2 < e
+    d, e = torch.where(better, fit, d), torch.where(better, e2, e)
+    best = d.gather(1, e.argmin(1, keepdim=True))  # argmin: the first lowest
+    data[:, :2] = best.numpy().astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def _nearest(v: torch.Tensor, levels: torch.Tensor, table: bool) -> torch.Tensor:
+    """The level nearest each of v (levels ascending; uniform ones: integers from levels[0])."""
+    if not table:
+        return torch.clamp(torch.round(v), float(levels[0]), float(levels[-1]))
+    return levels[torch.bucketize(v, (levels[1:] + levels[:-1]) / 2)]
 
 
 def supports(t: type[BlockType]) -> bool:
@@ -256,7 +321,10 @@ def quantize(W: torch.Tensor, H: torch.Tensor, t: type[BlockType], imatrix: np.n
         def scales(x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
             """The type's quantizer on the block's columns x [QK, N] (in rounding order): its
             bytes and the grid (a, b [QK, N]) its scales make."""
-            data = t.quantize(np.ascontiguousarray(x[back].t().numpy()), threads, weights[i1:i2], mean_squares=ms)
+            rows = np.ascontiguousarray(x[back].t().numpy())
+            data = t.quantize(rows, threads, weights[i1:i2], mean_squares=ms)
+            if codec.search:
+                search_scale(data, rows, weights[i1:i2], codec, threads)
             a, b = (torch.from_numpy(np.ascontiguousarray(g.T))[local] for g in codec.grid(data))
             return data, a, b
         # the scales from the block's weights; rounded with feedback; the scales again from the

@@ -3,6 +3,8 @@ grid the type's own quantizer rounds to, and a lower output error than importanc
 rounding to nearest on correlated inputs, for every type it handles."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,11 @@ from qconvert.quant import blocks, feedback
 from tests.oracles import ggml_dequantize
 
 TYPES = sorted(feedback.CODECS)
+
+
+def ggml_scales(monkeypatch, name: str) -> None:
+    """The type's scales as ggml's quantizer chooses them, without the wider search."""
+    monkeypatch.setitem(feedback.CODECS, name, dataclasses.replace(feedback.CODECS[name], search=False))
 
 
 def correlated_inputs(K: int, n: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -39,10 +46,12 @@ def test_codes_written_into_the_blocks_decode_as_the_grid_says(name):
 
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"])
-def test_without_correlation_the_bytes_are_the_quantizers(name):
+def test_without_correlation_the_bytes_are_the_quantizers(name, monkeypatch):
     """With inputs that do not correlate (H diagonal) no error has anywhere to go: each weight
     is rounded to the nearest point of the grid its block's scales make, which is what ggml's
-    quantizer does for these types; the bytes are its bytes."""
+    quantizer does for these types; the bytes are its bytes (IQ4_NL's scales as ggml's own
+    search chooses them)."""
+    ggml_scales(monkeypatch, name)
     t = blocks.get(name)
     rng = np.random.default_rng(2)
     W = rng.standard_normal((16, 512)).astype(np.float32)
@@ -54,12 +63,13 @@ def test_without_correlation_the_bytes_are_the_quantizers(name):
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1"])
-def test_legacy_blocks_get_the_scales_of_their_whole_rows(name):
+def test_legacy_blocks_get_the_scales_of_their_whole_rows(name, monkeypatch):
     """The legacy types weigh a block's importance by its whole row's mean square
     (quantize_row_*_impl); quantized one block at a time, each block still gets the scales (and
     mins) ggml's quantizer gives it within its row. Without correlation the codes are the nearest
     points of the stored grid (ggml rounds with the scale before its f16 rounding, so its own
     codes are not always the nearest: a few differ, each by one step)."""
+    ggml_scales(monkeypatch, name)
     t, codec = blocks.get(name), feedback.CODECS[name]
     rng = np.random.default_rng(2)
     W = rng.standard_normal((16, 512)).astype(np.float32)
@@ -94,6 +104,57 @@ def test_error_feedback_beats_rounding_to_nearest(name, act_order):
     assert r.data.shape == (N, t.nbytes((N, K)) // N) and r.data.dtype == np.uint8
     np.testing.assert_array_equal(r.weight.numpy(), t.dequantize(r.data, (N, K)))
     assert r.error < 0.95 * r.rtn_error, (r.error, r.rtn_error)
+
+
+SEARCHED = [n for n in TYPES if feedback.CODECS[n].search]
+
+
+@pytest.mark.parametrize("name", SEARCHED)
+def test_the_wider_scale_search_never_loses_to_ggmls(name):
+    """search_scale keeps ggml's scale unless a candidate rounds the block with a lower
+    importance-weighted error at its stored (f16) scale; on blocks with an outlier, clipping it
+    or a coarser grid wins in many blocks."""
+    t, codec = blocks.get(name), feedback.CODECS[name]
+    assert name in ("Q4_0", "Q5_0", "Q8_0", "IQ4_NL")
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((400, 32)) * rng.uniform(0.01, 3, (400, 1))).astype(np.float32)
+    x[::2, 5] *= 6  # an outlier in every other block
+    w = rng.uniform(0.1, 4, 32).astype(np.float32)
+    ggml = t.quantize(x, 1, w)
+    ours = ggml.copy()
+    feedback.search_scale(ours, x, w, codec)
+    assert np.array_equal(ours[:, 2:], ggml[:, 2:])  # the scale alone moves
+
+    def error(data):
+        a, b = codec.grid(data)
+        if codec.table is None:
+            q = np.clip(np.rint((x - b) / a), 0, codec.levels - 1) * a + b
+        else:
+            v = x / a
+            q = codec.table[np.abs(v[..., None] - codec.table).argmin(-1)] * a
+        return (w * (x - q) ** 2).sum(1)
+    theirs, mine = error(ggml), error(ours)
+    assert (mine <= theirs * (1 + 1e-6)).all()
+    assert (mine < 0.99 * theirs).mean() > 0.2, (mine < 0.99 * theirs).mean()
+    assert mine.sum() < 0.99 * theirs.sum()
+
+
+@pytest.mark.skipif(blocks._k is None, reason="the C kernel's search against torch's")
+@pytest.mark.parametrize("name", SEARCHED)
+def test_the_c_scale_search_is_the_torch_search(name, monkeypatch):
+    t, codec = blocks.get(name), feedback.CODECS[name]
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((3000, 32)) * rng.uniform(0.01, 3, (3000, 1))).astype(np.float32)
+    x[::3, 9] *= 5
+    x[7] = 0  # an empty block keeps its zero scale
+    w = rng.uniform(0.1, 4, 32).astype(np.float32)
+    ggml = t.quantize(x, 1, w)
+    c, pure = ggml.copy(), ggml.copy()
+    feedback.search_scale(c, x, w, codec, threads=2)
+    monkeypatch.setattr(blocks, "_k", None)
+    feedback.search_scale(pure, x, w, codec)
+    same = (c[:, :2] == pure[:, :2]).all(1)
+    assert same.mean() > 0.995 and same[7] and not c[7, :2].any()
 
 
 def test_columns_without_input_keep_their_weights():
