@@ -282,21 +282,21 @@ class AWQObserver:
         if L["groups"] is None:
             L["groups"] = fw.scale_groups(i)
         group = L["groups"][gi]
+        H = None
+        if "gram" not in payloads[0]:
+            errors = {c: total([q["errors"][c] for q in payloads]) for c in payloads[0]["errors"]}
+            if p == 0 and payloads[0]["parts"] == 2:
+                L["errors"] = errors
+                return {"next": sorted(errors, key=lambda c: (errors[c], c))[:awq.PRUNE_KEEP]}
+            if p == 1:
+                errors = {c: L["errors"][c] + e for c, e in errors.items()}
         weights = [fw.linear_weight(hf) for hf in group.linears]
         floats = frozenset(j for j, hf in enumerate(group.linears) if hf not in self.plan.linears)
         w_mean = awq.weight_mean(weights, self.plan.opts.group_size, floats)
-        H = None
         if "gram" in payloads[0]:
             H = total([q["gram"] for q in payloads])
             H = H.full() if isinstance(H, Bands) else H
             errors = awq.gram_scale_errors(weights[0], H, L["x_mean"], w_mean, self.plan.opts.group_size)
-        else:
-            errors = {c: total([q["errors"][c] for q in payloads]) for c in payloads[0]["errors"]}
-        if p == 0 and H is None and payloads[0]["parts"] == 2:
-            L["errors"] = errors
-            return {"next": sorted(errors, key=lambda c: (errors[c], c))[:awq.PRUNE_KEEP]}
-        if p == 1:
-            errors = {c: L["errors"][c] + e for c, e in errors.items()}
         best = min(errors, key=lambda c: (errors[c], c))
         if not math.isfinite(errors[best]):
             names = ", ".join(self.name_of(hf) for hf in group.linears)
