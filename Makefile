@@ -28,7 +28,7 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q
 	QCONVERT_PUREPYTHON=1 $(PY) -m pytest -q -m "not installed and not kernel_free"
-	QCONVERT_NO_SIMD=1 $(PY) -m pytest -q tests/quant
+	QCONVERT_NO_SIMD=1 $(PY) -m pytest -q tests/quant/test_blocks.py tests/quant/test_lattice.py tests/quant/test_feedback.py
 	$(MAKE) test-installed
 
 test-installed: venv

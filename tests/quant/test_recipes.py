@@ -22,12 +22,13 @@ PLAIN = [r for r in FTYPES if not RECIPES[r].needs_imatrix]  # llama-quantize wr
 NEEDS_IMATRIX = [r for r in FTYPES if RECIPES[r].needs_imatrix]
 
 
-def numpy_spared(cases: list) -> list:
+def numpy_spared(cases: list, keep: frozenset[str] = frozenset()) -> list:
     """Under QCONVERT_PUREPYTHON=1 the numpy lattice searches take tens of seconds per tiny model:
-    there one mixture per lattice family runs (tests/quant/test_blocks.py holds every type's numpy
-    reference to ggml byte for byte), the others are the C pass's. Cases: recipe names or tuples
-    ending with one."""
-    keep = {"iq3_s", "iq2_xxs", "iq1_s"}
+    there each lattice family's numpy path runs in one whole-file test (`keep`: iq3_s in
+    test_one_step_equals_convert_then_llama_quantize, iq2_xxs and iq1_s in
+    test_mixtures_that_need_an_imatrix_on_other_shapes; tests/quant/test_blocks.py and
+    test_lattice.py hold every type's numpy reference to ggml byte for byte), the other cases are
+    the C pass's. Cases: recipe names or tuples ending with one."""
     slow = pytest.mark.skipif(blocks.PURE_PYTHON, reason="lattice searches in numpy: see numpy_spared")
     out = []
     for case in cases:
@@ -58,7 +59,7 @@ def llama_quantize(src, dst, ftype: int, **params) -> None:
 STOPS = {("q1_0", f) for f in ("llama-tied", "qwen2", "gpt2", "gemma3")}
 
 
-@pytest.mark.parametrize("recipe", numpy_spared(PLAIN))
+@pytest.mark.parametrize("recipe", numpy_spared(PLAIN, keep=frozenset({"iq3_s"})))
 @pytest.mark.parametrize("family", ["llama-wide", "llama-tied", "qwen2", "gpt2", "gemma3"])
 def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_path):
     src = tiny(family)
@@ -75,6 +76,8 @@ def test_one_step_equals_convert_then_llama_quantize(family, recipe, tiny, tmp_p
     assert filecmp.cmp(ours, ref, shallow=False), "not byte-identical to llama-quantize's file"
 
 
+@pytest.mark.skipif(blocks.PURE_PYTHON, reason="80 layers in numpy take half a minute; the rule is the recipe's, "
+                    "which the C pass checks, and these types' numpy kernels are checked in the other tests")
 @pytest.mark.parametrize("recipe", ["q4_k_s", "q3_k_s"])
 def test_eighty_layers_with_grouped_keys_are_a_70b(recipe, tiny, tmp_path):
     """llama.cpp's LLM_TYPE_70B (80 Llama layers, n_head != n_head_kv) bumps Q3_K and Q4_K attn_v to Q5_K."""
@@ -241,7 +244,8 @@ def test_imatrix_file_gives_llama_quantize_bytes(recipe, fmt, tiny, tmp_path):
 
 
 
-@pytest.mark.parametrize("family,recipe", numpy_spared([(f, r) for r in NEEDS_IMATRIX for f in ("llama-blocks", "qwen2")]) + [
+@pytest.mark.parametrize("family,recipe", numpy_spared([(f, r) for r in NEEDS_IMATRIX for f in ("llama-blocks", "qwen2")],
+                                                  keep=frozenset({"iq2_xxs", "iq1_s"})) + [
     pytest.param("llama-80", r, marks=pytest.mark.skipif(blocks.PURE_PYTHON, reason="80 layers of lattice searches "
                                                          "in numpy take minutes; the C run covers the rule"))
     for r in ("iq3_xxs", "iq2_s")])
