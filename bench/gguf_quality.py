@@ -13,7 +13,10 @@ For each type, from the same checkpoint and the same calibration tokens (qconver
                      q2_k_s mixture, and no i-quants), with ITERS sign-gradient steps per block
                      (its default is 200; it recommends 0, its "optimised RTN", for every GGUF
                      type but 3-bit), on the same text and amount (the shipped text cut into 32
-                     records of at least 512 tokens)
+                     records of at least 512 tokens); and `--method gptq` once more with every
+                     tensor's type taken from auto-round's file (--tensor-type per tensor, the
+                     embedding's and output's types too), so that the two files have the same
+                     types and sizes even where auto-round's mixture is not llama.cpp's (its q3_k_m)
 Each command is timed alone (wall seconds; not peak memory: the scoring process's own size would
 count in its children's, so run the two commands by hand under /usr/bin/time for that). Scored by llama.cpp itself
 (llama-cpp-python) on northangerabbey.txt, which no calibration read: perplexity, KL divergence
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -72,6 +76,24 @@ def autoround(src: Path, t: str, iters: int, tmp: Path, threads: int) -> tuple[P
     return next(out.rglob("*.gguf")), seconds
 
 
+def same_types(path: Path) -> list[str]:
+    """qconvert options that give every quantized tensor of GGUF file `path` the type it has there."""
+    from gguf import GGUFReader
+    by_type: dict[str, list[str]] = {}
+    extra = []
+    for t in GGUFReader(path).tensors:
+        kind = t.tensor_type.name.lower()
+        if t.name == "token_embd.weight":
+            extra += ["--token-embedding-type", kind]
+        elif t.name == "output.weight":
+            extra += ["--output-tensor-type", kind]
+        elif len(t.shape) == 2 and kind not in ("f32",):
+            by_type.setdefault(kind, []).append(re.escape(t.name))
+    for kind, names in sorted(by_type.items()):
+        extra += ["--tensor-type", f"^({'|'.join(names)})$={kind}"]
+    return extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
@@ -108,7 +130,15 @@ def main() -> None:
                 label = f"ar-{args.autoround}"
                 print(f"{t:8s} {label:9s} {out.stat().st_size / 1e6:7.1f} {seconds:7.1f} {ppl:8.3f} "
                       f"{kld['autoround']:8.5f} {top1:6.3f}", flush=True)
-                print(f"{t:8s} gptq/auto-round KLD {kld['gptq'] / kld['autoround']:.3f}", flush=True)
+                same = tmp / f"{t}-gptq-ar.gguf"
+                seconds, _ = measure(qconvert_cmd() + [str(src), "--to", t, "--method", "gptq", "-o", str(same), "-q",
+                                                       "-j", str(args.threads), *same_types(out)])
+                ppl, kld["gptq-ar"], top1 = score(logprobs(same, chunks), base, chunks)
+                print(f"{t:8s} {'gptq-ar':9s} {same.stat().st_size / 1e6:7.1f} {seconds:7.1f} {ppl:8.3f} "
+                      f"{kld['gptq-ar']:8.5f} {top1:6.3f}   (auto-round's tensor types)", flush=True)
+                same.unlink()
+                for ours in ("gptq", "gptq-ar"):
+                    print(f"{t:8s} {ours}/auto-round KLD {kld[ours] / kld['autoround']:.3f}", flush=True)
             print(f"{t:8s} gptq/imatrix KLD {kld['gptq'] / kld['imatrix']:.3f}", flush=True)
 
 
