@@ -6,6 +6,9 @@ ours; eval, inspect and every target read them."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,6 +76,31 @@ def quanto_save(src, out, bits: int):
     return out
 
 
+IDS = [[1, 5, 9, 22, 40, 7, 3, 11]]
+QUANTO_LOGITS = """
+import sys, torch
+from optimum.quanto import QuantizedModelForCausalLM
+ids = torch.tensor(%r)
+with torch.no_grad():
+    torch.save([QuantizedModelForCausalLM.from_pretrained(d)(ids).logits.float() for d in sys.argv[2:]], sys.argv[1])
+""" % (IDS,)
+
+
+def quanto_logits(tmp_path, *dirs) -> list[torch.Tensor]:
+    """The logits of quanto's from_pretrained model of each checkpoint directory on IDS, from a
+    child process: on an AVX-512 Xeon torch 2.13's _weight_int8pack_mm, which quanto's int8
+    linear calls, has crashed the process (SIGSEGV) in one of these cases (the same call on the
+    same tensors in a fresh process did not); there the oracle is lost for that case, not the suite."""
+    out = tmp_path / "quanto-logits.pt"
+    r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", QUANTO_LOGITS, str(out), *map(str, dirs)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode == -signal.SIGSEGV:
+        frames = [line.strip() for line in r.stderr.splitlines() if line.strip().startswith('File "')]
+        pytest.skip(f"quanto's forward crashed (SIGSEGV) on this CPU at {frames[0] if frames else '?'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out)
+
+
 @pytest.mark.parametrize("family,dtype,bits", [
     ("llama", "bfloat16", 4), ("qwen2", "float16", 4), ("gemma3", "float32", 8), ("granite", "bfloat16", 8),
     ("qwen3", "float32", 4), ("llama-tied", "float32", 4), ("llama-wide", "bfloat16", 4)])
@@ -81,7 +109,6 @@ def test_checkpoint_is_what_quanto_saves(tiny, tmp_path, capsys, family, dtype, 
     source, quanto_qmap.json the same map, no quantization_config (quanto writes none); quanto's
     from_pretrained loads ours with logits equal to its own checkpoint's, and ours match within
     its dtype's noise; eval and inspect read it."""
-    from optimum.quanto import QuantizedModelForCausalLM
     from safetensors.torch import load_file
 
     src = tiny(family, dtype)
@@ -101,13 +128,11 @@ def test_checkpoint_is_what_quanto_saves(tiny, tmp_path, capsys, family, dtype, 
 
     from qconvert.evaluate import open_model
 
-    ids = torch.tensor([[1, 5, 9, 22, 40, 7, 3, 11]])
     ours = open_model(str(out))
     with torch.no_grad():
-        mine = ours.forward().logits(ids).float()
-        loaded = QuantizedModelForCausalLM.from_pretrained(str(out))(ids).logits.float()
-        reference = QuantizedModelForCausalLM.from_pretrained(str(ref))(ids).logits.float()
+        mine = ours.forward().logits(torch.tensor(IDS)).float()
     ours.close()
+    loaded, reference = quanto_logits(tmp_path, out, ref)
     assert torch.equal(loaded, reference)
     tol = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 5e-2}[dtype]  # quanto computes in the model's dtype
     assert ((loaded - mine).norm() / mine.norm()).item() < tol
