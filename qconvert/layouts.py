@@ -20,8 +20,10 @@ weight_scale [N, 1] (per output channel) or [ceil(N/128), ceil(K/128)] (per 128 
 the checkpoint's float dtype; W = fp8 value * scale, read back exactly in float32 (quant/fp8.py
 holds the maths).
 
-transformers' fp8 (FineGrainedFP8): weight F8_E4M3 [N, K]; weight_scale_inv F32 [N/128, K/128],
-one per 128 x 128 block (whole blocks only); W = fp8 value * weight_scale_inv, in float32.
+transformers' fp8 (FineGrainedFP8): weight F8_E4M3 [N, K]; weight_scale_inv F32 [ceil(N/128), ceil(K/128)],
+one per 128 x 128 block (written: whole blocks only, as transformers' dequantizer needs them;
+read: the last row and column of blocks may be partial, as DeepSeek-V3 ships them); W = fp8 value *
+weight_scale_inv, in float32.
 """
 from __future__ import annotations
 
@@ -491,7 +493,9 @@ class TransformersFP8(Layout):
         if len(w) != 2:
             raise InputError(f"{where}: {prefix}.weight must be 2-D, got {list(w)}")
         n_out, n_in = w
-        if n_out % p.block[0] or n_in % p.block[1] or s != (n_out // p.block[0], n_in // p.block[1]):
+        # the last row and column of blocks may be partial: DeepSeek-V3's kv_a_proj_with_mqa has
+        # 576 rows, 5 rows of scales (the converter, vLLM and DeepSeek's own kernels crop them)
+        if s != (-(-n_out // p.block[0]), -(-n_in // p.block[1])):
             raise InputError(f"{where}: {prefix}.weight_scale_inv has shape {list(s)}, which does not fit a "
                              f"{n_out} x {n_in} weight with {_scheme(p)} scales")
         return n_out, n_in, -1
