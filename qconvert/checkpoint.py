@@ -262,6 +262,8 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
         else:
             dtype = (opts.dtype if t.dtype == "F64" or not opts.per_tensor else t.dtype) \
                 if t.dtype in FLOAT_DTYPES else t.dtype
+            if t.dtype in FLOAT_DTYPES and name.endswith(family.float32_tensors):
+                dtype = "F32"
             out = family.output_name(name)
             entries_by_name[out] = [Entry(out, dtype, tuple(t.shape))]
             copies[out] = t

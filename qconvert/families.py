@@ -3,6 +3,7 @@ family modules in qconvert/arch/ (each says which architectures it serves)."""
 from __future__ import annotations
 
 from qconvert.arch.base import Family
+from qconvert.arch.deepseek import DeepseekV2
 from qconvert.arch.gemma2 import Gemma2
 from qconvert.arch.gemma3 import Gemma3
 from qconvert.arch.gpt2 import GPT2
@@ -19,7 +20,7 @@ from qconvert.errors import InputError
 from qconvert.read.checkpoint import Checkpoint
 
 # one module per family, each naming the HF architectures it serves; the table is built from them
-FAMILY_CLASSES: tuple[type[Family], ...] = (Gemma2, Gemma3, GPT2, GPTNeoX, Granite, Llama, Mixtral, Olmo2, Olmoe,
+FAMILY_CLASSES: tuple[type[Family], ...] = (DeepseekV2, Gemma2, Gemma3, GPT2, GPTNeoX, Granite, Llama, Mixtral, Olmo2, Olmoe,
                                             Phi3, Qwen2, Qwen2Moe, Qwen3, Qwen3Moe, SmolLM3)
 
 

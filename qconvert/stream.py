@@ -85,8 +85,10 @@ def float_chunks(t: PlannedTensor, threads: int) -> Iterator[np.ndarray]:
         data = t.transform(blocks.to_float32(src.dtype, raw, threads), src.dtype)
         data = np.ascontiguousarray(data, dtype=np.float32).reshape(_rows2d(t.shape))
         src.release()
-        for r0, r1 in _row_ranges(data):
-            yield _checked(t, data[r0:r1], r0)
+        per = t.shape[-2] if len(t.shape) == 3 else data.shape[0]  # chunks never span a 3-D tensor's matrices
+        for m0 in range(0, data.shape[0], per):
+            for r0, r1 in _row_ranges(data[m0:m0 + per]):
+                yield _checked(t, data[m0 + r0:m0 + r1], m0 + r0)
         return
     rows = raw.reshape(_rows2d(t.shape))
     for r0, r1 in _row_ranges(rows):

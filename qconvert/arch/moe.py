@@ -50,12 +50,7 @@ class MoEForward(LlamaForward):
             return super().mlp(p, x)  # a dense layer (Qwen3-MoE's mlp_only_layers)
         flat = x.reshape(-1, x.shape[-1])
         logits = self.linear(x, p + self.router).reshape(-1, self.n_experts)  # observers see x as it came
-        # as transformers: softmax in float32 over all experts, the top k, renormalised to sum 1
-        # where the model does
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
-        if self.norm_topk:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights, chosen = self.route(p, logits)
         weights = weights.to(flat.dtype)
         out = torch.zeros_like(flat)
         order = torch.argsort(chosen.reshape(-1), stable=True)  # (token, slot) pairs grouped by expert
@@ -75,6 +70,16 @@ class MoEForward(LlamaForward):
             y = self.expert(p, e, flat[tokens]) if observed else self.unobserved(self.expert, p, e, flat[tokens])
             out.index_add_(0, tokens, y * weights.reshape(-1)[pairs, None])
         return out.view(x.shape)
+
+    def route(self, p: str, logits):
+        """Each token's expert weights and chosen experts [tokens, top k] from the router's
+        logits: as transformers, softmax in float32 over all experts, the top k, renormalised to
+        sum 1 where the model does."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, chosen
 
     def unobserved(self, f, *args):
         """f(*args) with the observers silent (an expert's routed tokens, after its statistics

@@ -46,8 +46,8 @@ class Collector(Observer):
         if self.family.n_experts and (m := EXPERT.match(hf + ".weight")):
             hf, expert = merged_expert(m), int(m["expert"])
         name = self.family.map_name(hf + ".weight")
-        if not name.startswith("blk."):
-            return  # llama-imatrix's default: decoder blocks only
+        if not name.startswith("blk.") or not self.family.in_gguf(name):
+            return  # llama-imatrix's default: decoder blocks only (and the file's tensors)
         flat = x.reshape(-1, x.shape[-1])
         s = fw.per_input("imatrix", x, lambda: square_sums(flat))
         n_mat = 1 if expert is None else self.family.n_experts
@@ -58,6 +58,23 @@ class Collector(Observer):
         value = self.trees[name].at(unit, lambda: torch.zeros((n_mat, flat.shape[1]), dtype=torch.float64))
         value[expert or 0] += s
         self.tree_counts[name][expert or 0] += flat.shape[0]
+
+    def stacked_input(self, fw, hf: str, x: torch.Tensor) -> None:
+        """The input of a 3-D tensor of the GGUF file that is no linear of the checkpoint, one
+        matrix per head (DeepSeek's attn_k_b and attn_v_b): x [matrices, samples, tokens, in],
+        each matrix's sums over every token, one count (llama-imatrix's statistics of a dense 3-D
+        MUL_MAT)."""
+        from qconvert.calibrate.parallel import Tree
+        name = self.family.map_name(hf + ".weight")
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        if name not in self.trees:
+            self.trees[name] = Tree()
+            self.tree_counts[name] = np.zeros(1, dtype=np.int64)
+        unit = unit_parts(fw, x[0])[0][0]
+        value = self.trees[name].at(unit, lambda: torch.zeros((flat.shape[0], flat.shape[2]), dtype=torch.float64))
+        for m in range(flat.shape[0]):
+            value[m] += square_sums(flat[m])
+        self.tree_counts[name][0] += flat.shape[1]
 
     def end_layer(self, fw, i: int) -> bool:
         payload = {name: (tree.blocks(), self.tree_counts[name]) for name, tree in self.trees.items()}

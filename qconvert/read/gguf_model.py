@@ -74,6 +74,25 @@ class GGUFTensor:
             pass  # not every platform can drop pages; memory is then just higher
 
 
+@dataclass
+class JoinedTensor:
+    """A checkpoint tensor that the converter split into several GGUF tensors (DeepSeek's
+    kv_b_proj into attn_k_b and attn_v_b), joined back by the family's function."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: list[GGUFTensor]
+    join: object  # (arrays of the parts) -> the checkpoint's array
+    dtype: str = "F32"
+
+    def array(self) -> np.ndarray:
+        return np.ascontiguousarray(self.join(*(t.array() for t in self.parts)), dtype=np.float32)
+
+    def release(self) -> None:
+        for t in self.parts:
+            t.release()
+
+
 class GGUFWeights:
     """HF name -> GGUFTensor, found through the family's name map; GGUF-only tensors (such as
     rope_freqs.weight) answer to their own name."""
@@ -102,9 +121,14 @@ class GGUFWeights:
         return g, expert
 
     def __contains__(self, hf_name: str) -> bool:
+        if (joined := self.family.joined_from_gguf(hf_name)) is not None:
+            return all(n in self for n in joined[0])
         return self._gguf_name(hf_name) is not None
 
-    def __getitem__(self, hf_name: str) -> GGUFTensor:
+    def __getitem__(self, hf_name: str) -> GGUFTensor | JoinedTensor:
+        if (joined := self.family.joined_from_gguf(hf_name)) is not None:
+            names, join, shape = joined
+            return JoinedTensor(hf_name, shape, [self[n] for n in names], join)
         found = self._gguf_name(hf_name)
         if found is None:
             raise KeyError(hf_name)

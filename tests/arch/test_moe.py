@@ -13,7 +13,7 @@ from qconvert.families import family_for
 from qconvert.pipeline import CalibrationOptions, make_imatrix
 from qconvert.read.checkpoint import open_checkpoint
 from qconvert.read.imatrix import load_imatrix
-from tests.helpers import convert_to
+from tests.helpers import assert_same_gguf_tensors, convert_to
 from tests.quant.test_recipes import FTYPES, llama_quantize_with_imatrix, numpy_spared
 
 
@@ -111,10 +111,7 @@ def test_mixtures_equal_llama_quantize_from_our_imatrix(family, recipe, tiny, tm
     ref = tmp_path / "ref.gguf"
     llama_quantize_with_imatrix(f32, ref, FTYPES[recipe], load_imatrix(path).entries)
     out = convert_to(src, recipe, tmp_path / "ours.gguf", imatrix=path).outputs[0]["path"]
-    a = {t.name: t for t in GGUFReader(out).tensors}
-    for t in GGUFReader(ref).tensors:
-        assert a[t.name].tensor_type == t.tensor_type and a[t.name].shape.tolist() == t.shape.tolist(), t.name
-        assert np.array_equal(np.asarray(a[t.name].data).view(np.uint8), np.asarray(t.data).view(np.uint8)), t.name
+    a = assert_same_gguf_tensors(out, ref)
     types = {name: t.tensor_type.name for name, t in a.items()}
     if family == "mixtral-wide" and recipe == "q4_k_m":
         assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == "Q8_0"

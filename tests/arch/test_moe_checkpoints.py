@@ -60,9 +60,11 @@ def load_in_child(path, family, ids: list[int], with_transformers: bool) -> dict
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def decisive_ids(path, margin: float = 0.05, n: int = 16) -> list[int]:
+def decisive_ids(path, margin: float = 0.05, n: int = 16, log: bool = True) -> list[int]:
     """Token ids whose every routing decision in our forward of the checkpoint at `path` is clear:
-    the k-th chosen expert's router logit above the next one's by `margin`. The loaders compute in
+    the k-th chosen expert's router logit above the next one's by `margin` (`log`: the gaps of the
+    softmax probabilities' log, the logits less a constant; else of the scores as they are, such
+    as DeepSeek-V3's sigmoid scores plus bias and its group ranks). The loaders compute in
     float16 and we in float32 (router logits of about 10 differ by about 0.01); a random tiny
     router's top k is within that of a tie for about one decision in a hundred, where the two
     legitimately choose different experts (logits 6% apart from there on, on one CPU and not on
@@ -73,11 +75,12 @@ def decisive_ids(path, margin: float = 0.05, n: int = 16) -> list[int]:
     topk = torch.topk
     gaps = []
 
-    def spy(probs, k, dim=-1, **kwargs):
-        top = topk(probs.log(), k + 1, dim=dim).values  # the softmax's log: logits less a constant
-        gap = torch.nan_to_num(top[..., k - 1] - top[..., k], nan=0.0)
-        gaps.append(torch.where(probs.amax(dim) > probs.amin(dim), gap, torch.inf))
-        return topk(probs, k, dim=dim, **kwargs)
+    def spy(x, k, dim=-1, **kwargs):
+        if x.dim() == 2 and x.shape[-1] > k:  # a choice of experts (or of expert groups)
+            top = topk(x.log() if log else x, k + 1, dim=dim).values
+            gap = torch.nan_to_num(top[..., k - 1] - top[..., k], nan=0.0)
+            gaps.append(torch.where(x.amax(dim) > x.amin(dim), gap, torch.inf))
+        return topk(x, k, dim=dim, **kwargs)
 
     rng = np.random.default_rng(0)
     for _ in range(100):
@@ -85,7 +88,7 @@ def decisive_ids(path, margin: float = 0.05, n: int = 16) -> list[int]:
         gaps.clear()
         with mock.patch.object(torch, "topk", spy):
             our_logits(path, ids)
-        if min(float(g.min()) for g in gaps) > margin:
+        if gaps and min(float(g.min()) for g in gaps) > margin:
             return ids
     raise AssertionError(f"no {n} tokens route by a margin of {margin} in {path}")
 
