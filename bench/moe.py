@@ -5,8 +5,12 @@ shipped text) against convert_hf_to_gguf.py --outtype f32 + llama-imatrix (same 
 chunks) + llama-quantize Q4_K_M, wall time and peak RSS; and qconvert's peak RSS at 2 and at 4
 layers (memory must not grow with depth: one decoder layer, all its experts, at a time); with
 --gptq, `qconvert --to gptq` (same calibration) at both depths too, time and peak RSS.
+--family deepseek: DeepSeek-V2-Lite's widths instead (hidden 2048, 64 experts of 1408, 6 per
+token, 2 shared, a dense first layer of 10944, multi-head latent attention with 16 heads, latent
+512, rope 64, nope and value 128) with V2's and V3's query bottleneck of 1536 (llama.cpp reads
+the Lite models' missing one only at their 26/27 layers), softmax routing, Qwen2.5's tokenizer.
 
-usage: python bench/moe.py [--layers 4] [--small-layers 2] [--ours-only] [--gptq]
+usage: python bench/moe.py [--family qwen3moe|deepseek] [--layers 4] [--small-layers 2] [--ours-only] [--gptq]
 """
 from __future__ import annotations
 
@@ -31,24 +35,57 @@ WIDTHS = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=76
               norm_topk_prob=True, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[])
 
 
+DEEPSEEK = dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
+                num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, num_attention_heads=16,
+                num_key_value_heads=16, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                v_head_dim=128, vocab_size=151936, max_position_embeddings=163840, rms_norm_eps=1e-6,
+                rope_theta=10000.0, routed_scaling_factor=1.0, norm_topk_prob=False, topk_method="greedy",
+                n_group=1, topk_group=1, tie_word_embeddings=False)
+
+
 def bf16(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 0.02) -> np.ndarray:
     """Random normal weights as bfloat16 bits (uint16), rounded to nearest even."""
     x = (rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)).view(np.uint32)
     return ((x + 0x7FFF + ((x >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def build(out: Path, layers: int) -> Path:
-    """The checkpoint, one safetensors shard per layer (the weights never all in memory)."""
-    import torch
-    from safetensors.torch import save_file
+def deepseek_layer(rng: np.random.Generator, i: int) -> dict[str, np.ndarray]:
+    W = DEEPSEEK
+    H, n, E, F = W["hidden_size"], W["num_attention_heads"], W["n_routed_experts"], W["moe_intermediate_size"]
+    qk, kv, ql = W["qk_nope_head_dim"] + W["qk_rope_head_dim"], W["kv_lora_rank"], W["q_lora_rank"]
+    p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    ones = np.full(max(H, ql), 0x3F80, np.uint16)
+    t = {p + "input_layernorm.weight": ones[:H], p + "post_attention_layernorm.weight": ones[:H],
+         a + "q_a_proj.weight": bf16(rng, (ql, H)), a + "q_a_layernorm.weight": ones[:ql],
+         a + "q_b_proj.weight": bf16(rng, (n * qk, ql)),
+         a + "kv_a_proj_with_mqa.weight": bf16(rng, (kv + W["qk_rope_head_dim"], H)),
+         a + "kv_a_layernorm.weight": ones[:kv],
+         a + "kv_b_proj.weight": bf16(rng, (n * (W["qk_nope_head_dim"] + W["v_head_dim"]), kv)),
+         a + "o_proj.weight": bf16(rng, (H, n * W["v_head_dim"]))}
+    if i < W["first_k_dense_replace"]:
+        ff = W["intermediate_size"]
+        return {**t, m + "gate_proj.weight": bf16(rng, (ff, H)), m + "up_proj.weight": bf16(rng, (ff, H)),
+                m + "down_proj.weight": bf16(rng, (H, ff))}
+    t[m + "gate.weight"] = bf16(rng, (E, H), 0.2)
+    for e in range(E):
+        t[f"{m}experts.{e}.gate_proj.weight"] = bf16(rng, (F, H))
+        t[f"{m}experts.{e}.up_proj.weight"] = bf16(rng, (F, H))
+        t[f"{m}experts.{e}.down_proj.weight"] = bf16(rng, (H, F))
+    s = F * W["n_shared_experts"]
+    return {**t, m + "shared_experts.gate_proj.weight": bf16(rng, (s, H)),
+            m + "shared_experts.up_proj.weight": bf16(rng, (s, H)), m + "shared_experts.down_proj.weight": bf16(rng, (H, s))}
 
+
+def build(out: Path, layers: int, family: str = "qwen3moe") -> Path:
+    """The checkpoint, one safetensors shard per layer (the weights never all in memory)."""
     out.mkdir(parents=True)
+    if family == "deepseek":
+        return build_deepseek(out, layers)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REAL / "hf" / "qwen2.5-0.5b" / f, out / f)
     H, E, F, V = WIDTHS["hidden_size"], WIDTHS["num_experts"], WIDTHS["moe_intermediate_size"], WIDTHS["vocab_size"]
     q, kv = WIDTHS["num_attention_heads"] * WIDTHS["head_dim"], WIDTHS["num_key_value_heads"] * WIDTHS["head_dim"]
     rng = np.random.default_rng(0)
-    index: dict[str, str] = {}
     ones = np.full(H, 0x3F80, np.uint16)  # 1.0: norms
     shards = [("model-embed.safetensors", {"model.embed_tokens.weight": bf16(rng, (V, H)), "model.norm.weight": ones,
                                            "lm_head.weight": bf16(rng, (V, H))})]
@@ -64,27 +101,50 @@ def build(out: Path, layers: int) -> Path:
             t[f"{p}mlp.experts.{e}.up_proj.weight"] = bf16(rng, (F, H))
             t[f"{p}mlp.experts.{e}.down_proj.weight"] = bf16(rng, (H, F))
         shards.append((f"model-layer{i}.safetensors", t))
+    return save(out, shards, {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+                              "num_hidden_layers": layers, **WIDTHS})
+
+
+def save(out: Path, shards: list[tuple[str, dict[str, np.ndarray]]], cfg: dict) -> Path:
+    """The shards (bfloat16 bits as uint16), their index and the config (with Qwen2.5's token ids)."""
+    import torch
+    from safetensors.torch import save_file
+
+    index: dict[str, str] = {}
     total = 0
-    for name, tensors in shards:  # the bits stored as bfloat16
+    for name, tensors in shards:
         save_file({k: torch.from_numpy(v.view(np.int16).copy()).view(torch.bfloat16) for k, v in tensors.items()},
                   str(out / name))
         total += sum(v.nbytes for v in tensors.values())
         index.update({k: name for k in tensors})
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": index}))
-    cfg = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "num_hidden_layers": layers,
-           "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151643, **WIDTHS}
+    cfg = {**cfg, "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 151643, "eos_token_id": 151643}
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
 
 
-def built(out: Path, layers: int) -> Path:
+def build_deepseek(out: Path, layers: int) -> Path:
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REAL / "hf" / "qwen2.5-0.5b" / f, out / f)
+    H, V = DEEPSEEK["hidden_size"], DEEPSEEK["vocab_size"]
+    rng = np.random.default_rng(0)
+    shards = [("model-embed.safetensors", {"model.embed_tokens.weight": bf16(rng, (V, H)),
+                                           "model.norm.weight": np.full(H, 0x3F80, np.uint16),
+                                           "lm_head.weight": bf16(rng, (V, H))})]
+    shards += [(f"model-layer{i}.safetensors", deepseek_layer(rng, i)) for i in range(layers)]
+    return save(out, shards, {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                              "num_hidden_layers": layers, **DEEPSEEK})
+
+
+def built(out: Path, layers: int, family: str = "qwen3moe") -> Path:
     """build() in a child process: a process's peak RSS passes to the children it forks (Linux
     keeps the high-water mark across fork and exec), so the measured tools must be forked from a
     parent that never held the weights."""
     import subprocess
 
-    subprocess.run([sys.executable, __file__, "--build", str(out), "--layers", str(layers)], check=True)
+    subprocess.run([sys.executable, __file__, "--build", str(out), "--layers", str(layers), "--family", family],
+                   check=True)
     return out
 
 
@@ -100,6 +160,7 @@ def ours_gptq(src: Path, out: Path) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=("qwen3moe", "deepseek"), default="qwen3moe")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--small-layers", type=int, default=2)
     ap.add_argument("--ours-only", action="store_true", help="leave llama.cpp's chain out")
@@ -108,7 +169,7 @@ def main() -> None:
     ap.add_argument("--build", type=Path, help=argparse.SUPPRESS)  # the child process of built()
     args = ap.parse_args()
     if args.build:
-        build(args.build, args.layers)
+        build(args.build, args.layers, args.family)
         return
     need_reference()
     threads = "2"
@@ -116,7 +177,7 @@ def main() -> None:
         tmp = Path(tmp)
         rows = {}
         for n in (args.small_layers, args.layers):
-            src = built(tmp / f"moe-{n}", n)
+            src = built(tmp / f"moe-{n}", n, args.family)
             rows[f"qconvert q4_k_m, {n} layers"] = ours(src, tmp / f"ours-{n}.gguf")
             if args.gptq:
                 rows[f"qconvert gptq, {n} layers"] = ours_gptq(src, tmp / f"gptq-{n}")
@@ -136,7 +197,8 @@ def main() -> None:
                                            str(SEQ), "--chunks", str(SAMPLES), "-t", threads]),
                  "llama-quantize Q4_K_M": measure([str(QUANTIZE), "--imatrix", str(imat), str(f32), str(ref), "Q4_K_M",
                                                    threads])}
-        print(f"Qwen3-30B-A3B widths, {args.layers} layers (random bf16), q4_k_m, calibration {SAMPLES} x {SEQ} "
+        widths = "DeepSeek-V2-Lite" if args.family == "deepseek" else "Qwen3-30B-A3B"
+        print(f"{widths} widths, {args.layers} layers (random bf16), q4_k_m, calibration {SAMPLES} x {SEQ} "
               "tokens, 2 threads")
         for k, (t, r) in {**steps, **rows}.items():
             print(f"  {k:32s} {t:8.1f} s {r / 1e6:9.0f} MB")

@@ -1,17 +1,18 @@
 """Whole-file parity of qconvert's GGUF files with llama.cpp's convert_hf_to_gguf.py for the
-families added after the first six: tiny random Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, Granite,
-SmolLM3, OLMo 2, Gemma 2 and Phi-3 checkpoints (transformers' own configs, bf16, saved as
-transformers saves them; Phi-3 twice: as Phi-3 with LongRoPE and a sentencepiece tokenizer, and
-shaped as Phi-4-mini with a GPT2Tokenizer) that carry a tokenizer the converter knows (Qwen2.5's
-for the Qwens, OLMoE, Granite, OLMo 2 and Phi-4, SmolLM2's for Mixtral and SmolLM3, from
-../shared/tools/real-models.sh; small sentencepiece models for Gemma 2 and Phi-3, whose converters
-read tokenizer.model), converted by both
-to f32, f16, bf16 and q8_0; every tensor (name, type, shape, bytes) and every key/value compared
-(bench/parity.py's compare). Then the importance matrices both ways (the mixtures of experts at
-8 experts per layer; the Qwens once more with their experts saved fused, as transformers 5 holds
-them): llama-imatrix's matrix of the converter's f32 file, given to `qconvert
---imatrix` and to llama-quantize, and qconvert's own (`qconvert imatrix`), given to both again:
-q4_k_m and iq3_m files whole-file identical.
+families added after the first six: tiny random Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2
+(V2-Lite's shape) and V3 (also as DeepSeek ships it: FP8 with 128 x 128 block scales, which the
+converter dequantizes itself), Granite, SmolLM3, OLMo 2, Gemma 2 and Phi-3 checkpoints
+(transformers' own configs, bf16, saved as transformers saves them; Phi-3 twice: as Phi-3 with
+LongRoPE and a sentencepiece tokenizer, and shaped as Phi-4-mini with a GPT2Tokenizer) that carry
+a tokenizer the converter knows (Qwen2.5's for the Qwens, OLMoE, Granite, OLMo 2 and Phi-4,
+SmolLM2's for Mixtral, DeepSeek and SmolLM3, from ../shared/tools/real-models.sh; small
+sentencepiece models for Gemma 2 and Phi-3, whose converters read tokenizer.model), converted by
+both to f32, f16, bf16 and q8_0; every tensor (name, type, shape, bytes) and every key/value
+compared (bench/parity.py's compare). Then the importance matrices both ways (the mixtures of
+experts at 8 experts per layer; the Qwens once more with their experts saved fused, as
+transformers 5 holds them): llama-imatrix's matrix of the converter's f32 file, given to
+`qconvert --imatrix` and to llama-quantize, and qconvert's own (`qconvert imatrix`), given to both
+again: q4_k_m and iq3_m files whole-file identical.
 
 usage: python bench/parity_families.py [FAMILY ...]
 """
@@ -38,13 +39,19 @@ from common import IMATRIX, QUANTIZE, REAL, need_reference, qconvert_cmd, refere
 from parity import compare  # noqa: E402
 
 
-MOE = ("qwen3moe", "mixtral", "qwen2moe", "olmoe", "qwen3moe-fused", "qwen2moe-fused")
+MOE = ("qwen3moe", "mixtral", "qwen2moe", "olmoe", "qwen3moe-fused", "qwen2moe-fused", "deepseek_v2-lite",
+       "deepseek_v3", "deepseek_v3-fp8")
 DENSE = ("granite", "smollm3", "olmo2", "olmo3", "gemma2", "phi3", "phi4")
 
 
 def build(family: str, out: Path) -> Path:
     import torch
 
+    if family.endswith("-fp8"):  # the same model as DeepSeek-V3 ships its weights: FP8, 128 x 128 block scales
+        from tests.arch.test_deepseek import deepseek_fp8_checkpoint
+
+        deepseek_fp8_checkpoint(build(family.removesuffix("-fp8"), out.with_name(out.name + "-float")), out)
+        return out
     if family.endswith("-fused"):  # the same model, its experts saved fused
         from tests.models import fuse_experts
 
@@ -62,10 +69,11 @@ def build(family: str, out: Path) -> Path:
         else:
             vocab = spm_tokenizer(out)["vocab_size"]
     else:
-        tok = REAL / "hf" / ("smollm2-135m" if family in ("mixtral", "smollm3") else "qwen2.5-0.5b")
+        small = family in ("mixtral", "smollm3") or family.startswith("deepseek")
+        tok = REAL / "hf" / ("smollm2-135m" if small else "qwen2.5-0.5b")
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tok / f, out / f)
-        vocab = 49152 if family in ("mixtral", "smollm3") else 151936
+        vocab = 49152 if small else 151936
         if family == "phi4":  # Phi-4's GPT2Tokenizer path of the converter
             tcfg = json.loads((out / "tokenizer_config.json").read_text())
             (out / "tokenizer_config.json").write_text(json.dumps({**tcfg, "tokenizer_class": "GPT2Tokenizer"}))
@@ -85,6 +93,23 @@ def build(family: str, out: Path) -> Path:
     elif family == "mixtral":
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig(intermediate_size=32, num_local_experts=8,
                                                                            **moe))
+    elif family == "deepseek_v2-lite":  # DeepSeek-V2-Lite's shape: no query bottleneck, 26 layers (llama.cpp
+        # reads q_lora_rank but for the Lite models' 26/27), softmax routing, 2 shared experts
+        model = transformers.DeepseekV2ForCausalLM(transformers.DeepseekV2Config(
+            intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
+            first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=24, qk_rope_head_dim=16,
+            v_head_dim=32, **{**moe, "num_hidden_layers": 26, "num_key_value_heads": 4}))
+    elif family == "deepseek_v3":  # DeepSeek-V3's: query bottleneck, sigmoid routing over expert groups with
+        # the correction bias, YaRN as its config.json writes it (rope_scaling, mscale_all_dim)
+        model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(
+            intermediate_size=128, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, n_group=4,
+            topk_group=2, routed_scaling_factor=2.5, first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32,
+            qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=32, **{**moe, "num_hidden_layers": 3,
+                                                                          "num_key_value_heads": 4}))
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.copy_(torch.randn(b.shape) * 0.05)
     elif family == "granite":  # Granite 3.3 2B's multipliers
         model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
             intermediate_size=128, embedding_multiplier=12.0, attention_multiplier=0.015625,
@@ -119,6 +144,13 @@ def build(family: str, out: Path) -> Path:
             intermediate_size=128, head_dim=16, query_pre_attn_scalar=16, sliding_window=16, pad_token_id=0,
             eos_token_id=1, bos_token_id=2, **{**common, "num_hidden_layers": 3, "tie_word_embeddings": True}))
     model.to(torch.bfloat16).save_pretrained(out)
+    if family == "deepseek_v3":
+        cfg = json.loads((out / "config.json").read_text())
+        cfg.pop("rope_parameters", None)
+        cfg.update(rope_theta=10000, max_position_embeddings=163840, scoring_func="sigmoid", topk_method="noaux_tc",
+                   rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                 "original_max_position_embeddings": 4096, "type": "yarn"})
+        (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
 
 
