@@ -153,8 +153,10 @@ def ours(src: Path, out: Path) -> tuple[float, int]:
                                      "--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ)])
 
 
-def ours_gptq(src: Path, out: Path) -> tuple[float, int]:
-    return measure(qconvert_cmd() + [str(src), "--to", "gptq", "-o", str(out), "-q",
+def ours_gptq(src: Path, out: Path, family: str) -> tuple[float, int]:
+    # DeepSeek-V2-Lite's dense MLP of 10944 is no multiple of 128: group 64 there
+    group = ["--group-size", "64"] if family == "deepseek" else []
+    return measure(qconvert_cmd() + [str(src), "--to", "gptq", "-o", str(out), "-q", *group,
                                      "--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ)])
 
 
@@ -180,7 +182,7 @@ def main() -> None:
             src = built(tmp / f"moe-{n}", n, args.family)
             rows[f"qconvert q4_k_m, {n} layers"] = ours(src, tmp / f"ours-{n}.gguf")
             if args.gptq:
-                rows[f"qconvert gptq, {n} layers"] = ours_gptq(src, tmp / f"gptq-{n}")
+                rows[f"qconvert gptq, {n} layers"] = ours_gptq(src, tmp / f"gptq-{n}", args.family)
                 shutil.rmtree(tmp / f"gptq-{n}")
             if n != args.layers:
                 shutil.rmtree(src)
