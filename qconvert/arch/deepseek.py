@@ -118,7 +118,7 @@ class DeepseekForward(MoEForward):
         top2 = self.v3 or self.topk_method == "noaux_tc"  # V3's (and llama.cpp's) group ranking
         if self.n_group > 1 and (top2 or self.topk_method == "group_limited_greedy"):
             g = choice.view(-1, self.n_group, self.n_experts // self.n_group)
-            rank = g.topk(2, dim=-1)[0].sum(-1) if top2 else g.max(dim=-1).values
+            rank = g.topk(min(2, g.shape[-1]), dim=-1)[0].sum(-1) if top2 else g.max(dim=-1).values
             keep = torch.zeros_like(rank).scatter_(1, torch.topk(rank, self.topk_group, dim=-1, sorted=False)[1], 1)
             keep = keep.bool()[:, :, None].expand_as(g).reshape(-1, self.n_experts)
             choice = choice.masked_fill(~keep, float("-inf") if top2 else 0.0)
@@ -130,9 +130,9 @@ class DeepseekForward(MoEForward):
 
     def mlp(self, p: str, x):
         out = super().mlp(p, x)
-        if not self.has(p + self.router + ".weight"):
-            return out  # a leading dense layer
         s = p + "mlp.shared_experts."
+        if not self.has(p + self.router + ".weight") or not self.has(s + "gate_proj.weight"):
+            return out  # a leading dense layer, or no shared experts
         return out + self.linear(self.act(self.linear(x, s + "gate_proj")) * self.linear(x, s + "up_proj"),
                                  s + "down_proj")
 
@@ -157,10 +157,12 @@ class DeepseekForward(MoEForward):
                           ScaleGroup(("linear", m + "up_proj"), [m + "down_proj"])]
         experts = [[p + n.format(e=e) for n in self.expert_names] for e in range(self.n_experts)]
         s = p + "mlp.shared_experts."
-        first = [p + self.router, s + "gate_proj", s + "up_proj", *(h for gate, up, _ in experts for h in (gate, up))]
+        shared = self.has(s + "gate_proj.weight")
+        first = [p + self.router, *([s + "gate_proj", s + "up_proj"] if shared else []),
+                 *(h for gate, up, _ in experts for h in (gate, up))]
         out.append(ScaleGroup(norm, first, self.block(i, "mlp")))
         out += [ScaleGroup(("linear", up), [down]) for _, up, down in experts]
-        return out + [ScaleGroup(("linear", s + "up_proj"), [s + "down_proj"])]
+        return out + ([ScaleGroup(("linear", s + "up_proj"), [s + "down_proj"])] if shared else [])
 
 
 class DeepseekV2(Family):
