@@ -311,3 +311,65 @@ def test_fp8_checkpoint_as_deepseek_ships_it(tiny, tmp_path, capsys):
         assert [t.name for t in ra.tensors] == [t.name for t in rb.tensors]
         for ta, tb in zip(ra.tensors, rb.tensors):
             assert ta.tensor_type == tb.tensor_type and np.array_equal(ta.data, tb.data), (a["path"], ta.name)
+
+
+@pytest.mark.kernel_free
+def test_forward_variants_equal_transformers(tmp_path):
+    """The variants the tiny models leave out: V2-Lite's query without a bottleneck (q_proj) with
+    V2-236B's group_limited_greedy routing (groups ranked by their best expert), and V3 with
+    rope_interleave false (rotate-half): our forward equals transformers'."""
+    import transformers as tf
+
+    from tests.models import bpe_tokenizer
+    from tests.oracles import assert_forward_equals_transformers
+
+    ids = [list(range(1, 40))]
+    common = dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32,
+                  qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=32, num_experts_per_tok=2,
+                  max_position_embeddings=256, initializer_range=0.08, tie_word_embeddings=False)
+    for name, model in (
+            ("v2-lite", lambda v: tf.DeepseekV2ForCausalLM(tf.DeepseekV2Config(
+                vocab_size=v, q_lora_rank=None, n_routed_experts=8, n_shared_experts=2, topk_method="group_limited_greedy",
+                n_group=4, topk_group=2, routed_scaling_factor=16.0, **common))),
+            ("v3-halves", lambda v: tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+                vocab_size=v, q_lora_rank=64, n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2,
+                rope_interleave=False, scoring_func="sigmoid", **common)))):
+        d = tmp_path / name
+        d.mkdir()
+        vocab = bpe_tokenizer(d, "llama3", "<|begin_of_text|>", "<|end_of_text|>")["vocab_size"]
+        torch.manual_seed(0)
+        m = model(vocab).eval()
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if n.endswith("mlp.gate.weight"):
+                    p.mul_(10)
+        m.save_pretrained(d)
+        ckpt = open_checkpoint(str(d))
+        assert ("self_attn.q_proj" in str(list(ckpt.tensors))) == (name == "v2-lite")
+        ckpt.close()
+        assert_forward_equals_transformers(d, ids)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3"])
+def test_yarn_as_deepseek_v3_sets_it(family, tiny, tmp_path):
+    """DeepSeek-V3's YaRN (factor 40 over 4096 positions, mscale = mscale_all_dim = 1, here
+    factor 4 over 32): transformers folds mscale_all_dim into the softmax scale, llama.cpp reads it
+    from rope.scaling.yarn_log_multiplier; our forward and llama.cpp on our f32 file both give
+    transformers' logits."""
+    import json
+
+    from tests.helpers import copy_model
+    from tests.oracles import assert_forward_equals_transformers, hf_logits, llama_logits, rel_rms
+
+    d = copy_model(tiny(family), tmp_path / "yarn")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "mscale": 1.0,
+                              "mscale_all_dim": 1.0, "original_max_position_embeddings": 32, "beta_fast": 32,
+                              "beta_slow": 1}
+    (d / "config.json").write_text(json.dumps(cfg))
+    ids = list(range(1, 40))
+    assert_forward_equals_transformers(d, [ids])
+    f32 = convert_to(d, "f32", tmp_path / "yarn.gguf").outputs[0]["path"]
+    assert GGUFReader(f32).fields["deepseek2.rope.scaling.yarn_log_multiplier"].contents() == pytest.approx(0.1)
+    assert rel_rms(llama_logits(f32, ids), hf_logits(d, ids)) < 2e-3
