@@ -40,6 +40,11 @@ _ROPE_NUMBERS = ("rope_theta", "factor", "partial_rotary_factor", "original_max_
                  "attention_factor", "attn_factor")
 _ROPE_NEEDS = {"linear": ("factor",), "yarn": ("factor", "original_max_position_embeddings"), "llama3": ("factor",)}
 
+# the router's scoring function, under the config keys the converter reads it from
+GATING_KEYS = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func",
+               "expert_selection_fn")
+_GATING = {"softmax": gguf.ExpertGatingFuncType.SOFTMAX, "sigmoid": gguf.ExpertGatingFuncType.SIGMOID}
+
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 # one expert's matrix in a mixture-of-experts layer, as checkpoints store them (Qwen-MoE's
 # mlp.experts.3.gate_proj.weight, Mixtral's block_sparse_moe.experts.3.w1.weight)
@@ -302,11 +307,6 @@ class Family:
     def skip(self, hf_name: str) -> bool:
         return False
 
-    def in_gguf(self, gguf_name: str) -> bool:
-        """Whether the GGUF file holds the tensor that a checkpoint linear maps to (not where
-        the converter splits it, as DeepSeek's attn_kv_b): the importance matrix keeps only those."""
-        return True
-
     def map_name(self, hf_name: str) -> str:
         new = self.name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if new is None:
@@ -463,6 +463,15 @@ class Family:
             kv.add_expert_count(v)
         if (v := c.get(int, "num_experts_per_tok", "num_experts_per_token", "top_k_experts")) is not None:
             kv.add_expert_used_count(v)
+        if (v := c.get(int, "n_group")) is not None:
+            kv.add_expert_group_count(v)
+        if (v := c.get(int, "topk_group")) is not None:
+            kv.add_expert_group_used_count(v)
+        if (v := next((c.data[k] for k in GATING_KEYS if c.data.get(k) is not None), None)) is not None:
+            if v not in _GATING:
+                raise InputError(f"{c.path}: expert scoring function {v!r} is not one qconvert writes "
+                                 f"({', '.join(_GATING)})")
+            kv.add_expert_gating_func(_GATING[v])
         if (v := c.get(int, "head_dim", positive=True)) is not None:
             kv.add_key_length(v)
             kv.add_value_length(v)

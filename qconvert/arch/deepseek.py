@@ -89,14 +89,16 @@ class DeepseekForward(MoEForward):
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe.expand(-1, self.n_head, -1, -1)), dim=-1)
         if any(hasattr(o, "stacked_input") for o in self.observers):
-            self.observe_absorbed(a, q_nope, q, k, latent)
-        o = attention(q, k, v, self.attn_scale)
+            o = self.observed_attention(a, q_nope, q, k, v, latent)
+        else:
+            o = attention(q, k, v, self.attn_scale)
         return self.linear(merge(o), a + "o_proj")
 
-    def observe_absorbed(self, a: str, q_nope, q, k, latent) -> None:
-        """What llama.cpp's absorbed MLA multiplies its attn_k_b and attn_v_b matrices by, per
-        head, for the importance matrix (as llama-imatrix sees them): each head's query without
-        rope, and each head's attention-weighted latent."""
+    def observed_attention(self, a: str, q_nope, q, k, v, latent):
+        """The attention's output from its weights, which also give what llama.cpp's absorbed
+        MLA multiplies its attn_k_b and attn_v_b matrices by, per head, offered to the importance
+        matrix (as llama-imatrix sees them): each head's query without rope, and each head's
+        attention-weighted latent."""
         T = q.shape[2]
         mask = torch.ones(T, T, dtype=torch.bool).tril()
         scores = (q @ k.transpose(-1, -2)) * self.attn_scale
@@ -106,6 +108,7 @@ class DeepseekForward(MoEForward):
             if hasattr(o, "stacked_input"):
                 o.stacked_input(self, a + "k_b_proj", q_nope.transpose(0, 1))
                 o.stacked_input(self, a + "v_b_proj", weighted.transpose(0, 1))
+        return probs @ v
 
     def route(self, p: str, logits):
         """transformers' DeepseekV2TopkRouter (softmax; greedy or group_limited_greedy) and
@@ -265,13 +268,17 @@ class DeepseekV2(Family):
             hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")
         return super().map_name(hf_name)
 
+    def kv_b_dims(self) -> tuple[int, int, int, int]:
+        """kv_b_proj's heads, key rows (without rope) and value rows per head, and latent width."""
+        c = self.cfg
+        return (self.n_head, c.positive(int, "qk_nope_head_dim"), c.positive(int, "v_head_dim"),
+                c.positive(int, "kv_lora_rank"))
+
     def tensor(self, hf_name: str, t: Tensor) -> list[PlannedTensor]:
         if not hf_name.endswith("self_attn.kv_b_proj.weight"):
             return super().tensor(hf_name, t)
         self.check_float(t)
-        c = self.cfg
-        n, nope, vd = self.n_head, c.positive(int, "qk_nope_head_dim"), c.positive(int, "v_head_dim")
-        rank = t.shape[1]
+        n, nope, vd, rank = self.kv_b_dims()
 
         def k_b(a: np.ndarray, _dt) -> np.ndarray:
             return a.reshape(n, nope + vd, rank)[:, :nope].transpose(0, 2, 1)
@@ -284,17 +291,12 @@ class DeepseekV2(Family):
     def joined_from_gguf(self, hf_name: str):
         if not hf_name.endswith("self_attn.kv_b_proj.weight"):
             return None
-        c = self.cfg
-        n, nope, vd = self.n_head, c.positive(int, "qk_nope_head_dim"), c.positive(int, "v_head_dim")
-        rank = c.positive(int, "kv_lora_rank")
+        n, nope, vd, rank = self.kv_b_dims()
         a = hf_name[: -len("kv_b_proj.weight")]
 
         def join(k_b: np.ndarray, v_b: np.ndarray) -> np.ndarray:  # [n, rank, nope], [n, v, rank]
             return np.concatenate((k_b.transpose(0, 2, 1), v_b), axis=1).reshape(n * (nope + vd), rank)
         return [a + "k_b_proj.weight", a + "v_b_proj.weight"], join, (n * (nope + vd), rank)
-
-    def in_gguf(self, gguf_name: str) -> bool:
-        return not gguf_name.endswith("attn_kv_b.weight")  # split into attn_k_b and attn_v_b
 
     def shape(self) -> ModelShape:
         s = super().shape()
@@ -303,26 +305,11 @@ class DeepseekV2(Family):
     # ---- metadata --------------------------------------------------------------------------
 
     def write_hparams(self, kv: gguf.GGUFWriter, file_type: int) -> None:
-        """DeepseekV2Model.set_gguf_parameters: the base keys with one KV head (MLA as MQA), the
-        expert groups and gating function, then the MLA and expert keys."""
+        """DeepseekV2Model.set_gguf_parameters: the base keys (the expert groups and gating
+        function among them) with one KV head (MLA as MQA), then the MLA and expert keys."""
         c = self.cfg
         self.generic_hparams(kv, file_type)
-        arch = self.arch_name
-        kv.kv_data[0][f"{arch}.attention.head_count_kv"].value = 1
-        # the base keys the converter writes from the config that ours leaves to the families
-        keys = list(kv.kv_data[0])
-        at = keys.index(f"{arch}.attention.key_length")
-        extra = gguf.GGUFWriter.__new__(gguf.GGUFWriter)
-        extra.kv_data = [{}]
-        if (g := c.get(int, "n_group")) is not None:
-            extra.add_uint32(gguf.Keys.LLM.EXPERT_GROUP_COUNT.format(arch=arch), g)
-        if (g := c.get(int, "topk_group")) is not None:
-            extra.add_uint32(gguf.Keys.LLM.EXPERT_GROUP_USED_COUNT.format(arch=arch), g)
-        if c.data.get("scoring_func") is not None:
-            func = gguf.ExpertGatingFuncType.SIGMOID if self.scoring() == "sigmoid" else gguf.ExpertGatingFuncType.SOFTMAX
-            extra.add_uint32(gguf.Keys.LLM.EXPERT_GATING_FUNC.format(arch=arch), int(func.value))
-        items = list(kv.kv_data[0].items())
-        kv.kv_data[0] = dict(items[:at] + list(extra.kv_data[0].items()) + items[at:])
+        kv.kv_data[0][f"{self.arch_name}.attention.head_count_kv"].value = 1
         kv.add_leading_dense_block_count(self.n_dense)
         kv.add_vocab_size(c.need(int, "vocab_size"))
         if (ql := c.get(int, "q_lora_rank")) is not None:

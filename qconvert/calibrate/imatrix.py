@@ -46,8 +46,8 @@ class Collector(Observer):
         if self.family.n_experts and (m := EXPERT.match(hf + ".weight")):
             hf, expert = merged_expert(m), int(m["expert"])
         name = self.family.map_name(hf + ".weight")
-        if not name.startswith("blk.") or not self.family.in_gguf(name):
-            return  # llama-imatrix's default: decoder blocks only (and the file's tensors)
+        if not name.startswith("blk.") or self.family.joined_from_gguf(hf + ".weight") is not None:
+            return  # llama-imatrix's default: decoder blocks only; a matrix the file holds split, not at all
         flat = x.reshape(-1, x.shape[-1])
         s = fw.per_input("imatrix", x, lambda: square_sums(flat))
         n_mat = 1 if expert is None else self.family.n_experts
