@@ -174,6 +174,22 @@ def main() -> int:
     return 1 if bad else 0
 
 
+def mean_ratios(name: str, theirs: Path, ours: Path) -> None:
+    """Per kind of tensor (attn_q, ffn_down_exps ...), the range over layers of the mean of
+    llama-imatrix's entries over the mean of ours, on the same text: the two matrices' scale
+    (their columns differ as the tools' token streams do)."""
+    from qconvert.read.imatrix import load_imatrix
+
+    a, b = load_imatrix(theirs).entries, load_imatrix(ours).entries
+    kinds: dict[str, list[float]] = {}
+    for k in sorted(set(a) & set(b)):
+        kinds.setdefault(k.split(".", 2)[2], []).append(float(a[k].mean() / b[k].mean()))
+    only = sorted(set(a) ^ set(b))
+    print(f"{name:9s} importance matrices: {len(a)} tensors each{', differing in ' + str(only[:3]) if only else ''}; "
+          "mean ratio llama-imatrix / qconvert by kind: "
+          + ", ".join(f"{kind.removesuffix('.weight')} {min(r):.3f}-{max(r):.3f}" for kind, r in sorted(kinds.items())))
+
+
 def imatrices(src: Path, f32: Path, tmp: Path) -> int:
     """llama-imatrix's matrix and ours, each given to llama-quantize and to qconvert: the same files."""
     calib = ROOT / "qconvert" / "calibrate" / "data" / "emma.txt"
@@ -182,6 +198,7 @@ def imatrices(src: Path, f32: Path, tmp: Path) -> int:
                     "-t", "2"], check=True, capture_output=True)
     subprocess.run(qconvert_cmd() + ["imatrix", str(src), "-o", str(ours), "-q", "--calib-samples", "8",
                                      "--calib-seq-len", "128"], check=True, capture_output=True)
+    mean_ratios(src.name, theirs, ours)
     bad = 0
     for im in (theirs, ours):
         for recipe in ("q4_k_m", "iq3_m"):
