@@ -116,7 +116,7 @@ def _save(model, out: Path, seed: int, router_scale: float = 10) -> None:
 ROUTER_SCALE = {"deepseek_v3": 1, "deepseek_v3-wide": 1}
 # DeepSeek-V3's sigmoid router over 4 groups leaves one or two of the tests' 39 tokens within
 # Q8_0's noise of a tie with seeds 0, 1, 2 and 4 (a flipped choice moves a token's logits by
-# 40%, measured); seed 3's routing has none
+# 40%, measured by hand with a scratch script); seed 3's routing has none
 SEED = {"deepseek_v3": 3}
 
 

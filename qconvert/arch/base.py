@@ -181,6 +181,9 @@ class Family:
                               if not n.startswith(NOT_TEXT) and (m := _LAYER_INDEX.search(n))})
         # routed experts per mixture-of-experts layer (0: a dense model)
         self.n_experts = self.cfg.get(int, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0
+        used = self.cfg.get(int, "num_experts_per_tok", positive=True)
+        if self.n_experts and used and used > self.n_experts:
+            raise InputError(f"{self.cfg.path}: num_experts_per_tok ({used}) is more than the {self.n_experts} experts")
         if ckpt.tensors:
             ckpt.tensors = self.own_names(ckpt.tensors)
         self.name_map = gguf.get_tensor_name_map(self.gguf_arch, self.n_layers)
@@ -468,7 +471,7 @@ class Family:
         if (v := c.get(int, "topk_group")) is not None:
             kv.add_expert_group_used_count(v)
         if (v := next((c.data[k] for k in GATING_KEYS if c.data.get(k) is not None), None)) is not None:
-            if v not in _GATING:
+            if not isinstance(v, str) or v not in _GATING:
                 raise InputError(f"{c.path}: expert scoring function {v!r} is not one qconvert writes "
                                  f"({', '.join(_GATING)})")
             kv.add_expert_gating_func(_GATING[v])

@@ -201,14 +201,16 @@ class DeepseekV2(Family):
         c.data.setdefault("head_dim", c.positive(int, "qk_rope_head_dim"))
         if c.data.get("num_key_value_heads") is None:
             c.data["num_key_value_heads"] = c.need(int, "num_attention_heads")
-        if c.data.get("n_group") and self.n_experts % int(c.data["n_group"]):
-            raise InputError(f"{c.path}: n_group ({c.data['n_group']}) must divide n_routed_experts ({self.n_experts})")
+        if (g := c.get(int, "n_group", positive=True)) and self.n_experts % g:
+            raise InputError(f"{c.path}: n_group ({g}) must divide n_routed_experts ({self.n_experts})")
+        if (k := c.get(int, "topk_group", positive=True)) and k > (g or 1):
+            raise InputError(f"{c.path}: topk_group ({k}) is more than n_group ({g or 1})")
         self.n_dense = c.get(int, "first_k_dense_replace", default=0, nonnegative=True)
         self.n_head = c.need(int, "num_attention_heads")
 
     def scoring(self) -> str:
         s = self.cfg.data.get("scoring_func") or ("sigmoid" if self.v3 else "softmax")
-        if s not in ("softmax", "sigmoid"):
+        if not isinstance(s, str) or s not in ("softmax", "sigmoid"):
             raise InputError(f"{self.cfg.path}: scoring_func {s!r} is not one DeepSeek's router has (softmax, sigmoid)")
         return s
 

@@ -373,3 +373,30 @@ def test_yarn_as_deepseek_v3_sets_it(family, tiny, tmp_path):
     f32 = convert_to(d, "f32", tmp_path / "yarn.gguf").outputs[0]["path"]
     assert GGUFReader(f32).fields["deepseek2.rope.scaling.yarn_log_multiplier"].contents() == pytest.approx(0.1)
     assert rel_rms(llama_logits(f32, ids), hf_logits(d, ids)) < 2e-3
+
+
+@pytest.mark.kernel_free
+@pytest.mark.parametrize("family,edit,needle", [
+    ("deepseek_v3", {"n_group": "x"}, "n_group"),
+    ("deepseek_v3", {"n_group": 3}, "must divide n_routed_experts"),
+    ("deepseek_v3", {"topk_group": 5}, "topk_group (5) is more than n_group (4)"),
+    ("deepseek_v3", {"scoring_func": [1]}, "scoring_func"),
+    ("deepseek_v3", {"scoring_func": "relu"}, "scoring_func 'relu'"),
+    ("deepseek_v3", {"num_experts_per_tok": 9}, "num_experts_per_tok (9) is more than the 8 experts"),
+    ("qwen3moe", {"num_experts_per_tok": 9}, "num_experts_per_tok (9) is more than the 4 experts"),
+])
+def test_inconsistent_routing_configs_are_input_errors(family, edit, needle, tiny, tmp_path, capsys):
+    """A router the config makes impossible: one line naming the config and the key, exit 3,
+    nothing written (it was a torch error inside the calibration, exit 1)."""
+    import json
+
+    from tests.helpers import copy_model, one_line_error, run_cli
+
+    d = copy_model(tiny(family), tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **edit}))
+    code, _, err = run_cli([d, "--to", "q4_k_m", "-o", tmp_path / "out.gguf", "--calib-samples", "2",
+                            "--calib-seq-len", "32"], capsys)
+    assert code == 3
+    one_line_error(err, "config.json", needle)
+    assert not (tmp_path / "out.gguf").exists()
