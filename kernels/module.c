@@ -17,6 +17,7 @@ typedef struct {
 
 static const qtype QTYPES[] = {
     {"Q8_0", 32, 34, qk_quantize_q8_0, qk_dequantize_q8_0, -1, 0},
+    {"MXFP4", 32, 17, qk_quantize_mxfp4, qk_dequantize_mxfp4, -1, 0},
     {"Q4_0", 32, 18, qk_quantize_q4_0, qk_dequantize_q4_0, -1, 0},
     {"Q4_1", 32, 20, qk_quantize_q4_1, qk_dequantize_q4_1, -1, 0},
     {"Q5_0", 32, 22, qk_quantize_q5_0, qk_dequantize_q5_0, -1, 0},

@@ -49,6 +49,7 @@ void qk_make_qkx_lanes_avx2(int n, const float X[32][QK_LANES], const float W[32
     void qk_quantize_##T(const float *src, uint8_t *dst, int64_t nrows, int64_t n_per_row, const float *qw); \
     void qk_dequantize_##T(const uint8_t *src, float *dst, int64_t nrows, int64_t n_per_row);
 QK_DECLARE(q8_0)
+QK_DECLARE(mxfp4)
 QK_DECLARE(q1_0)
 QK_DECLARE(q4_0)
 QK_DECLARE(q4_1)

@@ -15,7 +15,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as GT
 
-from qconvert.quant.reference import floats, iq1, iq2, iq3, iq4_nl, kquants, lattice, legacy, q1_0, q8_0, ternary
+from qconvert.quant.reference import (floats, iq1, iq2, iq3, iq4_nl, kquants, lattice, legacy, mxfp4, q1_0, q8_0,
+                                       ternary)
 
 PURE_PYTHON = os.environ.get("QCONVERT_PUREPYTHON", "") not in ("", "0")
 
@@ -219,6 +220,11 @@ class Q8_0(Blocks):
     name, ggml = "Q8_0", GT.Q8_0
     overflow = 65520.0 * 127  # the f16 scale amax/127 overflows
     reference = Ref(lambda rows, qw: q8_0.quantize(rows), q8_0.dequantize)  # ggml ignores qw for Q8_0
+
+
+class MXFP4(Blocks):
+    name, ggml = "MXFP4", GT.MXFP4
+    reference = Ref(mxfp4.quantize, mxfp4.dequantize)  # ggml ignores importance weights for MXFP4
 
 
 class Q4_0(Blocks):

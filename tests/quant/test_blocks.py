@@ -52,7 +52,7 @@ def cases(n: int = 256) -> dict[str, np.ndarray]:
     }
 
 
-QUANT_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
+QUANT_TYPES = ["Q8_0", "MXFP4", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "TQ1_0", "TQ2_0",
                "Q1_0", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"]
 
 # cases on which ggml_quantize_chunk aborts the process (GGML_ASSERT), so they cannot be compared
@@ -179,6 +179,25 @@ def test_q1_0_sums_in_index_order():
     assert np.array_equal(blocks.Q1_0.reference.quantize(rows, None), expect)
     out = np.empty_like(expect)
     _kernels.quantize("Q1_0", rows, out, 3, 128, 1, None)
+    assert np.array_equal(out, expect)
+
+
+def test_mxfp4_exponent_at_powers_of_two():
+    """MXFP4's exponent is floorf(log2f(amax)): a block maximum a float32 step or a few below a
+    power of two has a log2f that rounds up to the integer (a larger exponent than its binary
+    one), further below it does not; also maxima past the grid's end (7.9 * 2^e clamps to 6),
+    the smallest subnormals, and the largest finite floats."""
+    below = [np.nextafter(np.float32(2.0 ** k), np.float32(0)) for k in (-20, -7, -1, 0, 1, 5, 30)]
+    further = [np.float32(2.0 ** k) * np.float32(1 - 2.0 ** -20) for k in (-7, 0, 5)]
+    maxima = np.array(below + further + [7.9, 0.2499, 1.4e-45, 3e-45, 3.4e38, -3.4e38, 2.0 ** -126], np.float32)
+    rng = np.random.default_rng(5)
+    rows = (rng.uniform(-1, 1, size=(maxima.size, 64)) * np.abs(maxima[:, None])).astype(np.float32)
+    rows[:, 7] = maxima
+    rows[:, 40] = maxima
+    expect = ggml_quantize(int(GT.MXFP4), rows)
+    assert np.array_equal(blocks.MXFP4.reference.quantize(rows), expect)
+    out = np.empty_like(expect)
+    _kernels.quantize("MXFP4", rows, out, rows.shape[0], 64, 1, None)
     assert np.array_equal(out, expect)
 
 
