@@ -10,7 +10,14 @@ token, 2 shared, a dense first layer of 10944, multi-head latent attention with 
 512, rope 64, nope and value 128) with V2's and V3's query bottleneck of 1536 (llama.cpp reads
 the Lite models' missing one only at their 26/27 layers), softmax routing, Qwen2.5's tokenizer.
 
-usage: python bench/moe.py [--family qwen3moe|deepseek] [--layers 4] [--small-layers 2] [--ours-only] [--gptq]
+--family gpt-oss: gpt-oss-20b's widths (hidden 2880, 32 experts of 2880, 4 per token, 64 query and 8
+key/value heads of 64, sinks, windows of 128 on even layers, YaRN), its experts fused as
+transformers saves the bf16 model (gate_up_proj [experts, hidden, 2 ff], biases), Qwen2.5's
+tokenizer; `--to mxfp4_moe` for the mixture gpt-oss files are published in (default q4_k_m, whose
+rows of 2880 fall back to Q5_0/Q8_0 as llama-quantize's do).
+
+usage: python bench/moe.py [--family qwen3moe|deepseek|gpt-oss] [--to q4_k_m] [--layers 4] [--small-layers 2]
+                           [--ours-only] [--gptq]
 """
 from __future__ import annotations
 
@@ -41,6 +48,14 @@ DEEPSEEK = dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size
                 v_head_dim=128, vocab_size=151936, max_position_embeddings=163840, rms_norm_eps=1e-6,
                 rope_theta=10000.0, routed_scaling_factor=1.0, norm_topk_prob=False, topk_method="greedy",
                 n_group=1, topk_group=1, tie_word_embeddings=False)
+
+
+GPT_OSS = dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+               num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=151936, sliding_window=128,
+               max_position_embeddings=131072, rms_norm_eps=1e-5, attention_bias=True, swiglu_limit=7.0,
+               rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                             "truncate": False, "original_max_position_embeddings": 4096},
+               rope_theta=150000.0, tie_word_embeddings=False)
 
 
 def bf16(rng: np.random.Generator, shape: tuple[int, ...], scale: float = 0.02) -> np.ndarray:
@@ -76,11 +91,30 @@ def deepseek_layer(rng: np.random.Generator, i: int) -> dict[str, np.ndarray]:
             m + "shared_experts.up_proj.weight": bf16(rng, (s, H)), m + "shared_experts.down_proj.weight": bf16(rng, (H, s))}
 
 
+def gpt_oss_layer(rng: np.random.Generator, i: int) -> dict[str, np.ndarray]:
+    W = GPT_OSS
+    H, n, kv, hd = W["hidden_size"], W["num_attention_heads"], W["num_key_value_heads"], W["head_dim"]
+    E, F = W["num_local_experts"], W["intermediate_size"]
+    p, a, m = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+    ones = np.full(H, 0x3F80, np.uint16)
+    return {p + "input_layernorm.weight": ones, p + "post_attention_layernorm.weight": ones,
+            a + "q_proj.weight": bf16(rng, (n * hd, H)), a + "q_proj.bias": bf16(rng, (n * hd,)),
+            a + "k_proj.weight": bf16(rng, (kv * hd, H)), a + "k_proj.bias": bf16(rng, (kv * hd,)),
+            a + "v_proj.weight": bf16(rng, (kv * hd, H)), a + "v_proj.bias": bf16(rng, (kv * hd,)),
+            a + "o_proj.weight": bf16(rng, (H, n * hd)), a + "o_proj.bias": bf16(rng, (H,)),
+            a + "sinks": bf16(rng, (n,), 1.0),
+            m + "router.weight": bf16(rng, (E, H), 0.2), m + "router.bias": bf16(rng, (E,)),
+            m + "experts.gate_up_proj": bf16(rng, (E, H, 2 * F)), m + "experts.gate_up_proj_bias": bf16(rng, (E, 2 * F)),
+            m + "experts.down_proj": bf16(rng, (E, F, H)), m + "experts.down_proj_bias": bf16(rng, (E, H))}
+
+
 def build(out: Path, layers: int, family: str = "qwen3moe") -> Path:
     """The checkpoint, one safetensors shard per layer (the weights never all in memory)."""
     out.mkdir(parents=True)
     if family == "deepseek":
         return build_deepseek(out, layers)
+    if family == "gpt-oss":
+        return build_gpt_oss(out, layers)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REAL / "hf" / "qwen2.5-0.5b" / f, out / f)
     H, E, F, V = WIDTHS["hidden_size"], WIDTHS["num_experts"], WIDTHS["moe_intermediate_size"], WIDTHS["vocab_size"]
@@ -137,6 +171,21 @@ def build_deepseek(out: Path, layers: int) -> Path:
                               "num_hidden_layers": layers, **DEEPSEEK})
 
 
+def build_gpt_oss(out: Path, layers: int) -> Path:
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(REAL / "hf" / "qwen2.5-0.5b" / f, out / f)
+    H, V = GPT_OSS["hidden_size"], GPT_OSS["vocab_size"]
+    rng = np.random.default_rng(0)
+    shards = [("model-embed.safetensors", {"model.embed_tokens.weight": bf16(rng, (V, H)),
+                                           "model.norm.weight": np.full(H, 0x3F80, np.uint16),
+                                           "lm_head.weight": bf16(rng, (V, H))})]
+    shards += [(f"model-layer{i}.safetensors", gpt_oss_layer(rng, i)) for i in range(layers)]
+    return save(out, shards, {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+                              "num_hidden_layers": layers, **GPT_OSS,
+                              "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                              for i in range(layers)]})
+
+
 def built(out: Path, layers: int, family: str = "qwen3moe") -> Path:
     """build() in a child process: a process's peak RSS passes to the children it forks (Linux
     keeps the high-water mark across fork and exec), so the measured tools must be forked from a
@@ -148,8 +197,8 @@ def built(out: Path, layers: int, family: str = "qwen3moe") -> Path:
     return out
 
 
-def ours(src: Path, out: Path) -> tuple[float, int]:
-    return measure(qconvert_cmd() + [str(src), "--to", "q4_k_m", "-o", str(out), "-q",
+def ours(src: Path, out: Path, to: str = "q4_k_m") -> tuple[float, int]:
+    return measure(qconvert_cmd() + [str(src), "--to", to, "-o", str(out), "-q",
                                      "--calib-samples", str(SAMPLES), "--calib-seq-len", str(SEQ)])
 
 
@@ -162,7 +211,8 @@ def ours_gptq(src: Path, out: Path, family: str) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--family", choices=("qwen3moe", "deepseek"), default="qwen3moe")
+    ap.add_argument("--family", choices=("qwen3moe", "deepseek", "gpt-oss"), default="qwen3moe")
+    ap.add_argument("--to", default="q4_k_m", help="the GGUF mixture (llama-quantize's name in lower case)")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--small-layers", type=int, default=2)
     ap.add_argument("--ours-only", action="store_true", help="leave llama.cpp's chain out")
@@ -180,7 +230,7 @@ def main() -> None:
         rows = {}
         for n in (args.small_layers, args.layers):
             src = built(tmp / f"moe-{n}", n, args.family)
-            rows[f"qconvert q4_k_m, {n} layers"] = ours(src, tmp / f"ours-{n}.gguf")
+            rows[f"qconvert {args.to}, {n} layers"] = ours(src, tmp / f"ours-{n}.gguf", args.to)
             if args.gptq:
                 rows[f"qconvert gptq, {n} layers"] = ours_gptq(src, tmp / f"gptq-{n}", args.family)
                 shutil.rmtree(tmp / f"gptq-{n}")
@@ -197,16 +247,16 @@ def main() -> None:
         steps = {"convert_hf_to_gguf f32": measure(reference_convert_cmd(src, "f32", f32)),
                  "llama-imatrix": measure([str(IMATRIX), "-m", str(f32), "-f", str(CALIB), "-o", str(imat), "-c",
                                            str(SEQ), "--chunks", str(SAMPLES), "-t", threads]),
-                 "llama-quantize Q4_K_M": measure([str(QUANTIZE), "--imatrix", str(imat), str(f32), str(ref), "Q4_K_M",
-                                                   threads])}
-        widths = "DeepSeek-V2-Lite" if args.family == "deepseek" else "Qwen3-30B-A3B"
-        print(f"{widths} widths, {args.layers} layers (random bf16), q4_k_m, calibration {SAMPLES} x {SEQ} "
+                 f"llama-quantize {args.to.upper()}": measure([str(QUANTIZE), "--imatrix", str(imat), str(f32), str(ref),
+                                                              args.to.upper(), threads])}
+        widths = {"deepseek": "DeepSeek-V2-Lite", "gpt-oss": "gpt-oss-20b"}.get(args.family, "Qwen3-30B-A3B")
+        print(f"{widths} widths, {args.layers} layers (random bf16), {args.to}, calibration {SAMPLES} x {SEQ} "
               "tokens, 2 threads")
         for k, (t, r) in {**steps, **rows}.items():
             print(f"  {k:32s} {t:8.1f} s {r / 1e6:9.0f} MB")
         ref_t, ref_r = sum(t for t, _ in steps.values()), max(r for _, r in steps.values())
-        t, r = rows[f"qconvert q4_k_m, {args.layers} layers"]
-        small = rows[f"qconvert q4_k_m, {args.small_layers} layers"][1]
+        t, r = rows[f"qconvert {args.to}, {args.layers} layers"]
+        small = rows[f"qconvert {args.to}, {args.small_layers} layers"][1]
         print(f"  llama.cpp total                  {ref_t:8.1f} s {ref_r / 1e6:9.0f} MB")
         print(f"  ratio qconvert / llama.cpp: time {t / ref_t:.2f}x, peak RSS {r / ref_r:.2f}x; "
               f"qconvert peak RSS {args.layers} layers / {args.small_layers} layers: {r / small:.2f}x")

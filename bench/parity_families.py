@@ -1,11 +1,12 @@
 """Whole-file parity of qconvert's GGUF files with llama.cpp's convert_hf_to_gguf.py for the
 families added after the first six: tiny random Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE, DeepSeek-V2
 (V2-Lite's shape) and V3 (also as DeepSeek ships it: FP8 with 128 x 128 block scales, which the
-converter dequantizes itself), Granite, SmolLM3, OLMo 2, Gemma 2 and Phi-3 checkpoints
+converter dequantizes itself), gpt-oss (also as OpenAI ships it: experts as MXFP4 blocks, which
+the converter copies into GGUF's MXFP4), Granite, SmolLM3, OLMo 2, Gemma 2 and Phi-3 checkpoints
 (transformers' own configs, bf16, saved as transformers saves them; Phi-3 twice: as Phi-3 with
 LongRoPE and a sentencepiece tokenizer, and shaped as Phi-4-mini with a GPT2Tokenizer) that carry
 a tokenizer the converter knows (Qwen2.5's for the Qwens, OLMoE, Granite, OLMo 2 and Phi-4,
-SmolLM2's for Mixtral, DeepSeek and SmolLM3, from ../shared/tools/real-models.sh; small
+SmolLM2's for Mixtral, DeepSeek, gpt-oss and SmolLM3, from ../shared/tools/real-models.sh; small
 sentencepiece models for Gemma 2 and Phi-3, whose converters read tokenizer.model), converted by
 both to f32, f16, bf16 and q8_0; every tensor (name, type, shape, bytes) and every key/value
 compared (bench/parity.py's compare). Then the importance matrices both ways (the mixtures of
@@ -40,7 +41,7 @@ from parity import compare  # noqa: E402
 
 
 MOE = ("qwen3moe", "mixtral", "qwen2moe", "olmoe", "qwen3moe-fused", "qwen2moe-fused", "deepseek_v2-lite",
-       "deepseek_v3", "deepseek_v3-fp8")
+       "deepseek_v3", "deepseek_v3-fp8", "gpt_oss", "gpt_oss-mxfp4")
 DENSE = ("granite", "smollm3", "olmo2", "olmo3", "gemma2", "phi3", "phi4")
 
 
@@ -52,6 +53,10 @@ def build(family: str, out: Path) -> Path:
 
         deepseek_fp8_checkpoint(build(family.removesuffix("-fp8"), out.with_name(out.name + "-float")), out)
         return out
+    if family.endswith("-mxfp4"):  # the same model as OpenAI ships gpt-oss: experts as MXFP4 blocks
+        from tests.arch.test_gpt_oss import mxfp4_checkpoint
+
+        return mxfp4_checkpoint(build(family.removesuffix("-mxfp4"), out.with_name(out.name + "-float")), out)
     if family.endswith("-fused"):  # the same model, its experts saved fused
         from tests.models import fuse_experts
 
@@ -69,7 +74,7 @@ def build(family: str, out: Path) -> Path:
         else:
             vocab = spm_tokenizer(out)["vocab_size"]
     else:
-        small = family in ("mixtral", "smollm3") or family.startswith("deepseek")
+        small = family in ("mixtral", "smollm3") or family.startswith(("deepseek", "gpt_oss"))
         tok = REAL / "hf" / ("smollm2-135m" if small else "qwen2.5-0.5b")
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(tok / f, out / f)
@@ -110,6 +115,14 @@ def build(family: str, out: Path) -> Path:
             for name, b in model.named_buffers():
                 if name.endswith("e_score_correction_bias"):
                     b.copy_(torch.randn(b.shape) * 0.05)
+    elif family == "gpt_oss":  # sinks, windows of 16, gpt-oss's own YaRN (truncate false), 8 experts with biases
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+            intermediate_size=32, num_local_experts=8, head_dim=16, sliding_window=16,
+            **{**moe, "num_hidden_layers": 3}))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("bias", "sinks")):
+                    p.copy_(torch.randn(p.shape) * 0.1)
     elif family == "granite":  # Granite 3.3 2B's multipliers
         model = transformers.GraniteForCausalLM(transformers.GraniteConfig(
             intermediate_size=128, embedding_multiplier=12.0, attention_multiplier=0.015625,
@@ -201,10 +214,11 @@ def imatrices(src: Path, f32: Path, tmp: Path) -> int:
     mean_ratios(src.name, theirs, ours)
     bad = 0
     for im in (theirs, ours):
-        for recipe in ("q4_k_m", "iq3_m"):
+        for recipe in ("q4_k_m", "iq3_m") + (("mxfp4_moe",) if src.name.startswith("gpt_oss") else ()):
             ref, mine = tmp / f"ref-{im.stem}-{recipe}.gguf", tmp / f"ours-{im.stem}-{recipe}.gguf"
-            subprocess.run([str(QUANTIZE), "--imatrix", str(im), str(f32), str(ref), recipe.upper(), "2"], check=True,
-                           capture_output=True)
+            # --allow-requantize: gpt-oss's MXFP4 experts are already quantized in the converter's file
+            subprocess.run([str(QUANTIZE), "--allow-requantize", "--imatrix", str(im), str(f32), str(ref),
+                            recipe.upper(), "2"], check=True, capture_output=True)
             subprocess.run(qconvert_cmd() + [str(src), "--to", recipe, "-o", str(mine), "-q", "--imatrix", str(im)],
                            check=True, capture_output=True)
             same = filecmp.cmp(ref, mine, shallow=False)

@@ -204,6 +204,9 @@ def plan_checkpoint(model: Model, path: Path, force: bool, opts: CheckpointOptio
     opts.check()
     ckpt, family = model.ckpt, model.family
     assert ckpt is not None
+    if not family.safetensors_targets:
+        raise UsageError(f"--to {opts.method}: qconvert writes {ckpt.config.architecture()}'s GGUF files, not yet its "
+                         f"quantized safetensors checkpoints ({family.arch_name}'s fused experts have no layout there)")
     if family.n_experts and opts.layout not in (GPTQ, AWQ):
         raise UsageError(f"--to {opts.method}{' --format ' + opts.format if opts.method in ('gptq', 'awq') else ''}: "
                          f"{ckpt.config.architecture()} is a mixture of experts; qconvert writes its GGUF files and "

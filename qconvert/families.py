@@ -8,6 +8,7 @@ from qconvert.arch.gemma2 import Gemma2
 from qconvert.arch.gemma3 import Gemma3
 from qconvert.arch.gpt2 import GPT2
 from qconvert.arch.gpt_neox import GPTNeoX
+from qconvert.arch.gpt_oss import GptOss
 from qconvert.arch.granite import Granite
 from qconvert.arch.llama import Llama
 from qconvert.arch.moe import Mixtral, Olmoe, Qwen2Moe, Qwen3Moe
@@ -20,8 +21,8 @@ from qconvert.errors import InputError
 from qconvert.read.checkpoint import Checkpoint
 
 # one module per family, each naming the HF architectures it serves; the table is built from them
-FAMILY_CLASSES: tuple[type[Family], ...] = (DeepseekV2, Gemma2, Gemma3, GPT2, GPTNeoX, Granite, Llama, Mixtral, Olmo2, Olmoe,
-                                            Phi3, Qwen2, Qwen2Moe, Qwen3, Qwen3Moe, SmolLM3)
+FAMILY_CLASSES: tuple[type[Family], ...] = (DeepseekV2, Gemma2, Gemma3, GPT2, GPTNeoX, GptOss, Granite, Llama, Mixtral,
+                                            Olmo2, Olmoe, Phi3, Qwen2, Qwen2Moe, Qwen3, Qwen3Moe, SmolLM3)
 
 
 def _table() -> dict[str, type[Family]]:

@@ -73,6 +73,10 @@ def inspect_checkpoint(source: str) -> dict:
         found = layout_of(ckpt.config)
         method = found[0].method if found else None
         qcfg = ckpt.config.data.get("quantization_config") if found else None
+        raw = ckpt.config.data.get("quantization_config")
+        mxfp4 = found is None and isinstance(raw, dict) and str(raw.get("quant_method", "")).lower() == "mxfp4"
+        if mxfp4:  # gpt-oss's MXFP4 experts (arch/gpt_oss.py decodes them)
+            method, qcfg = "mxfp4", raw
         tensors = ckpt.tensors
         marker = "." + found[0].marker if found else None
         quantized = sorted({n[:-len(marker)] for n in tensors if n.endswith(marker)}) if found else []
@@ -94,8 +98,12 @@ def inspect_checkpoint(source: str) -> dict:
                   for n, t in tensors.items() if n not in parts_of]
     finally:
         ckpt.close()
-    n_params = sum(x["shape"][0] * x["shape"][1] for x in linears) + sum(
-        int(np.prod(x["shape"], dtype=np.int64)) for x in others)
+    def weights(x: dict) -> int:  # MXFP4: two weights per byte of blocks, none in the exponents
+        n = int(np.prod(x["shape"], dtype=np.int64))
+        if mxfp4 and x["dtype"] == "U8" and x["name"].endswith(("_blocks", "_scales")):
+            return 2 * n if x["name"].endswith("_blocks") else 0
+        return n
+    n_params = sum(x["shape"][0] * x["shape"][1] for x in linears) + sum(weights(x) for x in others)
     tensor_bytes = sum(x["bytes"] for x in linears) + sum(x["bytes"] for x in others)
     on_disk = sum(p.stat().st_size for p in ckpt.path.iterdir() if p.is_file())
     layers: dict[int, list[dict]] = {}

@@ -1096,6 +1096,8 @@ def layout_of(config) -> tuple[type[Layout], Params] | None:
     if not isinstance(q, dict):
         raise InputError(f"{config.path}: quantization_config must be an object, got {q!r}")
     method = str(q.get("quant_method", "")).lower()
+    if method == "mxfp4" and config.architecture() == "GptOssForCausalLM":
+        return None  # OpenAI's MXFP4 experts: the gpt-oss family decodes them itself (arch/gpt_oss.py)
     if method == FloatQuantized.method:
         fmt = str(q.get("format", "")).lower()
         if fmt not in COMPRESSED_TENSORS:

@@ -81,7 +81,8 @@ class Plan:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(o.recipe.quantizes_like_llama_quantize and o.weights is None for o in self.outputs)
+        return any(o.recipe.quantizes_like_llama_quantize and o.recipe.takes_imatrix and o.weights is None
+                   for o in self.outputs)
 
     def close_spills(self) -> None:
         for o in self.outputs:
@@ -92,7 +93,7 @@ class Plan:
         """Give the mixtures their importance weights (made by calibration after planning) and
         the keys llama-quantize records for them."""
         for o in self.outputs:
-            if o.recipe.quantizes_like_llama_quantize:
+            if o.recipe.quantizes_like_llama_quantize and o.recipe.takes_imatrix:
                 o.use_imatrix(self.tensors, im)
 
 
@@ -209,6 +210,7 @@ def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family
     """One GGUF output: every tensor's type, the file's key/values and its writer."""
     mixture = recipe.quantizes_like_llama_quantize
     im = imatrix if mixture else None  # convert-style targets (q8_0 ...) take no importance matrix
+    calibrate = calibrate and recipe.takes_imatrix  # mxfp4_moe: an --imatrix file only, as llama-quantize's
     types = recipe.assign(tensors, family.shape(), overrides, has_imatrix=mixture and (im is not None or calibrate))
     if im is not None:
         weights = tensor_weights(tensors, types, im)
@@ -233,7 +235,11 @@ def output_plan(recipe: Recipe, path: Path, tensors: list[PlannedTensor], family
         # llama-quantize copies the converted file's keys, then sets these two, which moves them last
         for key in ("general.quantization_version", "general.file_type"):
             out_kv[key] = out_kv.pop(key)
-    out_kv["general.file_type"] = GGUFValue(int(recipe.file_type), VT.UINT32)
+    ftype = recipe.file_type
+    if ftype in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16) \
+            and any(t.native == "MXFP4" for t in tensors):
+        ftype = gguf.LlamaFileType.MOSTLY_MXFP4_MOE  # the converter's name for a float file of MXFP4 experts
+    out_kv["general.file_type"] = GGUFValue(int(ftype), VT.UINT32)
     if im is not None:
         out_kv.update(imatrix_kv(im))
     return OutputPlan(recipe, path, types, out_kv, infos, weights, force, packed)

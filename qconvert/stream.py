@@ -29,10 +29,16 @@ def write_gguf(plan: Plan, threads: int, progress: Callable[[str, int, int], Non
             # tensors already quantized (--method gptq's spill): written whole, the chunks still
             # read for the other outputs and for the checks
             spilled = [o.feedback is not None and t.name in o.feedback.spill for o in plan.outputs]
-            for o, w, s in zip(plan.outputs, writers, spilled):
+            # outputs of the type the source already holds copy its bytes (MXFP4 experts)
+            native = [t.native is not None and o.types[i].name == t.native for o in plan.outputs]
+            for o, w, s, n in zip(plan.outputs, writers, spilled, native):
                 w.begin_tensor(t.name)
                 if s:
                     w.write(o.feedback.spill.get(t.name))
+                elif n:
+                    for part in t.parts or (t.source,):
+                        w.write(part.gguf_bytes())
+            spilled = [s or n for s, n in zip(spilled, native)]
             row = 0
             for chunk in float_chunks(t, threads):
                 amax = max(float(chunk.max()), -float(chunk.min())) if chunk.size else 0.0

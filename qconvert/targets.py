@@ -40,7 +40,7 @@ GGUF_LOADERS = "llama.cpp and everything built on it"
 
 def _gguf(r: Recipe) -> Target:
     mixture = r.quantizes_like_llama_quantize
-    return Target(r.name, "gguf", r.summary, "default" if mixture else "", GGUF_LOADERS,
+    return Target(r.name, "gguf", r.summary, "default" if mixture and r.takes_imatrix else "", GGUF_LOADERS,
                   MIXTURE if mixture else (), r, r.label)
 
 
@@ -93,8 +93,9 @@ SETS: dict[str, tuple[str, ...]] = {
     "legacy-quants": (*_mixtures(lambda n: n in ("q4_0", "q4_1", "q5_0", "q5_1")), "q8_0"),
     # every GGUF file but f32 (the reference), the ternary types and q1_0's signs (for models
     # trained ternary or binary; q1_0 also stops on rows that fit no block of 128)
+    # (mxfp4_moe: MXFP4 experts, for mixtures of experts; a dense model's would be q8_0's)
     "all-gguf": tuple(t.name for t in TARGETS.values()
-                      if t.kind == "gguf" and t.name not in ("f32", "tq1_0", "tq2_0", "q1_0")),
+                      if t.kind == "gguf" and t.name not in ("f32", "tq1_0", "tq2_0", "q1_0", "mxfp4_moe")),
 }
 
 

@@ -101,7 +101,9 @@ def _save(model, out: Path, seed: int, router_scale: float = 10) -> None:
         for name, p in model.named_parameters():
             if "norm" in name or "ln_" in name:  # random norms catch a wrong norm mapping
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
-            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+            elif name.endswith("self_attn.sinks"):  # sinks as large as trained ones: their softmax share matters
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight", "mlp.router.weight")):
                 # a decisive router, as trained ones are: random ones leave near ties between
                 # experts that Q8_0's rounding flips, and one flipped choice moves a token's logits by 30%
                 p.mul_(router_scale)
@@ -117,7 +119,10 @@ ROUTER_SCALE = {"deepseek_v3": 1, "deepseek_v3-wide": 1}
 # DeepSeek-V3's sigmoid router over 4 groups leaves one or two of the tests' 39 tokens within
 # Q8_0's noise of a tie with seeds 0, 1, 2 and 4 (a flipped choice moves a token's logits by
 # 40%, measured by hand with a scratch script); seed 3's routing has none
-SEED = {"deepseek_v3": 3}
+# gpt-oss's top 2 of 4 by raw logits: seed 18 keeps every router's second and third logit for the
+# tests' tokens at least 2.6% of the logits' spread apart (seeds 0-39 measured by hand with a
+# scratch script; seed 0 has a near tie at 0.7% that Q8_0's activation rounding flips)
+SEED = {"deepseek_v3": 3, "gpt_oss": 18}
 
 
 def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path:
@@ -219,6 +224,23 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
             cfg = tf.DeepseekV3Config(n_routed_experts=8, n_shared_experts=1, routed_scaling_factor=2.5, n_group=4,
                                       topk_group=2, norm_topk_prob=True, scoring_func="sigmoid", **kw)
             model = tf.DeepseekV3ForCausalLM(cfg)
+    elif family in ("gpt_oss", "gpt_oss-wide"):
+        # attention sinks, windows of 16 on the even layers, biases everywhere, YaRN on every layer
+        # (its correction range rounded out, truncate true: llama.cpp always rounds it, gpt-oss's
+        # own config does not, test_gpt_oss checks that case against transformers), 4 experts of
+        # clamped SwiGLU, 2 per token. -wide: rows of 256 for the K-quants, 4 layers
+        wide = family.endswith("-wide")
+        ids = bpe_tokenizer(out, "gpt2", None, "<|endoftext|>")
+        rope = {"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                "truncate": True, "original_max_position_embeddings": 32}
+        dims = (dict(hidden_size=256, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8, head_dim=32)
+                if wide else
+                dict(hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4, head_dim=16))
+        cfg = tf.GptOssConfig(vocab_size=ids["vocab_size"], num_key_value_heads=2, num_local_experts=4,
+                              num_experts_per_tok=2, sliding_window=16, max_position_embeddings=256, rms_norm_eps=1e-5,
+                              rope_parameters=rope, eos_token_id=ids["<|endoftext|>"], pad_token_id=None,
+                              **dims, **common)
+        model = tf.GptOssForCausalLM(cfg)
     elif family == "gemma3":
         ids = spm_tokenizer(out)
         cfg = tf.Gemma3TextConfig(vocab_size=ids["vocab_size"] + 8, hidden_size=64, intermediate_size=128,
@@ -304,7 +326,7 @@ def build(family: str, out: Path, seed: int = 0, dtype: str = "float32") -> Path
     return out
 
 
-MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+MOE_FAMILIES = ["qwen3moe", "mixtral", "qwen2moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 DENSE_NEW = ["granite", "smollm3", "olmo2", "olmo3", "gemma2", "phi3"]
 FAMILIES = ["llama", "llama-tied", "mistral", "mistral-nemo", "qwen2", "qwen3", "gemma3", "gpt_neox",
             "gpt2"] + DENSE_NEW + MOE_FAMILIES

@@ -49,6 +49,8 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 # one expert's matrix in a mixture-of-experts layer, as checkpoints store them (Qwen-MoE's
 # mlp.experts.3.gate_proj.weight, Mixtral's block_sparse_moe.experts.3.w1.weight)
 EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
+# one expert's bias (gpt-oss: mlp.experts.3.gate_proj.bias), stacked as the weights are
+EXPERT_BIAS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.bias$")
 
 
 def merged_expert(m: re.Match) -> str:
@@ -167,6 +169,8 @@ class Family:
     # tensors a quantized safetensors checkpoint keeps in float32, by the end of their names
     # (DeepSeek-V3's router correction bias, a float32 buffer in transformers' model)
     float32_tensors: ClassVar[tuple[str, ...]] = ()
+    # False: GGUF only, no quantized safetensors checkpoint (--to gptq, awq, fp8 ...) yet
+    safetensors_targets: ClassVar[bool] = True
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt = ckpt
@@ -239,8 +243,8 @@ class Family:
             if hf_name.endswith(SKIP_SUFFIXES) or hf_name.startswith(NOT_TEXT) or self.skip(hf_name):
                 continue
             hf_name = hf_name.replace("language_model.", "")
-            if self.n_experts and (m := EXPERT.match(hf_name)):
-                experts.setdefault(merged_expert(m) + ".weight", {})[int(m["expert"])] = t
+            if self.n_experts and (m := EXPERT.match(hf_name) or EXPERT_BIAS.match(hf_name)):
+                experts.setdefault(merged_expert(m) + hf_name[hf_name.rindex("."):], {})[int(m["expert"])] = t
                 continue
             for p in self.tensor(hf_name, t):
                 p.force_f32 = p.force_f32 or self.keeps_f32(p)
@@ -265,10 +269,15 @@ class Family:
         ts = [parts[e] for e in range(self.n_experts)]
         for t in ts:
             self.check_float(t)
-            if len(t.shape) != 2 or t.shape != ts[0].shape or t.dtype != ts[0].dtype:
+            if len(t.shape) != (2 if merged.endswith(".weight") else 1) or t.shape != ts[0].shape \
+                    or t.dtype != ts[0].dtype:
                 raise InputError(f"{self.ckpt.path}: tensor {t.name!r} is {t.dtype} {list(t.shape)}, expert 0's is "
                                  f"{ts[0].dtype} {list(ts[0].shape)}: experts must share shape and type")
-        return PlannedTensor(self.map_name(merged), (self.n_experts, *ts[0].shape), ts[0], parts=tuple(ts))
+        p = PlannedTensor(self.map_name(merged), (self.n_experts, *ts[0].shape), ts[0], parts=tuple(ts))
+        p.force_f32 = self.keeps_f32(p)  # the biases
+        if all(getattr(t, "gguf_type", None) for t in ts) and len({t.gguf_type for t in ts}) == 1:
+            p.native = ts[0].gguf_type  # experts already in a GGUF type (gpt-oss's MXFP4)
+        return p
 
     def shape(self) -> ModelShape:
         """Head counts and depth, as llama-quantize's choices read them."""
@@ -443,13 +452,14 @@ class Family:
                 kv.add_rope_scaling_type(gguf.RopeScalingType.YARN)
                 kv.add_rope_scaling_factor(factor)
                 kv.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-                for key, add in (("extrapolation_factor", kv.add_rope_scaling_yarn_ext_factor),
-                                 ("beta_fast", kv.add_rope_scaling_yarn_beta_fast),
-                                 ("beta_slow", kv.add_rope_scaling_yarn_beta_slow)):
-                    if rope.get(key) is not None:
-                        add(rope[key])
+                if rope.get("extrapolation_factor") is not None:
+                    kv.add_rope_scaling_yarn_ext_factor(rope["extrapolation_factor"])
                 if (a := rope.get("attention_factor", rope.get("attn_factor"))) is not None:
                     kv.add_rope_scaling_yarn_attn_factor(a)
+                if rope.get("beta_fast") is not None:
+                    kv.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+                if rope.get("beta_slow") is not None:
+                    kv.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
             elif rope_type in ("su", "longrope"):
                 kv.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
             elif rope_type not in ("default", "dynamic") and str(rope_type).lower() != "llama3":

@@ -42,24 +42,34 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((rot, rest), dim=-1) if rest.shape[-1] else rot
 
 
-def attention(q, k, v, scale: float, window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+def attention(q, k, v, scale: float, window: int | None = None, softcap: float | None = None,
+              sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention, GQA by repeating k/v heads; q [B, H, T, D], k/v [B, Hkv, T, D]. `window`:
     each position sees itself and the window - 1 before it; `softcap`: scores capped to
-    (-softcap, softcap) by softcap * tanh(score / softcap) before the mask (Gemma 2)."""
+    (-softcap, softcap) by softcap * tanh(score / softcap) before the mask (Gemma 2); `sinks` [H]:
+    one more logit per head in every softmax, whose probability goes to no value (gpt-oss)."""
     rep = q.shape[1] // k.shape[1]
     if rep > 1:
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     T = q.shape[2]
-    if window is None and not softcap:
+    if window is None and not softcap and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     i = torch.arange(T)
     allowed = i[None, :] <= i[:, None]
     if window is not None:
         allowed = allowed & (i[:, None] - i[None, :] < window)
-    if not softcap:
+    if not softcap and sinks is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale)
-    scores = torch.tanh(q @ k.transpose(-1, -2) * (scale / softcap)) * softcap
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
+    if softcap:
+        scores = torch.tanh(q @ k.transpose(-1, -2) * (scale / softcap)) * softcap
+    else:
+        scores = q @ k.transpose(-1, -2) * scale
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if sinks is None:
+        return torch.softmax(scores, dim=-1) @ v
+    B, H = scores.shape[:2]
+    scores = torch.cat((scores, sinks.reshape(1, H, 1, 1).expand(B, H, T, 1).to(scores.dtype)), dim=-1)
+    return torch.softmax(scores, dim=-1)[..., :-1] @ v
 
 
 def heads(x: torch.Tensor, n: int) -> torch.Tensor:

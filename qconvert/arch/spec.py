@@ -73,6 +73,9 @@ class PlannedTensor:
     # experts: checkpoint tensors stacked on a new first axis, in order (shape[0] of them), each
     # streamed in turn; `transform` then applies to each part
     parts: tuple[Tensor, ...] = ()
+    # the GGUF type whose bytes the source already holds (gpt-oss's MXFP4 experts): an output of
+    # that type copies them (each part's gguf_bytes()), as the converter and llama-quantize do
+    native: str | None = None
 
     @property
     def n_elements(self) -> int:

@@ -35,6 +35,8 @@ def _float_or(kind: type[BlockType], fallback: type[BlockType]) -> Callable[[Pla
     def choose(t: PlannedTensor) -> type[BlockType]:
         if t.force_f32:
             return blocks.F32
+        if t.native is not None:  # the converter copies MXFP4 experts whatever --outtype says
+            return blocks.get(t.native)
         return kind if kind.fits(t.shape[-1]) else fallback
     return choose
 
@@ -48,6 +50,7 @@ class Recipe:
     choose: Callable[[PlannedTensor], type[BlockType]] | None = None  # convert_hf_to_gguf.py-style
     default: type[BlockType] | None = None  # llama-quantize-style: the mixture's base type
     needs_imatrix: bool = False  # llama-quantize writes it only from an importance matrix
+    takes_imatrix: bool = True  # False: none of its types reads importance weights (mxfp4_moe), no calibration
 
     @property
     def quantizes_like_llama_quantize(self) -> bool:
@@ -191,12 +194,14 @@ def _bump(ftype: LlamaFileType, new: type[BlockType], t: PlannedTensor, cat: str
     if cat == "output" or (st.tied and cat == "token_embd"):
         if st.output is not None:
             return st.output
-        if t.shape[-1] % new.block != 0:
+        if ftype == F.MOSTLY_MXFP4_MOE or t.shape[-1] % new.block != 0:
             return B.Q8_0
         if ftype in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ3_XXS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ2_S,
                      F.MOSTLY_IQ2_M, F.MOSTLY_IQ1_M):
             return B.Q5_K
         return new if new is B.Q8_0 else B.Q6_K
+    if ftype == F.MOSTLY_MXFP4_MOE:  # experts (3-D, more than one) MXFP4, every other matrix Q8_0
+        return B.get("MXFP4") if len(t.shape) == 3 and t.shape[0] > 1 else B.Q8_0
     if cat == "token_embd":
         if ftype in (F.MOSTLY_IQ2_XXS, F.MOSTLY_IQ2_XS, F.MOSTLY_IQ1_S, F.MOSTLY_IQ1_M):
             return B.get("Q2_K")
@@ -353,6 +358,7 @@ _LADDER = [
      "1.6 bits per weight, lattice"),
     ("iq1_m", "MOSTLY_IQ1_M", "IQ1_M", ("IQ2_XXS", "Q2_K", "Q4_K", "Q5_K"),
      "1.75 bits per weight, lattice"),
+    ("mxfp4_moe", "MOSTLY_MXFP4_MOE", "MXFP4", (), "MXFP4 experts (4.25 bits per weight), Q8_0 elsewhere"),
     ("tq1_0", "MOSTLY_TQ1_0", "TQ1_0", ("Q4_K",), "1.7 bits per weight, ternary"),
     ("tq2_0", "MOSTLY_TQ2_0", "TQ2_0", ("Q4_K",), "2.1 bits per weight, ternary"),
     # no rule of llama_tensor_get_type names Q1_0: every tensor is Q1_0 but the output (Q6_K, or
@@ -387,7 +393,7 @@ def _ladder() -> list[Recipe]:
         if needs:
             summary += " (needs an importance matrix)"
         out.append(Recipe(name, name.upper(), LlamaFileType[ftype], summary, default=blocks.get(default),
-                          needs_imatrix=needs))
+                          needs_imatrix=needs, takes_imatrix=name != "mxfp4_moe"))  # MXFP4, Q8_0 ignore one
     return out
 
 
