@@ -22,11 +22,13 @@ usage: python bench/moe.py [--family qwen3moe|deepseek|gpt-oss] [--to q4_k_m] [-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -139,8 +141,9 @@ def build(out: Path, layers: int, family: str = "qwen3moe") -> Path:
                               "num_hidden_layers": layers, **WIDTHS})
 
 
-def save(out: Path, shards: list[tuple[str, dict[str, np.ndarray]]], cfg: dict) -> Path:
-    """The shards (bfloat16 bits as uint16), their index and the config (with Qwen2.5's token ids)."""
+def save(out: Path, shards: Iterable[tuple[str, dict[str, np.ndarray]]], cfg: dict) -> Path:
+    """The shards (bfloat16 bits as uint16), each written as it comes, their index and the config
+    (with Qwen2.5's token ids)."""
     import torch
     from safetensors.torch import save_file
 
@@ -179,8 +182,9 @@ def build_gpt_oss(out: Path, layers: int) -> Path:
     shards = [("model-embed.safetensors", {"model.embed_tokens.weight": bf16(rng, (V, H)),
                                            "model.norm.weight": np.full(H, 0x3F80, np.uint16),
                                            "lm_head.weight": bf16(rng, (V, H))})]
-    shards += [(f"model-layer{i}.safetensors", gpt_oss_layer(rng, i)) for i in range(layers)]
-    return save(out, shards, {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+    # one layer's tensors at a time (a gpt-oss-20b layer is 1.6 GB of bf16)
+    layer_shards = ((f"model-layer{i}.safetensors", gpt_oss_layer(rng, i)) for i in range(layers))
+    return save(out, itertools.chain(shards, layer_shards), {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
                               "num_hidden_layers": layers, **GPT_OSS,
                               "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
                                               for i in range(layers)]})

@@ -4,6 +4,8 @@ import os
 import signal
 from pathlib import Path
 
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # as qconvert sets it, before torch loads MKL (qconvert/__init__.py)
+
 import pytest
 
 from tests.models import build

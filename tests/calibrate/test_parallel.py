@@ -65,6 +65,8 @@ def test_the_tree_sum_is_the_same_however_the_units_are_shared():
     ("qwen3moe", "q4_k_m", []),  # experts' per-expert sums and counts
     # and the absorbed attention's per-head sums (attn_k_b, attn_v_b)
     pytest.param("deepseek_v3-wide", "q4_k_m", [], marks=FREE),
+    # sinks, windows, biased routers and experts
+    pytest.param("gpt_oss-wide", "q4_k_m", [], marks=FREE),
     pytest.param("qwen2", "gptq", ["--group-size", "32"], marks=FREE),
     pytest.param("phi3", "gptq", ["--group-size", "32", "--no-act-order"], marks=FREE),  # fused qkv and gate_up
     pytest.param("llama", "w8a8", [], marks=FREE),  # the smoothing's column ranges too
