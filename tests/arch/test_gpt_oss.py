@@ -94,6 +94,7 @@ def test_gguf_tensors_are_the_converters(tiny, tmp_path):
     ckpt.close()
 
 
+@pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
 def test_forward_with_gpt_oss_own_rope_equals_transformers(tiny, tmp_path):
     """gpt-oss's published rope (YaRN 32x from 4096, correction range not rounded: truncate
     false), which llama.cpp rounds out; ours follows transformers on the checkpoint."""
@@ -106,6 +107,7 @@ def test_forward_with_gpt_oss_own_rope_equals_transformers(tiny, tmp_path):
     assert_forward_equals_transformers(d, [IDS])
 
 
+@pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
 def test_routing_and_statistics_are_transformers(tiny):
     """Each expert's importance sums are the squares of exactly the inputs of the tokens that
     transformers' router (top k of the biased logits) sends to it; every down projection's are
@@ -196,6 +198,7 @@ def test_mixtures_equal_llama_quantize_from_our_imatrix(recipe, tiny, tmp_path):
     assert_same_gguf_tensors(convert_to(src, recipe, tmp_path / "ours.gguf", imatrix=path).outputs[0]["path"], ref)
 
 
+@pytest.mark.kernel_free
 @pytest.mark.parametrize("edit,needle", [
     ({"swiglu_limit": 5.0}, "swiglu_limit"),
     ({"layer_types": ["full_attention", "sliding_attention", "full_attention"]}, "layer_types"),
@@ -211,6 +214,7 @@ def test_configs_llama_cpp_cannot_run_are_input_errors(edit, needle, tiny, tmp_p
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
 def test_gptq_and_awq_are_refused(tiny, tmp_path, capsys):
     """Not built yet: a usage error naming the family, before any compute."""
     for method in ("gptq", "awq"):
@@ -220,6 +224,7 @@ def test_gptq_and_awq_are_refused(tiny, tmp_path, capsys):
         assert not (tmp_path / method).exists()
 
 
+@pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
 def test_broken_mxfp4_checkpoints_are_input_errors(tiny, tmp_path, capsys):
     """Scales missing, blocks of the wrong type or shape, and a NaN exponent (E8M0's 255): one
     line naming the file and the tensor, exit 3, no output left."""
@@ -247,6 +252,7 @@ def test_broken_mxfp4_checkpoints_are_input_errors(tiny, tmp_path, capsys):
         assert not out.exists() and not list(tmp_path.glob(f"{case}.gguf*"))
 
 
+@pytest.mark.kernel_free  # no GGUF blocks: the C pass covers it
 def test_inspect_reads_an_mxfp4_checkpoint(tiny, tmp_path, capsys):
     """`qconvert inspect` names the method and counts two weights per byte of blocks: the
     checkpoint's parameters are the float one's, its bits per weight below 16."""
