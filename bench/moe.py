@@ -28,7 +28,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -161,33 +161,33 @@ def save(out: Path, shards: Iterable[tuple[str, dict[str, np.ndarray]]], cfg: di
     return out
 
 
-def build_deepseek(out: Path, layers: int) -> Path:
+def build_layered(out: Path, layers: int, widths: dict, layer: Callable[[np.random.Generator, int], dict],
+                  cfg: dict) -> Path:
+    """Qwen2.5's tokenizer, a shard of the embeddings, final norm and head, then one shard per
+    decoder layer made by `layer(rng, i)` and written before the next is made (a gpt-oss-20b
+    layer is 1.6 GB of bf16); config.json from `cfg` and the widths."""
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(REAL / "hf" / "qwen2.5-0.5b" / f, out / f)
-    H, V = DEEPSEEK["hidden_size"], DEEPSEEK["vocab_size"]
+    H, V = widths["hidden_size"], widths["vocab_size"]
     rng = np.random.default_rng(0)
-    shards = [("model-embed.safetensors", {"model.embed_tokens.weight": bf16(rng, (V, H)),
-                                           "model.norm.weight": np.full(H, 0x3F80, np.uint16),
-                                           "lm_head.weight": bf16(rng, (V, H))})]
-    shards += [(f"model-layer{i}.safetensors", deepseek_layer(rng, i)) for i in range(layers)]
-    return save(out, shards, {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
-                              "num_hidden_layers": layers, **DEEPSEEK})
+    embed = [("model-embed.safetensors", {"model.embed_tokens.weight": bf16(rng, (V, H)),
+                                          "model.norm.weight": np.full(H, 0x3F80, np.uint16),
+                                          "lm_head.weight": bf16(rng, (V, H))})]
+    per_layer = ((f"model-layer{i}.safetensors", layer(rng, i)) for i in range(layers))
+    return save(out, itertools.chain(embed, per_layer), cfg)
+
+
+def build_deepseek(out: Path, layers: int) -> Path:
+    return build_layered(out, layers, DEEPSEEK, deepseek_layer,
+                         {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                          "num_hidden_layers": layers, **DEEPSEEK})
 
 
 def build_gpt_oss(out: Path, layers: int) -> Path:
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(REAL / "hf" / "qwen2.5-0.5b" / f, out / f)
-    H, V = GPT_OSS["hidden_size"], GPT_OSS["vocab_size"]
-    rng = np.random.default_rng(0)
-    shards = [("model-embed.safetensors", {"model.embed_tokens.weight": bf16(rng, (V, H)),
-                                           "model.norm.weight": np.full(H, 0x3F80, np.uint16),
-                                           "lm_head.weight": bf16(rng, (V, H))})]
-    # one layer's tensors at a time (a gpt-oss-20b layer is 1.6 GB of bf16)
-    layer_shards = ((f"model-layer{i}.safetensors", gpt_oss_layer(rng, i)) for i in range(layers))
-    return save(out, itertools.chain(shards, layer_shards), {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
-                              "num_hidden_layers": layers, **GPT_OSS,
-                              "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
-                                              for i in range(layers)]})
+    return build_layered(out, layers, GPT_OSS, gpt_oss_layer,
+                         {"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss", "num_hidden_layers": layers,
+                          **GPT_OSS, "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                                     for i in range(layers)]})
 
 
 def built(out: Path, layers: int, family: str = "qwen3moe") -> Path:

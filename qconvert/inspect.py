@@ -72,8 +72,8 @@ def inspect_checkpoint(source: str) -> dict:
     try:
         found = layout_of(ckpt.config)
         method = found[0].method if found else None
-        qcfg = ckpt.config.data.get("quantization_config") if found else None
         raw = ckpt.config.data.get("quantization_config")
+        qcfg = raw if found else None
         mxfp4 = found is None and isinstance(raw, dict) and str(raw.get("quant_method", "")).lower() == "mxfp4"
         if mxfp4:  # gpt-oss's MXFP4 experts (arch/gpt_oss.py decodes them)
             method, qcfg = "mxfp4", raw

@@ -220,9 +220,8 @@ def imatrix_pass(model: Model, plan: Plan, samples: text.Calibration, exact: boo
     int8 = not exact and native_int8()
     made, rec = imatrix_mod.collect(model.family, samples, threads, _labelled(progress, "calibrating"),
                                     path=Path("qconvert:calibration"), int8=int8, spread=spread)
-    plan.use_imatrix(made)
-    return {"method": "imatrix", "targets": [o.recipe.name for o in plan.outputs if o.weights is not None and
-                                             o.recipe.quantizes_like_llama_quantize and o.recipe.takes_imatrix],
+    served = plan.use_imatrix(made)
+    return {"method": "imatrix", "targets": [o.recipe.name for o in served],
             "forward": "int8" if int8 else "float32", "feeds": imatrix_mod.Collector.feeds, "entries": len(made.entries),
             **unreached_experts(rec), **_spread_report(rec.where), "seconds": round(time.perf_counter() - t, 3)}
 

@@ -81,20 +81,21 @@ class Plan:
 
     @property
     def needs_calibration(self) -> bool:
-        return any(o.recipe.quantizes_like_llama_quantize and o.recipe.takes_imatrix and o.weights is None
-                   for o in self.outputs)
+        return any(o.recipe.quantizes_like_llama_quantize and o.weights is None for o in self.outputs)
 
     def close_spills(self) -> None:
         for o in self.outputs:
             if o.feedback is not None:
                 o.feedback.spill.close()
 
-    def use_imatrix(self, im: Imatrix) -> None:
-        """Give the mixtures their importance weights (made by calibration after planning) and
-        the keys llama-quantize records for them."""
-        for o in self.outputs:
-            if o.recipe.quantizes_like_llama_quantize and o.recipe.takes_imatrix:
-                o.use_imatrix(self.tensors, im)
+    def use_imatrix(self, im: Imatrix) -> list:
+        """Give the mixtures that wait for one (output_plan left their weights None) their
+        importance weights, made by calibration after planning, and the keys llama-quantize
+        records for them; returns those outputs."""
+        served = [o for o in self.outputs if o.recipe.quantizes_like_llama_quantize and o.weights is None]
+        for o in served:
+            o.use_imatrix(self.tensors, im)
+        return served
 
 
 def model_label(ckpt: Checkpoint) -> str:

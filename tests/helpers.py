@@ -31,6 +31,34 @@ def convert_to(src, to: str, output, calibration=None, threads: int = 2, **kw):
                        calibration=calibration or CalibrationOptions(), **kw))
 
 
+def router_choices(model, tokens, suffix: str, chosen_of) -> dict:
+    """One forward of transformers' `model` on `tokens` [B, T]: for every router module whose
+    name ends with `suffix`, its input and the experts it chose, `chosen_of(its output)` [tokens, k]."""
+    import torch
+
+    seen = {}
+    for name, m in model.named_modules():
+        if name.endswith(suffix):
+            m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], chosen_of(out))))
+    with torch.no_grad():
+        model(torch.from_numpy(tokens))
+    return seen
+
+
+def assert_expert_statistics(rec, layer: int, flat, chosen, n_experts: int) -> None:
+    """Layer `layer`'s expert importance statistics (imatrix.collect's record) are exactly those
+    of the router inputs `flat` [tokens, hidden] that `chosen` [tokens, k] sends to each expert:
+    the count of its tokens and the sums of their squares."""
+    import torch
+
+    sums = rec.sums[f"blk.{layer}.ffn_gate_exps.weight"]
+    counts = rec.counts[f"blk.{layer}.ffn_gate_exps.weight"]
+    for e in range(n_experts):
+        mine = (chosen == e).any(-1)
+        assert counts[e] == int(mine.sum()), (layer, e)
+        assert torch.allclose(sums[e], (flat[mine].double() ** 2).sum(0), rtol=1e-5, atol=1e-9), (layer, e)
+
+
 def assert_same_gguf_tensors(path, ref) -> dict:
     """Every tensor of the GGUF file `ref` is in `path` with the same type, shape and bytes, and
     `path` holds no other; returns `path`'s tensors by name."""

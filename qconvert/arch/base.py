@@ -49,8 +49,8 @@ _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 # one expert's matrix in a mixture-of-experts layer, as checkpoints store them (Qwen-MoE's
 # mlp.experts.3.gate_proj.weight, Mixtral's block_sparse_moe.experts.3.w1.weight)
 EXPERT = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.weight$")
-# one expert's bias (gpt-oss: mlp.experts.3.gate_proj.bias), stacked as the weights are
-EXPERT_BIAS = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.bias$")
+# one expert's weight or bias (gpt-oss: mlp.experts.3.gate_proj.bias), both stacked per kind
+EXPERT_TENSOR = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert>\d+)\.(?P<proj>[^.]+)\.(?P<kind>weight|bias)$")
 
 
 def merged_expert(m: re.Match) -> str:
@@ -243,8 +243,8 @@ class Family:
             if hf_name.endswith(SKIP_SUFFIXES) or hf_name.startswith(NOT_TEXT) or self.skip(hf_name):
                 continue
             hf_name = hf_name.replace("language_model.", "")
-            if self.n_experts and (m := EXPERT.match(hf_name) or EXPERT_BIAS.match(hf_name)):
-                experts.setdefault(merged_expert(m) + hf_name[hf_name.rindex("."):], {})[int(m["expert"])] = t
+            if self.n_experts and (m := EXPERT_TENSOR.match(hf_name)):
+                experts.setdefault(f"{merged_expert(m)}.{m['kind']}", {})[int(m["expert"])] = t
                 continue
             for p in self.tensor(hf_name, t):
                 p.force_f32 = p.force_f32 or self.keeps_f32(p)

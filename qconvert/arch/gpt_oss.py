@@ -31,23 +31,12 @@ from qconvert.arch.layers import apply_rope, attention, heads, merge
 from qconvert.arch.moe import MoEForward
 from qconvert.arch.spec import Expected
 from qconvert.errors import InputError
+from qconvert.quant import blocks as block_types
 from qconvert.read.checkpoint import Tensor
 
 # llama.cpp's LLM_FFN_SWIGLU_OAI_MOE constants (fixed there; transformers reads the limit from
 # the config)
 ALPHA, LIMIT = 1.702, 7.0
-# E2M1's values, by code (bit 3: the sign)
-_FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
-
-
-def mxfp4_decode(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """MXFP4 as the checkpoints store it -> float32 [..., groups * 32]: blocks [..., groups, 16]
-    uint8 (element 2j in the low nibble of byte j, 2j + 1 in the high one), scales [..., groups]
-    uint8 exponents biased by 127."""
-    codes = np.stack((blocks & 0x0F, blocks >> 4), axis=-1).reshape(*blocks.shape[:-1], 32)
-    exp = scales.astype(np.int32) - 127
-    out = _FP4[codes] * np.ldexp(np.float32(1), exp)[..., None].astype(np.float32)
-    return out.reshape(*blocks.shape[:-2], -1)
 
 
 @dataclass
@@ -77,9 +66,10 @@ class FusedExpertPart:
 
 @dataclass
 class Mxfp4ExpertPart:
-    """One expert's matrix [out, in] decoded from an MXFP4 checkpoint's blocks and scales
-    (`rows`: gate_up's interleaved gate or up rows), exactly: every E2M1 value times a power of
-    two is a float32."""
+    """One expert's matrix [out, in] from an MXFP4 checkpoint's blocks and scales (`rows`:
+    gate_up's interleaved gate or up rows): its bytes repacked as GGUF's MXFP4 (the same codes and
+    exponents), decoded by that block type, exactly (every E2M1 value times a power of two is a
+    float32)."""
 
     name: str
     shape: tuple[int, ...]
@@ -91,16 +81,19 @@ class Mxfp4ExpertPart:
     gguf_type: str = "MXFP4"  # GGUF's MXFP4 holds the same codes and exponents (gguf_bytes)
 
     def array(self) -> np.ndarray:
-        b = np.asarray(self.blocks.array()[self.expert][self.rows])
-        s = np.asarray(self.scales.array()[self.expert][self.rows])
-        return mxfp4_decode(b, s)
+        return block_types.MXFP4.dequantize(self.gguf_bytes(), self.shape)
 
     def gguf_bytes(self) -> np.ndarray:
         """The matrix as GGUF MXFP4 blocks of 17 bytes: the exponent, then element j's code in
         the low nibble of byte j and element j + 16's in its high nibble (the converter's
-        repack_mxfp4)."""
+        repack_mxfp4). An exponent of 255 is E8M0's NaN: refused (ggml would read it as 2^127)."""
         b = np.asarray(self.blocks.array()[self.expert][self.rows])
         s = np.asarray(self.scales.array()[self.expert][self.rows])
+        if (nan := np.flatnonzero(s.reshape(-1) == 255)).size:
+            row, group = divmod(int(nan[0]), s.shape[-1])
+            where = getattr(self.file, "path", None)
+            raise InputError(f"{f'{where}: ' if where else ''}tensor {self.name!r} has a NaN exponent (E8M0 255) at "
+                             f"row {row}, columns {group * 32}-{group * 32 + 31}; refusing to write a broken model")
         codes = np.stack((b & 0x0F, b >> 4), axis=-1).reshape(*b.shape[:-1], 32)
         out = np.concatenate((s[..., None], codes[..., :16] | (codes[..., 16:] << 4)), axis=-1)
         return np.ascontiguousarray(out, dtype=np.uint8).reshape(-1)

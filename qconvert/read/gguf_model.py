@@ -14,7 +14,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from qconvert.arch.base import EXPERT, EXPERT_BIAS, merged_expert
+from qconvert.arch.base import EXPERT_TENSOR, merged_expert
 from qconvert.families import FAMILIES
 from qconvert.errors import InputError
 from qconvert.quant import blocks
@@ -108,8 +108,8 @@ class GGUFWeights:
         if hf_name in self.by_gguf:
             return hf_name, None
         expert = None
-        if (m := EXPERT.match(hf_name) or EXPERT_BIAS.match(hf_name)) and self.family.n_experts:
-            hf_name, expert = merged_expert(m) + hf_name[hf_name.rindex("."):], int(m["expert"])
+        if (m := EXPERT_TENSOR.match(hf_name)) and self.family.n_experts:
+            hf_name, expert = f"{merged_expert(m)}.{m['kind']}", int(m["expert"])
         try:
             g = self.family.map_name(hf_name)
         except InputError:

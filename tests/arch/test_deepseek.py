@@ -16,7 +16,7 @@ from qconvert.families import family_for
 from qconvert.pipeline import CalibrationOptions, make_imatrix
 from qconvert.read.checkpoint import open_checkpoint
 from qconvert.read.imatrix import load_imatrix
-from tests.helpers import assert_same_gguf_tensors, convert_to
+from tests.helpers import assert_expert_statistics, assert_same_gguf_tensors, convert_to, router_choices
 from tests.quant.test_recipes import FTYPES, llama_quantize_with_imatrix, numpy_spared
 
 
@@ -79,23 +79,12 @@ def test_routing_and_statistics_are_transformers(family, tiny):
     ckpt = open_checkpoint(str(d))
     fam = family_for(ckpt)
     _, rec = imatrix.collect(fam, Calibration(tokens, "test"), threads=2, int8=False)
-    model = hf_model(d)
-    seen = {}
-    for name, m in model.named_modules():
-        if name.endswith(".mlp.gate"):
-            m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, (args[0], out[2])))
-    with torch.no_grad():
-        model(torch.from_numpy(tokens))
+    seen = router_choices(hf_model(d), tokens, ".mlp.gate", lambda out: out[2])
     assert seen
     for name, (x, chosen) in seen.items():
         layer = int(name.split(".")[2])
         flat = x.reshape(-1, x.shape[-1])
-        sums = rec.sums[f"blk.{layer}.ffn_gate_exps.weight"]
-        counts = rec.counts[f"blk.{layer}.ffn_gate_exps.weight"]
-        for e in range(fam.n_experts):
-            mine = (chosen == e).any(-1)
-            assert counts[e] == int(mine.sum()), (layer, e)
-            assert torch.allclose(sums[e], (flat[mine].double() ** 2).sum(0), rtol=1e-5, atol=1e-9), (layer, e)
+        assert_expert_statistics(rec, layer, flat, chosen, fam.n_experts)
         # the shared experts see every token
         assert rec.counts[f"blk.{layer}.ffn_up_shexp.weight"].tolist() == [flat.shape[0]]
     ckpt.close()

@@ -13,7 +13,7 @@ from qconvert.families import family_for
 from qconvert.pipeline import CalibrationOptions, make_imatrix
 from qconvert.read.checkpoint import open_checkpoint
 from qconvert.read.imatrix import load_imatrix
-from tests.helpers import assert_same_gguf_tensors, convert_to
+from tests.helpers import assert_expert_statistics, assert_same_gguf_tensors, convert_to
 from tests.quant.test_recipes import FTYPES, llama_quantize_with_imatrix, numpy_spared
 
 
@@ -70,14 +70,8 @@ def test_expert_statistics_are_their_routed_tokens(family, tiny):
         router = getattr(moe, "gate", None) or moe.router
         w = router.weight if hasattr(router, "weight") else router.linear.weight
         chosen = torch.topk(torch.softmax(flat @ w.T, -1), k, -1).indices
-        sums = rec.sums[f"blk.{layer}.ffn_gate_exps.weight"]
-        counts = rec.counts[f"blk.{layer}.ffn_gate_exps.weight"]
-        assert tuple(sums.shape) == (fam.n_experts, flat.shape[1])
-        for e in range(fam.n_experts):
-            mine = (chosen == e).any(-1)
-            assert counts[e] == int(mine.sum())
-            expect = (flat[mine].double() ** 2).sum(0)
-            assert torch.allclose(sums[e], expect, rtol=1e-5, atol=1e-9), (layer, e)
+        assert tuple(rec.sums[f"blk.{layer}.ffn_gate_exps.weight"].shape) == (fam.n_experts, flat.shape[1])
+        assert_expert_statistics(rec, layer, flat, chosen, fam.n_experts)
         assert rec.counts[f"blk.{layer}.ffn_gate_inp.weight"].tolist() == [flat.shape[0]]
     ckpt.close()
 
