@@ -59,6 +59,21 @@ def assert_expert_statistics(rec, layer: int, flat, chosen, n_experts: int) -> N
         assert torch.allclose(sums[e], (flat[mine].double() ** 2).sum(0), rtol=1e-5, atol=1e-9), (layer, e)
 
 
+def mixture_from_our_imatrix(src, recipe: str, tmp_path) -> dict:
+    """qconvert's importance matrix of `src` given to llama_model_quantize with our f32 file and
+    to qconvert's one step: asserts the two files the same bytes; returns ours's tensors."""
+    from qconvert.pipeline import CalibrationOptions, make_imatrix
+    from qconvert.read.imatrix import load_imatrix
+    from tests.quant.test_recipes import FTYPES, llama_quantize_with_imatrix
+
+    path = tmp_path / "m.imatrix.gguf"
+    make_imatrix(str(src), path, CalibrationOptions(samples=4, seq_len=64), 2, False)
+    f32 = convert_to(src, "f32", tmp_path / "f32.gguf").outputs[0]["path"]
+    ref = tmp_path / "ref.gguf"
+    llama_quantize_with_imatrix(f32, ref, FTYPES[recipe], load_imatrix(path).entries)
+    return assert_same_gguf_tensors(convert_to(src, recipe, tmp_path / "ours.gguf", imatrix=path).outputs[0]["path"], ref)
+
+
 def assert_same_gguf_tensors(path, ref) -> dict:
     """Every tensor of the GGUF file `ref` is in `path` with the same type, shape and bytes, and
     `path` holds no other; returns `path`'s tensors by name."""

@@ -13,11 +13,9 @@ from gguf import GGUFReader
 from qconvert.calibrate import imatrix
 from qconvert.calibrate.text import Calibration
 from qconvert.families import family_for
-from qconvert.pipeline import CalibrationOptions, make_imatrix
 from qconvert.read.checkpoint import open_checkpoint
-from qconvert.read.imatrix import load_imatrix
-from tests.helpers import assert_expert_statistics, assert_same_gguf_tensors, convert_to, router_choices
-from tests.quant.test_recipes import FTYPES, llama_quantize_with_imatrix, numpy_spared
+from tests.helpers import assert_expert_statistics, convert_to, mixture_from_our_imatrix, router_choices
+from tests.quant.test_recipes import numpy_spared
 
 
 def hf_model(path):
@@ -131,13 +129,7 @@ def test_mixtures_equal_llama_quantize_from_our_imatrix(recipe, tiny, tmp_path):
     """Our importance matrix given to llama_model_quantize with our f32 file: the same bytes as
     qconvert's one step, attn_k_b and attn_v_b quantized per head with their heads' rows of the
     matrix (their rows of 128 and 64 columns fall back from the K-quants as llama-quantize's)."""
-    src = tiny("deepseek_v3-wide")
-    path = tmp_path / "m.imatrix.gguf"
-    make_imatrix(str(src), path, CalibrationOptions(samples=4, seq_len=64), 2, False)
-    f32 = convert_to(src, "f32", tmp_path / "f32.gguf").outputs[0]["path"]
-    ref = tmp_path / "ref.gguf"
-    llama_quantize_with_imatrix(f32, ref, FTYPES[recipe], load_imatrix(path).entries)
-    assert_same_gguf_tensors(convert_to(src, recipe, tmp_path / "ours.gguf", imatrix=path).outputs[0]["path"], ref)
+    mixture_from_our_imatrix(tiny("deepseek_v3-wide"), recipe, tmp_path)
 
 
 def test_multi_token_prediction_layers_are_left_out(tiny, tmp_path):

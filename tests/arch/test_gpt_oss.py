@@ -14,14 +14,12 @@ from gguf import GGUFReader
 from qconvert.calibrate import imatrix
 from qconvert.calibrate.text import Calibration
 from qconvert.families import family_for
-from qconvert.pipeline import CalibrationOptions, make_imatrix
 from qconvert.quant import blocks
 from qconvert.read.checkpoint import open_checkpoint
-from qconvert.read.imatrix import load_imatrix
-from tests.helpers import (assert_expert_statistics, assert_same_gguf_tensors, convert_to, copy_model, one_line_error,
-                           router_choices, run_cli)
+from tests.helpers import (assert_expert_statistics, assert_same_gguf_tensors, convert_to, copy_model,
+                           mixture_from_our_imatrix, one_line_error, router_choices, run_cli)
 from tests.oracles import assert_forward_equals_transformers, hf_logits, llama_logits, rel_rms
-from tests.quant.test_recipes import FTYPES, llama_quantize, llama_quantize_with_imatrix
+from tests.quant.test_recipes import FTYPES, llama_quantize
 
 IDS = list(range(1, 40))  # past the window of 16
 
@@ -178,13 +176,7 @@ def test_mxfp4_moe_equals_llama_quantize(tiny, tmp_path):
 def test_mixtures_equal_llama_quantize_from_our_imatrix(recipe, tiny, tmp_path):
     """Our importance matrix given to llama_model_quantize with our f32 file: the same bytes as
     qconvert's one step (the experts per expert from their routed tokens' rows)."""
-    src = tiny("gpt_oss-wide")
-    path = tmp_path / "m.imatrix.gguf"
-    make_imatrix(str(src), path, CalibrationOptions(samples=4, seq_len=64), 2, False)
-    f32 = convert_to(src, "f32", tmp_path / "f32.gguf").outputs[0]["path"]
-    ref = tmp_path / "ref.gguf"
-    llama_quantize_with_imatrix(f32, ref, FTYPES[recipe], load_imatrix(path).entries)
-    assert_same_gguf_tensors(convert_to(src, recipe, tmp_path / "ours.gguf", imatrix=path).outputs[0]["path"], ref)
+    mixture_from_our_imatrix(tiny("gpt_oss-wide"), recipe, tmp_path)
 
 
 @pytest.mark.kernel_free

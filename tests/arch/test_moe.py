@@ -12,9 +12,8 @@ from qconvert.calibrate.text import Calibration
 from qconvert.families import family_for
 from qconvert.pipeline import CalibrationOptions, make_imatrix
 from qconvert.read.checkpoint import open_checkpoint
-from qconvert.read.imatrix import load_imatrix
-from tests.helpers import assert_expert_statistics, assert_same_gguf_tensors, convert_to
-from tests.quant.test_recipes import FTYPES, llama_quantize_with_imatrix, numpy_spared
+from tests.helpers import assert_expert_statistics, convert_to, mixture_from_our_imatrix
+from tests.quant.test_recipes import numpy_spared
 
 
 @pytest.mark.parametrize("family", ["qwen3moe", "mixtral", "qwen2moe", "olmoe"])
@@ -98,14 +97,7 @@ def test_mixtures_equal_llama_quantize_from_our_imatrix(family, recipe, tiny, tm
     with our f32 file: the same bytes as qconvert's one step from that file. Mixtral's 8 experts
     fire llama-quantize's 8-expert rules (attn_v and attn_k Q8_0, attn_output Q5_K), Qwen3-MoE's
     4 the IQ2 family's attn_v rule; expert FFN rules take the layer from the tensor's name."""
-    src = tiny(family)
-    path = tmp_path / "m.imatrix.gguf"
-    make_imatrix(str(src), path, CalibrationOptions(samples=4, seq_len=64), 2, False)
-    f32 = convert_to(src, "f32", tmp_path / "f32.gguf").outputs[0]["path"]
-    ref = tmp_path / "ref.gguf"
-    llama_quantize_with_imatrix(f32, ref, FTYPES[recipe], load_imatrix(path).entries)
-    out = convert_to(src, recipe, tmp_path / "ours.gguf", imatrix=path).outputs[0]["path"]
-    a = assert_same_gguf_tensors(out, ref)
+    a = mixture_from_our_imatrix(tiny(family), recipe, tmp_path)
     types = {name: t.tensor_type.name for name, t in a.items()}
     if family == "mixtral-wide" and recipe == "q4_k_m":
         assert types["blk.0.attn_v.weight"] == types["blk.0.attn_k.weight"] == "Q8_0"
